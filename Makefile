@@ -1,0 +1,54 @@
+# Quickstart: `make demo` runs the main job, `make test` the test suite. Both set up
+# everything on a fresh machine: a .venv, the pinned CPU torch, the C++ extension.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# This machine's torch: a CPU wheel. Bring your own torch (e.g. a CUDA build) with
+# `make TORCH_SPEC="torch==2.x.y" ...` or install by hand as the README says.
+TORCH_SPEC ?= torch==2.13.0
+DEPS_STAMP := $(VENV)/.deps-installed
+BUILD_STAMP := $(VENV)/.extension-built
+EXTENSION_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') CMakeLists.txt pyproject.toml
+CUDA_ARCHS ?= 80 90
+NVCC ?= nvcc
+
+.PHONY: demo test cuda-check bench install clean
+
+demo: $(BUILD_STAMP)
+	$(PY) -m mlifast demo
+
+test: $(BUILD_STAMP)
+	$(PY) -m pytest -q
+
+install: $(BUILD_STAMP)
+
+$(DEPS_STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q numpy tqdm matplotlib "scikit-build-core>=0.10" cmake ninja \
+		pytest pytest-benchmark hypothesis
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(EXTENSION_SOURCES)
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -c "import mlifast, json; print(json.dumps(mlifast.info()['ops']))"
+	touch $@
+
+# Compile every CUDA kernel with nvcc (no GPU or CUDA torch needed), so the CUDA code
+# never rots unseen on CPU-only machines.
+cuda-check:
+	@command -v $(NVCC) >/dev/null || { echo "cuda-check: $(NVCC) not found; install the CUDA toolkit or set NVCC=/path/to/nvcc"; exit 2; }
+	@mkdir -p build/cuda-check
+	@for f in $$(find csrc -name '*.cu'); do \
+		echo "nvcc $$f"; \
+		$(NVCC) -std=c++17 -O3 -Werror all-warnings $(foreach a,$(CUDA_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) \
+			-Icsrc -c $$f -o build/cuda-check/$$(basename $$f .cu).o || exit 1; \
+	done
+	@echo "cuda-check: every .cu file compiles for sm_$(subst $() $(),/sm_,$(CUDA_ARCHS))"
+
+bench: $(BUILD_STAMP)
+	$(PY) benchmarks/compare.py
+
+clean:
+	rm -rf build $(VENV) *.egg-info

@@ -1,0 +1,28 @@
+// Multi-point linear layer on the GPU, free of torch: K points of weight space in one launch.
+//
+//   y[k, r, o] = sum_i x[k, r, i] * (W[o, i] + sum_j c[k, j] * D[j, o, i])
+//                + (b[o] + sum_j c[k, j] * db[j, o])
+//
+// All pointers are device pointers to contiguous row-major arrays of one dtype:
+//   x: (K, R, I), or (R, I) when shared_input (the same rows for every point)
+//   W: (O, I)    b: (O,) or nullptr    D: (J, O, I)    db: (J, O) or nullptr
+//   c: (K, J)    y: (K, R, O), written
+// A nullptr bias or bias direction means zero.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace mlifast::cuda {
+
+enum class DType { Float32, Float64, Float16, BFloat16 };
+
+// Enqueues the computation on `stream` and returns cudaGetLastError(); returns cudaSuccess
+// without launching when the output is empty (K, R or O is zero).
+cudaError_t launch_multipoint_linear(DType dtype, const void* x, bool shared_input, const void* W,
+                                     const void* b, const void* D, const void* db, const void* c,
+                                     void* y, int64_t K, int64_t R, int64_t I, int64_t O, int64_t J,
+                                     cudaStream_t stream);
+
+}  // namespace mlifast::cuda

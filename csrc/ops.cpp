@@ -1,0 +1,13 @@
+// Schemas of every mlifast operator, defined once. Kernels register per dispatch key in
+// csrc/cpu/ and csrc/cuda/; fake (meta) kernels and autograd are registered from Python
+// (mlifast/ops/).
+#include <torch/library.h>
+
+TORCH_LIBRARY(mlifast, m) {
+  // y[k] = input_k · (weight + Σ_j coeffs[k, j] · weight_dirs[j])ᵀ + (bias + Σ_j coeffs[k, j] · bias_dirs[j])
+  // input: (K, R, I) per point, or (R, I) shared by every point; weight: (O, I);
+  // bias: (O,); weight_dirs: (J, O, I); bias_dirs: (J, O); coeffs: (K, J) -> (K, R, O).
+  m.def(
+      "multipoint_linear(Tensor input, Tensor weight, Tensor? bias, Tensor weight_dirs, "
+      "Tensor? bias_dirs, Tensor coeffs) -> Tensor");
+}

@@ -1,0 +1,194 @@
+"""The fused multi-point linear layer: `multipoint_linear`, its reference, fake and autograd.
+
+For K points of an affine weight space with J directions:
+
+    y[k] = input_k · (W + Σ_j c[k, j]·D_j)ᵀ + (b + Σ_j c[k, j]·db_j)
+
+Shapes: input (K, R, I) — R rows per point — or (R, I) when every point sees the same
+rows; W (O, I); b (O,) or None; D (J, O, I); db (J, O) or None; c (K, J). Output (K, R, O).
+No implementation ever materialises the K weights.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mlifast._extension import register_op
+
+SCHEMA = (
+    "multipoint_linear(Tensor input, Tensor weight, Tensor? bias, Tensor weight_dirs, "
+    "Tensor? bias_dirs, Tensor coeffs) -> Tensor"
+)
+
+
+def multipoint_linear_reference(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    weight_dirs: Tensor,
+    bias_dirs: Optional[Tensor],
+    coeffs: Tensor,
+) -> Tensor:
+    """Pure-PyTorch `multipoint_linear` (the oracle of the kernels, and their fallback).
+
+    Computes x·Wᵀ and x·D_jᵀ with plain matmuls and combines them per point:
+    activations of size (K, J, R, O), never K weights.
+    """
+    c = coeffs.to(weight.dtype)
+    base = torch.matmul(input, weight.t())  # (K, R, O) or (R, O)
+    along = torch.matmul(input.unsqueeze(-3), weight_dirs.transpose(1, 2))  # (K, J, R, O) or (J, R, O)
+    if input.dim() == 2:
+        y = base + torch.einsum("kj,jro->kro", c, along)
+    else:
+        y = base + torch.einsum("kj,kjro->kro", c, along)
+    if bias is not None:
+        point_bias = bias if bias_dirs is None else bias + c @ bias_dirs  # (O,) or (K, O)
+        y = y + (point_bias if point_bias.dim() == 1 else point_bias.unsqueeze(1))
+    return y
+
+
+register_op("multipoint_linear", SCHEMA, multipoint_linear_reference)
+
+
+@torch.library.register_fake("mlifast::multipoint_linear")
+def _(input, weight, bias, weight_dirs, bias_dirs, coeffs):
+    return input.new_empty((coeffs.shape[0], input.shape[-2], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in inputs))
+    ctx.has_bias = inputs[2] is not None
+    ctx.has_bias_dirs = inputs[4] is not None
+
+
+def _backward(ctx, grad):
+    """Gradients of y = x·(W + Σ c D)ᵀ + b + Σ c db, using only activation-sized temporaries."""
+    x, weight, _, weight_dirs, bias_dirs, coeffs = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    c = coeffs.to(grad.dtype)
+    shared = x.dim() == 2
+    grad_x = grad_w = grad_b = grad_d = grad_db = grad_c = None
+    # Σ_k c_kj·g_k, (J, R, O): what the directions see of a shared input's gradient.
+    g_along = torch.einsum("kj,kro->jro", c, grad) if shared else None
+    if needs[0]:
+        if shared:
+            grad_x = grad.sum(0) @ weight + torch.einsum("jro,joi->ri", g_along, weight_dirs)
+        else:
+            grad_x = torch.ops.mlifast.multipoint_linear(
+                grad, weight.t(), None, weight_dirs.transpose(1, 2), None, coeffs
+            )
+    if needs[1]:
+        grad_w = grad.sum(0).t() @ x if shared else grad.flatten(0, 1).t() @ x.flatten(0, 1)
+    if needs[2] and ctx.has_bias:
+        grad_b = grad.sum((0, 1))
+    if needs[3]:
+        if shared:
+            grad_d = g_along.transpose(1, 2) @ x
+        else:
+            grad_d = torch.einsum("kj,kro,kri->joi", c, grad, x)
+    if needs[4] and ctx.has_bias_dirs:
+        grad_db = c.t() @ grad.sum(1)
+    if needs[5]:
+        x_along = torch.matmul(x.unsqueeze(-3), weight_dirs.transpose(1, 2))  # (K|1, J, R, O)
+        if shared:
+            grad_c = torch.einsum("kro,jro->kj", grad, x_along)
+        else:
+            grad_c = torch.einsum("kro,kjro->kj", grad, x_along)
+        if ctx.has_bias_dirs:
+            grad_c = grad_c + grad.sum(1) @ bias_dirs.t()
+        grad_c = grad_c.to(coeffs.dtype)
+    return grad_x, grad_w, grad_b, grad_d, grad_db, grad_c
+
+
+torch.library.register_autograd("mlifast::multipoint_linear", _backward, setup_context=_setup_context)
+
+
+def _describe(t: Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}"
+
+
+def check_multipoint_linear_args(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    weight_dirs: Tensor,
+    bias_dirs: Optional[Tensor],
+    coeffs: Tensor,
+) -> None:
+    """Raise TypeError/ValueError naming the first argument that does not fit."""
+    named = {"input": input, "weight": weight, "bias": bias, "weight_dirs": weight_dirs,
+             "bias_dirs": bias_dirs, "coeffs": coeffs}
+    for name, t in named.items():
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"multipoint_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"multipoint_linear: weight must have shape (O, I), got {_describe(weight)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"multipoint_linear: weight must be floating point, got {_describe(weight)}")
+    out_features, in_features = weight.shape
+    if coeffs.dim() != 2 or coeffs.shape[1] < 1:
+        raise ValueError(
+            f"multipoint_linear: coeffs must have shape (K, J) with J >= 1 (one row of coordinates "
+            f"per point), got {_describe(coeffs)}"
+        )
+    if not coeffs.is_floating_point():
+        raise TypeError(f"multipoint_linear: coeffs must be floating point, got {_describe(coeffs)}")
+    points, directions = coeffs.shape
+    if input.dim() == 3:
+        expected_input = f"({points}, R, {in_features})"
+        input_ok = input.shape[0] == points and input.shape[2] == in_features
+    else:
+        expected_input = f"({points}, R, {in_features}) or, shared by every point, (R, {in_features})"
+        input_ok = input.dim() == 2 and input.shape[1] == in_features
+    if not input_ok:
+        raise ValueError(f"multipoint_linear: input must have shape {expected_input}, got {_describe(input)}")
+    expected = {
+        "weight_dirs": (directions, out_features, in_features),
+        "bias": (out_features,),
+        "bias_dirs": (directions, out_features),
+    }
+    for name, shape in expected.items():
+        t = named[name]
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"multipoint_linear: {name} must have shape {shape}, got {_describe(t)}")
+    if bias_dirs is not None and bias is None:
+        raise ValueError("multipoint_linear: bias_dirs given without bias; pass bias (zeros if none)")
+    for name, t in named.items():
+        if t is None or name == "coeffs":
+            continue
+        if t.dtype != weight.dtype:
+            raise TypeError(
+                f"multipoint_linear: {name} must have weight's dtype {weight.dtype}, got {_describe(t)}"
+            )
+    for name, t in named.items():
+        if t is not None and t.device != weight.device:
+            raise ValueError(
+                f"multipoint_linear: {name} must be on weight's device {weight.device}, got {_describe(t)}"
+            )
+
+
+def multipoint_linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    weight_dirs: Tensor,
+    bias_dirs: Optional[Tensor],
+    coeffs: Tensor,
+) -> Tensor:
+    """A linear layer evaluated at K points of weight space at once.
+
+    Args:
+        input: (K, R, I) rows of each point, or (R, I) rows shared by every point.
+        weight: (O, I) weight at the origin of the space.
+        bias: (O,) bias at the origin, or None.
+        weight_dirs: (J, O, I) the J directions of the weight.
+        bias_dirs: (J, O) the J directions of the bias, or None (bias fixed).
+        coeffs: (K, J) coordinates of the K points.
+
+    Returns:
+        (K, R, O): y[k] = input_k · (W + Σ_j c_kj D_j)ᵀ + b + Σ_j c_kj db_j.
+    """
+    check_multipoint_linear_args(input, weight, bias, weight_dirs, bias_dirs, coeffs)
+    return torch.ops.mlifast.multipoint_linear(input, weight, bias, weight_dirs, bias_dirs, coeffs)

@@ -1,0 +1,507 @@
+"""Affine subspaces of weight space: :class:`Span`, :class:`Line`, :class:`Plane`.
+
+A point of a J-dimensional span is named by coordinates ``c`` (J float64 numbers) and is the
+state dict
+
+    θ(c) = origin + Σ_j c_j · d_j
+
+for every floating-point entry (parameters and floating buffers such as batch-norm running
+statistics). Non-floating entries (``num_batches_tracked``) are the origin's at every point.
+
+All tensors are detached copies taken at construction, so the source model may keep
+training. A span is immutable: treat the tensors returned by ``origin`` and ``direction``
+as read-only.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+StateLike = Union[nn.Module, Mapping[str, Tensor]]
+"""An ``nn.Module`` (its ``state_dict()`` is used) or a mapping of names to tensors."""
+
+_MAX_NAMES = 10
+_SPAN_FIX = (
+    "A direction needs a tensor of the origin's shape, dtype and device for every "
+    "floating-point entry of the origin (use torch.zeros_like(origin[name]) for an entry "
+    "that must not move, e.g. batch-norm running statistics)."
+)
+_ENDPOINT_FIX = (
+    "All points must be state dicts of the same architecture (e.g. checkpoints of one "
+    "model class); a 'module.' prefix left by DataParallel or a renamed layer is a common "
+    "cause."
+)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _names(keys: Iterable[Any], limit: int = _MAX_NAMES) -> str:
+    """``'a', 'b', 'c' and 7 more`` — at most ``limit`` names."""
+    keys = list(keys)
+    text = ", ".join(repr(k) for k in keys[:limit])
+    if len(keys) > limit:
+        text += f" and {len(keys) - limit} more"
+    return text
+
+
+def _is_floating(t: Tensor) -> bool:
+    return t.is_floating_point()
+
+
+def _read_state(obj: StateLike, role: str) -> dict[str, Tensor]:
+    """Detached (not yet cloned) view of ``obj``'s entries, in its own key order.
+
+    Raises TypeError unless ``obj`` is a Module or a Mapping of str to Tensor.
+    """
+    if isinstance(obj, nn.Module):
+        state: Mapping[Any, Any] = obj.state_dict()
+    elif isinstance(obj, Mapping):
+        state = obj
+    else:
+        raise TypeError(
+            f"{role} must be an nn.Module or a state dict (a mapping of names to tensors), "
+            f"got {type(obj).__name__}."
+        )
+    bad_keys = [k for k in state if not isinstance(k, str)]
+    if bad_keys:
+        raise TypeError(f"{role}: keys must be strings; got {_names(bad_keys)}.")
+    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if bad:
+        kinds = sorted({type(state[k]).__name__ for k in bad})
+        raise TypeError(
+            f"{role}: entries {_names(bad)} are not tensors ({', '.join(kinds)}); "
+            "pass a state dict whose values are all tensors."
+        )
+    return {k: v.detach() for k, v in state.items()}
+
+
+def _check_origin(origin: dict[str, Tensor], role: str) -> None:
+    """The origin must have floating entries, no complex ones, and only finite values."""
+    if not origin:
+        raise ValueError(f"{role} has no entries; pass a model or a non-empty state dict.")
+    complex_keys = [k for k, t in origin.items() if t.is_complex()]
+    if complex_keys:
+        raise ValueError(
+            f"{role}: complex tensors are not supported: {_names(complex_keys)}."
+        )
+    if not any(_is_floating(t) for t in origin.values()):
+        raise ValueError(
+            f"{role} has no floating-point entries, so every point of the space would be "
+            "the same; pass a model with floating-point parameters."
+        )
+    _check_finite(origin, role, origin)
+
+
+def _check_finite(
+    state: Mapping[str, Tensor], role: str, origin: Mapping[str, Tensor], why: str = ""
+) -> None:
+    """ValueError naming the floating entries of ``state`` (among ``origin``'s keys) that
+    hold NaN or ±inf."""
+    bad = [
+        k
+        for k, t in state.items()
+        if k in origin and _is_floating(origin[k]) and _is_floating(t)
+        and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise ValueError(
+            f"{role} has non-finite values (NaN or inf) in {_names(bad)}{why}. "
+            "Every point of the space must be finite; repair or drop the checkpoint."
+        )
+
+
+def _check_against(
+    origin: Mapping[str, Tensor], other: Mapping[str, Tensor],
+    origin_role: str, other_role: str, fix: str,
+) -> None:
+    """ValueError listing every way ``other`` fails to match ``origin``'s floating entries:
+    missing keys, unexpected floating keys, and shape / dtype / device mismatches.
+    Non-floating entries of either side are ignored (they always come from the origin)."""
+    floating = [k for k, t in origin.items() if _is_floating(t)]
+    missing = [k for k in floating if k not in other]
+    unexpected = [k for k, t in other.items() if k not in origin and _is_floating(t)]
+    common = [k for k in floating if k in other]
+
+    def pairs(attr: str, fmt: Any = str) -> list[str]:
+        return [
+            f"{k!r} ({origin_role} {fmt(getattr(origin[k], attr))}, "
+            f"{other_role} {fmt(getattr(other[k], attr))})"
+            for k in common
+            if getattr(origin[k], attr) != getattr(other[k], attr)
+        ]
+
+    def listing(items: list[str]) -> str:
+        text = "; ".join(items[:_MAX_NAMES])
+        return text + (f" and {len(items) - _MAX_NAMES} more" if len(items) > _MAX_NAMES else "")
+
+    problems = []
+    if missing:
+        problems.append(
+            f"{len(missing)} floating-point entries of {origin_role} are missing from "
+            f"{other_role}: {_names(missing)}"
+        )
+    if unexpected:
+        problems.append(
+            f"{other_role} has {len(unexpected)} floating-point entries that {origin_role} "
+            f"lacks: {_names(unexpected)}"
+        )
+    shapes = pairs("shape", lambda s: tuple(s))
+    if shapes:
+        problems.append(f"shape mismatch: {listing(shapes)}")
+    dtypes = pairs("dtype")
+    if dtypes:
+        problems.append(
+            f"dtype mismatch: {listing(dtypes)} — cast both to one dtype first, "
+            "e.g. model.to(torch.float32)"
+        )
+    devices = pairs("device")
+    if devices:
+        problems.append(
+            f"device mismatch: {listing(devices)} — move both to one device first, "
+            "e.g. model.to('cpu')"
+        )
+    if problems:
+        raise ValueError(
+            f"{other_role} does not match {origin_role}:\n  - "
+            + "\n  - ".join(problems) + f"\n{fix}"
+        )
+
+
+def _describe_source(obj: StateLike) -> str:
+    if isinstance(obj, nn.Module):
+        return f"module {type(obj).__name__}"
+    return "state_dict"
+
+
+# ----------------------------------------------------------------------------- Span
+
+
+class Span:
+    """The affine subspace θ(c) = origin + Σ_j c_j · d_j of weight space, J ≥ 1.
+
+    Args:
+        origin: the point c = 0 — an ``nn.Module`` or a state dict.
+        directions: non-empty sequence of J state dicts (or modules); each holds, for every
+            floating-point entry of ``origin``, a tensor of the same shape, dtype and device.
+            Non-floating entries in a direction are ignored.
+
+    Raises:
+        TypeError: an argument is neither a Module nor a mapping of names to tensors.
+        ValueError: missing / unexpected keys, shape / dtype / device mismatches, or
+            non-finite values; the message names the offending keys.
+    """
+
+    kind = "span"
+
+    def __init__(self, origin: StateLike, directions: Iterable[StateLike]) -> None:
+        if isinstance(directions, (Mapping, nn.Module, Tensor, str)) or not isinstance(
+            directions, Iterable
+        ):
+            raise TypeError(
+                "directions must be a sequence of state dicts (e.g. [d1, d2]); "
+                f"got {type(directions).__name__}. For a single direction pass [d]."
+            )
+        directions = list(directions)
+        if not directions:
+            raise ValueError("directions is empty; a Span needs at least one direction.")
+        o = _read_state(origin, "origin")
+        _check_origin(o, "origin")
+        dirs = []
+        for j, d in enumerate(directions):
+            role = f"directions[{j}]"
+            state = _read_state(d, role)
+            _check_against(o, state, "origin", role, _SPAN_FIX)
+            _check_finite(state, role, o)
+            dirs.append(state)
+        self._init_parts(
+            o, {k: [d[k] for d in dirs] for k, t in o.items() if _is_floating(t)},
+            {"method": "Span(origin, directions)", "origin": _describe_source(origin)},
+        )
+
+    # -- construction -------------------------------------------------------------
+
+    def _init_parts(
+        self, origin: Mapping[str, Tensor], directions: Mapping[str, list[Tensor]],
+        built: dict[str, Any],
+    ) -> None:
+        """Store a clone of ``origin`` and, per floating key, the J direction tensors
+        stacked into one (J, *shape) tensor. Inputs are assumed validated."""
+        self._origin = {k: t.detach().clone() for k, t in origin.items()}
+        self._directions = {k: torch.stack([d.detach() for d in ds]) for k, ds in directions.items()}
+        self._built = built
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._frozen = {k: not bool(d.any()) for k, d in self._directions.items()}
+
+    # -- read-only views ----------------------------------------------------------
+
+    @property
+    def origin(self) -> dict[str, Tensor]:
+        """name -> tensor at c = 0 (every entry, origin dtype/device). Read-only."""
+        return dict(self._origin)
+
+    @property
+    def num_directions(self) -> int:
+        """J, the dimension of the span."""
+        return next(iter(self._directions.values())).shape[0]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every entry name, in the origin's order."""
+        return tuple(self._origin)
+
+    @property
+    def floating_keys(self) -> tuple[str, ...]:
+        """Names of the floating-point entries (those that move), in the origin's order."""
+        return tuple(self._directions)
+
+    def direction(self, name: str) -> Tensor:
+        """The J directions of entry ``name`` stacked: shape (J, *origin[name].shape),
+        origin dtype/device. Read-only. KeyError for unknown or non-floating entries."""
+        if name not in self._directions:
+            what = "is not floating-point (it is constant)" if name in self._origin else "is unknown"
+            raise KeyError(f"{name!r} {what}; directions exist only for floating-point entries.")
+        return self._directions[name]
+
+    def is_frozen(self, name: str) -> bool:
+        """True when entry ``name`` is the same at every point: every direction is exactly
+        zero there (e.g. a frozen layer), or the entry is non-floating. KeyError if unknown."""
+        if name in self._frozen:
+            return self._frozen[name]
+        if name in self._origin:
+            return True
+        raise KeyError(f"{name!r} is not an entry of this {self.kind}.")
+
+    # -- points -------------------------------------------------------------------
+
+    def _coord_list(self, coord: Any) -> list[float]:
+        J = self.num_directions
+        t = torch.as_tensor(coord, dtype=torch.float64).detach().cpu()
+        if t.dim() == 0 and J == 1:
+            t = t.reshape(1)
+        if t.dim() != 1 or t.numel() != J:
+            expected = "a float (or a length-1 sequence)" if J == 1 else f"a sequence of {J} floats"
+            raise ValueError(
+                f"state_at expects {expected} for this {self.kind} (J={J}); "
+                f"got shape {tuple(t.shape)}."
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"coordinate {t.tolist()} is not finite.")
+        return t.tolist()
+
+    def state_at(self, coord: Any) -> dict[str, Tensor]:
+        """The full state dict at one point.
+
+        Args:
+            coord: a float (J = 1), or a sequence / 1-D tensor / array of J floats.
+        Returns:
+            A new dict in the origin's key order: origin[k] + Σ_j c_j · d_j[k] for floating
+            entries (computed in the entry's dtype, directions added one at a time), a clone
+            of origin[k] for the others. Same dtypes and devices as the origin.
+        """
+        c = self._coord_list(coord)
+        out = {}
+        for k, o in self._origin.items():
+            t = o.clone()
+            d = self._directions.get(k)
+            if d is not None:
+                for j, cj in enumerate(c):
+                    t.add_(d[j], alpha=cj)
+            out[k] = t
+        return out
+
+    def coords_tensor(self, coords: Any) -> Tensor:
+        """Normalise user coordinates to a float64 CPU tensor of shape (K, J), K ≥ 1.
+
+        - int n: n evenly spaced points on [0, 1] (J = 1), or the n×n grid on [0, 1]²
+          (J = 2), row-major: the first coordinate varies slowest.
+        - 1-D sequence / tensor of K values (J = 1 only): shape (K, 1).
+        - (K, J) sequence / tensor / array: returned as is (copied, float64).
+        Raises ValueError for any other shape, K = 0, or non-finite values.
+        """
+        J = self.num_directions
+        if isinstance(coords, numbers.Integral) and not isinstance(coords, bool):
+            n = int(coords)
+            if n < 1:
+                raise ValueError(f"coords={n}: the number of points must be at least 1.")
+            g = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+            if J == 1:
+                return g.unsqueeze(1)
+            if J == 2:
+                a, b = torch.meshgrid(g, g, indexing="ij")
+                return torch.stack([a.reshape(-1), b.reshape(-1)], dim=1)
+            raise ValueError(
+                f"coords={n}: an integer number of points is defined only for J = 1 or 2; "
+                f"this {self.kind} has J={J}, so pass a (K, {J}) array of coordinates."
+            )
+        expected = "(K,) or (K, 1)" if J == 1 else f"(K, {J})"
+        if isinstance(coords, (bool, str)):
+            raise ValueError(f"coords must be an int or an array of shape {expected}; got {coords!r}.")
+        try:
+            t = torch.as_tensor(coords).detach().to("cpu", torch.float64).clone()
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(
+                f"coords must be an int or an array of shape {expected}; could not read "
+                f"{type(coords).__name__}: {e}"
+            ) from None
+        if t.dim() == 1 and J == 1:
+            t = t.unsqueeze(1)
+        if t.dim() != 2 or t.shape[1] != J:
+            raise ValueError(
+                f"coords for this {self.kind} (J={J}) must be an int or have shape "
+                f"{expected}; got shape {tuple(t.shape)}."
+            )
+        if t.shape[0] == 0:
+            raise ValueError("coords is empty; pass at least one point.")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError("coords contains NaN or inf.")
+        return t
+
+    # -- conversion and metadata --------------------------------------------------
+
+    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> "Span":
+        """A new span of the same class on ``device``; ``dtype`` (floating) applies to
+        floating entries only. Tensors already matching are shared, not copied."""
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype; got {dtype}.")
+        new = object.__new__(type(self))
+        new._origin = {
+            k: t.to(device=device, dtype=dtype if _is_floating(t) else None)
+            for k, t in self._origin.items()
+        }
+        new._directions = {k: d.to(device=device, dtype=dtype) for k, d in self._directions.items()}
+        new._built = dict(self._built)
+        _check_finite(new._origin, f"origin after .to({dtype})", new._origin, " (overflow)")
+        _check_finite(
+            {k: d for k, d in new._directions.items()}, f"directions after .to({dtype})",
+            new._origin, " (overflow)",
+        )
+        new._refresh()
+        return new
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable summary: kind, J, entry and element counts, dtypes, devices,
+        the global L2 norm of each direction (over all floating entries, float64), and how
+        the span was built."""
+        dtypes: dict[str, int] = {}
+        for t in self._origin.values():
+            dtypes[str(t.dtype)] = dtypes.get(str(t.dtype), 0) + 1
+        J = self.num_directions
+        sq = torch.zeros(J, dtype=torch.float64)
+        for d in self._directions.values():
+            sq += d.detach().reshape(J, -1).double().pow(2).sum(1).cpu()
+        return {
+            "kind": self.kind,
+            "J": J,
+            "num_tensors": len(self._origin),
+            "num_floating_tensors": len(self._directions),
+            "num_frozen_tensors": sum(self._frozen.values()),
+            "num_elements": sum(t.numel() for t in self._origin.values()),
+            "num_floating_elements": sum(self._origin[k].numel() for k in self._directions),
+            "dtypes": dtypes,
+            "devices": sorted({str(t.device) for t in self._origin.values()}),
+            "direction_norms": [float(x) for x in sq.sqrt()],
+            "built": dict(self._built),
+        }
+
+    def __repr__(self) -> str:
+        info = self.describe()
+        return (
+            f"{type(self).__name__}(J={info['J']}, tensors={info['num_tensors']}, "
+            f"floating_elements={info['num_floating_elements']}, dtypes={info['dtypes']})"
+        )
+
+
+# ----------------------------------------------------------------------------- Line, Plane
+
+
+def _differences(
+    base: StateLike, others: list[StateLike], base_role: str, roles: list[str]
+) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
+    """Validate ``others`` against ``base`` and return (base state, {key: [other − base]})
+    with differences computed in the entries' own dtype."""
+    b = _read_state(base, base_role)
+    _check_origin(b, base_role)
+    states = []
+    for other, role in zip(others, roles):
+        s = _read_state(other, role)
+        _check_against(b, s, base_role, role, _ENDPOINT_FIX)
+        _check_finite(s, role, b)
+        states.append(s)
+    floating = [k for k, t in b.items() if _is_floating(t)]
+    diffs = {k: [s[k] - b[k] for s in states] for k in floating}
+    for j, role in enumerate(roles):
+        _check_finite(
+            {k: ds[j] for k, ds in diffs.items()}, f"{role} − {base_role}", b,
+            " (the difference overflows this dtype; use a wider dtype)",
+        )
+    return b, diffs
+
+
+class Line(Span):
+    """The line θ(α) = start + α · (end − start): origin ``start``, one direction
+    ``end − start`` (computed in each entry's dtype). α = 0 is start, α = 1 is end.
+
+    ``start`` and ``end``: ``nn.Module`` or state dict of the same architecture, with
+    matching floating entries (keys, shapes, dtypes, devices). Non-floating entries
+    (``num_batches_tracked``) come from ``start``.
+    """
+
+    kind = "line"
+
+    def __init__(self, start: StateLike, end: StateLike) -> None:
+        s, diffs = _differences(start, [end], "start", ["end"])
+        self._init_parts(
+            s, diffs,
+            {"method": "Line(start, end)", "start": _describe_source(start),
+             "end": _describe_source(end)},
+        )
+
+    @property
+    def start(self) -> dict[str, Tensor]:
+        """The point α = 0 (same as ``origin``)."""
+        return self.origin
+
+
+class Plane(Span):
+    """The plane θ(a, b) = origin + a·u + b·v, J = 2.
+
+    ``u`` and ``v`` are direction state dicts (see :class:`Span`); use
+    :meth:`Plane.through` to build the plane through three points.
+    """
+
+    kind = "plane"
+
+    def __init__(self, origin: StateLike, u: StateLike, v: StateLike) -> None:
+        o = _read_state(origin, "origin")
+        _check_origin(o, "origin")
+        dirs = []
+        for role, d in (("u", u), ("v", v)):
+            state = _read_state(d, role)
+            _check_against(o, state, "origin", role, _SPAN_FIX)
+            _check_finite(state, role, o)
+            dirs.append(state)
+        self._init_parts(
+            o, {k: [d[k] for d in dirs] for k, t in o.items() if _is_floating(t)},
+            {"method": "Plane(origin, u, v)", "origin": _describe_source(origin)},
+        )
+
+    @classmethod
+    def through(cls, p0: StateLike, p1: StateLike, p2: StateLike) -> "Plane":
+        """The plane through three points: u = p1 − p0, v = p2 − p0, so coordinates
+        (0, 0) = p0, (1, 0) = p1, (0, 1) = p2. Non-floating entries come from p0."""
+        b, diffs = _differences(p0, [p1, p2], "p0", ["p1", "p2"])
+        plane = object.__new__(cls)
+        plane._init_parts(
+            b, diffs,
+            {"method": "Plane.through(p0, p1, p2)",
+             **{r: _describe_source(p) for r, p in (("p0", p0), ("p1", p1), ("p2", p2))}},
+        )
+        return plane
