@@ -1,0 +1,26 @@
+"""Analysis layer: metrics of loss curves and weight vectors (MLI, barriers, distances).
+
+Pure functions over sampled curves; depends only on numpy and torch. See
+:mod:`mlifast.analysis.mli`.
+"""
+
+from . import mli
+from .mli import (
+    RUNNING_STAT_SUFFIXES,
+    Bump,
+    MLISummary,
+    NonMonotonicFraction,
+    average_bump_height,
+    barrier_height,
+    bumps,
+    default_distance_include,
+    delta_min,
+    endpoint_barrier,
+    fraction_non_monotonic,
+    is_monotonic,
+    max_step_increase,
+    summarize,
+    weight_distance,
+)
+
+__all__ = ["mli", *mli.__all__]

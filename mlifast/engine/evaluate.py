@@ -1,0 +1,159 @@
+"""`evaluate()`: one pass over the data for all points of a space."""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mlifast.engine.batches import Forward, default_forward, to_device
+from mlifast.engine.chunking import points_per_pass
+from mlifast.engine.metrics import Metric, per_example_loss, resolve_metrics
+from mlifast.engine.results import Results
+from mlifast.multipoint import MultiPointModel
+from mlifast.multipoint.layers import BatchNormRule
+from mlifast.spaces import Span
+
+BN_POLICIES = ("interpolate", "recompute", "batch")
+
+
+def evaluate(
+    model: nn.Module,
+    space: Span,
+    data: Iterable,
+    coords: Any = 50,
+    loss: Optional[Callable] = None,
+    metrics: Sequence[Union[str, Metric]] = ("accuracy",),
+    bn: str = "interpolate",
+    bn_data: Optional[Iterable] = None,
+    device: Union[str, torch.device, None] = None,
+    dtype: Optional[torch.dtype] = None,
+    max_points_per_pass: Optional[int] = None,
+    progress: bool = True,
+    forward: Optional[Forward] = None,
+    batch_dim: int = 0,
+) -> Results:
+    """Mean loss and metrics over `data` at every point `coords` of `space`, reading each
+    batch once per pass of up to `max_points_per_pass` points.
+
+    Args:
+        model: any nn.Module whose state_dict matches the space (it is never modified).
+        space: a Line, Plane or Span.
+        data: an iterable of batches, re-iterable (e.g. a DataLoader or a list); see
+            mlifast.engine.batches for how a batch calls the model.
+        coords: int (evenly spaced on [0, 1] per direction), (K,) or (K, J).
+        loss: loss(output, target) of one batch of examples; called with
+            reduction="none" where it takes it; default cross entropy.
+        metrics: "accuracy" and/or callables f(output, target) -> (N,) per-example values.
+        bn: "interpolate" (eval mode, running statistics interpolated), "recompute"
+            (each point's statistics recomputed on bn_data as update_bn would, then eval
+            mode) or "batch" (each point's own batch statistics).
+        bn_data: data for "recompute" (default: `data`).
+        device, dtype: where and in what floating dtype to compute (default: the space's).
+        max_points_per_pass: points evaluated together (default: from a memory budget).
+        progress: show a tqdm progress bar over batches.
+        forward: forward(model, batch) -> (output, target) for other batch layouts;
+            output carries a leading K dimension.
+        batch_dim: the dimension of inputs and outputs holding the batch.
+
+    Returns:
+        Results with (K,) "loss" and one (K,) entry per metric: means over examples.
+    """
+    if bn not in BN_POLICIES:
+        raise ValueError(f"mlifast: bn must be one of {BN_POLICIES}, got {bn!r}")
+    space = space.to(device=device, dtype=dtype)
+    device = next(iter(space.origin.values())).device
+    all_coords = space.coords_tensor(coords)
+    forward = forward or default_forward
+    per_example = {"loss": per_example_loss(loss), **resolve_metrics(metrics)}
+    fast = MultiPointModel(model, space, all_coords[:1], batch_dim=batch_dim).eval()
+    fast.context.bn_mode = "batch" if bn == "batch" else "running"
+    norms = [m for m in fast.rules() if isinstance(m, BatchNormRule)]
+    if bn == "recompute" and bn_data is None:
+        bn_data = data
+    chunk = max_points_per_pass or points_per_pass(fast, data, forward, device)
+
+    sums = {name: torch.zeros(all_coords.shape[0], dtype=torch.float64) for name in per_example}
+    examples = 0
+    total = _length(data) + (_length(bn_data) if bn == "recompute" and norms else 0)
+    n_chunks = -(-all_coords.shape[0] // chunk)
+    bar = tqdm(total=total * n_chunks if total else None, disable=not progress, desc="mlifast evaluate", unit="batch")
+    with torch.no_grad(), bar:
+        for start in range(0, all_coords.shape[0], chunk):
+            points = slice(start, start + chunk)
+            fast.set_coords(all_coords[points])
+            if bn == "recompute" and norms:
+                _recompute_statistics(fast, norms, bn_data, forward, device, bar)
+            seen = 0
+            for batch in data:
+                output, target = forward(fast, to_device(batch, device))
+                k = fast.num_points
+                flat_output, flat_target = _flatten_points(output, target, k)
+                for name, fn in per_example.items():
+                    sums[name][points] += fn(flat_output, flat_target).reshape(k, -1).sum(1).cpu()
+                seen += flat_target.shape[0] // k
+                bar.update()
+            examples = seen
+    if examples == 0:
+        raise ValueError("mlifast: the data set is empty; evaluate needs at least one batch with one example")
+    values = {name: s / examples for name, s in sums.items()}
+    _warn_non_finite(values["loss"], all_coords)
+    meta = {
+        "space": space.describe(),
+        "model": f"{type(model).__module__}.{type(model).__qualname__}",
+        "examples": examples,
+        "bn": bn,
+        **_versions(),
+    }
+    return Results(all_coords, values, meta)
+
+
+def _recompute_statistics(fast: MultiPointModel, norms: list, bn_data, forward, device, bar) -> None:
+    for m in norms:
+        m.start_collecting()
+    fast.context.bn_mode = "collect"
+    try:
+        for batch in bn_data:
+            forward(fast, to_device(batch, device))
+            bar.update()
+    finally:
+        fast.context.bn_mode = "running"
+    for m in norms:
+        m.finish_collecting()
+
+
+def _flatten_points(output: Any, target: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(K, B, …) output and (B, …) target → (K·B, …) each, point-major."""
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"mlifast: the model returned {type(output).__name__}; evaluate needs a tensor of "
+            "outputs — pass forward=lambda model, batch: (model(...)['logits'], target)"
+        )
+    flat_target = target.unsqueeze(0).expand(k, *target.shape).flatten(0, 1)
+    return output.flatten(0, 1), flat_target
+
+
+def _warn_non_finite(losses: Tensor, coords: Tensor) -> None:
+    bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+    if bad:
+        where = ", ".join(f"#{i} at {coords[i].tolist()}" for i in bad[:10])
+        warnings.warn(
+            f"mlifast: the loss is not finite at {len(bad)} point(s): {where}"
+            + (" and more" if len(bad) > 10 else "") + "; their values are NaN/inf, the other points are unaffected",
+            RuntimeWarning, stacklevel=3,
+        )
+
+
+def _length(data) -> int:
+    try:
+        return len(data)
+    except TypeError:
+        return 0
+
+
+def _versions() -> dict:
+    from mlifast import __version__
+
+    return {"mlifast": __version__, "torch": torch.__version__}

@@ -1,0 +1,33 @@
+"""Figures of a Results: curves against α for a line, contours for a plane grid."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_results(res, path: Path) -> None:
+    """Write one panel per value ("loss", metrics) to `path` (any matplotlib format)."""
+    names = list(res.values)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        values = res[name].numpy()
+        if res.coords.shape[1] == 1:
+            ax.plot(res.alphas.numpy(), values, marker=".")
+            ax.set_xlabel("α")
+        else:
+            a, b = res.coords[:, 0].unique(), res.coords[:, 1].unique()
+            if len(a) * len(b) != len(values):
+                raise ValueError("plot: plane results must lie on a full grid")
+            contour = ax.contourf(a.numpy(), b.numpy(), values.reshape(len(a), len(b)).T, levels=20)
+            fig.colorbar(contour, ax=ax)
+            ax.set_xlabel("coordinate 1")
+            ax.set_ylabel("coordinate 2")
+        ax.set_title(name)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

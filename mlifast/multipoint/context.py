@@ -1,0 +1,75 @@
+"""The state every multi-point layer of one model reads while it runs.
+
+Activations of K points travel folded into the batch dimension, point-major: rows
+[k·B, (k+1)·B) of a (K·B, …) tensor belong to point k. `PointContext` says which points
+the rows currently belong to (all K, or a single one inside the generic per-point path)
+and the batch-norm mode.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+BN_MODES = ("running", "batch", "collect", "recomputed")
+
+
+@dataclass
+class PointContext:
+    """Coordinates of the points in flight and how batch norm behaves.
+
+    coeffs: (K, J) coordinates of every point of the current pass, in the compute dtype.
+    active: (K_active,) indices into `coeffs` of the points whose rows are folded in the
+        activations right now (arange(K) outside the generic path).
+    batch_dim: the dimension holding the (K·B) rows for row-wise layers (linear,
+        embedding, layer/RMS norm, RNN inputs); channel layers (conv, batch/group norm)
+        always have it in dim 0.
+    bn_mode: "running" — running statistics of each point (interpolated or recomputed);
+        "batch" — per-point batch statistics; "collect" — per-point batch statistics,
+        also accumulated as running statistics (the "recompute" policy's pass).
+    """
+
+    coeffs: Tensor
+    active: Tensor = field(init=False)
+    bn_mode: str = "running"
+    batch_size: int = 0  # B, examples per point in the current call
+    batch_dim: int = 0  # where row-wise layers (linear, embedding, layer norm) find the batch
+
+    def __post_init__(self) -> None:
+        self.active = torch.arange(self.coeffs.shape[0], device=self.coeffs.device)
+
+    @property
+    def num_active(self) -> int:
+        return self.active.numel()
+
+    def active_coeffs(self) -> Tensor:
+        """(K_active, J) coordinates of the points whose rows are in flight."""
+        return self.coeffs.index_select(0, self.active)
+
+    @contextmanager
+    def only_point(self, k: int) -> Iterator[None]:
+        """Within the block, activations hold the rows of point `active[k]` alone."""
+        saved = self.active
+        self.active = saved[k : k + 1]
+        try:
+            yield
+        finally:
+            self.active = saved
+
+
+def fold(t: Tensor, points: int, dim: int = 0) -> Tensor:
+    """(…, K·B, …) with K·B at `dim` → (K, …, B, …)."""
+    if t.dim() <= dim or t.shape[dim] % points:
+        raise ValueError(
+            f"mlifast: expected a tensor whose dimension {dim} holds {points} points' rows "
+            f"(a multiple of {points}), got shape {tuple(t.shape)}"
+        )
+    return t.unflatten(dim, (points, t.shape[dim] // points)).movedim(dim, 0)
+
+
+def unfold(t: Tensor, dim: int = 0) -> Tensor:
+    """(K, …, B, …) → (…, K·B, …) with K·B at `dim`; the inverse of fold."""
+    return t.movedim(0, dim).flatten(dim, dim + 1)

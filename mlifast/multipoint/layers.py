@@ -1,0 +1,186 @@
+"""Fused rules for the standard layers (see ARCHITECTURE.md to add one).
+
+- Linear: the fused `mlifast::multipoint_linear` op (never K weight copies).
+- Layers affine in their parameters (convolutions, transposed convolutions, embeddings,
+  Hugging Face Conv1D): by linearity f(x; θ0 + Σ c_j d_j) = f(x; θ0) + Σ c_j f(x; d_j),
+  J + 1 calls of the layer itself on all rows, then a per-point combine.
+- Norms (LayerNorm, RMSNorm, GroupNorm): normalise without affine, then each point's
+  (K, C) scale and shift.
+- Batch norm: each point's statistics — interpolated running statistics, its own batch
+  statistics, or statistics recomputed over a data set (the "recompute" policy).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from mlifast.multipoint.context import fold, unfold
+from mlifast.multipoint.rule import MultiPointRule
+from mlifast.ops import multipoint_linear
+
+
+class LinearRule(MultiPointRule):
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self.origin("weight"), self.origin("bias")
+        k, dim = self.context.num_active, self.context.batch_dim
+        rows = fold(x, k, dim)
+        if not self.moves("weight"):  # only the bias moves
+            y = fold(F.linear(x, w), k, dim)
+            bias = self.per_point("bias")
+            return unfold(y + bias.reshape(k, *([1] * (y.dim() - 2)), -1), dim)
+        shape = rows.shape
+        y = multipoint_linear(
+            rows.reshape(k, -1, shape[-1]), w, b, self.directions["weight"],
+            self.directions.get("bias") if b is not None else None,
+            self.context.active_coeffs().to(w.dtype),
+        )
+        return unfold(y.reshape(*shape[:-1], w.shape[0]), dim)
+
+
+class AffineInParamsRule(MultiPointRule):
+    """For layers whose output is affine in their parameters jointly (y = g(x, W) + b)."""
+
+    def batch_dim(self) -> int:
+        return 0  # convolutions: (N, C, …)
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        k, dim = self.context.num_active, self.batch_dim()
+        c = self.context.active_coeffs()
+        base = functional_call(self.inner, dict(self.origins), args, kwargs)
+        out = fold(base, k, dim)
+        zeros = {name: torch.zeros_like(t) for name, t in self.origins.items()}
+        for j in range(c.shape[1]):
+            along = {**zeros, **{name: d[j] for name, d in self.directions.items()}}
+            y_j = fold(functional_call(self.inner, along, args, kwargs), k, dim)
+            out = out + c[:, j].to(y_j.dtype).reshape(k, *([1] * (y_j.dim() - 1))) * y_j
+        return unfold(out, dim)
+
+
+class EmbeddingRule(AffineInParamsRule):
+    """Gathers rows of the origin and of each direction, then combines (row-wise layer)."""
+
+    def batch_dim(self) -> int:
+        return self.context.batch_dim
+
+
+def _channel_view(v: Tensor, ndim: int, channel_dim: int) -> Tensor:
+    """(K, C) → (K, 1, …, C, 1, …) broadcastable against (K, B, …) with C at channel_dim+1."""
+    shape = [v.shape[0]] + [1] * (ndim - 1)
+    shape[channel_dim + 1] = v.shape[1]
+    return v.reshape(shape)
+
+
+class _AffineNormRule(MultiPointRule):
+    """Normalise without affine (`normalize`), then apply each point's weight and bias."""
+
+    channel_dim: int  # where C sits in the per-point activations (B, …)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def scale_and_shift(self, y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """y: (K, B, …); weight, bias: (K, *param_shape) or None."""
+        if weight is not None:
+            y = y * self.broadcastable(weight, y)
+        if bias is not None:
+            y = y + self.broadcastable(bias, y)
+        return y
+
+    def broadcastable(self, v: Tensor, y: Tensor) -> Tensor:
+        if self.channel_dim < 0:  # trailing normalized_shape
+            return v.reshape(v.shape[0], *([1] * (y.dim() - v.dim())), *v.shape[1:])
+        return _channel_view(v, y.dim(), self.channel_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = self.context.num_active
+        dim = self.context.batch_dim if self.channel_dim < 0 else 0
+        y = fold(self.normalize(x), k, dim)
+        return unfold(self.scale_and_shift(y, self.per_point("weight"), self.per_point("bias")), dim)
+
+
+class LayerNormRule(_AffineNormRule):
+    channel_dim = -1
+
+    def normalize(self, x):
+        return F.layer_norm(x, self.inner.normalized_shape, None, None, self.inner.eps)
+
+
+class RMSNormRule(_AffineNormRule):
+    channel_dim = -1
+
+    def normalize(self, x):
+        return F.rms_norm(x, self.inner.normalized_shape, None, self.inner.eps)
+
+
+class GroupNormRule(_AffineNormRule):
+    channel_dim = 1
+
+    def normalize(self, x):
+        return F.group_norm(x, self.inner.num_groups, None, None, self.inner.eps)
+
+
+class BatchNormRule(_AffineNormRule):
+    """Per-point batch norm. Which statistics normalise each point's rows:
+
+    - context.bn_mode "running" (eval mode): the point's running statistics —
+      recomputed ones if a "collect" pass produced them, else the interpolated buffers;
+    - "batch", or the module in train mode, or without running statistics: the point's
+      own batch statistics (running statistics untouched);
+    - "collect": batch statistics, also averaged over batches with equal weight per batch
+      into recomputed running statistics — exactly what
+      torch.optim.swa_utils.update_bn computes (momentum=None) for each point.
+    """
+
+    channel_dim = 1
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.recomputed: tuple[Tensor, Tensor] | None = None
+        self._sums: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def start_collecting(self) -> None:
+        k, c = self.context.coeffs.shape[0], self.inner.num_features
+        like = next(iter(self.origins.values()))
+        zeros = lambda: torch.zeros(k, c, dtype=torch.float64, device=like.device)  # noqa: E731
+        self._sums = (zeros(), zeros(), torch.zeros(k, dtype=torch.float64, device=like.device))
+        self.recomputed = None
+
+    def finish_collecting(self) -> None:
+        mean_sum, var_sum, batches = self._sums
+        dtype = self.origins["running_mean"].dtype if "running_mean" in self.origins else mean_sum.dtype
+        if (batches == 0).any():
+            raise RuntimeError(f"mlifast: batch norm '{self.path}' saw no batch while recomputing statistics")
+        n = batches.unsqueeze(1)
+        self.recomputed = ((mean_sum / n).to(dtype), (var_sum / n).to(dtype))
+        self._sums = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        inner, mode = self.inner, self.context.bn_mode
+        k = self.context.num_active
+        xk = fold(x, k)
+        reduce_dims = [1] + list(range(3, xk.dim()))
+        use_batch = mode in ("batch", "collect") or inner.training or self.origin("running_mean") is None
+        if use_batch:
+            count = xk.numel() // (k * xk.shape[2])
+            if count <= 1:
+                raise ValueError(
+                    f"mlifast: batch norm '{self.path}' needs more than one value per channel "
+                    f"for batch statistics, got input of shape {tuple(x.shape[1:])} with "
+                    f"{xk.shape[1]} example(s) per point"
+                )
+            var, mean = torch.var_mean(xk, dim=reduce_dims, correction=0)
+            if mode == "collect":
+                mean_sum, var_sum, batches = self._sums
+                active = self.context.active
+                mean_sum.index_add_(0, active, mean.double())
+                var_sum.index_add_(0, active, var.double() * count / (count - 1))
+                batches.index_add_(0, active, torch.ones_like(active, dtype=torch.float64))
+        elif self.recomputed is not None:
+            mean, var = (s.index_select(0, self.context.active) for s in self.recomputed)
+        else:
+            mean, var = self.per_point("running_mean"), self.per_point("running_var")
+        y = (xk - _channel_view(mean, xk.dim(), 1)) * _channel_view(
+            torch.rsqrt(var + inner.eps), xk.dim(), 1)
+        return unfold(self.scale_and_shift(y, self.per_point("weight"), self.per_point("bias")))

@@ -1,0 +1,196 @@
+"""`interpolate()`: any nn.Module → one module that answers for K points of a space."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mlifast.multipoint.context import PointContext
+from mlifast.multipoint.registry import check_supported, rule_for
+from mlifast.multipoint.unhandled import UnhandledTensor
+from mlifast.spaces import Span
+
+
+class NotPerExampleOutputError(ValueError):
+    """The model returned a tensor that does not have one row per example."""
+
+
+class MultiPointModel(nn.Module):
+    """The user's model, answering for every point of `coords` in each call.
+
+    Every tensor argument whose size along `batch_dim` equals the batch size B (that of
+    the first tensor argument) is repeated for the K points, folded point-major into
+    that dimension; every tensor of the output gains a leading dimension K:
+    out[k] == model with space.state_at(coords[k]) loaded, on the same arguments.
+
+    The user's model is never modified; its tensors are not copied (the copy of the
+    module tree reads the space's origin tensors).
+    """
+
+    def __init__(self, model: nn.Module, space: Span, coords: Any = None, *, batch_dim: int = 0) -> None:
+        super().__init__()
+        _check_model_matches_space(model, space)
+        self.space = space
+        self.batch_dim = batch_dim
+        like = next(t for t in space.origin.values() if t.is_floating_point())
+        self.context = PointContext(torch.zeros(1, space.num_directions, dtype=like.dtype, device=like.device))
+        self.model = _multipoint_copy(model, space, self.context)
+        self.set_coords(space.coords_tensor(11 if coords is None else coords))
+
+    def set_coords(self, coords: Tensor) -> None:
+        """Answer for the points `coords` (K, J) from now on."""
+        like = self.context.coeffs
+        self.coords = coords
+        self.context.coeffs = coords.to(device=like.device, dtype=like.dtype)
+        self.context.active = torch.arange(coords.shape[0], device=like.device)
+
+    @property
+    def num_points(self) -> int:
+        return self.coords.shape[0]
+
+    def rules(self):
+        return [m for m in self.model.modules() if hasattr(m, "context") and m is not self]
+
+    def forward(self, *args, **kwargs):
+        batch = _batch_size(args, kwargs, self.batch_dim)
+        k, dim = self.num_points, self.batch_dim
+        self.context.batch_size, self.context.batch_dim = batch, dim
+        expand = lambda t, _: _repeat_points(t, k, dim) if _carries_batch(t, batch, dim) else t  # noqa: E731
+        out = self.model(*_tree_map(expand, args, "args"), **_tree_map(expand, kwargs, "kwargs"))
+        return _tree_map(lambda t, path: _split_points(t, k, dim, path), out, "output")
+
+
+def interpolate(model: nn.Module, space: Span, coords: Any, *, batch_dim: int = 0) -> MultiPointModel:
+    """A module answering for every point `coords` of `space` at once (see MultiPointModel).
+
+    Args:
+        model: any nn.Module whose state_dict matches the space's keys.
+        space: a Line, Plane or Span (on the device and in the dtype to compute in).
+        coords: (K,) for a Line, (K, J) in general, or an int for evenly spaced points.
+        batch_dim: the dimension of the inputs and outputs holding the batch.
+    """
+    return MultiPointModel(model, space, coords, batch_dim=batch_dim)
+
+
+def _check_model_matches_space(model: nn.Module, space: Span) -> None:
+    keys = set(model.state_dict().keys())
+    missing, unexpected = sorted(set(space.keys) - keys), sorted(keys - set(space.keys))
+    if missing or unexpected:
+        raise ValueError(
+            "mlifast: the model's state_dict does not match the space: "
+            + (f"keys only in the space: {missing[:10]}; " if missing else "")
+            + (f"keys only in the model: {unexpected[:10]}; " if unexpected else "")
+            + "build the space from checkpoints of this model class"
+        )
+    for name, tensor in model.state_dict().items():
+        if tuple(tensor.shape) != tuple(space.origin[name].shape):
+            raise ValueError(
+                f"mlifast: '{name}' has shape {tuple(tensor.shape)} in the model but "
+                f"{tuple(space.origin[name].shape)} in the space"
+            )
+
+
+def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn.Module:
+    """A copy of the module tree whose tensors are the space's origin (moving ones as
+    UnhandledTensors), with every module owning moving tensors replaced by its rule."""
+    memo: dict[int, Any] = {}
+    owned: dict[int, dict[str, tuple[str, Tensor]]] = {}  # id(module) → own name → (key, origin)
+    for path, module in model.named_modules(remove_duplicate=False):
+        own = list(module._parameters.items()) + [
+            (n, b) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set
+        ]
+        for name, tensor in own:
+            if tensor is None:
+                continue
+            key = f"{path}.{name}" if path else name
+            origin = space.origin[key]
+            moving = origin.is_floating_point() and not space.is_frozen(key)
+            if id(tensor) not in memo:
+                memo[id(tensor)] = UnhandledTensor(origin, key, type(module).__name__) if moving else origin
+            owned.setdefault(id(module), {})[name] = (key, origin)
+    clone = top = copy.deepcopy(model, memo)
+    originals = dict(model.named_modules(remove_duplicate=False))
+    for path, module in list(clone.named_modules(remove_duplicate=False)):
+        tensors = owned.get(id(originals[path]), {})
+        moving = {n: k for n, (k, o) in tensors.items() if o.is_floating_point() and not space.is_frozen(k)}
+        if not moving:
+            continue
+        check_supported(module, path)
+        rule = rule_for(module)(
+            module, path,
+            origins={n: o for n, (k, o) in tensors.items() if o.is_floating_point()},
+            directions={n: space.direction(k) for n, k in moving.items()},
+            context=context,
+        )
+        if path:
+            parent_path, _, child = path.rpartition(".")
+            clone.get_submodule(parent_path)._modules[child] = rule
+        else:
+            top = rule
+    return top
+
+
+def _batch_size(args: tuple, kwargs: dict, dim: int) -> int:
+    for t in _tensors((args, kwargs)):
+        if t.dim() > dim:
+            return t.shape[dim]
+    raise ValueError(f"mlifast: found no tensor argument with a batch dimension {dim} to fold the points into")
+
+
+def _carries_batch(t: Tensor, batch: int, dim: int) -> bool:
+    return t.dim() > dim and t.shape[dim] == batch
+
+
+def _repeat_points(t: Tensor, k: int, dim: int) -> Tensor:
+    """(…, B, …) → (…, K·B, …) point-major, B at `dim`."""
+    shape = list(t.shape)
+    shape.insert(dim, k)
+    return t.unsqueeze(dim).expand(shape).flatten(dim, dim + 1)
+
+
+def _split_points(t: Tensor, k: int, dim: int, path: str) -> Tensor:
+    """(…, K·B, …) → (K, …, B, …)."""
+    if t.dim() <= dim or t.shape[dim] % k:
+        raise NotPerExampleOutputError(
+            f"mlifast: {path} has shape {tuple(t.shape)}, which is not one row per example "
+            f"along dim {dim} for {k} points: it mixes the rows of all points (for example a "
+            "loss computed inside forward, as Hugging Face models do when given labels=). "
+            "Return per-example outputs and compute the loss outside (mlifast.evaluate does)."
+        )
+    shape = list(t.shape)
+    shape[dim : dim + 1] = [k, shape[dim] // k]
+    return t.reshape(shape).movedim(dim, 0)
+
+
+def _tensors(tree):
+    if isinstance(tree, Tensor):
+        yield tree
+    elif isinstance(tree, (tuple, list)):
+        for v in tree:
+            yield from _tensors(v)
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+
+
+def _tree_map(fn, tree, name: str):
+    """fn(tensor, path) for every tensor of nested tuples/lists/dicts (incl. dict subclasses
+    such as Hugging Face ModelOutput); `path` names the tensor in messages."""
+
+    def walk(node, p):
+        if isinstance(node, Tensor):
+            return fn(node, p)
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            return type(node)(*(walk(v, f"{p}.{f}") for f, v in zip(node._fields, node)))
+        if isinstance(node, (tuple, list)):
+            return type(node)(walk(v, f"{p}[{i}]") for i, v in enumerate(node))
+        if isinstance(node, dict):
+            mapped = {key: walk(v, f"{p}[{key!r}]") for key, v in node.items()}
+            try:
+                return type(node)(**mapped) if type(node) is not dict else mapped
+            except TypeError:
+                return type(node)(mapped)
+        return node
+    return walk(tree, name)

@@ -1,0 +1,57 @@
+"""Which rule answers for which module type.
+
+`RULES` maps a layer class to its fused rule; a module matches only if its class is
+exactly that class or a subclass that does not override forward. Everything else with
+moving tensors of its own takes the generic path. Register a new layer type with
+`register_rule(cls, rule)`.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from mlifast.multipoint import layers
+from mlifast.multipoint.generic import GenericRule, RecurrentRule
+from mlifast.multipoint.rule import MultiPointRule, forward_is_inherited
+
+RULES: dict[type, type[MultiPointRule]] = {
+    nn.Linear: layers.LinearRule,
+    nn.Bilinear: GenericRule,
+    nn.Conv1d: layers.AffineInParamsRule,
+    nn.Conv2d: layers.AffineInParamsRule,
+    nn.Conv3d: layers.AffineInParamsRule,
+    nn.ConvTranspose1d: layers.AffineInParamsRule,
+    nn.ConvTranspose2d: layers.AffineInParamsRule,
+    nn.ConvTranspose3d: layers.AffineInParamsRule,
+    nn.Embedding: layers.EmbeddingRule,
+    nn.LayerNorm: layers.LayerNormRule,
+    nn.GroupNorm: layers.GroupNormRule,
+    nn.BatchNorm1d: layers.BatchNormRule,
+    nn.BatchNorm2d: layers.BatchNormRule,
+    nn.BatchNorm3d: layers.BatchNormRule,
+    nn.RNN: RecurrentRule,
+    nn.LSTM: RecurrentRule,
+    nn.GRU: RecurrentRule,
+}
+if hasattr(nn, "RMSNorm"):
+    RULES[nn.RMSNorm] = layers.RMSNormRule
+
+
+def register_rule(cls: type, rule: type[MultiPointRule]) -> None:
+    """Make `rule` answer for modules of class `cls` (and subclasses keeping its forward)."""
+    RULES[cls] = rule
+
+
+def rule_for(module: nn.Module) -> type[MultiPointRule]:
+    for cls in type(module).__mro__:
+        if cls in RULES and forward_is_inherited(module, cls):
+            return RULES[cls]
+    return GenericRule
+
+
+def check_supported(module: nn.Module, path: str) -> None:
+    """Refuse configurations a rule cannot reproduce, before anything runs."""
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        raise NotImplementedError(
+            f"mlifast: Embedding '{path}' has max_norm, which rewrites its weight during "
+            "forward; build the model with max_norm=None to interpolate it"
+        )

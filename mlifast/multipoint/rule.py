@@ -1,0 +1,78 @@
+"""The base of every multi-point layer: a module that answers for the K points in flight.
+
+A rule wraps one module of the user's model (`inner`) whose own parameters or floating
+buffers move in the space. It holds each such tensor's origin value (O) and its stacked
+directions (J, …), and computes the module's output for all active points from
+activations folded point-major in the batch dimension (see context.py).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from mlifast.multipoint.context import PointContext
+
+
+class MultiPointRule(nn.Module):
+    """Base class. Subclasses implement `forward` for (K_active·B, …) activations.
+
+    Args:
+        inner: the module of the copied model (its moving tensors are UnhandledTensors).
+        path: the module's qualified name in the model, for messages.
+        origins: name → origin value of each of the module's own floating tensors.
+        directions: name → (J, *shape) directions of those that move (others absent).
+        context: the PointContext shared by all rules of one model.
+    """
+
+    def __init__(self, inner: nn.Module, path: str, origins: dict[str, Tensor],
+                 directions: dict[str, Tensor], context: PointContext) -> None:
+        super().__init__()
+        self.inner = inner
+        self.path = path
+        self.origins = origins
+        self.directions = directions
+        self.context = context
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Parents may read the wrapped module's attributes (e.g. `self.fc.out_features`).
+            return getattr(self._modules["inner"], name)
+
+    def moves(self, name: str) -> bool:
+        return name in self.directions
+
+    def origin(self, name: str) -> Optional[Tensor]:
+        return self.origins.get(name)
+
+    def per_point(self, name: str) -> Optional[Tensor]:
+        """(K_active, *shape) value of a (small) tensor at each active point, or None."""
+        origin = self.origins.get(name)
+        if origin is None:
+            return None
+        k = self.context.num_active
+        if name not in self.directions:
+            return origin.unsqueeze(0).expand(k, *origin.shape)
+        d = self.directions[name]
+        c = self.context.active_coeffs().to(d.dtype)
+        return origin + (c @ d.reshape(d.shape[0], -1)).reshape(k, *origin.shape)
+
+    def point_state(self, k: int) -> dict[str, Tensor]:
+        """Every own floating tensor of `inner` at active point k (for functional_call)."""
+        c = self.context.active_coeffs()[k]
+        return {
+            name: origin if name not in self.directions
+            else origin + torch.tensordot(c.to(origin.dtype), self.directions[name], dims=1)
+            for name, origin in self.origins.items()
+        }
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}, moving={sorted(self.directions)}"
+
+
+def forward_is_inherited(module: nn.Module, base: type) -> bool:
+    """True when `module` is a `base` whose forward is base's own (safe for base's rule)."""
+    return isinstance(module, base) and type(module).forward is base.forward

@@ -1,0 +1,108 @@
+"""Small real architectures for the parity tests."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mlp(dropout=0.2):
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 16),
+                         nn.Tanh(), nn.Linear(16, 5))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """CIFAR ResNet-20 (3 stages × 3 blocks), narrow by default to keep tests fast."""
+
+    def __init__(self, width=4, num_classes=10, blocks=3):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        layers, cin = [], width
+        for stage, stride in enumerate((1, 2, 2)):
+            cout = width * 2**stage
+            for b in range(blocks):
+                layers.append(BasicBlock(cin, cout, stride if b == 0 else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        out = self.layers(F.relu(self.bn(self.conv(x))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def vgg_like():
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1, padding_mode="reflect", groups=2), nn.GroupNorm(2, 8), nn.ReLU(),
+        nn.ConvTranspose2d(8, 4, 2, stride=2), nn.Conv2d(4, 4, 3, dilation=2),
+        nn.AdaptiveAvgPool2d((2, 2)), nn.Flatten(), nn.LayerNorm(16), nn.Linear(16, 10), nn.BatchNorm1d(10),
+    )
+
+
+class LayerScaleBlock(nn.Module):
+    """Uses its own parameters directly (LayerScale, class token, positional embedding)."""
+
+    def __init__(self, dim=8, tokens=5):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim))
+        self.gamma = nn.Parameter(torch.rand(dim))
+        self.fc = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):  # x: (B, tokens, dim)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        return self.norm(x + self.gamma * self.fc(x))[:, 0]
+
+
+class LSTMLanguageModel(nn.Module):
+    """Embedding → LSTM → tied output head."""
+
+    def __init__(self, vocab=11, dim=6, batch_first=True):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.rnn = nn.LSTM(dim, dim, num_layers=2, batch_first=batch_first)
+        self.head = nn.Linear(dim, vocab)
+        self.head.weight = self.embed.weight  # tied
+
+    def forward(self, tokens):
+        out, _ = self.rnn(self.embed(tokens))
+        return self.head(out)
+
+
+class ReadsChildWeight(nn.Module):
+    """A parent computing with its child's weight: the engine cannot interpolate it."""
+
+    def __init__(self):
+        super().__init__()
+        self.child = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.child(x) + F.linear(x, self.child.weight)
+
+
+def randomize_bn(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return model

@@ -1,0 +1,155 @@
+"""interpolate(model, space, coords)(x)[k] == the model loaded with space.state_at(coords[k])."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import mlifast
+from mlifast.multipoint.rule import MultiPointRule
+from models import (LayerScaleBlock, LSTMLanguageModel, ReadsChildWeight, ResNet20, mlp, randomize_bn,
+                    vgg_like)
+from oracle import TOL, oracle_outputs, rel_err
+
+
+def pair(factory, dtype, seed=0):
+    torch.manual_seed(seed)
+    a = randomize_bn(factory(), seed).to(dtype).eval()
+    torch.manual_seed(seed + 1)
+    b = randomize_bn(factory(), seed + 1).to(dtype).eval()
+    return a, b
+
+
+def check_parity(model, space, coords, *args, dtype):
+    fast = mlifast.interpolate(model, space, coords)
+    out = fast(*args)
+    expected = oracle_outputs(model, space, coords, *args)
+    assert out.shape == (len(coords), *expected[0].shape)
+    for k, e in enumerate(expected):
+        assert rel_err(out[k], e) < TOL[dtype], (k, rel_err(out[k], e))
+    return fast
+
+
+CASES = {
+    "mlp": (mlp, lambda g: torch.randn(7, 3, 4, generator=g)),
+    "resnet20": (ResNet20, lambda g: torch.randn(3, 3, 16, 16, generator=g)),
+    "vgg": (vgg_like, lambda g: torch.randn(4, 3, 16, 16, generator=g)),
+    "layerscale": (LayerScaleBlock, lambda g: torch.randn(3, 5, 8, generator=g)),
+    "lstm": (LSTMLanguageModel, lambda g: torch.randint(0, 11, (3, 7), generator=g)),
+    "lstm_seq_first": (lambda: LSTMLanguageModel(batch_first=False), None),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", [n for n in CASES if CASES[n][1] is not None])
+def test_line_parity(name, dtype):
+    factory, make_input = CASES[name]
+    a, b = pair(factory, dtype)
+    x = make_input(torch.Generator().manual_seed(3))
+    x = x.to(dtype) if x.is_floating_point() else x
+    check_parity(a, mlifast.Line(a, b), torch.linspace(-0.25, 1.25, 5), x, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["mlp", "resnet20", "layerscale"])
+def test_plane_parity(name, dtype):
+    factory, make_input = CASES[name]
+    a, b = pair(factory, dtype)
+    _, c = pair(factory, dtype, seed=7)
+    x = make_input(torch.Generator().manual_seed(4)).to(dtype)
+    coords = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.3, -0.4], [1.2, 0.5]], dtype=torch.float64)
+    check_parity(a, mlifast.Plane.through(a, b, c), coords, x, dtype=dtype)
+
+
+@pytest.mark.parametrize("k", [1, 64])
+def test_many_and_single_points(k):
+    a, b = pair(mlp, torch.float64)
+    check_parity(a, mlifast.Line(a, b), torch.linspace(0, 1, k), torch.randn(5, 3, 4, dtype=torch.float64),
+                 dtype=torch.float64)
+
+
+def test_sequence_first_lstm():
+    a, b = pair(lambda: LSTMLanguageModel(batch_first=False), torch.float64)
+    tokens = torch.randint(0, 11, (7, 3))  # (T, B)
+    line = mlifast.Line(a, b)
+    out = mlifast.interpolate(a, line, torch.tensor([0.0, 0.4, 1.0]), batch_dim=1)(tokens)
+    for k, e in enumerate(oracle_outputs(a, line, torch.tensor([0.0, 0.4, 1.0]), tokens)):
+        assert rel_err(out[k], e) < 1e-9
+
+
+def test_train_mode_batch_norm_uses_each_points_batch_statistics_and_leaves_model_untouched():
+    a, b = pair(ResNet20, torch.float64)
+    a.train()
+    before = copy.deepcopy(a.state_dict())
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    coords = torch.tensor([0.0, 0.5, 1.0])
+    line = mlifast.Line(a, b)
+    out = mlifast.interpolate(a, line, coords)(x)
+    for k, e in enumerate(oracle_outputs(a, line, coords, x)):  # each oracle copy updates its own stats
+        assert rel_err(out[k], e) < 1e-9
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_frozen_layers_are_not_wrapped():
+    a, b = pair(mlp, torch.float64)
+    b[1].load_state_dict(a[1].state_dict())  # first layer frozen along the line
+    fast = check_parity(a, mlifast.Line(a, b), torch.linspace(0, 1, 3), torch.randn(2, 3, 4, dtype=torch.float64),
+                        dtype=torch.float64)
+    assert isinstance(fast.model[1], nn.Linear) and not isinstance(fast.model[1], MultiPointRule)
+    assert isinstance(fast.model[4], MultiPointRule)
+
+
+def test_parameter_read_outside_its_module_raises_naming_it():
+    torch.manual_seed(0)
+    a, b = ReadsChildWeight(), ReadsChildWeight()
+    fast = mlifast.interpolate(a, mlifast.Line(a, b), 3)
+    with pytest.raises(mlifast.UnhandledParameterError, match=r"'child\.weight' \(Linear\)"):
+        fast(torch.randn(2, 4))
+
+
+def test_parameter_read_outside_is_fine_when_frozen():
+    torch.manual_seed(0)
+    a = ReadsChildWeight()
+    b = copy.deepcopy(a)
+    b.child.bias.data += 1  # only the bias moves
+    check_parity(a, mlifast.Line(a, b), torch.linspace(0, 1, 3), torch.randn(2, 4), dtype=torch.float32)
+
+
+def test_output_that_mixes_points_is_refused():
+    class WithLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return {"logits": self.fc(x), "loss": self.fc(x).pow(2).mean()}
+
+    a, b = WithLoss(), WithLoss()
+    with pytest.raises(mlifast.NotPerExampleOutputError, match=r"output\['loss'\] has shape \(\)"):
+        mlifast.interpolate(a, mlifast.Line(a, b), 3)(torch.randn(4, 3))
+
+
+def test_dict_outputs_and_extra_batch_inputs():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x, mask=None):
+            return {"logits": self.fc(x) * mask.unsqueeze(-1), "hidden": (x.sum(-1),)}
+
+    a, b = Masked().double(), Masked().double()
+    line = mlifast.Line(a, b)
+    x, mask = torch.randn(4, 5, 3, dtype=torch.float64), (torch.rand(4, 5) > 0.5).double()
+    out = mlifast.interpolate(a, line, torch.tensor([0.0, 0.7]))(x, mask=mask)
+    for k, e in enumerate(oracle_outputs(a, line, torch.tensor([0.0, 0.7]), x, mask=mask)):
+        assert rel_err(out["logits"][k], e["logits"]) < 1e-12
+        assert torch.equal(out["hidden"][0][k], e["hidden"][0])
+
+
+def test_model_and_space_mismatch_is_explained():
+    a = mlp()
+    other = nn.Sequential(nn.Flatten(), nn.Linear(12, 16))
+    with pytest.raises(ValueError, match="keys only in the space"):
+        mlifast.interpolate(other, mlifast.Line(a, mlp()), 3)
