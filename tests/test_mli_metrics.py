@@ -412,6 +412,23 @@ def test_summarize():
     assert summarize(alphas, losses).weight_distance is None
 
 
+def test_summarize_nan_curve_and_report():
+    s = summarize([0.0, 0.5, 1.0], [1.0, float("nan"), 0.5])
+    assert s.bumps is None and not s.is_monotonic and math.isnan(s.delta_min)
+
+    class FakeResults:  # duck-typed stand-in for mlifast's Results along a line
+        alphas = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+
+        def __getitem__(self, key):
+            return {"loss": torch.tensor([1.0, 2.0, 0.5]), "acc": torch.tensor([0.0, 0.5, 1.0])}[key]
+
+    r = mli.report(FakeResults())
+    assert r.delta_min == 1.0 and r.bumps == (Bump(0.0, 1.0, 1.0, 0, 2, True),)
+    assert mli.report(FakeResults(), key="acc").delta_min == 1.0
+    with pytest.raises(TypeError, match="alphas"):
+        mli.report({"loss": [1.0]})
+
+
 def test_public_names():
     import mlifast.analysis as analysis
 

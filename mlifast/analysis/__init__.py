@@ -19,6 +19,7 @@ from .mli import (
     fraction_non_monotonic,
     is_monotonic,
     max_step_increase,
+    report,
     summarize,
     weight_distance,
 )

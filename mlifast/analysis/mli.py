@@ -48,6 +48,7 @@ __all__ = [
     "fraction_non_monotonic",
     "is_monotonic",
     "max_step_increase",
+    "report",
     "summarize",
     "weight_distance",
 ]
@@ -129,7 +130,7 @@ def delta_min(losses: CurveLike) -> float:
     l = _as_array(losses, "losses")
     if np.isnan(l).any():
         return float("nan")
-    run_min = np.concatenate([l[:1], l[:-1]])
+    run_min = np.minimum.accumulate(l)
     with np.errstate(invalid="ignore"):
         rise = np.where(l == run_min, 0.0, l - run_min)
     return float(max(0.0, rise.max()))
@@ -524,12 +525,13 @@ def average_bump_height(delta_mins: CurveLike, threshold: float = 1e-3) -> float
 
 @dataclass(frozen=True)
 class MLISummary:
-    """Per-run MLI statistics (see :func:`summarize`). Loss-valued fields in loss units."""
+    """Per-run MLI statistics (see :func:`summarize`). Loss-valued fields in loss units;
+    ``bumps`` is None when the curve contains NaN (a diverged run)."""
 
     n_points: int
     is_monotonic: bool
     delta_min: float
-    bumps: tuple[Bump, ...]
+    bumps: Optional[tuple[Bump, ...]]
     max_step_increase: float
     barrier_height: float
     endpoint_barrier: float
@@ -549,7 +551,9 @@ def summarize(
     the raw and normalised weight distances with the default ``include``).
 
     ``is_monotonic`` is the strict property on the grid (Δ_min == 0); apply a threshold to
-    ``delta_min`` for the paper's 1e-3 convention. Needs at least two points and no NaN.
+    ``delta_min`` for the paper's 1e-3 convention. Needs at least two points. A curve with
+    NaN (a diverged run) gets ``delta_min``/barriers nan, ``is_monotonic`` False and
+    ``bumps`` None. ``normalized_weight_distance`` is nan when ‖start‖ = 0.
     """
     a, l = _as_grid(alphas, losses)
     if l.size < 2:
@@ -567,7 +571,7 @@ def summarize(
         n_points=int(l.size),
         is_monotonic=is_monotonic(l),
         delta_min=delta_min(l),
-        bumps=tuple(bumps(a, l)),
+        bumps=None if np.isnan(l).any() else tuple(bumps(a, l)),
         max_step_increase=max_step_increase(l),
         barrier_height=barrier_height(a, l),
         endpoint_barrier=endpoint_barrier(l),
@@ -576,3 +580,25 @@ def summarize(
         weight_distance=wd,
         normalized_weight_distance=nwd,
     )
+
+
+def report(
+    res: Any,
+    start: Optional[StateLike] = None,
+    end: Optional[StateLike] = None,
+    key: str = "loss",
+) -> MLISummary:
+    """:func:`summarize` applied to an evaluation result along a line.
+
+    ``res`` is anything with ``res.alphas`` (the (K,) α grid) and ``res[key]`` (the (K,)
+    curve), e.g. the ``Results`` of ``mlifast.evaluate`` on a ``Line`` (duck-typed: this
+    module does not import the engine). ``key`` picks the curve ("loss" by default; MLI
+    is defined on the training loss).
+    """
+    try:
+        alphas = res.alphas
+    except AttributeError as exc:
+        raise TypeError(
+            f"report needs a result along a line with an `alphas` attribute ({exc})."
+        ) from None
+    return summarize(alphas, res[key], start, end)

@@ -1,0 +1,5 @@
+import sys
+
+from mlifast.cli import main
+
+sys.exit(main())

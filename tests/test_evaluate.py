@@ -1,0 +1,140 @@
+"""evaluate(): per-point means over a data set against the one-point-at-a-time loop."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import update_bn
+
+import mlifast
+from models import ResNet20, mlp, randomize_bn
+from oracle import load_point
+
+
+def batches(n=23, batch=5, shape=(3, 4), classes=5, seed=0):
+    """n examples in batches of `batch` (the last one smaller)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+def loop_evaluate(model, space, data, alphas, bn):
+    """The oracle: per point, load θ(α) (recompute: update_bn), run every batch."""
+    losses, accs = [], []
+    for a in alphas:
+        m = load_point(model, space, a)
+        if bn == "recompute":
+            update_bn(data, m)
+        m.train(bn == "batch")
+        n, total, hits = 0, 0.0, 0.0
+        with torch.no_grad():
+            for x, y in data:
+                out = m(x)
+                total += F.cross_entropy(out, y, reduction="sum").item()
+                hits += (out.argmax(1) == y).sum().item()
+                n += len(y)
+        losses.append(total / n)
+        accs.append(hits / n)
+    return torch.tensor(losses, dtype=torch.float64), torch.tensor(accs, dtype=torch.float64)
+
+
+def resnet_pair():
+    torch.manual_seed(0)
+    a = randomize_bn(ResNet20(width=4, num_classes=5), 0).double().eval()
+    torch.manual_seed(1)
+    b = randomize_bn(ResNet20(width=4, num_classes=5), 1).double().eval()
+    return a, b
+
+
+@pytest.mark.parametrize("bn", ["interpolate", "recompute", "batch"])
+def test_bn_policies_match_the_loop(bn):
+    a, b = resnet_pair()
+    data = batches(n=14, batch=4, shape=(3, 8, 8))
+    line = mlifast.Line(a, b)
+    res = mlifast.evaluate(a, line, data, coords=4, bn=bn, progress=False)
+    losses, accs = loop_evaluate(a, line, data, res.alphas.tolist(), bn)
+    torch.testing.assert_close(res["loss"], losses, rtol=1e-9, atol=0)
+    torch.testing.assert_close(res["accuracy"], accs, rtol=0, atol=1e-12)
+
+
+def test_chunks_give_the_same_numbers():
+    a, b = resnet_pair()
+    data = batches(n=9, batch=4, shape=(3, 8, 8))
+    line = mlifast.Line(a, b)
+    whole = mlifast.evaluate(a, line, data, coords=5, bn="recompute", progress=False)
+    chunked = mlifast.evaluate(a, line, data, coords=5, bn="recompute", max_points_per_pass=2, progress=False)
+    torch.testing.assert_close(whole["loss"], chunked["loss"], rtol=1e-12, atol=0)
+
+
+def test_mlp_plane_float32():
+    torch.manual_seed(0)
+    models = [mlp().eval() for _ in range(3)]
+    plane = mlifast.Plane.through(*models)
+    data = [(x.float(), y) for x, y in batches()]
+    res = mlifast.evaluate(models[0], plane, data, coords=3, progress=False)
+    assert res.coords.shape == (9, 2)
+    for k, c in enumerate(res.coords.tolist()):
+        m = load_point(models[0], plane, c)
+        expected = sum(F.cross_entropy(m(x), y, reduction="sum").item() for x, y in data) / 23
+        assert math.isclose(res["loss"][k].item(), expected, rel_tol=1e-5)
+
+
+def test_custom_metric_dict_batches_and_save_load(tmp_path):
+    torch.manual_seed(0)
+    a, b = mlp().double().eval(), mlp().double().eval()
+    data = [{"x": x, "labels": y} for x, y in batches()]
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x)
+
+    wa, wb = Wrapped(a), Wrapped(b)
+    margin = lambda out, y: out.gather(1, y[:, None])[:, 0] - out.logsumexp(1)  # noqa: E731
+    res = mlifast.evaluate(wa, mlifast.Line(wa, wb), data, coords=[0.0, 1.0], metrics=("accuracy", margin),
+                           progress=False)
+    assert set(res.keys()) == {"loss", "accuracy", "<lambda>"}
+    torch.testing.assert_close(res["<lambda>"], -res["loss"], rtol=1e-12, atol=1e-12)
+    path = tmp_path / "res.json"
+    res.save(path)
+    again = mlifast.load(path)
+    torch.testing.assert_close(again["loss"], res["loss"], rtol=0, atol=0)
+    assert json.loads(path.read_text())["meta"]["examples"] == 23
+    assert again.meta["space"]["kind"] == "line"
+
+
+def test_nan_loss_is_recorded_for_that_point_only():
+    torch.manual_seed(0)
+    a, b = mlp().double().eval(), mlp().double().eval()
+    with torch.no_grad():
+        b[-1].bias.fill_(1e308)  # overflow only far along the line
+    line = mlifast.Line(a, b)
+    with pytest.warns(RuntimeWarning, match="not finite at"):
+        res = mlifast.evaluate(a, line, batches(), coords=[0.0, 0.5, 1e3], progress=False)
+    assert torch.isfinite(res["loss"][:2]).all() and not torch.isfinite(res["loss"][2])
+    losses, _ = loop_evaluate(a, line, batches(), [0.0, 0.5], "interpolate")
+    torch.testing.assert_close(res["loss"][:2], losses, rtol=1e-9, atol=0)
+
+
+def test_empty_data_and_bad_policy_are_refused():
+    torch.manual_seed(0)
+    a, b = mlp(), mlp()
+    with pytest.raises(ValueError, match="data set is empty"):
+        mlifast.evaluate(a, mlifast.Line(a, b), [], coords=3, progress=False)
+    with pytest.raises(ValueError, match="bn must be one of"):
+        mlifast.evaluate(a, mlifast.Line(a, b), batches(), bn="train", progress=False)
+
+
+def test_user_model_is_untouched():
+    a, b = resnet_pair()
+    before = copy.deepcopy(a.state_dict())
+    mlifast.evaluate(a, mlifast.Line(a, b), batches(n=8, batch=4, shape=(3, 8, 8)), coords=3, bn="recompute",
+                     progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in a.state_dict().items())
+    assert not a.training
