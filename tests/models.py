@@ -106,3 +106,22 @@ def randomize_bn(model, seed):
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
     return model
+
+
+class TransformerClassifier(nn.Module):
+    """Embedding + nn.TransformerEncoder with a padding mask, mean-pooled classifier."""
+
+    def __init__(self, vocab=13, dim=8, heads=2, batch_first=True):
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=16, dropout=0.1, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, tokens, padding_mask):
+        h = self.embed(tokens if self.batch_first else tokens.t())
+        h = self.encoder(h, src_key_padding_mask=padding_mask)
+        h = h if self.batch_first else h.transpose(0, 1)
+        keep = (~padding_mask).unsqueeze(-1).to(h.dtype)
+        return self.head((h * keep).sum(1) / keep.sum(1))

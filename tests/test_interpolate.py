@@ -153,3 +153,33 @@ def test_model_and_space_mismatch_is_explained():
     other = nn.Sequential(nn.Flatten(), nn.Linear(12, 16))
     with pytest.raises(ValueError, match="keys only in the space"):
         mlifast.interpolate(other, mlifast.Line(a, mlp()), 3)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_transformer_encoder_with_padding_mask(batch_first, dtype):
+    from models import TransformerClassifier
+
+    a, b = pair(lambda: TransformerClassifier(batch_first=batch_first), dtype)
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(1, 13, (4, 6), generator=g)
+    padding = torch.zeros(4, 6, dtype=torch.bool)
+    padding[1, 4:] = padding[3, 2:] = True
+    tokens[padding] = 0
+    check_parity(a, mlifast.Line(a, b), torch.linspace(-0.2, 1.2, 4), tokens, padding, dtype=dtype)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_weights_and_masks(batch_first):
+    torch.manual_seed(0)
+    a = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=5, vdim=6).double().eval()
+    b = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=5, vdim=6).double().eval()
+    q, k, v = torch.randn(3, 4, 8), torch.randn(3, 7, 5), torch.randn(3, 7, 6)
+    if not batch_first:
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    q, k, v = q.double(), k.double(), v.double()
+    causal = torch.ones(4, 7, dtype=torch.bool).triu(1)
+    line, coords = mlifast.Line(a, b), torch.tensor([0.0, 0.3, 1.0])
+    out = mlifast.interpolate(a, line, coords, batch_dim=0 if batch_first else 1)(q, k, v, attn_mask=causal)
+    for i, (o, w) in enumerate(oracle_outputs(a, line, coords, q, k, v, attn_mask=causal)):
+        assert rel_err(out[0][i], o) < 1e-9 and rel_err(out[1][i], w) < 1e-9

@@ -45,6 +45,26 @@ class PointContext:
     def num_active(self) -> int:
         return self.active.numel()
 
+    def rows_dim(self, t: Tensor, feature_dims: int = 1) -> int:
+        """The dimension of `t` holding the K_active·B folded rows, for row-wise layers.
+
+        `batch_dim` when its size fits; otherwise the one leading dimension (all but the
+        last `feature_dims`) whose size is a multiple of K_active·B — a model that
+        transposes internally, e.g. an embedding fed tokens.t(). Ambiguity is an error.
+        """
+        rows = self.num_active * self.batch_size
+        dims = range(t.dim() - feature_dims)
+        fits = [d for d in dims if t.shape[d] > 0 and t.shape[d] % rows == 0]
+        if self.batch_dim in fits:
+            return self.batch_dim
+        if len(fits) == 1:
+            return fits[0]
+        raise ValueError(
+            f"mlifast: cannot tell which dimension of a tensor of shape {tuple(t.shape)} holds the "
+            f"{self.num_active} points × {self.batch_size} examples (candidates: {fits or 'none'}); "
+            "pass batch_dim= to interpolate/evaluate"
+        )
+
     def active_coeffs(self) -> Tensor:
         """(K_active, J) coordinates of the points whose rows are in flight."""
         return self.coeffs.index_select(0, self.active)

@@ -24,7 +24,7 @@ from mlifast.ops import multipoint_linear
 class LinearRule(MultiPointRule):
     def forward(self, x: Tensor) -> Tensor:
         w, b = self.origin("weight"), self.origin("bias")
-        k, dim = self.context.num_active, self.context.batch_dim
+        k, dim = self.context.num_active, self.context.rows_dim(x)
         rows = fold(x, k, dim)
         if not self.moves("weight"):  # only the bias moves
             y = fold(F.linear(x, w), k, dim)
@@ -42,11 +42,11 @@ class LinearRule(MultiPointRule):
 class AffineInParamsRule(MultiPointRule):
     """For layers whose output is affine in their parameters jointly (y = g(x, W) + b)."""
 
-    def batch_dim(self) -> int:
+    def batch_dim(self, x: Tensor) -> int:
         return 0  # convolutions: (N, C, …)
 
     def forward(self, *args, **kwargs) -> Tensor:
-        k, dim = self.context.num_active, self.batch_dim()
+        k, dim = self.context.num_active, self.batch_dim(args[0])
         c = self.context.active_coeffs()
         base = functional_call(self.inner, dict(self.origins), args, kwargs)
         out = fold(base, k, dim)
@@ -61,8 +61,8 @@ class AffineInParamsRule(MultiPointRule):
 class EmbeddingRule(AffineInParamsRule):
     """Gathers rows of the origin and of each direction, then combines (row-wise layer)."""
 
-    def batch_dim(self) -> int:
-        return self.context.batch_dim
+    def batch_dim(self, x: Tensor) -> int:
+        return self.context.rows_dim(x, feature_dims=0)
 
 
 def _channel_view(v: Tensor, ndim: int, channel_dim: int) -> Tensor:
@@ -95,7 +95,7 @@ class _AffineNormRule(MultiPointRule):
 
     def forward(self, x: Tensor) -> Tensor:
         k = self.context.num_active
-        dim = self.context.batch_dim if self.channel_dim < 0 else 0
+        dim = self.context.rows_dim(x, len(self.inner.normalized_shape)) if self.channel_dim < 0 else 0
         y = fold(self.normalize(x), k, dim)
         return unfold(self.scale_and_shift(y, self.per_point("weight"), self.per_point("bias")), dim)
 

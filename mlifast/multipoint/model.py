@@ -59,7 +59,7 @@ class MultiPointModel(nn.Module):
         self.context.batch_size, self.context.batch_dim = batch, dim
         expand = lambda t, _: _repeat_points(t, k, dim) if _carries_batch(t, batch, dim) else t  # noqa: E731
         out = self.model(*_tree_map(expand, args, "args"), **_tree_map(expand, kwargs, "kwargs"))
-        return _tree_map(lambda t, path: _split_points(t, k, dim, path), out, "output")
+        return _tree_map(lambda t, path: _split_points(t, k, batch, dim, path), out, "output")
 
 
 def interpolate(model: nn.Module, space: Span, coords: Any, *, batch_dim: int = 0) -> MultiPointModel:
@@ -112,7 +112,8 @@ def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn
             owned.setdefault(id(module), {})[name] = (key, origin)
     clone = top = copy.deepcopy(model, memo)
     originals = dict(model.named_modules(remove_duplicate=False))
-    for path, module in list(clone.named_modules(remove_duplicate=False)):
+    copied = dict(clone.named_modules(remove_duplicate=False))  # before any replacement
+    for path, module in copied.items():
         tensors = owned.get(id(originals[path]), {})
         moving = {n: k for n, (k, o) in tensors.items() if o.is_floating_point() and not space.is_frozen(k)}
         if not moving:
@@ -126,7 +127,7 @@ def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn
         )
         if path:
             parent_path, _, child = path.rpartition(".")
-            clone.get_submodule(parent_path)._modules[child] = rule
+            copied[parent_path]._modules[child] = rule
         else:
             top = rule
     return top
@@ -150,18 +151,21 @@ def _repeat_points(t: Tensor, k: int, dim: int) -> Tensor:
     return t.unsqueeze(dim).expand(shape).flatten(dim, dim + 1)
 
 
-def _split_points(t: Tensor, k: int, dim: int, path: str) -> Tensor:
-    """(…, K·B, …) → (K, …, B, …)."""
-    if t.dim() <= dim or t.shape[dim] % k:
-        raise NotPerExampleOutputError(
-            f"mlifast: {path} has shape {tuple(t.shape)}, which is not one row per example "
-            f"along dim {dim} for {k} points: it mixes the rows of all points (for example a "
-            "loss computed inside forward, as Hugging Face models do when given labels=). "
-            "Return per-example outputs and compute the loss outside (mlifast.evaluate does)."
-        )
-    shape = list(t.shape)
-    shape[dim : dim + 1] = [k, shape[dim] // k]
-    return t.reshape(shape).movedim(dim, 0)
+def _split_points(t: Tensor, k: int, batch: int, dim: int, path: str) -> Tensor:
+    """(…, K·B·m, …) → (K, …, B·m, …): at `dim`, or else at the one dim whose size is a
+    multiple of K·B
+    (e.g. attention weights, batch-first, of a sequence-first model)."""
+    fits = [d for d in range(t.dim()) if t.shape[d] > 0 and t.shape[d] % (k * batch) == 0]
+    if dim not in fits:
+        if len(fits) != 1:
+            raise NotPerExampleOutputError(
+                f"mlifast: {path} has shape {tuple(t.shape)}, which is not one row per example "
+                f"along dim {dim} for {k} points × {batch} examples: it mixes the rows of all points "
+                "(for example a loss computed inside forward, as Hugging Face models do when given "
+                "labels=). Return per-example outputs and compute the loss outside (mlifast.evaluate does)."
+            )
+        dim = fits[0]
+    return t.unflatten(dim, (k, t.shape[dim] // k)).movedim(dim, 0)
 
 
 def _tensors(tree):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from mlifast.multipoint import layers
+from mlifast.multipoint.attention import MultiheadAttentionRule
 from mlifast.multipoint.generic import GenericRule, RecurrentRule
 from mlifast.multipoint.rule import MultiPointRule, forward_is_inherited
 
@@ -28,6 +29,7 @@ RULES: dict[type, type[MultiPointRule]] = {
     nn.BatchNorm1d: layers.BatchNormRule,
     nn.BatchNorm2d: layers.BatchNormRule,
     nn.BatchNorm3d: layers.BatchNormRule,
+    nn.MultiheadAttention: MultiheadAttentionRule,
     nn.RNN: RecurrentRule,
     nn.LSTM: RecurrentRule,
     nn.GRU: RecurrentRule,

@@ -1,0 +1,110 @@
+"""nn.MultiheadAttention for K points: per-point projections, attention per example.
+
+The in-projection weights are the module's own (in_proj_weight, or q/k/v_proj_weight);
+the out-projection is its child `out_proj`, which the engine wraps like any Linear. The
+attention itself has no parameters and runs on all K·B sequences at once.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mlifast.multipoint.context import fold, unfold
+from mlifast.multipoint.rule import MultiPointRule
+from mlifast.ops import multipoint_linear
+
+
+class MultiheadAttentionRule(MultiPointRule):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.inner.bias_k is not None:
+            raise NotImplementedError(
+                f"mlifast: MultiheadAttention '{self.path}' has add_bias_kv=True, which mlifast "
+                "does not interpolate yet; build it with add_bias_kv=False"
+            )
+
+    def _project(self, x: Tensor, weight: Tensor, dirs: Optional[Tensor], bias: Optional[Tensor],
+                 bias_dirs: Optional[Tensor]) -> Tensor:
+        """Per-point linear map of batch-first activations x (K·B, L, E)."""
+        if dirs is None and bias_dirs is None:
+            return F.linear(x, weight, bias)
+        k = self.context.num_active
+        if dirs is None:
+            dirs = weight.new_zeros(self.context.coeffs.shape[1], *weight.shape)
+        rows = fold(x, k)
+        y = multipoint_linear(rows.reshape(k, -1, x.shape[-1]), weight, bias, dirs, bias_dirs,
+                              self.context.active_coeffs().to(weight.dtype))
+        return unfold(y.reshape(*rows.shape[:-1], weight.shape[0]))
+
+    def _in_projection(self, name: str, part: int, x: Tensor) -> Tensor:
+        e = self.inner.embed_dim
+        rows = slice(part * e, (part + 1) * e)
+        if self.inner._qkv_same_embed_dim:
+            weight, dirs = self.origin("in_proj_weight")[rows], self.directions.get("in_proj_weight")
+            dirs = dirs[:, rows] if dirs is not None else None
+        else:
+            weight, dirs = self.origin(f"{name}_proj_weight"), self.directions.get(f"{name}_proj_weight")
+        bias, bias_dirs = self.origin("in_proj_bias"), self.directions.get("in_proj_bias")
+        if bias is not None:
+            bias = bias[rows]
+            bias_dirs = bias_dirs[:, rows] if bias_dirs is not None else None
+        return self._project(x, weight, dirs, bias, bias_dirs)
+
+    def _out_projection(self, x: Tensor) -> Tensor:
+        out = self.inner.out_proj
+        if isinstance(out, MultiPointRule):
+            return self._project(x, out.origin("weight"), out.directions.get("weight"), out.origin("bias"),
+                                 out.directions.get("bias"))
+        return F.linear(x, out.weight, out.bias)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None,
+                average_attn_weights: bool = True, is_causal: bool = False):
+        inner = self.inner
+        if query.dim() != 3:
+            raise ValueError(f"mlifast: MultiheadAttention '{self.path}' needs batched 3-D inputs, got {tuple(query.shape)}")
+        if not inner.batch_first:  # work batch-first: (N, L, E)
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        n, tgt_len, _ = query.shape
+        src_len, heads = key.shape[1], inner.num_heads
+        q = self._in_projection("q", 0, query)
+        k = self._in_projection("k", 1, key)
+        v = self._in_projection("v", 2, value)
+        split = lambda t, length: t.reshape(n, length, heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(q, tgt_len), split(k, src_len), split(v, src_len)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (N, H, L, S)
+        scores = scores + _additive_mask(attn_mask, key_padding_mask, is_causal, n, heads, tgt_len, src_len, scores)
+        weights = torch.softmax(scores, dim=-1)
+        if inner.training and inner.dropout > 0:
+            weights = F.dropout(weights, p=inner.dropout)
+        out = (weights @ v).transpose(1, 2).reshape(n, tgt_len, inner.embed_dim)
+        out = self._out_projection(out)
+        if not inner.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, weights.mean(1) if average_attn_weights else weights
+
+
+def _additive_mask(attn_mask, key_padding_mask, is_causal, n, heads, tgt_len, src_len, like: Tensor):
+    """Float mask broadcastable to (N, H, L, S): -inf where attention is not allowed
+    (boolean masks follow nn.MultiheadAttention: True = masked)."""
+    total = like.new_zeros(())
+    if attn_mask is None and is_causal:
+        attn_mask = torch.ones(tgt_len, src_len, dtype=torch.bool, device=like.device).triu(1)
+    if attn_mask is not None:
+        m = _as_float(attn_mask, like)
+        total = total + (m.reshape(n, heads, tgt_len, src_len) if m.dim() == 3 else m)
+    if key_padding_mask is not None:
+        total = total + _as_float(key_padding_mask, like).reshape(n, 1, 1, src_len)
+    return total
+
+
+def _as_float(mask: Tensor, like: Tensor) -> Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=like.dtype).masked_fill(mask, float("-inf"))
+    return mask.to(like.dtype)
