@@ -27,7 +27,7 @@ $(DEPS_STAMP):
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q numpy tqdm matplotlib "scikit-build-core>=0.10" cmake ninja \
-		pytest pytest-benchmark hypothesis
+		pytest pytest-benchmark hypothesis "transformers==5.24.0"
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(EXTENSION_SOURCES)

@@ -45,20 +45,22 @@ class PointContext:
     def num_active(self) -> int:
         return self.active.numel()
 
-    def rows_dim(self, t: Tensor, feature_dims: int = 1) -> int:
+    def rows_dim(self, t: Tensor, feature_dims: int = 1) -> int | None:
         """The dimension of `t` holding the K_active·B folded rows, for row-wise layers.
 
         `batch_dim` when its size fits; otherwise the one leading dimension (all but the
         last `feature_dims`) whose size is a multiple of K_active·B — a model that
-        transposes internally, e.g. an embedding fed tokens.t(). Ambiguity is an error.
+        transposes internally, e.g. an embedding fed tokens.t(). None when no dimension
+        fits: `t` is the same for every example (e.g. position ids of shape (1, T)).
+        Ambiguity is an error.
         """
         rows = self.num_active * self.batch_size
         dims = range(t.dim() - feature_dims)
         fits = [d for d in dims if t.shape[d] > 0 and t.shape[d] % rows == 0]
         if self.batch_dim in fits:
             return self.batch_dim
-        if len(fits) == 1:
-            return fits[0]
+        if len(fits) <= 1:
+            return fits[0] if fits else None
         raise ValueError(
             f"mlifast: cannot tell which dimension of a tensor of shape {tuple(t.shape)} holds the "
             f"{self.num_active} points × {self.batch_size} examples (candidates: {fits or 'none'}); "
@@ -88,6 +90,14 @@ def fold(t: Tensor, points: int, dim: int = 0) -> Tensor:
             f"(a multiple of {points}), got shape {tuple(t.shape)}"
         )
     return t.unflatten(dim, (points, t.shape[dim] // points)).movedim(dim, 0)
+
+
+def rows_for_every_example(per_point: Tensor, batch: int) -> Tensor:
+    """(K, …) outputs of an input shared by every example → (K·B, …) rows, point-major.
+    A leading broadcast dim of size 1 becomes the B rows; otherwise one is added."""
+    if per_point.dim() < 2 or per_point.shape[1] != 1:
+        per_point = per_point.unsqueeze(1)
+    return per_point.expand(per_point.shape[0], batch, *per_point.shape[2:]).flatten(0, 1)
 
 
 def unfold(t: Tensor, dim: int = 0) -> Tensor:

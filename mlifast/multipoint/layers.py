@@ -16,52 +16,75 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from mlifast.multipoint.context import fold, unfold
+from mlifast.multipoint.context import fold, rows_for_every_example, unfold
 from mlifast.multipoint.rule import MultiPointRule
 from mlifast.ops import multipoint_linear
 
 
 class LinearRule(MultiPointRule):
+    def weight_and_directions(self) -> tuple[Tensor, Tensor | None]:
+        """The (O, I) weight at the origin and its (J, O, I) directions (None if fixed)."""
+        return self.origin("weight"), self.directions.get("weight")
+
     def forward(self, x: Tensor) -> Tensor:
-        w, b = self.origin("weight"), self.origin("bias")
+        (w, w_dirs), b = self.weight_and_directions(), self.origin("bias")
         k, dim = self.context.num_active, self.context.rows_dim(x)
+        if dim is None:  # the same input for every example: per-point outputs on its rows
+            c = self.context.active_coeffs().to(w.dtype)
+            dirs = w_dirs if w_dirs is not None else w.new_zeros(c.shape[1], *w.shape)
+            bias_dirs = self.directions.get("bias") if b is not None else None
+            y = multipoint_linear(x.reshape(-1, x.shape[-1]), w, b, dirs, bias_dirs, c)
+            return rows_for_every_example(y.reshape(k, *x.shape[:-1], w.shape[0]), self.context.batch_size)
         rows = fold(x, k, dim)
-        if not self.moves("weight"):  # only the bias moves
+        if w_dirs is None:  # only the bias moves
             y = fold(F.linear(x, w), k, dim)
             bias = self.per_point("bias")
             return unfold(y + bias.reshape(k, *([1] * (y.dim() - 2)), -1), dim)
         shape = rows.shape
         y = multipoint_linear(
-            rows.reshape(k, -1, shape[-1]), w, b, self.directions["weight"],
+            rows.reshape(k, -1, shape[-1]), w, b, w_dirs,
             self.directions.get("bias") if b is not None else None,
             self.context.active_coeffs().to(w.dtype),
         )
         return unfold(y.reshape(*shape[:-1], w.shape[0]), dim)
 
 
+class HFConv1DRule(LinearRule):
+    """Hugging Face's Conv1D (GPT-2): a linear layer whose weight is stored (I, O)."""
+
+    def weight_and_directions(self):
+        d = self.directions.get("weight")
+        return self.origin("weight").t(), d.transpose(1, 2) if d is not None else None
+
+
 class AffineInParamsRule(MultiPointRule):
     """For layers whose output is affine in their parameters jointly (y = g(x, W) + b)."""
 
-    def batch_dim(self, x: Tensor) -> int:
+    def batch_dim(self, x: Tensor) -> int | None:
         return 0  # convolutions: (N, C, …)
 
     def forward(self, *args, **kwargs) -> Tensor:
         k, dim = self.context.num_active, self.batch_dim(args[0])
         c = self.context.active_coeffs()
         base = functional_call(self.inner, dict(self.origins), args, kwargs)
-        out = fold(base, k, dim)
+        shared = dim is None  # the same input for every example (e.g. position ids (1, T))
+        if shared:
+            out = base.unsqueeze(0).expand(k, *base.shape)
+        else:
+            out = fold(base, k, dim)
         zeros = {name: torch.zeros_like(t) for name, t in self.origins.items()}
         for j in range(c.shape[1]):
             along = {**zeros, **{name: d[j] for name, d in self.directions.items()}}
-            y_j = fold(functional_call(self.inner, along, args, kwargs), k, dim)
+            y_j = functional_call(self.inner, along, args, kwargs)
+            y_j = y_j.unsqueeze(0) if shared else fold(y_j, k, dim)
             out = out + c[:, j].to(y_j.dtype).reshape(k, *([1] * (y_j.dim() - 1))) * y_j
-        return unfold(out, dim)
+        return rows_for_every_example(out, self.context.batch_size) if shared else unfold(out, dim)
 
 
 class EmbeddingRule(AffineInParamsRule):
     """Gathers rows of the origin and of each direction, then combines (row-wise layer)."""
 
-    def batch_dim(self, x: Tensor) -> int:
+    def batch_dim(self, x: Tensor) -> int | None:
         return self.context.rows_dim(x, feature_dims=0)
 
 
@@ -96,6 +119,10 @@ class _AffineNormRule(MultiPointRule):
     def forward(self, x: Tensor) -> Tensor:
         k = self.context.num_active
         dim = self.context.rows_dim(x, len(self.inner.normalized_shape)) if self.channel_dim < 0 else 0
+        if dim is None:  # the same input for every example
+            y = self.normalize(x).unsqueeze(0).expand(k, *x.shape)
+            y = self.scale_and_shift(y, self.per_point("weight"), self.per_point("bias"))
+            return rows_for_every_example(y, self.context.batch_size)
         y = fold(self.normalize(x), k, dim)
         return unfold(self.scale_and_shift(y, self.per_point("weight"), self.per_point("bias")), dim)
 

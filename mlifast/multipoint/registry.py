@@ -37,6 +37,12 @@ RULES: dict[type, type[MultiPointRule]] = {
 if hasattr(nn, "RMSNorm"):
     RULES[nn.RMSNorm] = layers.RMSNormRule
 
+# Rules for classes of optional libraries, matched by qualified name so that mlifast
+# never imports those libraries itself.
+RULES_BY_NAME: dict[str, type[MultiPointRule]] = {
+    "transformers.pytorch_utils.Conv1D": layers.HFConv1DRule,
+}
+
 
 def register_rule(cls: type, rule: type[MultiPointRule]) -> None:
     """Make `rule` answer for modules of class `cls` (and subclasses keeping its forward)."""
@@ -47,6 +53,9 @@ def rule_for(module: nn.Module) -> type[MultiPointRule]:
     for cls in type(module).__mro__:
         if cls in RULES and forward_is_inherited(module, cls):
             return RULES[cls]
+        rule = RULES_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if rule is not None and type(module).forward is cls.forward:
+            return rule
     return GenericRule
 
 
