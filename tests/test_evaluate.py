@@ -138,3 +138,19 @@ def test_user_model_is_untouched():
                      progress=False)
     assert all(torch.equal(v, before[k]) for k, v in a.state_dict().items())
     assert not a.training
+
+
+def test_batch_norm_without_affine_or_running_stats():
+    def net():
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8),
+                                   torch.nn.BatchNorm1d(8, affine=False), torch.nn.ReLU(),
+                                   torch.nn.BatchNorm1d(8, track_running_stats=False), torch.nn.Linear(8, 5)).double()
+
+    torch.manual_seed(0)
+    a, b = net().eval(), net().eval()
+    line = mlifast.Line(a, b)
+    data = batches()
+    for bn in ("recompute", "batch"):
+        res = mlifast.evaluate(a, line, data, coords=3, bn=bn, progress=False)
+        losses, _ = loop_evaluate(a, line, data, res.alphas.tolist(), bn)
+        torch.testing.assert_close(res["loss"], losses, rtol=1e-9, atol=0)

@@ -183,3 +183,17 @@ def test_multihead_attention_weights_and_masks(batch_first):
     out = mlifast.interpolate(a, line, coords, batch_dim=0 if batch_first else 1)(q, k, v, attn_mask=causal)
     for i, (o, w) in enumerate(oracle_outputs(a, line, coords, q, k, v, attn_mask=causal)):
         assert rel_err(out[0][i], o) < 1e-9 and rel_err(out[1][i], w) < 1e-9
+
+
+def test_frozen_batch_norm_in_train_mode_leaves_the_space_untouched():
+    a, b = pair(ResNet20, torch.float64)
+    b.bn.load_state_dict(a.bn.state_dict())  # the first BN does not move: a plain module in the copy
+    a.train()
+    line = mlifast.Line(a, b)
+    before = {k: v.clone() for k, v in line.origin.items()}
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    out = mlifast.interpolate(a, line, torch.tensor([0.0, 1.0]))(x)
+    for key, value in line.origin.items():
+        assert torch.equal(value, before[key]), key
+    for k, e in enumerate(oracle_outputs(a, line, torch.tensor([0.0, 1.0]), x)):
+        assert rel_err(out[k], e) < 1e-9

@@ -169,9 +169,9 @@ class BatchNormRule(_AffineNormRule):
 
     def start_collecting(self) -> None:
         k, c = self.context.coeffs.shape[0], self.inner.num_features
-        like = next(iter(self.origins.values()))
-        zeros = lambda: torch.zeros(k, c, dtype=torch.float64, device=like.device)  # noqa: E731
-        self._sums = (zeros(), zeros(), torch.zeros(k, dtype=torch.float64, device=like.device))
+        device = self.context.coeffs.device
+        zeros = lambda: torch.zeros(k, c, dtype=torch.float64, device=device)  # noqa: E731
+        self._sums = (zeros(), zeros(), torch.zeros(k, dtype=torch.float64, device=device))
         self.recomputed = None
 
     def finish_collecting(self) -> None:

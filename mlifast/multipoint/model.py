@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mlifast.multipoint.context import PointContext
 from mlifast.multipoint.registry import check_supported, rule_for
@@ -108,7 +109,10 @@ def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn
             origin = space.origin[key]
             moving = origin.is_floating_point() and not space.is_frozen(key)
             if id(tensor) not in memo:
-                memo[id(tensor)] = UnhandledTensor(origin, key, type(module).__name__) if moving else origin
+                if moving:
+                    memo[id(tensor)] = UnhandledTensor(origin, key, type(module).__name__)
+                else:  # buffers may be updated in place (train-mode batch norm): never the space's
+                    memo[id(tensor)] = origin.clone() if name in module._buffers else origin
             owned.setdefault(id(module), {})[name] = (key, origin)
     clone = top = copy.deepcopy(model, memo)
     originals = dict(model.named_modules(remove_duplicate=False))
@@ -116,7 +120,8 @@ def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn
     for path, module in copied.items():
         tensors = owned.get(id(originals[path]), {})
         moving = {n: k for n, (k, o) in tensors.items() if o.is_floating_point() and not space.is_frozen(k)}
-        if not moving:
+        # Batch norm mixes the rows of a batch: always per point, even when frozen.
+        if not moving and not isinstance(module, _BatchNorm):
             continue
         check_supported(module, path)
         rule = rule_for(module)(

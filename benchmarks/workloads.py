@@ -1,0 +1,453 @@
+"""Benchmark workloads and the implementations compared on them.
+
+Used by compare.py (the interleaved comparison table) and test_bench.py (pytest-benchmark).
+
+Model workloads (a loss at K points of a line or plane of weight space, over a data set):
+  W1  MNIST MLP 784-1024-1024-10, a line, K points, batches of 1,000 examples
+  W2  CIFAR ResNet-20 with batch norm, a line, bn="recompute" (update_bn per point)
+  W5  a 21×21 plane on W1's model
+Every implementation returns the (K,) float64 mean loss at the workload's coords.
+
+Op workload:
+  W4  mlifast.ops.multipoint_linear swept over K points × R rows per point, 1024×1024.
+
+Sizes come in three presets: "full" (compare.py), "quick" (compare.py --quick, the CI
+correctness smoke test) and "tiny" (test_bench.py).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+import mlifast
+from bench_models import ResNet20, mnist_mlp
+
+# ----------------------------------------------------------------------------- sizes
+
+SIZES = {
+    # W1: points, examples, batch. W2: points, examples, batch, width. W5: grid side, examples, batch.
+    "full": {
+        "W1": dict(points=50, examples=10_000, batch=1_000),
+        "W2": dict(points=50, examples=512, batch=256, width=16),
+        "W5": dict(side=21, examples=1_000, batch=1_000),
+        "W4": dict(points=(1, 4, 16, 64), rows=(1, 8, 64, 256), features=1024),
+        "vmap_chunk": 10,
+    },
+    "quick": {
+        "W1": dict(points=8, examples=400, batch=200),
+        "W2": dict(points=4, examples=64, batch=32, width=8),
+        "W5": dict(side=5, examples=200, batch=200),
+        "W4": dict(points=(1, 16), rows=(1, 64), features=256),
+        "vmap_chunk": 4,
+    },
+    "tiny": {
+        "W1": dict(points=4, examples=64, batch=32),
+        "W2": dict(points=3, examples=32, batch=16, width=4),
+        "W5": dict(side=3, examples=64, batch=64),
+        "W4": dict(points=(4,), rows=(8,), features=128),
+        "vmap_chunk": 2,
+    },
+}
+
+# ----------------------------------------------------------------------------- model workloads
+
+
+@dataclass
+class ModelWorkload:
+    name: str
+    title: str
+    model: nn.Module  # an instance of the architecture at the space's origin; never modified
+    endpoints: tuple  # the modules the space was built from (loss-landscapes takes these)
+    space: mlifast.Span
+    coords: Tensor  # (K, J) float64: the points every implementation evaluates
+    data: list  # [(inputs, target)] batches
+    bn: str  # "interpolate" or "recompute" (bn_data = data)
+    vmap_chunk: int
+    size_note: str
+    loss_landscapes_order: Optional[Callable] = None  # maps its result to coords' order
+    skipped: dict = field(default_factory=dict)  # implementation -> why it does not run here
+
+    @property
+    def num_points(self) -> int:
+        return self.coords.shape[0]
+
+    @property
+    def num_examples(self) -> int:
+        return sum(int(y.shape[0]) for _, y in self.data)
+
+
+def _batches(x: Tensor, y: Tensor, batch: int) -> list:
+    return [(x[i : i + batch].contiguous(), y[i : i + batch].contiguous()) for i in range(0, x.shape[0], batch)]
+
+
+def _randomize_bn(model: nn.Module, seed: int) -> nn.Module:
+    """Give every batch norm its own affine parameters and running statistics, as a trained
+    network has (fresh inits all share weight 1, bias 0, mean 0, var 1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return model
+
+
+def line_coords_loss_landscapes(k: int) -> Tensor:
+    """The α that loss_landscapes.linear_interpolation(steps=k) evaluates: start + i·(end−start)/k
+    for i = 1..k (α = 0 is never evaluated)."""
+    return (torch.arange(1, k + 1, dtype=torch.float64) / k).unsqueeze(1)
+
+
+def plane_coords_loss_landscapes(n: int) -> tuple[Tensor, Callable]:
+    """The points loss_landscapes.planar_interpolation(steps=n) evaluates, and a map from its
+    (n, n) result to that order. It snakes through the grid with in-place add_/sub_: column
+    i (a = i/n, i = 0..n−1) has b = 1/n..1 when i is even but b = 0..(n−1)/n when i is odd."""
+    coords, order = [], []
+    for i in range(n):
+        js = range(1, n + 1) if i % 2 == 0 else range(0, n)
+        for pos, j in enumerate(js):
+            coords.append((i / n, j / n))
+            order.append((i, pos))
+    rows = torch.tensor([i for i, _ in order])
+    cols = torch.tensor([p for _, p in order])
+    return torch.tensor(coords, dtype=torch.float64), lambda matrix: torch.as_tensor(matrix)[rows, cols]
+
+
+def make_w1(preset: str = "full") -> ModelWorkload:
+    s = SIZES[preset]["W1"]
+    torch.manual_seed(1)
+    start, end = mnist_mlp(), mnist_mlp()
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(s["examples"], 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (s["examples"],), generator=g)
+    return ModelWorkload(
+        "W1", "MNIST MLP 784-1024-1024-10, line", copy.deepcopy(start).eval(), (start.eval(), end.eval()),
+        mlifast.Line(start, end), line_coords_loss_landscapes(s["points"]), _batches(x, y, s["batch"]),
+        "interpolate", SIZES[preset]["vmap_chunk"],
+        f"K={s['points']}, {s['examples']} ex, batch {s['batch']}",
+    )
+
+
+def make_w2(preset: str = "full") -> ModelWorkload:
+    s = SIZES[preset]["W2"]
+    torch.manual_seed(2)
+    start = _randomize_bn(ResNet20(width=s["width"]), 21)
+    end = _randomize_bn(ResNet20(width=s["width"]), 22)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(s["examples"], 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (s["examples"],), generator=g)
+    wl = ModelWorkload(
+        "W2", f"CIFAR ResNet-20 (width {s['width']}) + BN, line, bn=recompute", copy.deepcopy(start).eval(),
+        (start.eval(), end.eval()), mlifast.Line(start, end), line_coords_loss_landscapes(s["points"]),
+        _batches(x, y, s["batch"]), "recompute", SIZES[preset]["vmap_chunk"],
+        f"K={s['points']}, {s['examples']} ex, batch {s['batch']}",
+    )
+    wl.skipped["loss-landscapes"] = (
+        "moves parameters only (BN running statistics stay at the start model's) and never "
+        "recomputes them: it cannot express bn=recompute"
+    )
+    wl.skipped["loop-foreach"] = "same as loop (update_bn dominates); not run to save time"
+    return wl
+
+
+def make_w5(preset: str = "full") -> ModelWorkload:
+    s = SIZES[preset]["W5"]
+    torch.manual_seed(5)
+    p0, p1, p2 = mnist_mlp(), mnist_mlp(), mnist_mlp()
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(s["examples"], 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (s["examples"],), generator=g)
+    coords, order = plane_coords_loss_landscapes(s["side"])
+    return ModelWorkload(
+        "W5", f"MNIST MLP, {s['side']}×{s['side']} plane", copy.deepcopy(p0).eval(), (p0.eval(), p1.eval(), p2.eval()),
+        mlifast.Plane.through(p0, p1, p2), coords, _batches(x, y, s["batch"]), "interpolate",
+        SIZES[preset]["vmap_chunk"], f"K={s['side']}²={s['side']**2}, {s['examples']} ex, batch {s['batch']}",
+        loss_landscapes_order=order,
+    )
+
+
+MODEL_WORKLOADS = {"W1": make_w1, "W2": make_w2, "W5": make_w5}
+
+
+# ----------------------------------------------------------------------------- implementations
+
+
+def _sum_loss(output: Tensor, target: Tensor) -> float:
+    return F.cross_entropy(output, target, reduction="sum").item()
+
+
+def _update_bn(model: nn.Module, data) -> None:
+    torch.optim.swa_utils.update_bn(data, model)  # reset statistics, one train-mode pass (momentum None)
+    model.eval()
+
+
+def run_mlifast(wl: ModelWorkload) -> Tensor:
+    res = mlifast.evaluate(wl.model, wl.space, wl.data, coords=wl.coords, loss=F.cross_entropy, metrics=(),
+                           bn=wl.bn, progress=False)
+    return res["loss"].to(torch.float64)
+
+
+def run_loop_state_dict(wl: ModelWorkload) -> Tensor:
+    """The careful user's loop: one model; per point load space.state_at(c), (for BN nets:
+    update_bn, the paper's procedure), then every batch under no_grad."""
+    model = copy.deepcopy(wl.model).eval()
+    losses = []
+    with torch.no_grad():
+        for c in wl.coords:
+            model.load_state_dict(wl.space.state_at(c))
+            if wl.bn == "recompute":
+                _update_bn(model, wl.data)
+            losses.append(sum(_sum_loss(model(x), y) for x, y in wl.data))
+    return torch.tensor(losses, dtype=torch.float64) / wl.num_examples
+
+
+def run_loop_foreach(wl: ModelWorkload) -> Tensor:
+    """The loop writing θ0 + Σ c_j·d_j into the model's tensors in place with _foreach ops."""
+    model = copy.deepcopy(wl.model).eval()
+    live = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    keys = [k for k in wl.space.floating_keys if not wl.space.is_frozen(k)]
+    targets = [live[k] for k in keys]
+    origins = [wl.space.origin[k] for k in keys]
+    dirs = [[wl.space.direction(k)[j] for k in keys] for j in range(wl.space.num_directions)]
+    losses = []
+    with torch.no_grad():
+        for c in wl.coords.tolist():
+            torch._foreach_copy_(targets, origins)
+            for j, cj in enumerate(c):
+                torch._foreach_add_(targets, dirs[j], alpha=cj)
+            if wl.bn == "recompute":
+                _update_bn(model, wl.data)
+            losses.append(sum(_sum_loss(model(x), y) for x, y in wl.data))
+    return torch.tensor(losses, dtype=torch.float64) / wl.num_examples
+
+
+def run_vmap(wl: ModelWorkload) -> Tensor:
+    """torch.func: stacked per-point state (chunks of `vmap_chunk` points, built as
+    θ0 + C·D), functional_call under vmap, the inputs shared (in_dims None). For
+    bn=recompute, per-point running statistics are rebuilt in a train-mode vmapped pass
+    (momentum None, the shared num_batches_tracked unbatched), then an eval pass."""
+    model = copy.deepcopy(wl.model)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.momentum = None
+    origin = wl.space.origin
+    out = []
+
+    def forward(state, x):
+        return functional_call(model, state, (x,))
+
+    with torch.no_grad():
+        for start in range(0, wl.num_points, wl.vmap_chunk):
+            c = wl.coords[start : start + wl.vmap_chunk].to(torch.float32)
+            state, dims = {}, {}
+            for k, o in origin.items():
+                if o.is_floating_point():
+                    d = wl.space.direction(k)
+                    state[k] = (c @ d.reshape(d.shape[0], -1)).reshape(c.shape[0], *o.shape).add_(o)
+                    dims[k] = 0
+                else:
+                    state[k], dims[k] = o.clone(), None
+            batched = vmap(forward, in_dims=(dims, None))
+            if wl.bn == "recompute" and bns:
+                for k in state:
+                    if k.endswith("running_mean") or k.endswith("num_batches_tracked"):
+                        state[k].zero_()
+                    elif k.endswith("running_var"):
+                        state[k].fill_(1.0)
+                model.train()
+                for x, _ in wl.data:
+                    batched(state, x)
+            model.eval()
+            sums = torch.zeros(c.shape[0], dtype=torch.float64)
+            for x, y in wl.data:
+                logits = batched(state, x)  # (C, B, classes)
+                per = F.cross_entropy(logits.flatten(0, 1), y.repeat(c.shape[0]), reduction="none")
+                sums += per.reshape(c.shape[0], -1).sum(1).double()
+            out.append(sums)
+    return torch.cat(out) / wl.num_examples
+
+
+def loss_landscapes_available() -> Optional[str]:
+    """None when the loss-landscapes package imports, else why not."""
+    try:
+        import loss_landscapes  # noqa: F401
+        import loss_landscapes.metrics  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means "skip, and say why"
+        return f"loss-landscapes not importable: {type(e).__name__}: {e}"
+    return None
+
+
+def run_loss_landscapes(wl: ModelWorkload) -> Tensor:
+    """loss_landscapes.linear_interpolation / planar_interpolation (pip loss-landscapes 3.0.6)
+    with a Metric that sums the loss over every batch. deepcopy_model=True, as the start
+    model is otherwise mutated in place."""
+    import loss_landscapes
+    from loss_landscapes.metrics import Metric
+
+    data, n = wl.data, wl.num_examples
+
+    class DatasetLoss(Metric):
+        def __call__(self, model_wrapper) -> float:
+            with torch.no_grad():
+                return sum(_sum_loss(model_wrapper.forward(x), y) for x, y in data) / n
+
+    models = wl.endpoints  # in eval mode; deep-copied by the package
+    if isinstance(wl.space, mlifast.Plane):
+        side = int(round(math.sqrt(wl.num_points)))
+        grid = loss_landscapes.planar_interpolation(*models, DatasetLoss(), steps=side, deepcopy_model=True)
+        return wl.loss_landscapes_order(grid).to(torch.float64)
+    values = loss_landscapes.linear_interpolation(*models, DatasetLoss(), steps=wl.num_points, deepcopy_model=True)
+    return torch.as_tensor(values, dtype=torch.float64)
+
+
+MODEL_IMPLS: dict[str, Callable[[ModelWorkload], Tensor]] = {
+    "mlifast": run_mlifast,
+    "loop": run_loop_state_dict,
+    "loop-foreach": run_loop_foreach,
+    "vmap": run_vmap,
+    "loss-landscapes": run_loss_landscapes,
+}
+REFERENCE_IMPL = "loop"
+
+
+def impls_for(wl: ModelWorkload) -> dict[str, Callable]:
+    """The implementations that run on `wl` (see wl.skipped for the others)."""
+    why = loss_landscapes_available()
+    if why is not None:
+        wl.skipped.setdefault("loss-landscapes", why)
+    return {name: fn for name, fn in MODEL_IMPLS.items() if name not in wl.skipped}
+
+
+# ----------------------------------------------------------------------------- FLOP counts
+
+
+def forward_flops(model: nn.Module, x: Tensor) -> tuple[int, int]:
+    """(GEMM/conv FLOPs of one forward on x, those of the first layer with parameters)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    first = {}
+
+    def hook(module, inputs, _output):
+        if "module" not in first:
+            first["module"], first["inputs"] = module, inputs
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if next(m.parameters(recurse=False), None) is not None]
+    model = model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as total:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad(), FlopCounterMode(display=False) as head:
+        first["module"](*first["inputs"])
+    return total.get_total_flops(), head.get_total_flops()
+
+
+def model_flops(wl: ModelWorkload) -> tuple[float, float]:
+    """(useful FLOPs: K one-point forwards over the data — what a loop runs —, FLOPs of the
+    fused algorithm: the first layer, whose input every point shares, on B rows for the
+    origin and each direction, every other layer 1× per point). bn=recompute doubles both
+    (a statistics pass and an evaluation pass)."""
+    x = wl.data[0][0]
+    per_batch, first = forward_flops(copy.deepcopy(wl.model), x)
+    scale = wl.num_examples / x.shape[0]
+    passes = 2 if wl.bn == "recompute" else 1
+    k, j = wl.num_points, wl.space.num_directions
+    useful = passes * k * per_batch * scale
+    fused = passes * scale * ((j + 1) * first + k * (per_batch - first))
+    return useful, fused
+
+
+# ----------------------------------------------------------------------------- W4: the fused op
+
+
+@dataclass
+class OpCase:
+    points: int
+    rows: int
+    features: int
+    x: Tensor  # (K, R, I)
+    weight: Tensor
+    bias: Tensor
+    dirs: Tensor  # (1, O, I)
+    bias_dirs: Tensor  # (1, O)
+    coeffs: Tensor  # (K, 1)
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.points * self.rows * self.features * self.features
+
+    @property
+    def bytes(self) -> float:
+        """Compulsory traffic of the fused op: W0 and D once, the input and the output."""
+        f = self.features
+        return 4.0 * (2 * f * f + self.points * self.rows * 2 * f)
+
+
+def make_op_case(points: int, rows: int, features: int, seed: int = 0) -> OpCase:
+    g = torch.Generator().manual_seed(seed)
+    f = features
+    return OpCase(
+        points, rows, f,
+        torch.randn(points, rows, f, generator=g),
+        torch.randn(f, f, generator=g) / math.sqrt(f),
+        torch.randn(f, generator=g) * 0.1,
+        torch.randn(1, f, f, generator=g) / math.sqrt(f),
+        torch.randn(1, f, generator=g) * 0.1,
+        torch.linspace(0, 1, points).unsqueeze(1),
+    )
+
+
+def op_mlifast(c: OpCase) -> Tensor:
+    return mlifast.ops.multipoint_linear(c.x, c.weight, c.bias, c.dirs, c.bias_dirs, c.coeffs)
+
+
+def op_two_gemm(c: OpCase) -> Tensor:
+    """x·W0ᵀ + b0 + c_k·(x·Dᵀ + db): two GEMMs over all K·R rows, then the per-point combine."""
+    rows = c.x.reshape(-1, c.features)
+    base = F.linear(rows, c.weight, c.bias).view(c.points, c.rows, -1)
+    along = F.linear(rows, c.dirs[0], c.bias_dirs[0]).view(c.points, c.rows, -1)
+    return torch.addcmul(base, c.coeffs.view(-1, 1, 1), along)
+
+
+def op_loop_materialise(c: OpCase) -> Tensor:
+    """Per point: W_k = W0 + c_k·D materialised, then one GEMM on that point's rows."""
+    y = torch.empty(c.points, c.rows, c.features)
+    for k, ck in enumerate(c.coeffs[:, 0].tolist()):
+        w_k = torch.add(c.weight, c.dirs[0], alpha=ck)
+        b_k = torch.add(c.bias, c.bias_dirs[0], alpha=ck)
+        torch.addmm(b_k, c.x[k], w_k.t(), out=y[k])
+    return y
+
+
+def op_dense_one_weight(c: OpCase) -> Tensor:
+    """Not a competitor: one plain F.linear on the K·R rows with a single weight — the
+    1×-FLOPs, one-weight-read cost that no multi-point method can beat."""
+    return F.linear(c.x.reshape(-1, c.features), c.weight, c.bias)
+
+
+def op_reference(c: OpCase) -> Tensor:
+    """float64 h·(W0 + c_k·D)ᵀ + b_k, the oracle."""
+    d = torch.float64
+    w = c.weight.to(d) + c.coeffs.to(d).view(-1, 1, 1) * c.dirs.to(d)  # (K, O, I)
+    b = c.bias.to(d) + c.coeffs.to(d) * c.bias_dirs.to(d)  # (K, O)
+    return torch.bmm(c.x.to(d), w.transpose(1, 2)) + b.unsqueeze(1)
+
+
+OP_IMPLS: dict[str, Callable[[OpCase], Tensor]] = {
+    "mlifast": op_mlifast,
+    "two-GEMM": op_two_gemm,
+    "loop-materialise": op_loop_materialise,
+    "dense-1W": op_dense_one_weight,
+}
