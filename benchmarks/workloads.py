@@ -178,6 +178,17 @@ def make_w5(preset: str = "full") -> ModelWorkload:
 MODEL_WORKLOADS = {"W1": make_w1, "W2": make_w2, "W5": make_w5}
 
 
+def to_device(wl: ModelWorkload, device: str) -> ModelWorkload:
+    """The workload with its models, space and data on `device` (coords stay on the CPU)."""
+    if device == "cpu":
+        return wl
+    wl.model = wl.model.to(device)
+    wl.endpoints = tuple(m.to(device) for m in wl.endpoints)
+    wl.space = wl.space.to(device=device)
+    wl.data = [(x.to(device), y.to(device)) for x, y in wl.data]
+    return wl
+
+
 # ----------------------------------------------------------------------------- implementations
 
 
@@ -240,6 +251,7 @@ def run_vmap(wl: ModelWorkload) -> Tensor:
     for m in bns:
         m.momentum = None
     origin = wl.space.origin
+    device = next(iter(origin.values())).device
     out = []
 
     def forward(state, x):
@@ -247,7 +259,7 @@ def run_vmap(wl: ModelWorkload) -> Tensor:
 
     with torch.no_grad():
         for start in range(0, wl.num_points, wl.vmap_chunk):
-            c = wl.coords[start : start + wl.vmap_chunk].to(torch.float32)
+            c = wl.coords[start : start + wl.vmap_chunk].to(device=device, dtype=torch.float32)
             state, dims = {}, {}
             for k, o in origin.items():
                 if o.is_floating_point():
@@ -267,13 +279,13 @@ def run_vmap(wl: ModelWorkload) -> Tensor:
                 for x, _ in wl.data:
                     batched(state, x)
             model.eval()
-            sums = torch.zeros(c.shape[0], dtype=torch.float64)
+            sums = torch.zeros(c.shape[0], dtype=torch.float64, device=device)
             for x, y in wl.data:
                 logits = batched(state, x)  # (C, B, classes)
                 per = F.cross_entropy(logits.flatten(0, 1), y.repeat(c.shape[0]), reduction="none")
                 sums += per.reshape(c.shape[0], -1).sum(1).double()
             out.append(sums)
-    return torch.cat(out) / wl.num_examples
+    return torch.cat(out).cpu() / wl.num_examples
 
 
 def loss_landscapes_available() -> Optional[str]:
@@ -409,6 +421,13 @@ def make_op_case(points: int, rows: int, features: int, seed: int = 0) -> OpCase
     )
 
 
+def op_case_to(c: OpCase, device: str) -> OpCase:
+    if device == "cpu":
+        return c
+    return OpCase(c.points, c.rows, c.features, *(t.to(device) for t in
+                  (c.x, c.weight, c.bias, c.dirs, c.bias_dirs, c.coeffs)))
+
+
 def op_mlifast(c: OpCase) -> Tensor:
     return mlifast.ops.multipoint_linear(c.x, c.weight, c.bias, c.dirs, c.bias_dirs, c.coeffs)
 
@@ -423,7 +442,7 @@ def op_two_gemm(c: OpCase) -> Tensor:
 
 def op_loop_materialise(c: OpCase) -> Tensor:
     """Per point: W_k = W0 + c_k·D materialised, then one GEMM on that point's rows."""
-    y = torch.empty(c.points, c.rows, c.features)
+    y = c.x.new_empty(c.points, c.rows, c.features)
     for k, ck in enumerate(c.coeffs[:, 0].tolist()):
         w_k = torch.add(c.weight, c.dirs[0], alpha=ck)
         b_k = torch.add(c.bias, c.bias_dirs[0], alpha=ck)

@@ -197,3 +197,37 @@ def test_frozen_batch_norm_in_train_mode_leaves_the_space_untouched():
         assert torch.equal(value, before[key]), key
     for k, e in enumerate(oracle_outputs(a, line, torch.tensor([0.0, 1.0]), x)):
         assert rel_err(out[k], e) < 1e-9
+
+
+def test_rows_before_the_first_moving_layer_are_computed_once():
+    from mlifast.multipoint.shared import SharedRows
+
+    a, b = pair(mlp, torch.float64)
+    b[1].load_state_dict(a[1].state_dict())  # a frozen first layer keeps the rows shared
+    seen = []
+    fast = mlifast.interpolate(a, mlifast.Line(a, b), torch.linspace(0, 1, 5))
+    fast.model[4].register_forward_pre_hook(lambda m, inp: seen.append((type(inp[0]), inp[0].shape[0])))
+    x = torch.randn(3, 3, 4, dtype=torch.float64)
+    out = fast(x)
+    assert fast.shares_rows is True
+    assert seen[-1] == (SharedRows, 3)  # B rows reach the first moving layer, not K·B
+    for k, e in enumerate(oracle_outputs(a, fast.space, fast.coords[:, 0], x)):
+        assert rel_err(out[k], e) < 1e-9
+
+
+def test_model_that_captures_the_batch_size_does_not_share_rows():
+    class CapturesBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            n = x.shape[0]
+            h = self.fc1(x)
+            return self.fc2(torch.tanh(h.reshape(n, -1, 6)).mean(1))
+
+    torch.manual_seed(0)
+    a, b = CapturesBatch().double(), CapturesBatch().double()
+    check = check_parity(a, mlifast.Line(a, b), torch.linspace(0, 1, 4), torch.randn(5, 4, dtype=torch.float64),
+                         dtype=torch.float64)
+    assert check.shares_rows is False

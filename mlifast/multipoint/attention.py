@@ -15,6 +15,7 @@ from torch import Tensor
 
 from mlifast.multipoint.context import fold, unfold
 from mlifast.multipoint.rule import MultiPointRule
+from mlifast.multipoint.shared import materialize_all
 from mlifast.ops import multipoint_linear
 
 
@@ -65,6 +66,7 @@ class MultiheadAttentionRule(MultiPointRule):
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None,
                 average_attn_weights: bool = True, is_causal: bool = False):
         inner = self.inner
+        query, key, value = materialize_all((query, key, value))
         if query.dim() != 3:
             raise ValueError(f"mlifast: MultiheadAttention '{self.path}' needs batched 3-D inputs, got {tuple(query.shape)}")
         if not inner.batch_first:  # work batch-first: (N, L, E)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from mlifast.multipoint.rule import MultiPointRule
+from mlifast.multipoint.shared import materialize_all
 
 
 class GenericRule(MultiPointRule):
@@ -26,6 +27,7 @@ class GenericRule(MultiPointRule):
         return 0
 
     def forward(self, *args, **kwargs) -> Any:
+        args, kwargs = materialize_all((args, kwargs))
         k = self.context.num_active
         rows = k * self.context.batch_size
         arg_dims, kwarg_dims = self.batch_dims(args, kwargs)

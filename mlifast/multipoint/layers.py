@@ -18,6 +18,7 @@ from torch.func import functional_call
 
 from mlifast.multipoint.context import fold, rows_for_every_example, unfold
 from mlifast.multipoint.rule import MultiPointRule
+from mlifast.multipoint.shared import SharedRows
 from mlifast.ops import multipoint_linear
 
 
@@ -28,13 +29,17 @@ class LinearRule(MultiPointRule):
 
     def forward(self, x: Tensor) -> Tensor:
         (w, w_dirs), b = self.weight_and_directions(), self.origin("bias")
-        k, dim = self.context.num_active, self.context.rows_dim(x)
-        if dim is None:  # the same input for every example: per-point outputs on its rows
+        k = self.context.num_active
+        shared = isinstance(x, SharedRows)
+        dim = 0 if shared else self.context.rows_dim(x)
+        if shared or dim is None:  # the same rows for every point: computed once
+            rows = x.rows() if shared else x
             c = self.context.active_coeffs().to(w.dtype)
             dirs = w_dirs if w_dirs is not None else w.new_zeros(c.shape[1], *w.shape)
             bias_dirs = self.directions.get("bias") if b is not None else None
-            y = multipoint_linear(x.reshape(-1, x.shape[-1]), w, b, dirs, bias_dirs, c)
-            return rows_for_every_example(y.reshape(k, *x.shape[:-1], w.shape[0]), self.context.batch_size)
+            y = multipoint_linear(rows.reshape(-1, rows.shape[-1]), w, b, dirs, bias_dirs, c)
+            y = y.reshape(k, *rows.shape[:-1], w.shape[0])
+            return y.flatten(0, 1) if shared else rows_for_every_example(y, self.context.batch_size)
         rows = fold(x, k, dim)
         if w_dirs is None:  # only the bias moves
             y = fold(F.linear(x, w), k, dim)
@@ -63,11 +68,16 @@ class AffineInParamsRule(MultiPointRule):
     def batch_dim(self, x: Tensor) -> int | None:
         return 0  # convolutions: (N, C, …)
 
-    def forward(self, *args, **kwargs) -> Tensor:
-        k, dim = self.context.num_active, self.batch_dim(args[0])
-        c = self.context.active_coeffs()
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        k, c = self.context.num_active, self.context.active_coeffs()
+        rows_shared = isinstance(x, SharedRows)
+        if rows_shared:
+            x = x.rows()
+        dim = 0 if rows_shared else self.batch_dim(x)
+        # The same input for every point: shared rows, or no batch at all (position ids).
+        shared = rows_shared or dim is None
+        args = (x, *args)
         base = functional_call(self.inner, dict(self.origins), args, kwargs)
-        shared = dim is None  # the same input for every example (e.g. position ids (1, T))
         if shared:
             out = base.unsqueeze(0).expand(k, *base.shape)
         else:
@@ -78,6 +88,8 @@ class AffineInParamsRule(MultiPointRule):
             y_j = functional_call(self.inner, along, args, kwargs)
             y_j = y_j.unsqueeze(0) if shared else fold(y_j, k, dim)
             out = out + c[:, j].to(y_j.dtype).reshape(k, *([1] * (y_j.dim() - 1))) * y_j
+        if rows_shared:
+            return out.flatten(0, 1)
         return rows_for_every_example(out, self.context.batch_size) if shared else unfold(out, dim)
 
 
@@ -118,6 +130,8 @@ class _AffineNormRule(MultiPointRule):
 
     def forward(self, x: Tensor) -> Tensor:
         k = self.context.num_active
+        if isinstance(x, SharedRows):
+            x = x.materialize()
         dim = self.context.rows_dim(x, len(self.inner.normalized_shape)) if self.channel_dim < 0 else 0
         if dim is None:  # the same input for every example
             y = self.normalize(x).unsqueeze(0).expand(k, *x.shape)
@@ -186,7 +200,7 @@ class BatchNormRule(_AffineNormRule):
     def forward(self, x: Tensor) -> Tensor:
         inner, mode = self.inner, self.context.bn_mode
         k = self.context.num_active
-        xk = fold(x, k)
+        xk = self.split_points(x, 0)
         reduce_dims = [1] + list(range(3, xk.dim()))
         use_batch = mode in ("batch", "collect") or inner.training or self.origin("running_mean") is None
         if use_batch:

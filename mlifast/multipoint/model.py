@@ -10,6 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mlifast.multipoint.context import PointContext
 from mlifast.multipoint.registry import check_supported, rule_for
+from mlifast.multipoint.shared import SharedRows, materialize
 from mlifast.multipoint.unhandled import UnhandledTensor
 from mlifast.spaces import Span
 
@@ -38,6 +39,7 @@ class MultiPointModel(nn.Module):
         like = next(t for t in space.origin.values() if t.is_floating_point())
         self.context = PointContext(torch.zeros(1, space.num_directions, dtype=like.dtype, device=like.device))
         self.model = _multipoint_copy(model, space, self.context)
+        self.shares_rows: bool | None = None  # decided on the first call
         self.set_coords(space.coords_tensor(11 if coords is None else coords))
 
     def set_coords(self, coords: Tensor) -> None:
@@ -56,11 +58,45 @@ class MultiPointModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         batch = _batch_size(args, kwargs, self.batch_dim)
+        self.context.batch_size, self.context.batch_dim = batch, self.batch_dim
+        if self.shares_rows is None:
+            self.shares_rows = self.batch_dim == 0 and self._sharing_agrees(args, kwargs)
+        out = self._run(args, kwargs, self.shares_rows)
         k, dim = self.num_points, self.batch_dim
-        self.context.batch_size, self.context.batch_dim = batch, dim
-        expand = lambda t, _: _repeat_points(t, k, dim) if _carries_batch(t, batch, dim) else t  # noqa: E731
-        out = self.model(*_tree_map(expand, args, "args"), **_tree_map(expand, kwargs, "kwargs"))
         return _tree_map(lambda t, path: _split_points(t, k, batch, dim, path), out, "output")
+
+    def _run(self, args: tuple, kwargs: dict, share_rows: bool):
+        """The copied model on the inputs repeated for every point (or, with share_rows,
+        on SharedRows of B rows); outputs (…, K·B, …)."""
+        k, batch, dim = self.num_points, self.context.batch_size, self.batch_dim
+
+        def lift(t: Tensor, _path: str) -> Tensor:
+            if not _carries_batch(t, batch, dim):
+                return t
+            return SharedRows(t, k) if share_rows else _repeat_points(t, k, dim)
+
+        out = self.model(*_tree_map(lift, args, "args"), **_tree_map(lift, kwargs, "kwargs"))
+        return _tree_map(lambda t, _path: materialize(t), out, "output")
+
+    def _sharing_agrees(self, args: tuple, kwargs: dict) -> bool:
+        """Whether computing on shared rows until the first moving layer gives the same
+        outputs as repeating the inputs for every point, checked once on two distinct
+        points. It does not for models whose Python depends on the batch size (a
+        captured x.shape[0] reshaping a later activation): those always repeat."""
+        saved_coords, saved_mode = self.coords, self.context.bn_mode
+        self.set_coords(torch.cat([saved_coords[:1], saved_coords[:1] + 1]))
+        if saved_mode == "collect":  # batch statistics without accumulating them
+            self.context.bn_mode = "batch"
+        try:
+            repeated = list(_tensors(self._run(args, kwargs, share_rows=False)))
+            try:
+                shared = list(_tensors(self._run(args, kwargs, share_rows=True)))
+            except Exception:  # noqa: BLE001 — any failure means: do not share
+                return False
+            return len(shared) == len(repeated) and all(_close(a, b) for a, b in zip(shared, repeated))
+        finally:
+            self.set_coords(saved_coords)
+            self.context.bn_mode = saved_mode
 
 
 def interpolate(model: nn.Module, space: Span, coords: Any, *, batch_dim: int = 0) -> MultiPointModel:
@@ -171,6 +207,17 @@ def _split_points(t: Tensor, k: int, batch: int, dim: int, path: str) -> Tensor:
             )
         dim = fits[0]
     return t.unflatten(dim, (k, t.shape[dim] // k)).movedim(dim, 0)
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    """Equal up to the rounding of a different summation order (never a row mix-up)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    tol = {torch.float64: 1e-7, torch.float32: 1e-3}.get(a.dtype, 5e-2)
+    scale = b.abs().max().clamp_min(1e-30) if b.numel() else 1.0
+    return bool((((a - b).abs() <= tol * scale) | (a.isnan() & b.isnan())).all())
 
 
 def _tensors(tree):

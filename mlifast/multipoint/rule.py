@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from mlifast.multipoint.context import PointContext
+from mlifast.multipoint.context import PointContext, fold
+from mlifast.multipoint.shared import SharedRows
 
 
 class MultiPointRule(nn.Module):
@@ -41,6 +42,15 @@ class MultiPointRule(nn.Module):
         except AttributeError:
             # Parents may read the wrapped module's attributes (e.g. `self.fc.out_features`).
             return getattr(self._modules["inner"], name)
+
+    def split_points(self, x: Tensor, dim: int) -> Tensor:
+        """(K_active, …, B, …) view of activations x whose K·B rows sit at `dim`; rows
+        shared by every point (dim 0) are expanded without a copy."""
+        k = self.context.num_active
+        if isinstance(x, SharedRows):
+            rows = x.rows()
+            return rows.unsqueeze(0).expand(k, *rows.shape)
+        return fold(x, k, dim)
 
     def moves(self, name: str) -> bool:
         return name in self.directions

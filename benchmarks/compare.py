@@ -1,0 +1,459 @@
+#!/usr/bin/env python
+"""mlifast against its baselines, measured in the same run, interleaved.
+
+    python benchmarks/compare.py                    # full sizes (about 10 minutes on 2 cores)
+    python benchmarks/compare.py --quick            # CI correctness smoke test (< 60 s)
+    python benchmarks/compare.py --workloads W1,W4 --device cuda --json out.json
+
+For every workload it first checks that mlifast's losses agree with the loop baseline's
+(1e-4 relative at float32; the op sweep against a float64 oracle) and exits non-zero if
+not; then it times every implementation round-robin (the order rotates each round) and
+prints one table: the median time, the ratio to mlifast (>1: mlifast is faster),
+achieved GFLOP/s, the time against the workload's FLOP floor (the fused algorithm's
+FLOPs at this machine's measured float32 GEMM rate), and peak memory.
+
+Peak memory on CPU: each implementation's first (checking) run happens in a fresh
+subprocess, which reports the growth of its ru_maxrss over the set-up (tracemalloc does
+not see torch's allocations). On CUDA: torch.cuda.max_memory_allocated over that run.
+--quick skips it (subprocess start-ups would not fit in the CI budget).
+
+Workloads (workloads.py): W1 MNIST MLP line, W2 ResNet-20 + BN (bn="recompute"), W4 the
+fused linear op swept over K×R, W5 a 21×21 plane on W1's model. W3 (a 300M-parameter
+transformer) is not part of this version.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+
+import mlifast  # noqa: E402
+import workloads as W  # noqa: E402
+
+LOSS_RTOL = 1e-4  # mlifast vs the loop, float32 forward, float64 sums
+OP_RTOL = 1e-4  # fused op vs the float64 oracle, relative to max |y|
+ALL_WORKLOADS = ("W1", "W2", "W4", "W5")
+
+
+# ----------------------------------------------------------------------------- timing helpers
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str):
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t, out
+
+
+# Other processes on the machine (other test runs, other sessions) steal cores and, worse,
+# deschedule one of torch's OpenMP threads so that every parallel region waits for it.
+# So: wait for a quiet machine before each timed round, and report how much CPU other
+# processes used while each implementation ran.
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _machine_busy_s() -> float:
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return math.nan
+    return (sum(v) - v[3] - v[4]) / CLK_TCK  # all but idle and iowait
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class ForeignLoad:
+    """CPU used by other processes over an interval, as a fraction of all cores."""
+
+    def __enter__(self):
+        self.wall, self.busy, self.own = time.perf_counter(), _machine_busy_s(), _own_cpu_s()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.wall
+        foreign = (_machine_busy_s() - self.busy) - (_own_cpu_s() - self.own)
+        self.fraction = max(0.0, foreign / (wall * (os.cpu_count() or 1))) if wall > 0 else 0.0
+        return False
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.10) -> float:
+    """Sleep until other processes use < threshold of the cores over half a second, at most
+    max_wait seconds; returns the seconds waited."""
+    waited = 0.0
+    while True:
+        with ForeignLoad() as load:
+            time.sleep(0.5)
+        if not load.fraction >= threshold or waited >= max_wait:  # NaN (no /proc): go
+            return waited
+        time.sleep(1.0)
+        waited += 1.5
+
+
+def timed_with_load(fn, device: str):
+    with ForeignLoad() as load:
+        seconds, out = timed(fn, device)
+    return seconds, out, load.fraction
+
+
+def rotate(names: list, r: int) -> list:
+    r %= len(names)
+    return names[r:] + names[:r]
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(device: str) -> dict:
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "mlifast": mlifast.__version__,
+        "mlifast_ops": mlifast.info()["ops"],
+        "device": device,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def ceiling(device: str, quick: bool) -> dict:
+    """float32 GEMM GFLOP/s (2048² matmul) and copy bandwidth GB/s (read + write bytes)."""
+    n = 2048
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    c = torch.empty(n, n, device=device)
+    reps = 5 if quick else 15
+    for _ in range(2):
+        torch.mm(a, b, out=c)
+    gemm = [timed(lambda: torch.mm(a, b, out=c), device)[0] for _ in range(reps)]
+    numel = (16 if quick else 64) * 2**20  # 64 Mi floats = 256 MiB
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    copies = [timed(lambda: dst.copy_(src), device)[0] for _ in range(reps)]
+    return {
+        "gemm_gflops": 2 * n**3 / statistics.median(gemm) / 1e9,
+        "copy_gbs": 2 * numel * 4 / statistics.median(copies) / 1e9,
+        "load_avg": os.getloadavg()[0],
+    }
+
+
+# ----------------------------------------------------------------------------- model workloads
+
+
+def peak_subprocess(workload: str, impl: str, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--_peak", workload, impl, "--preset", args.preset,
+           "--device", args.device]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"compare.py: the peak-memory run of {workload}/{impl} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peak_child(workload: str, impl: str, preset: str, device: str) -> None:
+    """One checking run of one implementation; prints {peak_mb, seconds, losses} as JSON."""
+    wl = W.to_device(W.MODEL_WORKLOADS[workload](preset), device)
+    fn = W.impls_for(wl)[impl]
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    seconds, losses = timed(lambda: fn(wl), device)
+    if device == "cuda":
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    print(json.dumps({"peak_mb": peak_mb, "seconds": seconds, "losses": losses.tolist()}))
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = torch.as_tensor(a, dtype=torch.float64).cpu(), torch.as_tensor(ref, dtype=torch.float64).cpu()
+    if a.shape != ref.shape:
+        return math.inf
+    return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def run_model_workload(name: str, args, ceil: dict) -> dict:
+    wl = W.to_device(W.MODEL_WORKLOADS[name](args.preset), args.device)
+    impls = W.impls_for(wl)
+    names = list(impls)
+    useful, fused = W.model_flops(wl)
+    print(f"\n== {name}: {wl.title} ({wl.size_note}); implementations: {', '.join(names)}", flush=True)
+    for skipped, why in wl.skipped.items():
+        print(f"   skipped {skipped}: {why}")
+
+    # 1. one checking run per implementation (in a subprocess when measuring memory)
+    first, peak = {}, {}
+    for impl in names:
+        if args.memory:
+            out = peak_subprocess(name, impl, args)
+            first[impl], peak[impl] = torch.tensor(out["losses"], dtype=torch.float64), out["peak_mb"]
+            note = f"{out['seconds']:.2f} s in a fresh process, peak +{out['peak_mb']:.0f} MB"
+        else:
+            seconds, first[impl] = timed(lambda: impls[impl](wl), args.device)
+            note = f"{seconds:.2f} s (warm-up)"
+        print(f"   check run {impl:16s} {note}", flush=True)
+    ref = first[W.REFERENCE_IMPL]
+    errors = {impl: rel_err(first[impl], ref) for impl in names}
+    if not errors["mlifast"] <= LOSS_RTOL:
+        worst = int((first["mlifast"] - ref).abs().argmax())
+        raise SystemExit(
+            f"compare.py: FAIL {name}: mlifast's losses differ from the loop's by {errors['mlifast']:.3g} "
+            f"relative (tolerance {LOSS_RTOL}); worst at coords {wl.coords[worst].tolist()}: "
+            f"mlifast {float(first['mlifast'][worst]):.6f} vs loop {float(ref[worst]):.6f}"
+        )
+    for impl, err in errors.items():
+        flag = "" if err <= LOSS_RTOL else "  (above 1e-4: see notes)"
+        print(f"   {impl:16s} max rel. err vs loop {err:.2e}{flag}")
+
+    # 2. timed rounds, interleaved, order rotating
+    times = {impl: [] for impl in names}
+    foreign = {impl: [] for impl in names}
+    for r in range(args.repeats):
+        waited = wait_for_quiet(args.quiet_wait)
+        for impl in rotate(names, r):
+            seconds, _, load = timed_with_load(lambda: impls[impl](wl), args.device)
+            times[impl].append(seconds)
+            foreign[impl].append(load)
+        print(f"   round {r + 1}/{args.repeats}" + (f" (waited {waited:.0f} s for a quiet machine)" if waited else "")
+              + ": " + ", ".join(f"{i} {times[i][-1]:.2f}s (others {foreign[i][-1]:.0%})" for i in names), flush=True)
+
+    floor_s = fused / (ceil["gemm_gflops"] * 1e9)
+    t_ml = statistics.median(times["mlifast"])
+    rows = []
+    for impl in names:
+        t = statistics.median(times[impl])
+        rows.append({
+            "impl": impl, "median_s": t, "min_s": min(times[impl]), "max_s": max(times[impl]),
+            "vs_mlifast": t / t_ml, "gflops": useful / t / 1e9, "x_floor": t / floor_s,
+            "peak_mb": peak.get(impl), "rel_err": errors[impl], "samples": times[impl],
+            "foreign": max(foreign[impl]),
+        })
+    return {
+        "workload": name, "title": wl.title, "sizes": wl.size_note, "points": wl.num_points,
+        "examples": wl.num_examples, "bn": wl.bn, "useful_gflop": useful / 1e9, "fused_gflop": fused / 1e9,
+        "floor_s": floor_s, "rows": rows, "skipped": dict(wl.skipped),
+    }
+
+
+# ----------------------------------------------------------------------------- W4: the op sweep
+
+
+def time_op(fn, case, device: str, target: float) -> tuple[int]:
+    fn(case)
+    t, _ = timed(lambda: fn(case), device)
+    return max(1, min(1000, int(target / max(t, 1e-7))))
+
+
+def run_op_sweep(args, ceil: dict) -> dict:
+    sizes = W.SIZES[args.preset]["W4"]
+    f = sizes["features"]
+    names = list(W.OP_IMPLS)
+    target = 0.003 if args.quick else 0.02
+    samples = 3 if args.quick else 5
+    print(f"\n== W4: multipoint_linear {f}×{f}, K ∈ {sizes['points']}, R ∈ {sizes['rows']}; "
+          f"implementations: {', '.join(names)}", flush=True)
+    rows = []
+    for k in sizes["points"]:
+        for r in sizes["rows"]:
+            case = W.op_case_to(W.make_op_case(k, r, f), args.device)
+            ref = W.op_reference(case)
+            errs = {}
+            for impl in names:
+                if impl == "dense-1W":
+                    continue
+                errs[impl] = rel_err(W.OP_IMPLS[impl](case), ref)
+                if not errs[impl] <= OP_RTOL:
+                    raise SystemExit(
+                        f"compare.py: FAIL W4 K={k} R={r}: {impl} differs from the float64 oracle by "
+                        f"{errs[impl]:.3g} relative to max |y| (tolerance {OP_RTOL})"
+                    )
+            iters = {impl: time_op(W.OP_IMPLS[impl], case, args.device, target) for impl in names}
+            per_call = {impl: [] for impl in names}
+            waited = wait_for_quiet(args.quiet_wait)
+            with ForeignLoad() as load:  # over the whole case: one sample is too short for /proc/stat's ticks
+                for s in range(samples):
+                    for impl in rotate(names, s):
+                        fn, n = W.OP_IMPLS[impl], iters[impl]
+                        t, _ = timed(lambda: [fn(case) for _ in range(n)], args.device)
+                        per_call[impl].append(t / n)
+            worst = load.fraction
+            med = {impl: statistics.median(v) for impl, v in per_call.items()}
+            floor_s = max(case.flops / (ceil["gemm_gflops"] * 1e9), case.bytes / (ceil["copy_gbs"] * 1e9))
+            rows.append({
+                "K": k, "R": r, "us": {i: v * 1e6 for i, v in med.items()},
+                "vs_mlifast": {i: v / med["mlifast"] for i, v in med.items()},
+                "gflops": {i: case.flops / v / 1e9 for i, v in med.items()},
+                "floor_us": floor_s * 1e6, "x_floor": med["mlifast"] / floor_s, "rel_err": errs,
+                "foreign": worst,
+            })
+            print(f"   K={k:3d} R={r:4d}: " + ", ".join(f"{i} {med[i] * 1e6:.0f}µs" for i in names)
+                  + f" (others ≤ {worst:.0%}" + (f", waited {waited:.0f} s" if waited else "") + ")", flush=True)
+    return {"workload": "W4", "features": f, "rows": rows, "impls": names}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def fmt_s(t: float) -> str:
+    return f"{t:.3f}" if t < 10 else f"{t:.2f}"
+
+
+def model_table(results: list) -> str:
+    out = ["| workload | implementation | median s | min–max s | × mlifast | GFLOP/s | × floor | peak MB | rel. err vs loop | others' CPU |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for res in results:
+        for i, row in enumerate(res["rows"]):
+            label = f"{res['workload']} ({res['sizes']})" if i == 0 else ""
+            peak = "—" if row["peak_mb"] is None else f"{row['peak_mb']:.0f}"
+            out.append(
+                f"| {label} | {row['impl']} | {fmt_s(row['median_s'])} | {fmt_s(row['min_s'])}–{fmt_s(row['max_s'])} | "
+                f"{row['vs_mlifast']:.2f} | {row['gflops']:.1f} | {row['x_floor']:.1f} | {peak} | {row['rel_err']:.1e} | "
+                f"{row['foreign']:.0%} |"
+            )
+        for impl, why in res["skipped"].items():
+            out.append(f"| | {impl} | skipped | | | | | | {why} | |")
+    return "\n".join(out)
+
+
+def op_table(res: dict) -> str:
+    n = res["impls"]
+    head = ("| K | R | " + " | ".join(f"{i} µs" for i in n) + " | "
+            + " | ".join(f"{i} / mlifast" for i in n if i != "mlifast")
+            + " | mlifast GFLOP/s | floor µs | mlifast × floor | others' CPU |")
+    out = [head, "|" + "---:|" * (2 + len(n) + len(n) - 1 + 4)]
+    for row in res["rows"]:
+        out.append(
+            f"| {row['K']} | {row['R']} | " + " | ".join(f"{row['us'][i]:.0f}" for i in n) + " | "
+            + " | ".join(f"{row['vs_mlifast'][i]:.2f}" for i in n if i != "mlifast")
+            + f" | {row['gflops']['mlifast']:.1f} | {row['floor_us']:.0f} | {row['x_floor']:.1f} | {row['foreign']:.0%} |"
+        )
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes: the CI correctness smoke test (< 60 s)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma-separated subset of W1,W2,W4,W5")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per model workload (default 3)")
+    mem = p.add_mutually_exclusive_group()
+    mem.add_argument("--memory", dest="memory", action="store_true", default=None,
+                     help="measure peak memory (default: on, off with --quick)")
+    mem.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--quiet-wait", type=float, default=None,
+                   help="before each timed round, wait up to this many seconds for other processes to "
+                        "leave the CPUs idle (default 60, 0 with --quick)")
+    p.add_argument("--json", help="also write every number to this file")
+    p.add_argument("--preset", help=argparse.SUPPRESS)
+    p.add_argument("--_peak", nargs=2, metavar=("WORKLOAD", "IMPL"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.preset = args.preset or ("quick" if args.quick else "full")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch has no CUDA device here")
+    if args._peak:
+        peak_child(*args._peak, args.preset, args.device)
+        return 0
+    if args.memory is None:
+        args.memory = not args.quick
+    if args.repeats is None:
+        args.repeats = 3
+    if args.quiet_wait is None:
+        args.quiet_wait = 0.0 if args.quick else 60.0
+    chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in chosen if w not in ALL_WORKLOADS]
+    if unknown:
+        p.error(f"unknown workload(s) {unknown}; choose from {ALL_WORKLOADS} (W3 is not implemented yet)")
+
+    started = time.perf_counter()
+    info = machine(args.device)
+    print(f"mlifast {info['mlifast']} · torch {info['torch']} · {info['cpu']} · {info['cores']} cores "
+          f"({info['torch_threads']} torch threads, {info['cpu_capability']}) · device {args.device}"
+          + (f" ({info['gpu']})" if args.device == "cuda" else "") + f" · preset {args.preset}")
+    print(f"mlifast ops: {json.dumps(info['mlifast_ops'])}")
+    ceil_start = ceiling(args.device, args.quick)
+    print(f"ceiling: GEMM {ceil_start['gemm_gflops']:.0f} GFLOP/s (float32 2048²), copy "
+          f"{ceil_start['copy_gbs']:.1f} GB/s, load average {ceil_start['load_avg']:.2f}", flush=True)
+
+    model_results, op_result = [], None
+    for name in chosen:
+        if name == "W4":
+            op_result = run_op_sweep(args, ceil_start)
+        else:
+            model_results.append(run_model_workload(name, args, ceil_start))
+    ceil_end = ceiling(args.device, args.quick)
+    elapsed = time.perf_counter() - started
+
+    print("\n## Machine ceiling (measured at start and end of this run)\n")
+    print("| | GEMM GFLOP/s (fp32 2048²) | copy GB/s | load average (1 min) |\n|---|---:|---:|---:|")
+    for label, c in (("start", ceil_start), ("end", ceil_end)):
+        print(f"| {label} | {c['gemm_gflops']:.0f} | {c['copy_gbs']:.1f} | {c['load_avg']:.2f} |")
+    if model_results:
+        print("\n## Model workloads (median of %d interleaved rounds; × mlifast = time / mlifast's time)\n" % args.repeats)
+        print(model_table(model_results))
+        print()
+        for res in model_results:
+            print(f"- {res['workload']}: {res['title']}; useful {res['useful_gflop']:.0f} GFLOP (K one-point forwards"
+                  f"{', ×2 for the statistics pass' if res['bn'] == 'recompute' else ''}), fused algorithm "
+                  f"{res['fused_gflop']:.0f} GFLOP → floor {res['floor_s']:.2f} s at the start GEMM rate")
+        print("- others' CPU: the largest share of all cores that other processes used during one timed run "
+              "of that implementation (from /proc/stat); above ~10% its times are inflated")
+        if not args.memory:
+            print("- peak memory not measured (--quick / --no-memory)")
+    if op_result:
+        print(f"\n## W4: multipoint_linear, {op_result['features']}×{op_result['features']}, one direction "
+              "(median per call; floor = max(FLOPs / GEMM rate, (W0 + D + x + y) bytes / copy rate))\n")
+        print(op_table(op_result))
+    if "W3" not in chosen:
+        print("\nW3 (300M-parameter transformer) is not part of this version.")
+    print(f"\ncompare.py: all checks passed; {elapsed:.0f} s in all")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "args": vars(args), "ceiling": {"start": ceil_start, "end": ceil_end},
+                       "models": model_results, "op": op_result, "elapsed_s": elapsed}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""pytest-benchmark versions of compare.py's workloads, at tiny sizes.
+
+    .venv/bin/python -m pytest benchmarks/test_bench.py --benchmark-enable      # time them
+    .venv/bin/python -m pytest benchmarks/test_bench.py --benchmark-enable --benchmark-autosave
+    .venv/bin/pytest-benchmark compare                                           # regressions, same machine
+
+The project's pytest configuration passes --benchmark-disable, under which each benchmarked
+function runs once (a correctness smoke test, a few seconds in all); its testpaths is
+tests/, so `pytest` alone never collects this file. compare.py is the place for the
+interleaved, same-run ratios that BENCHMARKS.md reports.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import workloads as W  # noqa: E402
+
+PRESET = os.environ.get("MLIFAST_BENCH_PRESET", "tiny")  # or "quick", "full"
+
+
+@pytest.fixture(scope="module", params=sorted(W.MODEL_WORKLOADS))
+def workload(request):
+    return W.MODEL_WORKLOADS[request.param](PRESET)
+
+
+@pytest.fixture(scope="module")
+def reference(workload):
+    return W.MODEL_IMPLS[W.REFERENCE_IMPL](workload)
+
+
+@pytest.mark.parametrize("impl", list(W.MODEL_IMPLS))
+def test_model_workload(benchmark, workload, reference, impl):
+    fn = W.impls_for(workload).get(impl)
+    if fn is None:
+        pytest.skip(f"{impl} on {workload.name}: {workload.skipped[impl]}")
+    benchmark.group = f"{workload.name}: {workload.title} ({workload.size_note})"
+    benchmark.extra_info.update(workload=workload.name, points=workload.num_points, examples=workload.num_examples)
+    losses = benchmark.pedantic(fn, args=(workload,), rounds=3, iterations=1, warmup_rounds=1)
+    assert torch.allclose(losses, reference, rtol=1e-4, atol=0), (impl, losses, reference)
+
+
+OP_SHAPES = [(k, r) for k in W.SIZES[PRESET]["W4"]["points"] for r in W.SIZES[PRESET]["W4"]["rows"]]
+
+
+@pytest.mark.parametrize("impl", list(W.OP_IMPLS))
+@pytest.mark.parametrize("points,rows", OP_SHAPES, ids=[f"K{k}-R{r}" for k, r in OP_SHAPES])
+def test_multipoint_linear(benchmark, impl, points, rows):
+    features = W.SIZES[PRESET]["W4"]["features"]
+    case = W.make_op_case(points, rows, features)
+    benchmark.group = f"W4 multipoint_linear K={points} R={rows} {features}×{features}"
+    benchmark.extra_info.update(flops=case.flops, bytes=case.bytes)
+    y = benchmark(W.OP_IMPLS[impl], case)
+    if impl != "dense-1W":  # not a multi-point computation: nothing to compare
+        ref = W.op_reference(case)
+        assert float((y.double() - ref).abs().max() / ref.abs().max()) <= 1e-4

@@ -1,0 +1,130 @@
+"""Rows shared by every point: the model's inputs before the first layer that moves.
+
+Until an activation meets a moving parameter it is the same for all K points, so it
+travels as a `SharedRows` tensor of B rows (not K·B). Row-wise operations with constant
+operands keep it shared (activations, pooling, flatten, frozen linear/conv/norm layers,
+arithmetic with tensors that have no batch dimension); a rule computes its per-point
+output from the B rows — the first linear layer costs (J+1)·B row-products instead of
+K·B. Any other operation first materialises the K·B rows, point-major, and runs as usual.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_ROWWISE_UNARY = {
+    F.relu, torch.relu, F.gelu, F.silu, F.leaky_relu, F.elu, F.softplus, F.hardtanh, F.relu6,
+    torch.tanh, torch.sigmoid, Tensor.tanh, Tensor.sigmoid, Tensor.relu, F.mish, F.hardswish,
+    F.dropout, F.pad, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d,
+    F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    torch.flatten, Tensor.flatten, Tensor.view, Tensor.reshape, torch.reshape, Tensor.contiguous,
+    Tensor.float, Tensor.double, Tensor.half, Tensor.bfloat16, Tensor.to, Tensor.clone,
+    F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+    F.layer_norm, F.group_norm, F.embedding, F.batch_norm,
+    torch._C._nn.linear, torch.conv1d, torch.conv2d, torch.conv3d, torch.layer_norm, torch.group_norm,
+    torch.batch_norm, torch.embedding, torch.max_pool1d, torch.max_pool2d, torch.avg_pool1d,
+    torch._C._nn.avg_pool2d, torch._C._nn.avg_pool3d, torch._C._nn.pad,
+}
+if hasattr(F, "rms_norm"):
+    _ROWWISE_UNARY.add(F.rms_norm)
+_ELEMENTWISE = {
+    torch.add, torch.sub, torch.mul, torch.div, Tensor.add, Tensor.sub, Tensor.mul, Tensor.div,
+    Tensor.__add__, Tensor.__radd__, Tensor.__sub__, Tensor.__rsub__, Tensor.__mul__, Tensor.__rmul__,
+    Tensor.__truediv__, Tensor.__rtruediv__,
+}
+
+
+_METADATA = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.__len__, Tensor.is_floating_point,
+             Tensor.__repr__, Tensor.__format__, Tensor.element_size, Tensor.is_contiguous}
+
+
+class SharedRows(Tensor):
+    """B rows that are the same for each of `points` points (see module doc)."""
+
+    points: int
+
+    @staticmethod
+    def __new__(cls, rows: Tensor, points: int) -> "SharedRows":
+        t = Tensor._make_subclass(cls, rows, rows.requires_grad)
+        t.points = points
+        return t
+
+    def __init__(self, rows: Tensor, points: int) -> None:
+        pass
+
+    def rows(self) -> Tensor:
+        """The B rows as a plain tensor."""
+        return self.as_subclass(Tensor)
+
+    def materialize(self) -> Tensor:
+        """(K·B, …) plain tensor: the rows repeated for each point, point-major."""
+        rows = self.rows()
+        return rows.unsqueeze(0).expand(self.points, *rows.shape).flatten(0, 1)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        shared = [a for a in _flat(args, kwargs) if isinstance(a, SharedRows)]
+        if func in _ROWWISE_UNARY or func in _ELEMENTWISE:
+            batch = shared[0].shape[0]
+            if _only_constants_besides(args, kwargs, shared[0].dim(), first_only=func in _ROWWISE_UNARY):
+                with torch._C.DisableTorchFunctionSubclass():
+                    out = func(*_map(lambda a: a.rows() if isinstance(a, SharedRows) else a, args),
+                               **_map(lambda a: a.rows() if isinstance(a, SharedRows) else a, kwargs))
+                if isinstance(out, Tensor) and out.dim() > 0 and out.shape[0] == batch:
+                    return SharedRows(out, shared[0].points)
+        if func in _METADATA or getattr(func, "__name__", "") == "__get__":
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)  # metadata (shape, dtype, …) of the B rows
+        return func(*_map(materialize, args), **_map(materialize, kwargs))
+
+
+def materialize(value: Any) -> Any:
+    return value.materialize() if isinstance(value, SharedRows) else value
+
+
+def materialize_all(tree: Any) -> Any:
+    return _map(materialize, tree)
+
+
+def _only_constants_besides(args, kwargs, shared_dims: int, first_only: bool) -> bool:
+    """Every tensor operand other than the shared ones is a plain tensor without a batch
+    dimension (a frozen layer's weight, a constant); for row-wise layer functions only the
+    first argument may be shared."""
+    for t in _flat(args, kwargs):
+        if isinstance(t, SharedRows):
+            if first_only and t is not args[0]:
+                return False
+        elif type(t) is not Tensor and not isinstance(t, torch.nn.Parameter):
+            return False  # another subclass (e.g. an UnhandledTensor) must see the call
+        elif not first_only and t.dim() >= shared_dims and t.shape[0] != 1:
+            return False  # may carry the batch: pair rows only once materialised
+    return True
+
+
+def _flat(args, kwargs):
+    stack = list(args) + list(kwargs.values())
+    while stack:
+        a = stack.pop()
+        if isinstance(a, (list, tuple)):
+            stack.extend(a)
+        elif isinstance(a, dict):
+            stack.extend(a.values())
+        elif isinstance(a, Tensor):
+            yield a
+
+
+def _map(fn, tree):
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_map(fn, v) for v in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_map(fn, v) for v in tree)
+    if isinstance(tree, dict):
+        return {k: _map(fn, v) for k, v in tree.items()}
+    return tree
