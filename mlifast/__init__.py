@@ -4,6 +4,7 @@
     res = mlifast.evaluate(model, line, data, coords=50)   # res["loss"]: (50,)
 """
 from mlifast import ops
+from mlifast.analysis import mli
 from mlifast._extension import info, warn_if_not_compiled
 from mlifast.engine import Results, evaluate, load
 from mlifast.multipoint import (
@@ -15,7 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Line", "MultiPointModel", "NotPerExampleOutputError", "Plane", "Results", "Span",
     "UnhandledParameterError", "evaluate", "info", "interpolate", "load", "ops",
-    "random_direction", "register_rule", "__version__",
+    "mli", "random_direction", "register_rule", "__version__",
 ]
 
 warn_if_not_compiled()

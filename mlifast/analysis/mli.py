@@ -602,3 +602,10 @@ def report(
             f"report needs a result along a line with an `alphas` attribute ({exc})."
         ) from None
     return summarize(alphas, res[key], start, end)
+
+
+# The output-path measures live in geometry.py (they run the multi-point model); they
+# belong to the same study, so `mlifast.mli` offers them too.
+from mlifast.analysis.geometry import gauss_length, logit_linearity  # noqa: E402
+
+__all__ = [*__all__, "gauss_length", "logit_linearity"]

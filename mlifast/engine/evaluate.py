@@ -85,7 +85,7 @@ def evaluate(
             points = slice(start, start + chunk)
             fast.set_coords(all_coords[points])
             if bn == "recompute" and norms:
-                _recompute_statistics(fast, norms, bn_data, forward, device, bar)
+                recompute_statistics(fast, norms, bn_data, forward, device, bar)
             seen = 0
             for batch in data:
                 output, target = forward(fast, to_device(batch, device))
@@ -110,14 +110,16 @@ def evaluate(
     return Results(all_coords, values, meta)
 
 
-def _recompute_statistics(fast: MultiPointModel, norms: list, bn_data, forward, device, bar) -> None:
+def recompute_statistics(fast: MultiPointModel, norms: list, bn_data, forward, device, bar=None) -> None:
+    """Each point's batch-norm statistics over bn_data, as update_bn computes them."""
     for m in norms:
         m.start_collecting()
     fast.context.bn_mode = "collect"
     try:
         for batch in bn_data:
             forward(fast, to_device(batch, device))
-            bar.update()
+            if bar is not None:
+                bar.update()
     finally:
         fast.context.bn_mode = "running"
     for m in norms:

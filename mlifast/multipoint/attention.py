@@ -16,7 +16,6 @@ from torch import Tensor
 from mlifast.multipoint.context import fold, unfold
 from mlifast.multipoint.rule import MultiPointRule
 from mlifast.multipoint.shared import materialize_all
-from mlifast.ops import multipoint_linear
 
 
 class MultiheadAttentionRule(MultiPointRule):
@@ -37,7 +36,7 @@ class MultiheadAttentionRule(MultiPointRule):
         if dirs is None:
             dirs = weight.new_zeros(self.context.coeffs.shape[1], *weight.shape)
         rows = fold(x, k)
-        y = multipoint_linear(rows.reshape(k, -1, x.shape[-1]), weight, bias, dirs, bias_dirs,
+        y = self.context.linear(rows.reshape(k, -1, x.shape[-1]), weight, bias, dirs, bias_dirs,
                               self.context.active_coeffs().to(weight.dtype))
         return unfold(y.reshape(*rows.shape[:-1], weight.shape[0]))
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
+
+from mlifast.ops import multipoint_linear
 
 BN_MODES = ("running", "batch", "collect", "recomputed")
 
@@ -27,6 +29,8 @@ class PointContext:
     batch_dim: the dimension holding the (K·B) rows for row-wise layers (linear,
         embedding, layer/RMS norm, RNN inputs); channel layers (conv, batch/group norm)
         always have it in dim 0.
+    linear: the multi-point linear operation (the compiled one; its pure-PyTorch
+        reference where forward-mode derivatives are taken, see analysis.geometry).
     bn_mode: "running" — running statistics of each point (interpolated or recomputed);
         "batch" — per-point batch statistics; "collect" — per-point batch statistics,
         also accumulated as running statistics (the "recompute" policy's pass).
@@ -37,6 +41,7 @@ class PointContext:
     bn_mode: str = "running"
     batch_size: int = 0  # B, examples per point in the current call
     batch_dim: int = 0  # where row-wise layers (linear, embedding, layer norm) find the batch
+    linear: Callable[..., Tensor] = multipoint_linear
 
     def __post_init__(self) -> None:
         self.active = torch.arange(self.coeffs.shape[0], device=self.coeffs.device)

@@ -19,7 +19,6 @@ from torch.func import functional_call
 from mlifast.multipoint.context import fold, rows_for_every_example, unfold
 from mlifast.multipoint.rule import MultiPointRule
 from mlifast.multipoint.shared import SharedRows
-from mlifast.ops import multipoint_linear
 
 
 class LinearRule(MultiPointRule):
@@ -37,7 +36,7 @@ class LinearRule(MultiPointRule):
             c = self.context.active_coeffs().to(w.dtype)
             dirs = w_dirs if w_dirs is not None else w.new_zeros(c.shape[1], *w.shape)
             bias_dirs = self.directions.get("bias") if b is not None else None
-            y = multipoint_linear(rows.reshape(-1, rows.shape[-1]), w, b, dirs, bias_dirs, c)
+            y = self.context.linear(rows.reshape(-1, rows.shape[-1]), w, b, dirs, bias_dirs, c)
             y = y.reshape(k, *rows.shape[:-1], w.shape[0])
             return y.flatten(0, 1) if shared else rows_for_every_example(y, self.context.batch_size)
         rows = fold(x, k, dim)
@@ -46,7 +45,7 @@ class LinearRule(MultiPointRule):
             bias = self.per_point("bias")
             return unfold(y + bias.reshape(k, *([1] * (y.dim() - 2)), -1), dim)
         shape = rows.shape
-        y = multipoint_linear(
+        y = self.context.linear(
             rows.reshape(k, -1, shape[-1]), w, b, w_dirs,
             self.directions.get("bias") if b is not None else None,
             self.context.active_coeffs().to(w.dtype),

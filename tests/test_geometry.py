@@ -1,0 +1,89 @@
+"""Gauss length and logit linearity: exact values and the one-point-at-a-time oracle."""
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+
+import mlifast
+from mlifast.analysis.geometry import gauss_length, logit_linearity
+from models import mlp
+from oracle import load_point
+
+
+class Arc(nn.Module):
+    """z(α) = [sin(θ + x), cos(θ + x)]: a circular arc of angle θ1 − θ0 per example."""
+
+    def __init__(self, theta):
+        super().__init__()
+        self.theta = nn.Parameter(torch.tensor(float(theta), dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.stack([torch.sin(self.theta + x), torch.cos(self.theta + x)], -1)
+
+
+def test_half_circle_has_gauss_length_pi():
+    x = torch.rand(100, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    line = mlifast.Line(Arc(0.0), Arc(math.pi))
+    assert abs(gauss_length(Arc(0.0), line, [(x, x)], alphas=200) - math.pi) < 1e-4
+
+
+def test_straight_output_paths_have_zero_length_and_linearity():
+    torch.manual_seed(0)
+    a, b = nn.Linear(3, 4).double(), nn.Linear(3, 4).double()
+    x = torch.randn(10, 3, dtype=torch.float64)
+    assert gauss_length(a, mlifast.Line(a, b), [(x, x)], alphas=20) < 1e-12
+    assert logit_linearity(a, mlifast.Line(a, b), [(x, x)], alphas=20) < 1e-20
+
+
+def oracle_gauss_length(model, line, x, alphas):
+    """Per α: nested jvp of functional_call at θ(α) along the line's direction."""
+    names = [n for n, _ in model.named_parameters()]
+    origin = {n: line.origin[n] for n in names}
+    direction = {n: line.direction(n)[0] for n in names}
+    values = []
+    for a in alphas.tolist():
+        def z(t):
+            return functional_call(model, {n: origin[n] + t * direction[n] for n in names}, (x,)).flatten(1)
+
+        def dz(t):
+            return jvp(z, (t,), (torch.ones_like(t),))[1]
+
+        t = torch.tensor(a, dtype=torch.float64)
+        v, acc = jvp(dz, (t,), (torch.ones_like(t),))
+        n = v / v.norm(dim=1, keepdim=True)
+        values.append((acc - n * (n * acc).sum(1, keepdim=True)).norm(dim=1) / v.norm(dim=1))
+    return torch.trapezoid(torch.stack(values), alphas, dim=0).mean().item()
+
+
+def test_mlp_matches_per_point_oracle():
+    torch.manual_seed(0)
+    a, b = mlp().double().eval(), mlp().double().eval()
+    line = mlifast.Line(a, b)
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    data = [(x[:4], None), (x[4:], None)]
+    alphas = torch.linspace(0, 1, 9, dtype=torch.float64)
+    got = gauss_length(a, line, data, alphas=alphas)
+    assert got > 0.01
+    assert math.isclose(got, oracle_gauss_length(a, line, x, alphas), rel_tol=1e-9)
+
+
+def test_logit_linearity_matches_loop():
+    torch.manual_seed(0)
+    a, b = mlp().double().eval(), mlp().double().eval()
+    line = mlifast.Line(a, b)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    alphas = torch.linspace(0, 1, 7, dtype=torch.float64)
+    z = torch.stack([load_point(a, line, t)(x) for t in alphas.tolist()])
+    chord = (z[-1] - z[0]) / (z[-1] - z[0]).norm(dim=-1, keepdim=True)
+    r = (z - z[0]) - chord * ((z - z[0]) * chord).sum(-1, keepdim=True)
+    expected = torch.trapezoid(r.pow(2).sum(-1).mean(1), alphas).item()
+    assert math.isclose(logit_linearity(a, line, [(x, None)], alphas=alphas), expected, rel_tol=1e-9)
+
+
+def test_needs_a_line():
+    torch.manual_seed(0)
+    models = [mlp() for _ in range(3)]
+    with pytest.raises(ValueError, match="needs a line"):
+        gauss_length(models[0], mlifast.Plane.through(*models), [(torch.randn(2, 3, 4), None)])
