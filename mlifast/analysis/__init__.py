@@ -1,7 +1,5 @@
-"""Analysis layer: metrics of loss curves and weight vectors (MLI, barriers, distances).
-
-Pure functions over sampled curves; depends only on numpy and torch. See
-:mod:`mlifast.analysis.mli`.
+"""Analysis layer: metrics of loss curves and weight vectors (MLI, barriers, distances)
+and of output paths (Gauss length, logit linearity). See :mod:`mlifast.analysis.mli`.
 """
 
 from . import mli
@@ -16,8 +14,10 @@ from .mli import (
     default_distance_include,
     delta_min,
     endpoint_barrier,
+    gauss_length,
     fraction_non_monotonic,
     is_monotonic,
+    logit_linearity,
     max_step_increase,
     report,
     summarize,
