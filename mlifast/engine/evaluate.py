@@ -51,7 +51,8 @@ def evaluate(
             (each point's statistics recomputed on bn_data as update_bn would, then eval
             mode) or "batch" (each point's own batch statistics).
         bn_data: data for "recompute" (default: `data`).
-        device, dtype: where and in what floating dtype to compute (default: the space's).
+        device, dtype: where and in what floating dtype to compute (default: the space's);
+            floating-point inputs are cast to `dtype` when it is given.
         max_points_per_pass: points evaluated together (default: from a memory budget).
         progress: show a tqdm progress bar over batches.
         forward: forward(model, batch) -> (output, target) for other batch layouts;
@@ -73,7 +74,7 @@ def evaluate(
     norms = [m for m in fast.rules() if isinstance(m, BatchNormRule)]
     if bn == "recompute" and bn_data is None:
         bn_data = data
-    chunk = max_points_per_pass or points_per_pass(fast, data, forward, device)
+    chunk = max_points_per_pass or points_per_pass(fast, data, forward, device, dtype)
 
     sums = {name: torch.zeros(all_coords.shape[0], dtype=torch.float64) for name in per_example}
     examples = 0
@@ -85,10 +86,10 @@ def evaluate(
             points = slice(start, start + chunk)
             fast.set_coords(all_coords[points])
             if bn == "recompute" and norms:
-                recompute_statistics(fast, norms, bn_data, forward, device, bar)
+                recompute_statistics(fast, norms, bn_data, forward, device, bar, dtype)
             seen = 0
             for batch in data:
-                output, target = forward(fast, to_device(batch, device))
+                output, target = forward(fast, to_device(batch, device, dtype))
                 k = fast.num_points
                 flat_output, flat_target = _flatten_points(output, target, k)
                 for name, fn in per_example.items():
@@ -110,14 +111,15 @@ def evaluate(
     return Results(all_coords, values, meta)
 
 
-def recompute_statistics(fast: MultiPointModel, norms: list, bn_data, forward, device, bar=None) -> None:
+def recompute_statistics(fast: MultiPointModel, norms: list, bn_data, forward, device, bar=None,
+                         dtype=None) -> None:
     """Each point's batch-norm statistics over bn_data, as update_bn computes them."""
     for m in norms:
         m.start_collecting()
     fast.context.bn_mode = "collect"
     try:
         for batch in bn_data:
-            forward(fast, to_device(batch, device))
+            forward(fast, to_device(batch, device, dtype))
             if bar is not None:
                 bar.update()
     finally:
