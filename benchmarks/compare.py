@@ -182,7 +182,7 @@ def ceiling(device: str, quick: bool) -> dict:
 
 def peak_subprocess(workload: str, impl: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_peak", workload, impl, "--preset", args.preset,
-           "--device", args.device]
+           "--device", args.device, "--threads", str(torch.get_num_threads())]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"compare.py: the peak-memory run of {workload}/{impl} failed:\n{proc.stderr[-4000:]}")
@@ -385,11 +385,14 @@ def main(argv=None) -> int:
     p.add_argument("--quiet-wait", type=float, default=None,
                    help="before each timed round, wait up to this many seconds for other processes to "
                         "leave the CPUs idle (default 60, 0 with --quick)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     p.add_argument("--json", help="also write every number to this file")
     p.add_argument("--preset", help=argparse.SUPPRESS)
     p.add_argument("--_peak", nargs=2, metavar=("WORKLOAD", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.preset = args.preset or ("quick" if args.quick else "full")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch has no CUDA device here")
     if args._peak:

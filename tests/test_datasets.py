@@ -55,7 +55,7 @@ def _write_idx_folder(folder: Path, arrays, gz: bool) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for key, stem in _STEMS.items():
         data = _idx_bytes(arrays[key], D.IDX_IMAGES_MAGIC if key.endswith("_x") else D.IDX_LABELS_MAGIC)
-        (folder / (stem + (".gz" if gz else ""))).write_bytes(gzip.compress(data) if gz else data)
+        (folder / (stem + (".gz" if gz else ""))).write_bytes(gzip.compress(data, compresslevel=1) if gz else data)
     return folder
 
 
@@ -140,7 +140,7 @@ def test_read_idx_small_files(tmp_path, gz):
     for name, arr, magic in (("img", images, 2051), ("lab", labels, 2049)):
         data = _idx_bytes(arr, magic)
         f = tmp_path / (name + ".bin")          # no .gz suffix even when gzipped: detected by content
-        f.write_bytes(gzip.compress(data) if gz else data)
+        f.write_bytes(gzip.compress(data, compresslevel=1) if gz else data)
         got = D.read_idx(f, magic=magic)
         assert got.dtype == np.uint8 and got.shape == arr.shape and np.array_equal(got, arr)
         assert got.flags.writeable
@@ -257,6 +257,8 @@ def test_cache_follows_env_and_source_changes(tmp_path, monkeypatch):
     for f in folder.iterdir():
         os.utime(f, ns=(1, 1))
     _assert_matches(D.mnist(path=folder), new)
+    assert len(list((tmp_path / "envcache").glob("mnist-*.npz"))) == 1     # overwritten, not piled up
+    _assert_matches(D.mnist(path=folder), new)
 
 
 def test_corrupt_cache_is_rebuilt(tmp_path):
@@ -334,7 +336,7 @@ def _write_mnist_pickle(path: Path, parts, legacy_names: bool) -> None:
     if legacy_names:                            # as written by numpy 1, like the real file
         data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
         assert b"numpy.core.multiarray\n_reconstruct" in data
-    path.write_bytes(gzip.compress(data))
+    path.write_bytes(gzip.compress(data, compresslevel=1))
 
 
 @pytest.mark.parametrize("legacy_names", [True, False])

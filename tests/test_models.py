@@ -1,17 +1,23 @@
 """mlifast.models: the MLI study's MLP and CIFAR ResNet families (shapes, counts, init, layout)."""
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mlifast
 from mlifast.models import FAMILIES, mlp, resnet, resnet20, resnet32, resnet44, resnet56
+from oracle import oracle_outputs, rel_err
 
-sys.path.insert(0, str(Path(__file__).parent))
-from oracle import oracle_outputs, rel_err  # noqa: E402
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: intra-op threads only add OpenMP contention on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def images(n=4, channels=3, size=32, seed=0):
@@ -126,8 +132,8 @@ def test_kaiming_fan_out_init(family):
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             assert torch.all(m.weight == (0 if id(m) in last_bns else 1)) and not m.bias.any()
-    w = model.layer3[2].conv1.weight  # 64·64·9 draws
-    assert w.std().item() == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.03)
+    for w in (model.layer3[2].conv1.weight, model.layer3[0].conv1.weight):  # 64→64 and 32→64: fan_out 64·9
+        assert w.std().item() == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.03)
 
 
 def assert_blocks_start_as_shortcut(model, train):
@@ -177,6 +183,8 @@ def test_fixup_init():
     # He-normal (fan_out) · L^(-1/(2m-2)), m = 2: std = sqrt(2 / (64·9)) / sqrt(9), 64·64·9 draws each
     w = torch.cat([b.conv1.weight.flatten() for b in model.layer3[1:]])
     assert w.std().item() == pytest.approx(math.sqrt(2 / (64 * 9)) / math.sqrt(num_branches), rel=0.02)
+    w = model.layer3[0].conv1.weight  # 32→64: fan_out, not fan_in
+    assert w.std().item() == pytest.approx(math.sqrt(2 / (64 * 9)) / math.sqrt(num_branches), rel=0.03)
     assert_blocks_start_as_shortcut(model, True)
 
 
@@ -190,6 +198,19 @@ def test_fixup_output_is_the_final_bias_at_init():
     for family in ("bn", "bn_zero_gamma", "no_bn"):
         logits = resnet(8, family).eval()(images(3, size=16))
         assert (logits - logits[:1]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_resnet_parameter_is_used(family):
+    """Away from init (no zero weight hides anything) every parameter gets a gradient."""
+    torch.manual_seed(0)
+    model = resnet(8, family, width=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model(images(3, size=8)).square().sum().backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not unused
 
 
 @pytest.mark.parametrize("depth", [0, 2, 7, 19, 21, 22, -4, 20.0, True])
@@ -209,8 +230,6 @@ def test_resnet_family_validation_and_paper_labels():
 def test_resnet_trains_and_interpolates(family):
     """One SGD step moves every parameter group the family's init does not freeze, and
     mlifast.interpolate answers for points of a line as the one-point loop does."""
-    import mlifast
-
     torch.manual_seed(0)
     a = resnet(8, family, num_classes=5, width=4).double()
     b = resnet(8, family, num_classes=5, width=4).double()
@@ -239,6 +258,7 @@ def test_mlp_layout_without_bn():
     assert [(m.in_features, m.out_features) for m in model if isinstance(m, nn.Linear)] == [
         (784, 1024), (1024, 1024), (1024, 10)]
     assert list(model.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+    assert isinstance(model.flatten, nn.Flatten) and model[1] is model._modules["0"]
     assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
 
 

@@ -74,6 +74,9 @@ class Downsample(nn.Module):
         self.pool = nn.AvgPool2d(1, stride=stride)
         self.bn0 = nn.BatchNorm2d(in_planes) if batch_norm else None
 
+    def extra_repr(self) -> str:
+        return f"option A: zero-pad {self.extra} channels"
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.pool(x)
         if self.bn0 is not None:
@@ -252,7 +255,9 @@ def resnet(depth: int, family: str = "bn", num_classes: int = 10, width: int = 1
         ValueError: depth not of the form 6n + 2, an unknown family, or a non-positive size.
     """
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"mlifast.models.resnet: depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...), got {depth!r}")
+        raise ValueError(
+            f"mlifast.models.resnet: depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...), got {depth!r}"
+        )
     return ResNet((depth - 2) // 6, family, num_classes=num_classes, width=width, in_channels=in_channels)
 
 

@@ -1,0 +1,1 @@
+"""Experiments of the MLI study built on the library: training runs, the demo, reports."""
