@@ -1,6 +1,7 @@
 """The `mlifast` command line (`mlifast COMMAND --help` for each command).
 
     mlifast demo      the main job: MLI of the MNIST MLP trained with SGD and Adam
+    mlifast curve     the interpolation curve between two checkpoints of any model
     mlifast info      which backend runs each operator
 """
 from __future__ import annotations
@@ -45,8 +46,102 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-train", type=_positive_int, default=None, help="first N training examples (default: all)")
     demo.add_argument("--n-test", type=_positive_int, default=None, help="first N test examples (default: all)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    curve = commands.add_parser("curve", help="loss and accuracy along the line between two checkpoints",
+                                description="Evaluate a model at points of the line from --start to --end "
+                                "(state dicts saved with torch.save) in one pass over a data set.")
+    curve.add_argument("--model", required=True, metavar="MODULE:FACTORY",
+                       help="an importable callable returning the model, e.g. mlifast.models:mlp")
+    curve.add_argument("--model-args", type=json.loads, default={}, metavar="JSON",
+                       help='keyword arguments of the factory, e.g. \'{"hidden": [32, 32]}\'')
+    curve.add_argument("--start", type=Path, required=True, help="checkpoint at α = 0")
+    curve.add_argument("--end", type=Path, required=True, help="checkpoint at α = 1")
+    curve.add_argument("--data", required=True, metavar="mnist|fashion-mnist|PATH",
+                       help="a known data set or a folder of IDX files")
+    curve.add_argument("--split", choices=("train", "test"), default="train")
+    curve.add_argument("--limit", type=_positive_int, default=None, help="first N examples of the split")
+    curve.add_argument("--alphas", type=_alpha_grid, default=50, metavar="N|a:b:n",
+                       help="N points on [0, 1] or n points on [a, b] (default: 50)")
+    curve.add_argument("--bn", choices=("interpolate", "recompute", "batch"), default="interpolate")
+    curve.add_argument("--batch-size", type=_positive_int, default=1000)
+    curve.add_argument("--out", type=Path, default=Path("runs/curve"), help="output folder (default: runs/curve)")
+    curve.add_argument("--no-progress", action="store_true", help="no progress bar")
     commands.add_parser("info", help="which backend runs each operator", description="Print mlifast.info().")
     return parser
+
+
+def _alpha_grid(text: str):
+    """"N" → N (evenly spaced on [0, 1]); "a:b:n" → n points on [a, b]."""
+    import torch
+
+    try:
+        if ":" not in text:
+            n = int(text)
+            if n < 2:
+                raise ValueError
+            return n
+        a, b, n = text.split(":")
+        if int(n) < 2:
+            raise ValueError
+        return torch.linspace(float(a), float(b), int(n), dtype=torch.float64)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N >= 2 or a:b:n, got {text!r}") from None
+
+
+def _load_model(spec: str, kwargs: dict):
+    import importlib
+
+    module_name, _, factory = spec.partition(":")
+    if not factory:
+        raise ValueError(f"--model must be MODULE:FACTORY, got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module_name), factory)(**kwargs)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot build the model {spec!r}: {error}") from None
+
+
+def _load_checkpoint(path: Path):
+    import torch
+
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    return state
+
+
+def _load_data(name: str):
+    from mlifast import datasets
+
+    if name.lower() in datasets.KNOWN or name.lower().replace("_", "-") in datasets.KNOWN:
+        return datasets.get(name)
+    if Path(name).is_dir():
+        return datasets.mnist(path=name)
+    raise ValueError(f"unknown data set {name!r}: use one of {sorted(datasets.KNOWN)} or a folder of IDX files")
+
+
+def run_curve_command(args: argparse.Namespace) -> int:
+    import mlifast
+
+    model = _load_model(args.model, args.model_args)
+    line = mlifast.Line(_load_checkpoint(args.start), _load_checkpoint(args.end))
+    data = _load_data(args.data)
+    x, y = data.split(args.split)
+    if args.limit:
+        x, y = x[: args.limit], y[: args.limit]
+    batches = [(x[i : i + args.batch_size], y[i : i + args.batch_size]) for i in range(0, len(y), args.batch_size)]
+    res = mlifast.evaluate(model.eval(), line, batches, coords=args.alphas, bn=args.bn, progress=not args.no_progress)
+    res.meta.update(model=args.model, start=str(args.start), end=str(args.end), data=args.data, split=args.split)
+    args.out.mkdir(parents=True, exist_ok=True)
+    res.save(args.out / "results.json")
+    res.plot(args.out / "curve.png")
+    summary = mlifast.mli.report(res, line.origin, line.state_at(1.0))
+    print(f"{'alpha':>7} {'loss':>10} {'accuracy':>9}")
+    for a, loss, acc in zip(res.alphas.tolist(), res["loss"].tolist(), res["accuracy"].tolist()):
+        print(f"{a:7.3f} {loss:10.4f} {acc:9.4f}")
+    print(f"\nΔ_min = {summary.delta_min:.4g} ({'monotonic' if summary.is_monotonic else 'not monotonic'}), "
+          f"{len(summary.bumps or ())} bump(s); wrote {args.out}/results.json and curve.png")
+    return 0
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
@@ -73,12 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return run_demo_command(args)
+        if args.command == "curve":
+            return run_curve_command(args)
         import mlifast
 
         print(json.dumps(mlifast.info(), indent=1))
         return 0
-    except FileNotFoundError as error:  # a missing data set or checkpoint: one clear line
-        print(f"mlifast {args.command}: error: {error}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as error:  # bad input: one clear line
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"mlifast {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

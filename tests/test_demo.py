@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mlifast
+
 from mlifast.datasets import DatasetNotFoundError, mnist
 from mlifast.experiments.demo import DemoConfig, run_demo
 from mlifast.models import mlp
@@ -69,3 +71,30 @@ def test_cli_misuse_exits_2_with_one_line(args):
     done = run_cli(*args)
     assert done.returncode == 2
     assert "error:" in done.stderr.strip().splitlines()[-1]
+
+
+def test_curve_command_reproduces_the_demo_curve(demo_run, tmp_path):
+    (_, _, curves), out = demo_run
+    done = run_cli("curve", "--model", "mlifast.models:mlp", "--model-args", '{"hidden": [32, 32]}',
+                   "--start", str(out / "init.pt"), "--end", str(out / "sgd.pt"), "--data", "mnist",
+                   "--limit", "600", "--alphas", "6", "--batch-size", "128", "--out", str(tmp_path), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    res = mlifast.load(tmp_path / "results.json")
+    torch.testing.assert_close(res["loss"], curves["sgd"]["train"]["loss"], rtol=1e-6, atol=1e-7)
+    assert "Δ_min" in done.stdout
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a, out: a.__setitem__(a.index("--start") + 1, str(out / "missing.pt")), "does not exist"),
+    (lambda a, out: a.__setitem__(a.index("--data") + 1, "cifar10"), "unknown data set"),
+    (lambda a, out: a.__setitem__(a.index("--model-args") + 1, '{"hidden": [16]}'), "does not match"),
+])
+def test_curve_misuse_is_one_line_and_exit_2(demo_run, change, message):
+    _, out = demo_run
+    args = ["curve", "--model", "mlifast.models:mlp", "--model-args", '{"hidden": [32, 32]}', "--start",
+            str(out / "init.pt"), "--end", str(out / "sgd.pt"), "--data", "mnist", "--limit", "10", "--no-progress"]
+    change(args, out)
+    done = run_cli(*args)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr
