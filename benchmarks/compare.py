@@ -137,8 +137,28 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def mlifast_source() -> str:
+    """Which mlifast is measured: its directory and commit (+dirty when mlifast/ or csrc/
+    differ from it); a snapshot may carry its commit in a COMMIT file beside the package."""
+    pkg = os.path.dirname(os.path.abspath(mlifast.__file__))
+    root = os.path.dirname(pkg)
+    stamp = os.path.join(root, "COMMIT")
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            return f"{root} (snapshot of {f.read().strip()[:10]})"
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short=10", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "mlifast", "csrc"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return f"{root} (commit {commit}{' + uncommitted changes' if dirty else ''})"
+    except (OSError, subprocess.CalledProcessError):
+        return root
+
+
 def machine(device: str) -> dict:
     info = {
+        "mlifast_source": mlifast_source(),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -155,8 +175,11 @@ def machine(device: str) -> dict:
     return info
 
 
-def ceiling(device: str, quick: bool) -> dict:
-    """float32 GEMM GFLOP/s (2048² matmul) and copy bandwidth GB/s (read + write bytes)."""
+def ceiling(device: str, quick: bool, quiet_wait: float) -> dict:
+    """float32 GEMM GFLOP/s (2048² matmul) and copy bandwidth GB/s (read + write bytes),
+    from memory (256 MiB buffers) and from cache (8 MiB buffers: this machine's weights of
+    1024² layers stay cache-resident between calls)."""
+    waited = wait_for_quiet(quiet_wait)
     n = 2048
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
@@ -164,17 +187,25 @@ def ceiling(device: str, quick: bool) -> dict:
     reps = 5 if quick else 15
     for _ in range(2):
         torch.mm(a, b, out=c)
-    gemm = [timed(lambda: torch.mm(a, b, out=c), device)[0] for _ in range(reps)]
-    numel = (16 if quick else 64) * 2**20  # 64 Mi floats = 256 MiB
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    copies = [timed(lambda: dst.copy_(src), device)[0] for _ in range(reps)]
-    return {
-        "gemm_gflops": 2 * n**3 / statistics.median(gemm) / 1e9,
-        "copy_gbs": 2 * numel * 4 / statistics.median(copies) / 1e9,
-        "load_avg": os.getloadavg()[0],
-    }
+    with ForeignLoad() as load:
+        gemm = [timed(lambda: torch.mm(a, b, out=c), device)[0] for _ in range(reps)]
+        bandwidth = {}
+        for label, mib in (("copy_gbs", 64 if quick else 256), ("cache_copy_gbs", 8)):
+            numel = mib * 2**20 // 4
+            src = torch.randn(numel, device=device)
+            dst = torch.empty_like(src)
+            dst.copy_(src)
+            inner = max(1, 256 // mib)
+            copies = [timed(lambda: [dst.copy_(src) for _ in range(inner)], device)[0] / inner for _ in range(reps)]
+            bandwidth[label] = 2 * numel * 4 / statistics.median(copies) / 1e9
+            del src, dst
+    return {"gemm_gflops": 2 * n**3 / statistics.median(gemm) / 1e9, **bandwidth,
+            "load_avg": os.getloadavg()[0], "others": load.fraction, "waited_s": waited}
+
+
+def best_ceiling(*measured: dict) -> dict:
+    """A ceiling is what the machine can do: the best of the measurements."""
+    return {k: max(m[k] for m in measured) for k in ("gemm_gflops", "copy_gbs", "cache_copy_gbs")}
 
 
 # ----------------------------------------------------------------------------- model workloads
@@ -189,8 +220,20 @@ def peak_subprocess(workload: str, impl: str, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
 def peak_child(workload: str, impl: str, preset: str, device: str) -> None:
-    """One checking run of one implementation; prints {peak_mb, seconds, losses} as JSON."""
+    """One checking run of one implementation; prints {peak_mb, seconds, losses} as JSON.
+
+    CPU peak: VmHWM (the resident high-water mark of this process's address space, which
+    starts fresh at exec — ru_maxrss does not: it carries the forking parent's peak), reset
+    to the current RSS after set-up through /proc/self/clear_refs, minus that RSS."""
     wl = W.to_device(W.MODEL_WORKLOADS[workload](preset), device)
     fn = W.impls_for(wl)[impl]
     gc.collect()
@@ -198,12 +241,17 @@ def peak_child(workload: str, impl: str, preset: str, device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak RSS to the current RSS
+        except OSError:
+            pass
+        base = _proc_status_kib("VmRSS")
     seconds, losses = timed(lambda: fn(wl), device)
     if device == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        peak_mb = (_proc_status_kib("VmHWM") - base) / 1024
     print(json.dumps({"peak_mb": peak_mb, "seconds": seconds, "losses": losses.tolist()}))
 
 
@@ -214,7 +262,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
-def run_model_workload(name: str, args, ceil: dict) -> dict:
+def run_model_workload(name: str, args) -> dict:
     wl = W.to_device(W.MODEL_WORKLOADS[name](args.preset), args.device)
     impls = W.impls_for(wl)
     names = list(impls)
@@ -259,21 +307,20 @@ def run_model_workload(name: str, args, ceil: dict) -> dict:
         print(f"   round {r + 1}/{args.repeats}" + (f" (waited {waited:.0f} s for a quiet machine)" if waited else "")
               + ": " + ", ".join(f"{i} {times[i][-1]:.2f}s (others {foreign[i][-1]:.0%})" for i in names), flush=True)
 
-    floor_s = fused / (ceil["gemm_gflops"] * 1e9)
     t_ml = statistics.median(times["mlifast"])
     rows = []
     for impl in names:
         t = statistics.median(times[impl])
         rows.append({
             "impl": impl, "median_s": t, "min_s": min(times[impl]), "max_s": max(times[impl]),
-            "vs_mlifast": t / t_ml, "gflops": useful / t / 1e9, "x_floor": t / floor_s,
+            "vs_mlifast": t / t_ml, "gflops": useful / t / 1e9,
             "peak_mb": peak.get(impl), "rel_err": errors[impl], "samples": times[impl],
             "foreign": max(foreign[impl]),
         })
     return {
         "workload": name, "title": wl.title, "sizes": wl.size_note, "points": wl.num_points,
         "examples": wl.num_examples, "bn": wl.bn, "useful_gflop": useful / 1e9, "fused_gflop": fused / 1e9,
-        "floor_s": floor_s, "rows": rows, "skipped": dict(wl.skipped),
+        "rows": rows, "skipped": dict(wl.skipped),
     }
 
 
@@ -286,18 +333,21 @@ def time_op(fn, case, device: str, target: float) -> tuple[int]:
     return max(1, min(1000, int(target / max(t, 1e-7))))
 
 
-def run_op_sweep(args, ceil: dict) -> dict:
+def run_op_sweep(args, shared: bool = False) -> dict:
     sizes = W.SIZES[args.preset]["W4"]
     f = sizes["features"]
-    names = list(W.OP_IMPLS)
+    names = list(W.SHARED_OP_IMPLS if shared else W.OP_IMPLS)
+    points, row_counts = (sizes["shared_points"], sizes["shared_rows"]) if shared else (sizes["points"], sizes["rows"])
     target = 0.003 if args.quick else 0.02
     samples = 3 if args.quick else 5
-    print(f"\n== W4: multipoint_linear {f}×{f}, K ∈ {sizes['points']}, R ∈ {sizes['rows']}; "
-          f"implementations: {', '.join(names)}", flush=True)
+    label = "W4-shared" if shared else "W4"
+    print(f"\n== {label}: multipoint_linear {f}×{f}, K ∈ {points}, R ∈ {row_counts}"
+          + (", one input shared by every point (a first layer)" if shared else "")
+          + f"; implementations: {', '.join(names)}", flush=True)
     rows = []
-    for k in sizes["points"]:
-        for r in sizes["rows"]:
-            case = W.op_case_to(W.make_op_case(k, r, f), args.device)
+    for k in points:
+        for r in row_counts:
+            case = W.op_case_to(W.make_op_case(k, r, f, shared=shared), args.device)
             ref = W.op_reference(case)
             errs = {}
             for impl in names:
@@ -306,7 +356,7 @@ def run_op_sweep(args, ceil: dict) -> dict:
                 errs[impl] = rel_err(W.OP_IMPLS[impl](case), ref)
                 if not errs[impl] <= OP_RTOL:
                     raise SystemExit(
-                        f"compare.py: FAIL W4 K={k} R={r}: {impl} differs from the float64 oracle by "
+                        f"compare.py: FAIL {label} K={k} R={r}: {impl} differs from the float64 oracle by "
                         f"{errs[impl]:.3g} relative to max |y| (tolerance {OP_RTOL})"
                     )
             iters = {impl: time_op(W.OP_IMPLS[impl], case, args.device, target) for impl in names}
@@ -320,20 +370,32 @@ def run_op_sweep(args, ceil: dict) -> dict:
                         per_call[impl].append(t / n)
             worst = load.fraction
             med = {impl: statistics.median(v) for impl, v in per_call.items()}
-            floor_s = max(case.flops / (ceil["gemm_gflops"] * 1e9), case.bytes / (ceil["copy_gbs"] * 1e9))
             rows.append({
                 "K": k, "R": r, "us": {i: v * 1e6 for i, v in med.items()},
                 "vs_mlifast": {i: v / med["mlifast"] for i, v in med.items()},
                 "gflops": {i: case.flops / v / 1e9 for i, v in med.items()},
-                "floor_us": floor_s * 1e6, "x_floor": med["mlifast"] / floor_s, "rel_err": errs,
+                "flops": case.flops, "fused_flops": case.fused_flops, "bytes": case.bytes, "rel_err": errs,
                 "foreign": worst,
             })
             print(f"   K={k:3d} R={r:4d}: " + ", ".join(f"{i} {med[i] * 1e6:.0f}µs" for i in names)
                   + f" (others ≤ {worst:.0%}" + (f", waited {waited:.0f} s" if waited else "") + ")", flush=True)
-    return {"workload": "W4", "features": f, "rows": rows, "impls": names}
+    return {"workload": label, "features": f, "rows": rows, "impls": names, "shared": shared}
 
 
 # ----------------------------------------------------------------------------- report
+
+
+def add_floors(model_results: list, op_results: list, ceil: dict) -> None:
+    """Each time against its floor: the fused algorithm's FLOPs at the measured GEMM rate
+    (model workloads); for the op also its compulsory bytes at the cache copy rate."""
+    for res in model_results:
+        res["floor_s"] = res["fused_gflop"] / ceil["gemm_gflops"]
+        for row in res["rows"]:
+            row["x_floor"] = row["median_s"] / res["floor_s"]
+    for row in (r for res in op_results for r in res["rows"]):
+        floor_s = max(row["fused_flops"] / (ceil["gemm_gflops"] * 1e9), row["bytes"] / (ceil["cache_copy_gbs"] * 1e9))
+        row["floor_us"] = floor_s * 1e6
+        row["x_floor"] = row["us"]["mlifast"] / row["floor_us"]
 
 
 def fmt_s(t: float) -> str:
@@ -414,24 +476,29 @@ def main(argv=None) -> int:
     print(f"mlifast {info['mlifast']} · torch {info['torch']} · {info['cpu']} · {info['cores']} cores "
           f"({info['torch_threads']} torch threads, {info['cpu_capability']}) · device {args.device}"
           + (f" ({info['gpu']})" if args.device == "cuda" else "") + f" · preset {args.preset}")
-    print(f"mlifast ops: {json.dumps(info['mlifast_ops'])}")
-    ceil_start = ceiling(args.device, args.quick)
+    print(f"mlifast from {info['mlifast_source']}; ops: {json.dumps(info['mlifast_ops'])}")
+    ceil_start = ceiling(args.device, args.quick, args.quiet_wait)
     print(f"ceiling: GEMM {ceil_start['gemm_gflops']:.0f} GFLOP/s (float32 2048²), copy "
-          f"{ceil_start['copy_gbs']:.1f} GB/s, load average {ceil_start['load_avg']:.2f}", flush=True)
+          f"{ceil_start['copy_gbs']:.1f} GB/s (memory), {ceil_start['cache_copy_gbs']:.1f} GB/s (cache), "
+          f"others' CPU {ceil_start['others']:.0%}", flush=True)
 
-    model_results, op_result = [], None
+    model_results, op_results = [], []
     for name in chosen:
         if name == "W4":
-            op_result = run_op_sweep(args, ceil_start)
+            op_results.append(run_op_sweep(args))
+            op_results.append(run_op_sweep(args, shared=True))
         else:
-            model_results.append(run_model_workload(name, args, ceil_start))
-    ceil_end = ceiling(args.device, args.quick)
+            model_results.append(run_model_workload(name, args))
+    ceil_end = ceiling(args.device, args.quick, args.quiet_wait)
+    ceil = best_ceiling(ceil_start, ceil_end)
+    add_floors(model_results, op_results, ceil)
     elapsed = time.perf_counter() - started
 
-    print("\n## Machine ceiling (measured at start and end of this run)\n")
-    print("| | GEMM GFLOP/s (fp32 2048²) | copy GB/s | load average (1 min) |\n|---|---:|---:|---:|")
+    print("\n## Machine ceiling (measured at start and end of this run; floors use the best)\n")
+    print("| | GEMM GFLOP/s (fp32 2048²) | copy GB/s, memory (256 MiB) | copy GB/s, cache (8 MiB) | others' CPU |\n"
+          "|---|---:|---:|---:|---:|")
     for label, c in (("start", ceil_start), ("end", ceil_end)):
-        print(f"| {label} | {c['gemm_gflops']:.0f} | {c['copy_gbs']:.1f} | {c['load_avg']:.2f} |")
+        print(f"| {label} | {c['gemm_gflops']:.0f} | {c['copy_gbs']:.1f} | {c['cache_copy_gbs']:.1f} | {c['others']:.0%} |")
     if model_results:
         print("\n## Model workloads (median of %d interleaved rounds; × mlifast = time / mlifast's time)\n" % args.repeats)
         print(model_table(model_results))
@@ -439,22 +506,26 @@ def main(argv=None) -> int:
         for res in model_results:
             print(f"- {res['workload']}: {res['title']}; useful {res['useful_gflop']:.0f} GFLOP (K one-point forwards"
                   f"{', ×2 for the statistics pass' if res['bn'] == 'recompute' else ''}), fused algorithm "
-                  f"{res['fused_gflop']:.0f} GFLOP → floor {res['floor_s']:.2f} s at the start GEMM rate")
+                  f"{res['fused_gflop']:.0f} GFLOP → floor {res['floor_s']:.2f} s at the best GEMM rate")
         print("- others' CPU: the largest share of all cores that other processes used during one timed run "
               "of that implementation (from /proc/stat); above ~10% its times are inflated")
         if not args.memory:
             print("- peak memory not measured (--quick / --no-memory)")
-    if op_result:
-        print(f"\n## W4: multipoint_linear, {op_result['features']}×{op_result['features']}, one direction "
-              "(median per call; floor = max(FLOPs / GEMM rate, (W0 + D + x + y) bytes / copy rate))\n")
-        print(op_table(op_result))
+    for res in op_results:
+        f = res["features"]
+        print(f"\n## {res['workload']}: multipoint_linear, {f}×{f}, one direction, "
+              + ("input (R, I) shared by every point; " if res["shared"] else "input (K, R, I); ")
+              + "median per call; GFLOP/s count K·R rows; floor = max(fused FLOPs / GEMM rate, "
+              "(W0 + D + x + y) bytes / cache copy rate)\n")
+        print(op_table(res))
     if "W3" not in chosen:
         print("\nW3 (300M-parameter transformer) is not part of this version.")
     print(f"\ncompare.py: all checks passed; {elapsed:.0f} s in all")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "args": vars(args), "ceiling": {"start": ceil_start, "end": ceil_end},
-                       "models": model_results, "op": op_result, "elapsed_s": elapsed}, f, indent=1)
+            json.dump({"machine": info, "args": vars(args),
+                       "ceiling": {"start": ceil_start, "end": ceil_end, "best": ceil},
+                       "models": model_results, "ops": op_results, "elapsed_s": elapsed}, f, indent=1)
     return 0
 
 

@@ -37,21 +37,22 @@ SIZES = {
         "W1": dict(points=50, examples=10_000, batch=1_000),
         "W2": dict(points=50, examples=64, batch=64, width=16),  # 10,000 would take hours on 2 cores
         "W5": dict(side=21, examples=500, batch=500),
-        "W4": dict(points=(1, 4, 16, 64), rows=(1, 8, 64, 256), features=1024),
+        "W4": dict(points=(1, 4, 16, 64), rows=(1, 8, 64, 256), features=1024,
+                   shared_points=(16, 64), shared_rows=(64, 256)),
         "vmap_chunk": 10,
     },
     "quick": {
         "W1": dict(points=8, examples=400, batch=200),
         "W2": dict(points=4, examples=64, batch=32, width=8),
         "W5": dict(side=5, examples=200, batch=200),
-        "W4": dict(points=(1, 16), rows=(1, 64), features=256),
+        "W4": dict(points=(1, 16), rows=(1, 64), features=256, shared_points=(16,), shared_rows=(64,)),
         "vmap_chunk": 4,
     },
     "tiny": {
         "W1": dict(points=4, examples=64, batch=32),
         "W2": dict(points=3, examples=32, batch=16, width=4),
         "W5": dict(side=3, examples=64, batch=64),
-        "W4": dict(points=(4,), rows=(8,), features=128),
+        "W4": dict(points=(4,), rows=(8,), features=128, shared_points=(4,), shared_rows=(8,)),
         "vmap_chunk": 2,
     },
 }
@@ -389,7 +390,7 @@ class OpCase:
     points: int
     rows: int
     features: int
-    x: Tensor  # (K, R, I)
+    x: Tensor  # (K, R, I), or (R, I) when every point sees the same rows (a first layer)
     weight: Tensor
     bias: Tensor
     dirs: Tensor  # (1, O, I)
@@ -397,22 +398,32 @@ class OpCase:
     coeffs: Tensor  # (K, 1)
 
     @property
+    def shared(self) -> bool:
+        return self.x.dim() == 2
+
+    @property
     def flops(self) -> float:
+        """Useful FLOPs: K·R rows through a 1024² layer (what a per-point loop computes)."""
         return 2.0 * self.points * self.rows * self.features * self.features
+
+    @property
+    def fused_flops(self) -> float:
+        """FLOPs of the fused algorithm: 1× per point, or for a shared input x·W0ᵀ and x·Dᵀ once."""
+        return 4.0 * self.rows * self.features**2 if self.shared else self.flops
 
     @property
     def bytes(self) -> float:
         """Compulsory traffic of the fused op: W0 and D once, the input and the output."""
-        f = self.features
-        return 4.0 * (2 * f * f + self.points * self.rows * 2 * f)
+        f, kr = self.features, self.points * self.rows
+        return 4.0 * (2 * f * f + (self.rows if self.shared else kr) * f + kr * f)
 
 
-def make_op_case(points: int, rows: int, features: int, seed: int = 0) -> OpCase:
+def make_op_case(points: int, rows: int, features: int, seed: int = 0, shared: bool = False) -> OpCase:
     g = torch.Generator().manual_seed(seed)
     f = features
     return OpCase(
         points, rows, f,
-        torch.randn(points, rows, f, generator=g),
+        torch.randn(*(() if shared else (points,)), rows, f, generator=g),
         torch.randn(f, f, generator=g) / math.sqrt(f),
         torch.randn(f, generator=g) * 0.1,
         torch.randn(1, f, f, generator=g) / math.sqrt(f),
@@ -434,19 +445,19 @@ def op_mlifast(c: OpCase) -> Tensor:
 
 def op_two_gemm(c: OpCase) -> Tensor:
     """x·W0ᵀ + b0 + c_k·(x·Dᵀ + db): two GEMMs over all K·R rows, then the per-point combine."""
-    rows = c.x.reshape(-1, c.features)
-    base = F.linear(rows, c.weight, c.bias).view(c.points, c.rows, -1)
-    along = F.linear(rows, c.dirs[0], c.bias_dirs[0]).view(c.points, c.rows, -1)
+    rows = c.x.reshape(-1, c.features)  # a shared input: R rows, computed once
+    base = F.linear(rows, c.weight, c.bias).view(-1, c.rows, c.features)
+    along = F.linear(rows, c.dirs[0], c.bias_dirs[0]).view(-1, c.rows, c.features)
     return torch.addcmul(base, c.coeffs.view(-1, 1, 1), along)
 
 
 def op_loop_materialise(c: OpCase) -> Tensor:
     """Per point: W_k = W0 + c_k·D materialised, then one GEMM on that point's rows."""
-    y = c.x.new_empty(c.points, c.rows, c.features)
+    y = c.weight.new_empty(c.points, c.rows, c.features)
     for k, ck in enumerate(c.coeffs[:, 0].tolist()):
         w_k = torch.add(c.weight, c.dirs[0], alpha=ck)
         b_k = torch.add(c.bias, c.bias_dirs[0], alpha=ck)
-        torch.addmm(b_k, c.x[k], w_k.t(), out=y[k])
+        torch.addmm(b_k, c.x if c.shared else c.x[k], w_k.t(), out=y[k])
     return y
 
 
@@ -461,7 +472,7 @@ def op_reference(c: OpCase) -> Tensor:
     d = torch.float64
     w = c.weight.to(d) + c.coeffs.to(d).view(-1, 1, 1) * c.dirs.to(d)  # (K, O, I)
     b = c.bias.to(d) + c.coeffs.to(d) * c.bias_dirs.to(d)  # (K, O)
-    return torch.bmm(c.x.to(d), w.transpose(1, 2)) + b.unsqueeze(1)
+    return torch.matmul(c.x.to(d), w.transpose(1, 2)) + b.unsqueeze(1)
 
 
 OP_IMPLS: dict[str, Callable[[OpCase], Tensor]] = {
@@ -470,3 +481,4 @@ OP_IMPLS: dict[str, Callable[[OpCase], Tensor]] = {
     "loop-materialise": op_loop_materialise,
     "dense-1W": op_dense_one_weight,
 }
+SHARED_OP_IMPLS = ("mlifast", "two-GEMM", "loop-materialise")  # dense-1W means nothing there

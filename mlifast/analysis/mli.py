@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mlifast._messages import list_names
+
 __all__ = [
     "Bump",
     "MLISummary",
@@ -101,11 +103,7 @@ def _as_grid(alphas: Any, losses: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _names(keys: Iterable[Any], limit: int = _MAX_NAMES) -> str:
-    keys = list(keys)
-    text = ", ".join(repr(k) for k in keys[:limit])
-    if len(keys) > limit:
-        text += f" and {len(keys) - limit} more"
-    return text
+    return list_names(keys, limit)
 
 
 # ----------------------------------------------------------------------------- Δ_min

@@ -11,6 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mlifast.multipoint.context import PointContext
 from mlifast.multipoint.registry import check_supported, rule_for
 from mlifast.multipoint.shared import SharedRows, materialize
+from mlifast.multipoint.trees import map_tensors, tensors_in
 from mlifast.multipoint.unhandled import UnhandledTensor
 from mlifast.spaces import Span
 
@@ -63,7 +64,7 @@ class MultiPointModel(nn.Module):
             self.shares_rows = self.batch_dim == 0 and self._sharing_agrees(args, kwargs)
         out = self._run(args, kwargs, self.shares_rows)
         k, dim = self.num_points, self.batch_dim
-        return _tree_map(lambda t, path: _split_points(t, k, batch, dim, path), out, "output")
+        return map_tensors(lambda t, path: _split_points(t, k, batch, dim, path), out, "output")
 
     def _run(self, args: tuple, kwargs: dict, share_rows: bool):
         """The copied model on the inputs repeated for every point (or, with share_rows,
@@ -75,8 +76,8 @@ class MultiPointModel(nn.Module):
                 return t
             return SharedRows(t, k) if share_rows else _repeat_points(t, k, dim)
 
-        out = self.model(*_tree_map(lift, args, "args"), **_tree_map(lift, kwargs, "kwargs"))
-        return _tree_map(lambda t, _path: materialize(t), out, "output")
+        out = self.model(*map_tensors(lift, args, "args"), **map_tensors(lift, kwargs, "kwargs"))
+        return map_tensors(lambda t, _path: materialize(t), out, "output")
 
     def _sharing_agrees(self, args: tuple, kwargs: dict) -> bool:
         """Whether computing on shared rows until the first moving layer gives the same
@@ -88,9 +89,9 @@ class MultiPointModel(nn.Module):
         if saved_mode == "collect":  # batch statistics without accumulating them
             self.context.bn_mode = "batch"
         try:
-            repeated = list(_tensors(self._run(args, kwargs, share_rows=False)))
+            repeated = list(tensors_in(self._run(args, kwargs, share_rows=False)))
             try:
-                shared = list(_tensors(self._run(args, kwargs, share_rows=True)))
+                shared = list(tensors_in(self._run(args, kwargs, share_rows=True)))
             except Exception:  # noqa: BLE001 — any failure means: do not share
                 return False
             return len(shared) == len(repeated) and all(_close(a, b) for a, b in zip(shared, repeated))
@@ -175,7 +176,7 @@ def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn
 
 
 def _batch_size(args: tuple, kwargs: dict, dim: int) -> int:
-    for t in _tensors((args, kwargs)):
+    for t in tensors_in((args, kwargs)):
         if t.dim() > dim:
             return t.shape[dim]
     raise ValueError(f"mlifast: found no tensor argument with a batch dimension {dim} to fold the points into")
@@ -218,35 +219,3 @@ def _close(a: Tensor, b: Tensor) -> bool:
     tol = {torch.float64: 1e-7, torch.float32: 1e-3}.get(a.dtype, 5e-2)
     scale = b.abs().max().clamp_min(1e-30) if b.numel() else 1.0
     return bool((((a - b).abs() <= tol * scale) | (a.isnan() & b.isnan())).all())
-
-
-def _tensors(tree):
-    if isinstance(tree, Tensor):
-        yield tree
-    elif isinstance(tree, (tuple, list)):
-        for v in tree:
-            yield from _tensors(v)
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from _tensors(v)
-
-
-def _tree_map(fn, tree, name: str):
-    """fn(tensor, path) for every tensor of nested tuples/lists/dicts (incl. dict subclasses
-    such as Hugging Face ModelOutput); `path` names the tensor in messages."""
-
-    def walk(node, p):
-        if isinstance(node, Tensor):
-            return fn(node, p)
-        if isinstance(node, tuple) and hasattr(node, "_fields"):
-            return type(node)(*(walk(v, f"{p}.{f}") for f, v in zip(node._fields, node)))
-        if isinstance(node, (tuple, list)):
-            return type(node)(walk(v, f"{p}[{i}]") for i, v in enumerate(node))
-        if isinstance(node, dict):
-            mapped = {key: walk(v, f"{p}[{key!r}]") for key, v in node.items()}
-            try:
-                return type(node)(**mapped) if type(node) is not dict else mapped
-            except TypeError:
-                return type(node)(mapped)
-        return node
-    return walk(tree, name)

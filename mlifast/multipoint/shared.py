@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mlifast.multipoint.trees import map_tensors, tensors_in
+
 _ROWWISE_UNARY = {
     F.relu, torch.relu, F.gelu, F.silu, F.leaky_relu, F.elu, F.softplus, F.hardtanh, F.relu6,
     torch.tanh, torch.sigmoid, Tensor.tanh, Tensor.sigmoid, Tensor.relu, F.mish, F.hardswish,
@@ -68,34 +70,37 @@ class SharedRows(Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        shared = [a for a in _flat(args, kwargs) if isinstance(a, SharedRows)]
+        shared = [a for a in tensors_in((args, kwargs)) if isinstance(a, SharedRows)]
         if func in _ROWWISE_UNARY or func in _ELEMENTWISE:
             batch = shared[0].shape[0]
             if _only_constants_besides(args, kwargs, shared[0].dim(), first_only=func in _ROWWISE_UNARY):
                 with torch._C.DisableTorchFunctionSubclass():
-                    out = func(*_map(lambda a: a.rows() if isinstance(a, SharedRows) else a, args),
-                               **_map(lambda a: a.rows() if isinstance(a, SharedRows) else a, kwargs))
+                    out = func(*map_tensors(_rows, args), **map_tensors(_rows, kwargs))
                 if isinstance(out, Tensor) and out.dim() > 0 and out.shape[0] == batch:
                     return SharedRows(out, shared[0].points)
         if func in _METADATA or getattr(func, "__name__", "") == "__get__":
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)  # metadata (shape, dtype, …) of the B rows
-        return func(*_map(materialize, args), **_map(materialize, kwargs))
+        return func(*materialize_all(args), **materialize_all(kwargs))
 
 
-def materialize(value: Any) -> Any:
+def _rows(value: Tensor, _path: str = "") -> Tensor:
+    return value.rows() if isinstance(value, SharedRows) else value
+
+
+def materialize(value: Tensor, _path: str = "") -> Tensor:
     return value.materialize() if isinstance(value, SharedRows) else value
 
 
 def materialize_all(tree: Any) -> Any:
-    return _map(materialize, tree)
+    return map_tensors(materialize, tree)
 
 
 def _only_constants_besides(args, kwargs, shared_dims: int, first_only: bool) -> bool:
     """Every tensor operand other than the shared ones is a plain tensor without a batch
     dimension (a frozen layer's weight, a constant); for row-wise layer functions only the
     first argument may be shared."""
-    for t in _flat(args, kwargs):
+    for t in tensors_in((args, kwargs)):
         if isinstance(t, SharedRows):
             if first_only and t is not args[0]:
                 return False
@@ -104,27 +109,3 @@ def _only_constants_besides(args, kwargs, shared_dims: int, first_only: bool) ->
         elif not first_only and t.dim() >= shared_dims and t.shape[0] != 1:
             return False  # may carry the batch: pair rows only once materialised
     return True
-
-
-def _flat(args, kwargs):
-    stack = list(args) + list(kwargs.values())
-    while stack:
-        a = stack.pop()
-        if isinstance(a, (list, tuple)):
-            stack.extend(a)
-        elif isinstance(a, dict):
-            stack.extend(a.values())
-        elif isinstance(a, Tensor):
-            yield a
-
-
-def _map(fn, tree):
-    if isinstance(tree, Tensor):
-        return fn(tree)
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*(_map(fn, v) for v in tree))
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(_map(fn, v) for v in tree)
-    if isinstance(tree, dict):
-        return {k: _map(fn, v) for k, v in tree.items()}
-    return tree

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mlifast.multipoint.trees import tensors_in
+
 _METADATA = {
     Tensor.dim, Tensor.size, Tensor.numel, Tensor.is_floating_point, Tensor.is_complex,
     Tensor.__len__, Tensor.__hash__, Tensor.__repr__, Tensor.__format__, Tensor.__bool__,
@@ -51,7 +53,7 @@ class UnhandledTensor(Tensor):
         if func in _METADATA or name in _METADATA_PROPERTIES or name == "__get__" and _is_metadata_getter(func):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
-        culprit = next(a for a in _flat(args, kwargs) if isinstance(a, UnhandledTensor))
+        culprit = next(a for a in tensors_in((args, kwargs)) if isinstance(a, UnhandledTensor))
         raise UnhandledParameterError(
             f"mlifast: parameter '{culprit.owner}' ({culprit.kind}) is used by "
             f"{_func_name(func)} outside the module that owns it, where mlifast cannot "
@@ -70,15 +72,3 @@ def _func_name(func) -> str:
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     module = getattr(func, "__module__", None)
     return f"{module}.{name}" if module and module != "torch._C" else name
-
-
-def _flat(args, kwargs):
-    stack = list(args) + list(kwargs.values())
-    while stack:
-        a = stack.pop()
-        if isinstance(a, (list, tuple)):
-            stack.extend(a)
-        elif isinstance(a, dict):
-            stack.extend(a.values())
-        else:
-            yield a

@@ -22,6 +22,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from mlifast._messages import list_names
+
 StateLike = Union[nn.Module, Mapping[str, Tensor]]
 """An ``nn.Module`` (its ``state_dict()`` is used) or a mapping of names to tensors."""
 
@@ -42,12 +44,7 @@ _ENDPOINT_FIX = (
 
 
 def _names(keys: Iterable[Any], limit: int = _MAX_NAMES) -> str:
-    """``'a', 'b', 'c' and 7 more`` — at most ``limit`` names."""
-    keys = list(keys)
-    text = ", ".join(repr(k) for k in keys[:limit])
-    if len(keys) > limit:
-        text += f" and {len(keys) - limit} more"
-    return text
+    return list_names(keys, limit)
 
 
 def _is_floating(t: Tensor) -> bool:
