@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from mlifast._messages import list_names
+from mlifast.spaces import read_state
 
 __all__ = [
     "Bump",
@@ -316,22 +317,6 @@ def default_distance_include(key: str) -> bool:
     return key.rsplit(".", 1)[-1] not in RUNNING_STAT_SUFFIXES
 
 
-def _read_state(obj: Any, role: str) -> Mapping[str, Tensor]:
-    if isinstance(obj, nn.Module):
-        state: Mapping[Any, Any] = obj.state_dict()
-    elif isinstance(obj, Mapping):
-        state = obj
-    else:
-        raise TypeError(
-            f"weight_distance: {role} must be an nn.Module or a state dict, "
-            f"got {type(obj).__name__}."
-        )
-    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
-    if bad:
-        raise TypeError(f"weight_distance: {role} entries {_names(bad)} are not str → Tensor.")
-    return state
-
-
 def weight_distance(
     start: StateLike,
     end: StateLike,
@@ -372,8 +357,8 @@ def weight_distance(
     The official code excludes keys *containing* ``running`` or ``batches``; the default
     here matches it for every standard norm layer.
     """
-    s_state = _read_state(start, "start")
-    e_state = _read_state(end, "end")
+    s_state = read_state(start, "weight_distance: start")
+    e_state = read_state(end, "weight_distance: end")
 
     explicit: Optional[set[str]] = None
     if include is None:

@@ -1,9 +1,10 @@
 """Points of weight space: affine subspaces (Span, Line, Plane) and random directions.
 
 Depends only on torch; no other mlifast layer is imported here.
+`read_state` turns a module or state dict into a validated dict of tensors.
 """
 
 from .directions import random_direction
-from .span import Line, Plane, Span
+from .span import Line, Plane, Span, read_state
 
-__all__ = ["Span", "Line", "Plane", "random_direction"]
+__all__ = ["Span", "Line", "Plane", "random_direction", "read_state"]

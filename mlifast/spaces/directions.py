@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .span import StateLike, _read_state
+from .span import StateLike, read_state
 
 _EPS = 1e-10  # guards a zero-norm random filter, as in Li et al.'s reference code
 _RUNNING_STATS = ("running_mean", "running_var")
@@ -84,7 +84,7 @@ def random_direction(
     elif seed is not None:
         raise ValueError("pass either seed or generator, not both (use seed=None).")
 
-    state = _read_state(model_or_state, "model_or_state")
+    state = read_state(model_or_state, "model_or_state")
     buffers = _buffer_names(model_or_state, state)
     out: dict[str, Tensor] = {}
     seen: dict[tuple, str] = {}  # storage identity -> first key, for tied weights

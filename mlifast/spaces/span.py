@@ -51,7 +51,7 @@ def _is_floating(t: Tensor) -> bool:
     return t.is_floating_point()
 
 
-def _read_state(obj: StateLike, role: str) -> dict[str, Tensor]:
+def read_state(obj: StateLike, role: str) -> dict[str, Tensor]:
     """Detached (not yet cloned) view of ``obj``'s entries, in its own key order.
 
     Raises TypeError unless ``obj`` is a Module or a Mapping of str to Tensor.
@@ -207,12 +207,12 @@ class Span:
         directions = list(directions)
         if not directions:
             raise ValueError("directions is empty; a Span needs at least one direction.")
-        o = _read_state(origin, "origin")
+        o = read_state(origin, "origin")
         _check_origin(o, "origin")
         dirs = []
         for j, d in enumerate(directions):
             role = f"directions[{j}]"
-            state = _read_state(d, role)
+            state = read_state(d, role)
             _check_against(o, state, "origin", role, _SPAN_FIX)
             _check_finite(state, role, o)
             dirs.append(state)
@@ -424,11 +424,11 @@ def _differences(
 ) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
     """Validate ``others`` against ``base`` and return (base state, {key: [other − base]})
     with differences computed in the entries' own dtype."""
-    b = _read_state(base, base_role)
+    b = read_state(base, base_role)
     _check_origin(b, base_role)
     states = []
     for other, role in zip(others, roles):
-        s = _read_state(other, role)
+        s = read_state(other, role)
         _check_against(b, s, base_role, role, _ENDPOINT_FIX)
         _check_finite(s, role, b)
         states.append(s)
@@ -477,11 +477,11 @@ class Plane(Span):
     kind = "plane"
 
     def __init__(self, origin: StateLike, u: StateLike, v: StateLike) -> None:
-        o = _read_state(origin, "origin")
+        o = read_state(origin, "origin")
         _check_origin(o, "origin")
         dirs = []
         for role, d in (("u", u), ("v", v)):
-            state = _read_state(d, role)
+            state = read_state(d, role)
             _check_against(o, state, "origin", role, _SPAN_FIX)
             _check_finite(state, role, o)
             dirs.append(state)
