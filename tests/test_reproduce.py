@@ -1,0 +1,46 @@
+"""The reproduce grid: resumable runs and the paper's table computed from them."""
+import json
+
+import pytest
+
+from mlifast.datasets import DatasetNotFoundError, mnist
+from mlifast.experiments import reproduce
+from mlifast.experiments.reproduce import GridConfig, run_grid, table, write_report
+
+try:
+    mnist()
+except DatasetNotFoundError as error:  # pragma: no cover - make test installs it
+    pytest.skip(f"MNIST missing: {error}", allow_module_level=True)
+
+CONFIG = GridConfig(datasets=("mnist",), lrs=(0.1, 0.01), hidden=(16,), epochs=2, batch_size=100, alphas=6,
+                    n_train=1000, n_eval=500, eval_batch_size=250, loss_filter=10.0, threshold=1e-3)
+
+
+def test_grid_runs_resume_and_tabulate(tmp_path, monkeypatch):
+    records = run_grid(CONFIG, tmp_path, progress=False)
+    assert len(records) == 8 and len(list((tmp_path / "runs").glob("*.json"))) == 8
+    for r in records:
+        assert len(r["losses"]) == 6 and r["final_loss"] == r["losses"][-1]
+        rises = [max(0.0, later - min(r["losses"][: i + 1])) for i, later in enumerate(r["losses"])]
+        assert r["delta_min"] == pytest.approx(max(rises), abs=1e-12)
+
+    (tmp_path / "runs" / "mnist-adam-bn-lr0.1.json").unlink()  # as if killed before the last run
+    calls = []
+    original = reproduce.run_one
+    monkeypatch.setattr(reproduce, "run_one", lambda *a, **k: calls.append(a[2:]) or original(*a, **k))
+    again = run_grid(CONFIG, tmp_path, progress=False)
+    assert calls == [("mnist", "adam", True, 0.1)]
+    assert [r["id"] for r in again] == [r["id"] for r in records]
+
+    text = table(again, CONFIG)
+    row = next(line for line in text.splitlines() if line.startswith("| SGD-NoBN"))
+    for lr, cell in zip((0.1, 0.01), row.split("|")[2:4]):
+        r = next(r for r in again if r["optimizer"] == "sgd" and not r["batch_norm"] and r["lr"] == lr)
+        assert cell.strip() == f"{float(r['delta_min'] > 1e-3):.2f} (1)"
+
+
+def test_report_files(tmp_path):
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "none").glob("*.json"))]
+    write_report(records, CONFIG, tmp_path)
+    assert "SGD-BN" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "scatter.png").stat().st_size > 0
