@@ -2,6 +2,7 @@
 
     mlifast demo      the main job: MLI of the MNIST MLP trained with SGD and Adam
     mlifast curve     the interpolation curve between two checkpoints of any model
+    mlifast surface   the 2D slice through θ0, a second initialisation θ0′ and θT
     mlifast reproduce the paper's MLP grid (reduced), resumable
     mlifast info      which backend runs each operator
 """
@@ -50,22 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
     curve = commands.add_parser("curve", help="loss and accuracy along the line between two checkpoints",
                                 description="Evaluate a model at points of the line from --start to --end "
                                 "(state dicts saved with torch.save) in one pass over a data set.")
-    curve.add_argument("--model", required=True, metavar="MODULE:FACTORY",
-                       help="an importable callable returning the model, e.g. mlifast.models:mlp")
-    curve.add_argument("--model-args", type=json.loads, default={}, metavar="JSON",
-                       help='keyword arguments of the factory, e.g. \'{"hidden": [32, 32]}\'')
+    _model_and_data_arguments(curve)
     curve.add_argument("--start", type=Path, required=True, help="checkpoint at α = 0")
     curve.add_argument("--end", type=Path, required=True, help="checkpoint at α = 1")
-    curve.add_argument("--data", required=True, metavar="mnist|fashion-mnist|PATH",
-                       help="a known data set or a folder of IDX files")
-    curve.add_argument("--split", choices=("train", "test"), default="train")
-    curve.add_argument("--limit", type=_positive_int, default=None, help="first N examples of the split")
     curve.add_argument("--alphas", type=_alpha_grid, default=50, metavar="N|a:b:n",
                        help="N points on [0, 1] or n points on [a, b] (default: 50)")
-    curve.add_argument("--bn", choices=("interpolate", "recompute", "batch"), default="interpolate")
-    curve.add_argument("--batch-size", type=_positive_int, default=1000)
     curve.add_argument("--out", type=Path, default=Path("runs/curve"), help="output folder (default: runs/curve)")
-    curve.add_argument("--no-progress", action="store_true", help="no progress bar")
+    surface = commands.add_parser("surface", help="loss on the plane through θ0, θ0′ and θT (Figure 1)",
+                                  description="Evaluate the plane through an initialisation, a second "
+                                  "initialisation and the trained weights on a grid in one pass per chunk of points, "
+                                  "and draw the contours with both straight segments and the projected trajectory.")
+    _model_and_data_arguments(surface)
+    surface.add_argument("--init", type=Path, required=True, help="θ0, the initialisation the run started from")
+    surface.add_argument("--init2", type=Path, required=True, help="θ0′, another initialisation")
+    surface.add_argument("--end", type=Path, required=True, help="θT, the trained weights")
+    surface.add_argument("--trajectory", type=Path, nargs="*", default=(), help="checkpoints along training")
+    surface.add_argument("--steps", type=_positive_int, default=11, help="grid points per axis (default: 11)")
+    surface.add_argument("--range", type=_interval, default=(-0.3, 1.3), metavar="LOW:HIGH",
+                         help="grid range of both coordinates (default: -0.3:1.3)")
+    surface.add_argument("--out", type=Path, default=Path("runs/surface"))
     reproduce = commands.add_parser("reproduce", help="the paper's MLP grid on MNIST and Fashion-MNIST (reduced)",
                                     description="{SGD, Adam} × {BN, no BN} × learning rates × {MNIST, "
                                     "Fashion-MNIST}: train, evaluate 50 α, tabulate the fraction of non-monotonic "
@@ -86,6 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_surface_command(args: argparse.Namespace) -> int:
+    import mlifast
+    from mlifast.experiments.surface import grid, plot_surface, project, slice_plane
+
+    model = _load_model(args.model, args.model_args)
+    end = _load_checkpoint(args.end)
+    plane, second = slice_plane(_load_checkpoint(args.init), _load_checkpoint(args.init2), end)
+    trajectory = [project(plane, _load_checkpoint(p)) for p in args.trajectory]
+    res = mlifast.evaluate(model.eval(), plane, _batches(args), coords=grid(*args.range, args.steps), bn=args.bn,
+                           progress=not args.no_progress)
+    res.meta.update(model=args.model, init=str(args.init), init2=str(args.init2), end=str(args.end),
+                    data=args.data, split=args.split, second_init_coords=second, trajectory=trajectory)
+    args.out.mkdir(parents=True, exist_ok=True)
+    res.save(args.out / "results.json")
+    plot_surface(res, second, args.out / "surface.png", trajectory=trajectory)
+    best = int(res["loss"].argmin())
+    print(f"{args.steps}×{args.steps} points on [{args.range[0]:g}, {args.range[1]:g}]²; θ0′ at "
+          f"({second[0]:.3f}, 1); lowest loss {res['loss'][best]:.4f} at {tuple(round(v, 3) for v in res.coords[best].tolist())}")
+    print(f"wrote {args.out}/results.json and surface.png")
+    return 0
+
+
 def run_reproduce_command(args: argparse.Namespace) -> int:
     from mlifast.experiments.reproduce import GridConfig, run_grid, write_report
 
@@ -96,6 +122,30 @@ def run_reproduce_command(args: argparse.Namespace) -> int:
     print(write_report(records, config, args.out))
     print(f"\n{len(records)} runs in {time.perf_counter() - start:.0f} s; wrote {args.out}/table.md and scatter.png")
     return 0
+
+
+def _model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="MODULE:FACTORY",
+                        help="an importable callable returning the model, e.g. mlifast.models:mlp")
+    parser.add_argument("--model-args", type=json.loads, default={}, metavar="JSON",
+                        help='keyword arguments of the factory, e.g. \'{"hidden": [32, 32]}\'')
+    parser.add_argument("--data", required=True, metavar="mnist|fashion-mnist|PATH",
+                        help="a known data set or a folder of IDX files")
+    parser.add_argument("--split", choices=("train", "test"), default="train")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="first N examples of the split")
+    parser.add_argument("--bn", choices=("interpolate", "recompute", "batch"), default="interpolate")
+    parser.add_argument("--batch-size", type=_positive_int, default=1000)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _interval(text: str) -> tuple:
+    try:
+        low, high = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW:HIGH, got {text!r}") from None
+    if not low < high:
+        raise argparse.ArgumentTypeError(f"expected LOW < HIGH, got {text!r}")
+    return low, high
 
 
 def _alpha_grid(text: str):
@@ -149,17 +199,20 @@ def _load_data(name: str):
     raise ValueError(f"unknown data set {name!r}: use one of {sorted(datasets.KNOWN)} or a folder of IDX files")
 
 
+def _batches(args: argparse.Namespace) -> list:
+    x, y = _load_data(args.data).split(args.split)
+    if args.limit:
+        x, y = x[: args.limit], y[: args.limit]
+    return [(x[i : i + args.batch_size], y[i : i + args.batch_size]) for i in range(0, len(y), args.batch_size)]
+
+
 def run_curve_command(args: argparse.Namespace) -> int:
     import mlifast
 
     model = _load_model(args.model, args.model_args)
     line = mlifast.Line(_load_checkpoint(args.start), _load_checkpoint(args.end))
-    data = _load_data(args.data)
-    x, y = data.split(args.split)
-    if args.limit:
-        x, y = x[: args.limit], y[: args.limit]
-    batches = [(x[i : i + args.batch_size], y[i : i + args.batch_size]) for i in range(0, len(y), args.batch_size)]
-    res = mlifast.evaluate(model.eval(), line, batches, coords=args.alphas, bn=args.bn, progress=not args.no_progress)
+    res = mlifast.evaluate(model.eval(), line, _batches(args), coords=args.alphas, bn=args.bn,
+                           progress=not args.no_progress)
     res.meta.update(model=args.model, start=str(args.start), end=str(args.end), data=args.data, split=args.split)
     args.out.mkdir(parents=True, exist_ok=True)
     res.save(args.out / "results.json")
@@ -201,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_curve_command(args)
         if args.command == "reproduce":
             return run_reproduce_command(args)
+        if args.command == "surface":
+            return run_surface_command(args)
         import mlifast
 
         print(json.dumps(mlifast.info(), indent=1))
