@@ -164,3 +164,22 @@ def test_float32_model_evaluated_in_float64():
     res = mlifast.evaluate(a, line, data, coords=3, dtype=torch.float64, progress=False)
     losses, _ = loop_evaluate(a.double(), line.to(dtype=torch.float64), batches(), res.alphas.tolist(), "interpolate")
     torch.testing.assert_close(res["loss"], losses, rtol=1e-9, atol=0)
+
+
+def test_memory_budget_sets_the_points_per_pass(monkeypatch):
+    from mlifast.engine import chunking
+
+    torch.manual_seed(0)
+    a, b = mlp().double().eval(), mlp().double().eval()
+    line, data = mlifast.Line(a, b), batches()
+    per_point = chunking.activation_bytes_per_point(mlifast.MultiPointModel(a, line, 1), data[0],
+                                                    lambda m, batch: (m(batch[0]), batch[1]), torch.device("cpu"))
+    passes = []
+    original = mlifast.MultiPointModel.set_coords
+    monkeypatch.setattr(mlifast.MultiPointModel, "set_coords",
+                        lambda self, c: passes.append(len(c)) or original(self, c))
+    monkeypatch.setattr(chunking, "memory_budget", lambda device: 2 * per_point)
+    res = mlifast.evaluate(a, line, data, coords=5, progress=False)
+    assert passes[-3:] == [2, 2, 1]  # 5 points, 2 per pass
+    losses, _ = loop_evaluate(a, line, data, res.alphas.tolist(), "interpolate")
+    torch.testing.assert_close(res["loss"], losses, rtol=1e-9, atol=0)

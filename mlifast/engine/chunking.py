@@ -11,7 +11,6 @@ from mlifast.engine.batches import to_device
 
 CPU_BUDGET_FRACTION = 0.25
 CUDA_BUDGET_FRACTION = 0.5
-MAX_POINTS_PER_PASS = 64
 
 
 def memory_budget(device: torch.device) -> int:
@@ -58,4 +57,4 @@ def points_per_pass(fast, data: Iterable, forward, device: torch.device, dtype=N
     if first is None:
         return 1
     per_point = activation_bytes_per_point(fast, first, forward, device, dtype)
-    return int(max(1, min(MAX_POINTS_PER_PASS, memory_budget(device) // per_point)))
+    return int(max(1, memory_budget(device) // per_point))
