@@ -125,3 +125,22 @@ class TransformerClassifier(nn.Module):
         h = h if self.batch_first else h.transpose(0, 1)
         keep = (~padding_mask).unsqueeze(-1).to(h.dtype)
         return self.head((h * keep).sum(1) / keep.sum(1))
+
+
+class SignalNet(nn.Module):
+    """Conv1d, ConvTranspose1d, BatchNorm1d on (N, C, L); Conv3d, BatchNorm3d; RMSNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(2, 4, 3, padding=1, padding_mode="circular")
+        self.bn1 = nn.BatchNorm1d(4)
+        self.up = nn.ConvTranspose1d(4, 3, 3, stride=2, output_padding=1)
+        self.conv3 = nn.Conv3d(1, 2, 2)
+        self.bn3 = nn.BatchNorm3d(2)
+        self.norm = nn.RMSNorm(3 * 18 + 2 * 27)
+        self.fc = nn.Linear(3 * 18 + 2 * 27, 4)
+
+    def forward(self, signal, volume):  # (N, 2, 8), (N, 1, 4, 4, 4)
+        s = self.up(torch.relu(self.bn1(self.conv1(signal)))).flatten(1)
+        v = self.bn3(self.conv3(volume)).flatten(1)
+        return self.fc(self.norm(torch.cat([s, v], 1)))

@@ -231,3 +231,25 @@ def test_model_that_captures_the_batch_size_does_not_share_rows():
     check = check_parity(a, mlifast.Line(a, b), torch.linspace(0, 1, 4), torch.randn(5, 4, dtype=torch.float64),
                          dtype=torch.float64)
     assert check.shares_rows is False
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_1d_3d_convolutions_and_rms_norm(dtype):
+    from models import SignalNet
+
+    a, b = pair(SignalNet, dtype)
+    with torch.no_grad():
+        b.norm.weight.add_(0.3)  # default init makes the norms equal: move them
+    g = torch.Generator().manual_seed(2)
+    signal, volume = torch.randn(3, 2, 8, generator=g).to(dtype), torch.randn(3, 1, 4, 4, 4, generator=g).to(dtype)
+    fast = check_parity(a, mlifast.Line(a, b), torch.linspace(-0.5, 1.5, 4), signal, volume, dtype=dtype)
+    assert isinstance(fast.model.norm, MultiPointRule)
+
+
+def test_shape_mismatch_between_model_and_space_is_explained():
+    a, b = mlp(), mlp()
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    other = nn.Sequential(nn.Flatten(), nn.Linear(12, 17), nn.ReLU(), nn.Dropout(), nn.Linear(17, 16), nn.Tanh(),
+                          nn.Linear(16, 5))
+    with pytest.raises(ValueError, match=r"'1.weight' has shape \(17, 12\) in the model but \(16, 12\)"):
+        mlifast.interpolate(other, mlifast.Line(state, b), 3)
