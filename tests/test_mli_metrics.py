@@ -434,3 +434,20 @@ def test_public_names():
 
     for name in mli.__all__:
         assert getattr(analysis, name) is getattr(mli, name)
+
+
+def test_report_table_and_json():
+    import json
+
+    import torch
+
+    from mlifast.engine import Results
+
+    res = Results(torch.linspace(0, 1, 5, dtype=torch.float64)[:, None],
+                  {"loss": torch.tensor([1.0, 0.0, 0.5, 0.2, 0.7], dtype=torch.float64)})
+    summary = mli.report(res, gauss_length=1.25)
+    text = summary.table()
+    assert "\nΔ_min                        0.7\n" in text and text.endswith("Gauss length (rad)           1.25")
+    data = json.loads(json.dumps(summary.to_dict()))
+    assert data["delta_min"] == pytest.approx(0.7) and data["gauss_length"] == 1.25
+    assert data["bumps"][0]["height"] == pytest.approx(0.5)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
@@ -522,6 +522,42 @@ class MLISummary:
     loss_end: float
     weight_distance: Optional[float] = None
     normalized_weight_distance: Optional[float] = None
+    gauss_length: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable fields (NaN and inf as None)."""
+        def clean(v):
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return [clean(x) for x in v]
+            return v
+
+        return clean(asdict(self))
+
+    def table(self) -> str:
+        """A two-column text table of the measures."""
+        rows = [
+            ("points", str(self.n_points)),
+            ("monotonic (Δ_min = 0)", "yes" if self.is_monotonic else "no"),
+            ("Δ_min", f"{self.delta_min:.4g}"),
+            ("bumps", "–" if self.bumps is None else str(len(self.bumps))),
+            ("largest step increase", f"{self.max_step_increase:.4g}"),
+            ("barrier above chord", f"{self.barrier_height:.4g}"),
+            ("barrier above endpoint mean", f"{self.endpoint_barrier:.4g}"),
+            ("loss at start / end", f"{self.loss_start:.4g} / {self.loss_end:.4g}"),
+        ]
+        if self.weight_distance is not None:
+            rows.append(("‖θT − θ0‖ (normalised)", f"{self.weight_distance:.4g} ({self.normalized_weight_distance:.3g})"))
+        if self.gauss_length is not None:
+            rows.append(("Gauss length (rad)", f"{self.gauss_length:.4g}"))
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+    def __str__(self) -> str:
+        return self.table()
 
 
 def summarize(
@@ -570,8 +606,10 @@ def report(
     start: Optional[StateLike] = None,
     end: Optional[StateLike] = None,
     key: str = "loss",
+    gauss_length: Optional[float] = None,
 ) -> MLISummary:
-    """:func:`summarize` applied to an evaluation result along a line.
+    """:func:`summarize` applied to an evaluation result along a line, with the Gauss
+    length of the output path when given (see :func:`gauss_length`).
 
     ``res`` is anything with ``res.alphas`` (the (K,) α grid) and ``res[key]`` (the (K,)
     curve), e.g. the ``Results`` of ``mlifast.evaluate`` on a ``Line`` (duck-typed: this
@@ -584,7 +622,8 @@ def report(
         raise TypeError(
             f"report needs a result along a line with an `alphas` attribute ({exc})."
         ) from None
-    return summarize(alphas, res[key], start, end)
+    summary = summarize(alphas, res[key], start, end)
+    return summary if gauss_length is None else replace(summary, gauss_length=gauss_length)
 
 
 # The output-path measures live in geometry.py (they run the multi-point model); they
