@@ -450,4 +450,4 @@ def test_report_table_and_json():
     assert "\nΔ_min                        0.7\n" in text and text.endswith("Gauss length (rad)           1.25")
     data = json.loads(json.dumps(summary.to_dict()))
     assert data["delta_min"] == pytest.approx(0.7) and data["gauss_length"] == 1.25
-    assert data["bumps"][0]["height"] == pytest.approx(0.5)
+    assert data["bumps"][0]["height"] == pytest.approx(0.7)  # 0 → 0.5 → 0.2 → 0.7: one bump
