@@ -9,6 +9,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _mark_largest_rise(ax, alphas, losses) -> None:
+    """Δ_min = max_{i<j} L_j − L_i: the largest rise above the running minimum, drawn as a
+    vertical segment at the peak and named in the title."""
+    running_min = losses.cummin(0).values
+    rise = losses - running_min
+    peak = int(rise.argmax())
+    if rise[peak] > 0:
+        ax.vlines(alphas[peak], running_min[peak], losses[peak], colors="red", lw=2)
+    ax.set_title(f"loss (Δ_min = {rise[peak].item():.3g})")
+
+
 def plot_results(res, path: Path) -> None:
     """Write one panel per value ("loss", metrics) to `path` (any matplotlib format)."""
     names = list(res.values)
@@ -16,8 +27,11 @@ def plot_results(res, path: Path) -> None:
     for ax, name in zip(axes[0], names):
         values = res[name].numpy()
         if res.coords.shape[1] == 1:
-            ax.plot(res.alphas.numpy(), values, marker=".")
+            alphas = res.alphas.numpy()
+            ax.plot(alphas, values, marker=".")
             ax.set_xlabel("α")
+            if name == "loss":
+                _mark_largest_rise(ax, alphas, res[name])
         else:
             a, b = res.coords[:, 0].unique(), res.coords[:, 1].unique()
             if len(a) * len(b) != len(values):
@@ -26,7 +40,8 @@ def plot_results(res, path: Path) -> None:
             fig.colorbar(contour, ax=ax)
             ax.set_xlabel("coordinate 1")
             ax.set_ylabel("coordinate 2")
-        ax.set_title(name)
+        if not ax.get_title():
+            ax.set_title(name)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
