@@ -4,6 +4,7 @@
     python benchmarks/compare.py                    # full sizes (about 10 minutes on 2 cores)
     python benchmarks/compare.py --quick            # CI correctness smoke test (< 60 s)
     python benchmarks/compare.py --workloads W1,W4 --device cuda --json out.json
+    python benchmarks/compare.py --mlifast-from /tmp/snap   # a snapshot of one commit (see BENCHMARKS.md)
 
 For every workload it first checks that mlifast's losses agree with the loop baseline's
 (1e-4 relative at float32; the op sweep against a float64 oracle) and exits non-zero if
@@ -37,6 +38,20 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+
+def _use_mlifast_from(argv: list) -> None:
+    """--mlifast-from DIR: measure the mlifast package in DIR (e.g. a `git archive` snapshot of
+    one commit with the built _C copied in) instead of the installed one, even an editable
+    install, whose import hook would otherwise win over sys.path."""
+    if "--mlifast-from" not in argv or argv.index("--mlifast-from") + 1 >= len(argv):
+        return
+    sys.meta_path[:] = [f for f in sys.meta_path
+                        if "editable" not in type(f).__module__ and "skbc" not in type(f).__module__]
+    sys.path.insert(0, os.path.abspath(argv[argv.index("--mlifast-from") + 1]))
+
+
+_use_mlifast_from(sys.argv)
 
 import torch  # noqa: E402
 
@@ -222,6 +237,8 @@ def best_ceiling(*measured: dict) -> dict:
 def peak_subprocess(workload: str, impl: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_peak", workload, impl, "--preset", args.preset,
            "--device", args.device, "--threads", str(torch.get_num_threads())]
+    if args.mlifast_from:
+        cmd += ["--mlifast-from", args.mlifast_from]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"compare.py: the peak-memory run of {workload}/{impl} failed:\n{proc.stderr[-4000:]}")
@@ -307,7 +324,8 @@ def run_model_workload(name: str, args) -> dict:
     times = {impl: [] for impl in names}
     foreign = {impl: [] for impl in names}
     r = 0
-    while r < args.repeats or (r < 2 * args.repeats and min(len(clean(times[i], foreign[i])) for i in names) < 2):
+    max_rounds = args.repeats if args.quick else 2 * args.repeats  # --quick is a correctness test: no extra rounds
+    while r < args.repeats or (r < max_rounds and min(len(clean(times[i], foreign[i])) for i in names) < 2):
         waited = wait_for_quiet(args.quiet_wait)
         for impl in rotate(names, r):
             seconds, _, load = timed_with_load(lambda: impls[impl](wl), args.device)
@@ -463,6 +481,8 @@ def main(argv=None) -> int:
                         "leave the CPUs idle (default 60, 0 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     p.add_argument("--json", help="also write every number to this file")
+    p.add_argument("--mlifast-from", metavar="DIR",
+                   help="measure the mlifast package found in DIR (a snapshot of one commit) instead of the installed one")
     p.add_argument("--preset", help=argparse.SUPPRESS)
     p.add_argument("--_peak", nargs=2, metavar=("WORKLOAD", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -477,7 +497,7 @@ def main(argv=None) -> int:
     if args.memory is None:
         args.memory = not args.quick
     if args.repeats is None:
-        args.repeats = 3
+        args.repeats = 2 if args.quick else 3
     if args.quiet_wait is None:
         args.quiet_wait = 0.0 if args.quick else 60.0
     chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -514,7 +534,9 @@ def main(argv=None) -> int:
     for label, c in (("start", ceil_start), ("end", ceil_end)):
         print(f"| {label} | {c['gemm_gflops']:.0f} | {c['copy_gbs']:.1f} | {c['cache_copy_gbs']:.1f} | {c['others']:.0%} |")
     if model_results:
-        print("\n## Model workloads (median of %d interleaved rounds; × mlifast = time / mlifast's time)\n" % args.repeats)
+        print(f"\n## Model workloads ({args.repeats} interleaved rounds"
+              + ("" if args.quick else f", up to {2 * args.repeats} when other processes interfered")
+              + "; × mlifast = median time / mlifast's median time: above 1, mlifast is faster)\n")
         print(model_table(model_results))
         print()
         for res in model_results:

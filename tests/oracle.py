@@ -17,8 +17,11 @@ def point_coord(coords, k):
 
 
 def oracle_outputs(model, space, coords, *args, **kwargs):
-    """[model at coords[k] (args) for each k]."""
-    return [load_point(model, space, point_coord(coords, k))(*args, **kwargs) for k in range(len(coords))]
+    """[model at coords[k] (copies of args) for each k]."""
+    fresh = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return [load_point(model, space, point_coord(coords, k))(*map(fresh, args),
+                                                             **{n: fresh(v) for n, v in kwargs.items()})
+            for k in range(len(coords))]
 
 
 def rel_err(a, b):

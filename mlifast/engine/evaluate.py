@@ -64,6 +64,12 @@ def evaluate(
     """
     if bn not in BN_POLICIES:
         raise ValueError(f"mlifast: bn must be one of {BN_POLICIES}, got {bn!r}")
+    for name, value in (("data", data), ("bn_data", bn_data)):
+        if value is not None and iter(value) is value:
+            raise TypeError(
+                f"mlifast: {name} is a one-shot iterator ({type(value).__name__}); evaluate reads it "
+                "more than once — pass a list or a DataLoader"
+            )
     space = space.to(device=device, dtype=dtype)
     device = next(iter(space.origin.values())).device
     all_coords = space.coords_tensor(coords)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -9,8 +10,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mlifast.multipoint.context import PointContext
+from mlifast.multipoint.reference import PerPointModel, alias_groups, close, first_disagreement
 from mlifast.multipoint.registry import check_supported, rule_for
-from mlifast.multipoint.shared import SharedRows, materialize
+from mlifast.multipoint.shared import SharedRows, SharedRowsWritten, materialize
 from mlifast.multipoint.trees import map_tensors, tensors_in
 from mlifast.multipoint.unhandled import UnhandledTensor
 from mlifast.spaces import Span
@@ -30,6 +32,11 @@ class MultiPointModel(nn.Module):
 
     The user's model is never modified; its tensors are not copied (the copy of the
     module tree reads the space's origin tensors).
+
+    The first call of each input shape and number of points is checked against the model
+    itself at two of the points (`reference.PerPointModel`); should they disagree — a
+    model doing something per batch that mlifast does not follow — the model answers
+    from then on one point at a time (correct, K× slower) and says so in a warning.
     """
 
     def __init__(self, model: nn.Module, space: Span, coords: Any = None, *, batch_dim: int = 0) -> None:
@@ -41,6 +48,9 @@ class MultiPointModel(nn.Module):
         self.context = PointContext(torch.zeros(1, space.num_directions, dtype=like.dtype, device=like.device))
         self.model = _multipoint_copy(model, space, self.context)
         self.shares_rows: bool | None = None  # decided on the first call
+        self.reference = PerPointModel(model, space)
+        self.per_point_fallback = False
+        self._checked: set = set()
         self.set_coords(space.coords_tensor(11 if coords is None else coords))
 
     def set_coords(self, coords: Tensor) -> None:
@@ -57,14 +67,56 @@ class MultiPointModel(nn.Module):
     def rules(self):
         return [m for m in self.model.modules() if hasattr(m, "context") and m is not self]
 
+    def train(self, mode: bool = True) -> "MultiPointModel":
+        super().train(mode)
+        self.reference.train(mode)
+        return self
+
     def forward(self, *args, **kwargs):
+        if self.per_point_fallback:
+            return self.reference(self.coords, args, kwargs)
         batch = _batch_size(args, kwargs, self.batch_dim)
         self.context.batch_size, self.context.batch_dim = batch, self.batch_dim
         if self.shares_rows is None:
             self.shares_rows = self.batch_dim == 0 and self._sharing_agrees(args, kwargs)
-        out = self._run(args, kwargs, self.shares_rows)
+        signature = (self.num_points, tuple((tuple(t.shape), t.dtype) for t in tensors_in((args, kwargs))))
+        if signature not in self._checked and self.reference.deterministic:
+            self._checked.add(signature)
+            problem = self._disagreement_with_model(args, kwargs)
+            if problem is not None:
+                warnings.warn(
+                    f"mlifast: the multi-point evaluation disagrees with the model itself ({problem}); "
+                    "the model does something per batch that mlifast does not follow (for example it "
+                    "transposes its batch internally, reads a tensor's size, uses hooks or "
+                    "parametrizations). Falling back to evaluating one point at a time: correct, "
+                    f"{self.num_points}× slower. Please report the model.", RuntimeWarning, stacklevel=2)
+                self.per_point_fallback = True
+                return self.reference(self.coords, args, kwargs)
+        return self._split(self._run(args, kwargs, self.shares_rows), batch)
+
+    def _split(self, out: Any, batch: int) -> Any:
         k, dim = self.num_points, self.batch_dim
         return map_tensors(lambda t, path: _split_points(t, k, batch, dim, path), out, "output")
+
+    def _disagreement_with_model(self, args: tuple, kwargs: dict) -> str | None:
+        """Compare the first and last point against the model itself, with the batch-norm
+        statistics the model holds (running ones, interpolated) whatever the policy."""
+        norms = [m for m in self.rules() if hasattr(m, "recomputed")]
+        saved = self.context.bn_mode, [m.recomputed for m in norms]
+        self.context.bn_mode = "running"
+        for m in norms:
+            m.recomputed = None
+        try:
+            ours = self._split(self._run(args, kwargs, self.shares_rows), self.context.batch_size)
+        finally:
+            self.context.bn_mode = saved[0]
+            for m, stats in zip(norms, saved[1]):
+                m.recomputed = stats
+        for k in sorted({0, self.num_points - 1}):
+            problem = first_disagreement(ours, self.reference.at(self.coords[k], args, kwargs), k)
+            if problem is not None:
+                return f"at point #{k}, coordinates {self.coords[k].tolist()}: {problem}"
+        return None
 
     def _run(self, args: tuple, kwargs: dict, share_rows: bool):
         """The copied model on the inputs repeated for every point (or, with share_rows,
@@ -74,10 +126,17 @@ class MultiPointModel(nn.Module):
         def lift(t: Tensor, _path: str) -> Tensor:
             if not _carries_batch(t, batch, dim):
                 return t
-            return SharedRows(t, k) if share_rows else _repeat_points(t, k, dim)
+            # A copy either way: in-place operations of the model never reach the caller's tensor.
+            return SharedRows(t.clone(), k) if share_rows else _repeat_points(t, k, dim)
 
-        out = self.model(*map_tensors(lift, args, "args"), **map_tensors(lift, kwargs, "kwargs"))
-        return map_tensors(lambda t, _path: materialize(t), out, "output")
+        try:
+            out = self.model(*map_tensors(lift, args, "args"), **map_tensors(lift, kwargs, "kwargs"))
+        except SharedRowsWritten:
+            if not share_rows:
+                raise
+            self.shares_rows = False  # the model writes into its inputs: repeat them from now on
+            return self._run(args, kwargs, share_rows=False)
+        return map_tensors(materialize, out, "output")
 
     def _sharing_agrees(self, args: tuple, kwargs: dict) -> bool:
         """Whether computing on shared rows until the first moving layer gives the same
@@ -94,7 +153,7 @@ class MultiPointModel(nn.Module):
                 shared = list(tensors_in(self._run(args, kwargs, share_rows=True)))
             except Exception:  # noqa: BLE001 — any failure means: do not share
                 return False
-            return len(shared) == len(repeated) and all(_close(a, b) for a, b in zip(shared, repeated))
+            return len(shared) == len(repeated) and all(close(a, b) for a, b in zip(shared, repeated))
         finally:
             self.set_coords(saved_coords)
             self.context.bn_mode = saved_mode
@@ -128,6 +187,20 @@ def _check_model_matches_space(model: nn.Module, space: Span) -> None:
                 f"mlifast: '{name}' has shape {tuple(tensor.shape)} in the model but "
                 f"{tuple(space.origin[name].shape)} in the space"
             )
+    for key, first in alias_groups(model).items():
+        if key != first and not _same_in_space(space, key, first):
+            raise ValueError(
+                f"mlifast: '{key}' and '{first}' are one tied tensor in the model but differ in the "
+                "space; give both keys the same values in every state dict"
+            )
+
+
+def _same_in_space(space: Span, a: str, b: str) -> bool:
+    if not torch.equal(space.origin[a], space.origin[b]):
+        return False
+    if not space.origin[a].is_floating_point():
+        return True
+    return torch.equal(space.direction(a), space.direction(b))
 
 
 def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn.Module:
@@ -157,10 +230,10 @@ def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn
     for path, module in copied.items():
         tensors = owned.get(id(originals[path]), {})
         moving = {n: k for n, (k, o) in tensors.items() if o.is_floating_point() and not space.is_frozen(k)}
+        check_supported(module, path)
         # Batch norm mixes the rows of a batch: always per point, even when frozen.
         if not moving and not isinstance(module, _BatchNorm):
             continue
-        check_supported(module, path)
         rule = rule_for(module)(
             module, path,
             origins={n: o for n, (k, o) in tensors.items() if o.is_floating_point()},
@@ -208,14 +281,3 @@ def _split_points(t: Tensor, k: int, batch: int, dim: int, path: str) -> Tensor:
             )
         dim = fits[0]
     return t.unflatten(dim, (k, t.shape[dim] // k)).movedim(dim, 0)
-
-
-def _close(a: Tensor, b: Tensor) -> bool:
-    """Equal up to the rounding of a different summation order (never a row mix-up)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if not a.is_floating_point():
-        return torch.equal(a, b)
-    tol = {torch.float64: 1e-7, torch.float32: 1e-3}.get(a.dtype, 5e-2)
-    scale = b.abs().max().clamp_min(1e-30) if b.numel() else 1.0
-    return bool((((a - b).abs() <= tol * scale) | (a.isnan() & b.isnan())).all())

@@ -73,11 +73,13 @@ class MultiPointRule(nn.Module):
     def point_state(self, k: int) -> dict[str, Tensor]:
         """Every own floating tensor of `inner` at active point k (for functional_call)."""
         c = self.context.active_coeffs()[k]
-        return {
-            name: origin if name not in self.directions
-            else origin + torch.tensordot(c.to(origin.dtype), self.directions[name], dims=1)
-            for name, origin in self.origins.items()
-        }
+        state = {}
+        for name, origin in self.origins.items():
+            if name in self.directions:
+                state[name] = origin + torch.tensordot(c.to(origin.dtype), self.directions[name], dims=1)
+            else:  # a copy of buffers: the module may update them in place (train-mode statistics)
+                state[name] = origin.clone() if name in self.inner._buffers else origin
+        return state
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, moving={sorted(self.directions)}"

@@ -71,6 +71,8 @@ class SharedRows(Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         shared = [a for a in tensors_in((args, kwargs)) if isinstance(a, SharedRows)]
+        if _writes_in_place(func, args, shared):
+            raise SharedRowsWritten(getattr(func, "__name__", repr(func)))
         if func in _ROWWISE_UNARY or func in _ELEMENTWISE:
             batch = shared[0].shape[0]
             if _only_constants_besides(args, kwargs, shared[0].dim(), first_only=func in _ROWWISE_UNARY):
@@ -82,6 +84,20 @@ class SharedRows(Tensor):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)  # metadata (shape, dtype, …) of the B rows
         return func(*materialize_all(args), **materialize_all(kwargs))
+
+
+class SharedRowsWritten(Exception):
+    """An operation writes into shared rows in place: the rows cannot stay shared (what is
+    written may differ per point); the caller repeats the rows instead."""
+
+
+def _writes_in_place(func, args, shared) -> bool:
+    """Whether func writes into one of the shared tensors (x.add_(…), x[i] = …, x += …);
+    whitelisted functions with inplace=True are fine (they act on every point alike)."""
+    name = getattr(func, "__name__", "")
+    in_place = name == "__setitem__" or (name.startswith("__i") and name.endswith("__")) or (
+        name.endswith("_") and not name.startswith("_"))
+    return in_place and bool(args) and any(args[0] is t for t in shared)
 
 
 def _rows(value: Tensor, _path: str = "") -> Tensor:

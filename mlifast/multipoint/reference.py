@@ -1,0 +1,98 @@
+"""The model itself, one point at a time: the oracle that every multi-point answer is
+checked against on its first call of each shape, and the fallback when they disagree.
+
+A private copy of the user's module tree whose parameters and persistent buffers are
+meta tensors (no memory); each point's full state from the space is supplied with
+torch.func.functional_call, so the user's model is never touched.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.modules.dropout import _DropoutNd
+
+from mlifast.multipoint.trees import map_tensors, tensors_in
+from mlifast.spaces import Span
+
+
+class PerPointModel:
+    """out[k] = model with space.state_at(coords[k]), stacked along a new leading dim."""
+
+    def __init__(self, model: nn.Module, space: Span) -> None:
+        persistent = {
+            id(t) for m in model.modules() for n, t in m._buffers.items()
+            if t is not None and n not in m._non_persistent_buffers_set
+        } | {id(p) for p in model.parameters()}
+        memo = {id(t): torch.empty_like(t, device="meta")
+                for t in list(model.parameters()) + list(model.buffers()) if id(t) in persistent}
+        self.module = copy.deepcopy(model, memo)
+        self.space = space
+        # functional_call takes one key per tied tensor.
+        self.keys = list(dict.fromkeys(alias_groups(model).values()))
+
+    def train(self, mode: bool) -> None:
+        self.module.train(mode)
+
+    @property
+    def deterministic(self) -> bool:
+        """False when active dropout makes two runs differ."""
+        return not any(m.training and m.p > 0 for m in self.module.modules() if isinstance(m, _DropoutNd))
+
+    def at(self, coord: Tensor, args: tuple, kwargs: dict) -> Any:
+        """The model's output at one point (coord: (J,))."""
+        state = self.space.state_at(coord.tolist())
+        copy_of = lambda t, _path: t.clone()  # noqa: E731 — in-place ops of the model stay here
+        return functional_call(self.module, {k: state[k] for k in self.keys}, map_tensors(copy_of, args),
+                               map_tensors(copy_of, kwargs))
+
+    def __call__(self, coords: Tensor, args: tuple, kwargs: dict) -> Any:
+        outputs = [self.at(c, args, kwargs) for c in coords]
+        columns = list(zip(*(list(tensors_in(o)) for o in outputs)))
+        position = iter(range(len(columns)))
+        return map_tensors(lambda _t, _path: torch.stack(columns[next(position)]), outputs[0])
+
+
+def alias_groups(model: nn.Module) -> dict[str, str]:
+    """State-dict key → the first key naming the same tensor (tied weights share one)."""
+    first: dict[int, str] = {}
+    groups = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for name, t in list(module._parameters.items()) + list(module._buffers.items()):
+            if t is None or name in module._non_persistent_buffers_set:
+                continue
+            key = f"{path}.{name}" if path else name
+            groups[key] = first.setdefault(id(t), key)
+    return groups
+
+
+def first_disagreement(ours: Any, reference: Any, point: int) -> str | None:
+    """Where ours[point] (the multi-point output) differs from the reference output
+    beyond rounding, or None when they agree."""
+    mine, theirs = list(tensors_in(ours)), list(tensors_in(reference))
+    if len(mine) != len(theirs):
+        return f"the output has {len(mine)} tensors, the model's {len(theirs)}"
+    for i, (a, b) in enumerate(zip(mine, theirs)):
+        a = a[point]
+        if a.shape != b.shape:
+            return f"output tensor #{i} has shape {tuple(a.shape)}, the model's {tuple(b.shape)}"
+        if not close(a, b):
+            scale = b.abs().max().clamp_min(1e-30) if b.numel() else 1.0
+            return f"output tensor #{i} differs by {((a - b).abs().max() / scale).item():.3g} (relative)"
+    return None
+
+
+def close(a: Tensor, b: Tensor) -> bool:
+    """Equal up to the rounding of a different summation order (never a row mix-up)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    tol = {torch.float64: 1e-7, torch.float32: 1e-3}.get(a.dtype, 5e-2)
+    finite = torch.isfinite(b)
+    scale = b[finite].abs().max().clamp_min(1e-30) if finite.any() else 1.0
+    same = ((a - b).abs() <= tol * scale) | (a.isnan() & b.isnan()) | (a == b)
+    return bool(same.all())

@@ -1,0 +1,180 @@
+"""Models that do things per batch the fused rules do not follow: the answer is still the
+oracle's (fused where possible, else one point at a time with a warning), never silently
+wrong, and neither the caller's tensors nor the space change."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+import mlifast
+from oracle import oracle_outputs, rel_err
+
+
+def answer(model, line, coords, *args):
+    """(multi-point output, whether it fell back to one point at a time)."""
+    fast = mlifast.interpolate(model, line, coords)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fast(*args)
+    fell_back = any("one point at a time" in str(w.message) for w in caught)
+    assert fell_back == fast.per_point_fallback
+    return out, fell_back
+
+
+def check(model_factory, *args, coords=(0.0, 1.0), expect_fallback=None):
+    torch.manual_seed(0)
+    a, b = model_factory(), model_factory()
+    line, coords = mlifast.Line(a, b), torch.tensor(coords)
+    out, fell_back = answer(a, line, coords, *args)
+    for k, e in enumerate(oracle_outputs(a, line, coords, *args)):
+        assert rel_err(out[k], e) < 1e-5, k
+    if expect_fallback is not None:
+        assert fell_back == expect_fallback
+    return a, line
+
+
+class PositionIds(nn.Module):  # nanoGPT: position ids (T,) with T a multiple of K·B
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(11, 4), nn.Embedding(16, 4), nn.Linear(4, 3)
+
+    def forward(self, idx):
+        return self.head(self.tok(idx) + self.pos(torch.arange(idx.shape[1])))
+
+
+class ClampInputs(nn.Module):  # writes into its input
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x[x < 0] = 0
+        return self.fc(x)
+
+
+class Prompt(nn.Module):  # a module with moving parameters called without a batch input
+    def __init__(self):
+        super().__init__()
+        self.ctx = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self):
+        return torch.tanh(self.ctx)
+
+
+class PromptModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.prompt = nn.Linear(5, 4), Prompt()
+
+    def forward(self, x):
+        return self.enc(x) @ self.prompt().t()
+
+
+def softplus_bias():
+    m = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    parametrize.register_parametrization(m[0], "bias", nn.Softplus())
+    return m
+
+
+def hooked():
+    m = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    m[0].register_forward_hook(lambda mod, i, o: o * 2 + 1)
+    return m
+
+
+class ReadsData(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(x)) @ self.fc.weight.data)
+
+
+def test_position_ids_whose_length_is_a_multiple_of_the_rows():
+    check(PositionIds, torch.randint(0, 11, (2, 8)))
+
+
+def test_model_writing_into_its_inputs():
+    x = torch.rand(3, 4)
+    _, line = check(ClampInputs, x)
+    fast = mlifast.interpolate(ClampInputs(), line, torch.tensor([0.0, 1.0]))
+    fast(torch.rand(3, 4))  # no negatives: the first call cannot tell
+    x = torch.randn(3, 4)
+    x_before = x.clone()
+    out = fast(x)
+    assert torch.equal(x, x_before)  # the caller's tensor is untouched
+    for k, e in enumerate(oracle_outputs(ClampInputs(), line, torch.tensor([0.0, 1.0]), x.clone())):
+        assert rel_err(out[k], e) < 1e-5
+
+
+def test_in_place_activation_leaves_the_callers_input_alone():
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(nn.LeakyReLU(0.1, inplace=True), nn.Linear(4, 3)) for _ in range(2))
+    line, coords, x = mlifast.Line(a, b), torch.tensor([0.0, 1.0]), torch.randn(3, 4)
+    x_before = x.clone()
+    out, fell_back = answer(a, line, coords, x)
+    assert torch.equal(x, x_before) and not fell_back
+    for k, e in enumerate(oracle_outputs(a, line, coords, x)):
+        assert rel_err(out[k], e) < 1e-6
+
+
+@pytest.mark.parametrize("factory", [PromptModel, softplus_bias, hooked, ReadsData],
+                         ids=["no-batch-input", "parametrization", "forward-hook", "reads-.data"])
+def test_unfollowed_models_fall_back_to_one_point_at_a_time(factory):
+    x = torch.randn(6, 5 if factory is PromptModel else 4)
+    check(factory, x, expect_fallback=True)
+
+
+def test_fallback_results_flow_through_evaluate():
+    torch.manual_seed(0)
+    a, b = PromptModel(), PromptModel()
+    line = mlifast.Line(a, b)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    with pytest.warns(RuntimeWarning, match="one point at a time"):
+        res = mlifast.evaluate(a, line, [(x, y)], coords=[0.0, 1.0], metrics=(), progress=False)
+    expected = [F.cross_entropy(o, y).item() for o in oracle_outputs(a, line, torch.tensor([0.0, 1.0]), x)]
+    torch.testing.assert_close(res["loss"], torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+def test_generic_batch_norm_subclass_in_train_mode_leaves_the_space_alone():
+    class MyBN(nn.BatchNorm1d):
+        def forward(self, x):
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    a, b = nn.Sequential(nn.Linear(4, 4), MyBN(4)), nn.Sequential(nn.Linear(4, 4), MyBN(4))
+    a.train()
+    line = mlifast.Line(a, b)
+    before = line.origin["1.running_mean"].clone()
+    mlifast.interpolate(a, line, torch.tensor([0.0, 1.0]))(torch.randn(5, 4))
+    assert torch.equal(before, line.origin["1.running_mean"])
+
+
+def test_one_shot_iterators_are_refused():
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    batches = [(torch.randn(5, 4), torch.randint(0, 3, (5,)))]
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        mlifast.evaluate(a, mlifast.Line(a, b), (batch for batch in batches), coords=3, progress=False)
+
+
+def test_tied_keys_that_differ_in_the_space_are_refused():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    torch.manual_seed(0)
+    a, b = Tied(), Tied()
+    end = {k: v.clone() for k, v in b.state_dict().items()}
+    end["b.weight"] += 1
+    with pytest.raises(ValueError, match="'b.weight' and 'a.weight' are one tied tensor"):
+        mlifast.interpolate(a, mlifast.Line(a.state_dict(), end), 2)
