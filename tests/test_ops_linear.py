@@ -53,7 +53,7 @@ def test_cpp_kernel_is_built():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("J", [1, 2])
 @pytest.mark.parametrize("K", [1, 5])
-@pytest.mark.parametrize("R", [3, 40])  # 40 rows per point takes the per-point-weight path
+@pytest.mark.parametrize("R", [3, 70])  # 70 rows per point take the per-point-weight path
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("bias", ["none", "fixed", "moving"])
 def test_matches_reference_and_loop(dtype, J, K, R, shared, bias):
@@ -67,7 +67,7 @@ def test_matches_reference_and_loop(dtype, J, K, R, shared, bias):
 
 
 @pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("R", [2, 33])
+@pytest.mark.parametrize("R", [2, 65])
 def test_noncontiguous_inputs(shared, R):
     args = make_args(4, R, 17, 9, 2, shared, "moving", torch.float64, noncontiguous=True)
     assert not args[0].is_contiguous() and not args[1].is_contiguous()
@@ -96,7 +96,7 @@ def test_bfloat16_close_to_float64():
 
 
 @pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("R", [3, 40])
+@pytest.mark.parametrize("R", [3, 70])
 def test_opcheck(shared, R):
     args = make_args(3, R, 6, 4, 2, shared, "moving", torch.float32)
     args = tuple(a.requires_grad_() if a is not None else None for a in args)

@@ -6,8 +6,8 @@
 //    (J+1)× the FLOPs of a plain linear layer, but one pass over the weights; it is the
 //    only choice for a shared input (R rows computed once instead of K·R times).
 //  * per-point weights: for each point form W_k = W + Σ_j c_kj·D_j in one reused buffer
-//    and run one GEMM on that point's rows. 1× FLOPs plus J axpys over the weight per
-//    point, which pays once a point has more rows than kPerPointWeightMinRows.
+//    (ATen's vectorised add) and run one GEMM on that point's rows. 1× FLOPs plus J axpys
+//    over the weight per point, which pays from kPerPointWeightMinRows rows per point.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -19,9 +19,10 @@ namespace mlifast {
 namespace {
 
 // Forming W_k costs J·O·I memory-bound multiply-adds per point; the stacked form costs
-// J·R·O·I extra GEMM multiply-adds. With a GEMM running ~20-40× more multiply-adds per
-// second than a streaming axpy on one core, per-point weights win from a few tens of rows.
-constexpr int64_t kPerPointWeightMinRows = 32;
+// J·R·O·I extra GEMM multiply-adds. Measured on the 2-core CI CPU (K=16, I=O=1024, J=1,
+// float32; benchmarks/crossover.py): stacked 8.7 ms vs per-point
+// 13.2 ms at 32 rows, even at 64, per-point ahead from ~96 (24.7 vs 34.5 ms at 128).
+constexpr int64_t kPerPointWeightMinRows = 64;
 
 // (K, O): b + Σ_j c_kj·db_j in the weight's dtype, or an undefined tensor without bias.
 at::Tensor point_biases(const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bias_dirs,
@@ -80,35 +81,18 @@ at::Tensor stacked(const at::Tensor& input, const at::Tensor& weight, const at::
   return y;
 }
 
-// W_k = W + Σ_j c_kj·D_j into `out` (O, I), accumulating in opmath.
-template <typename scalar_t>
-void form_point_weight(const at::Tensor& weight, const at::Tensor& weight_dirs, const at::Tensor& coeffs_row,
-                       at::Tensor& out) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const scalar_t* w_p = weight.const_data_ptr<scalar_t>();
-  const scalar_t* d_p = weight_dirs.const_data_ptr<scalar_t>();
-  const opmath_t* c_p = coeffs_row.const_data_ptr<opmath_t>();
-  scalar_t* out_p = out.data_ptr<scalar_t>();
-  const int64_t n = weight.numel(), J = weight_dirs.size(0);
-  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      opmath_t v = static_cast<opmath_t>(w_p[i]);
-      for (int64_t j = 0; j < J; ++j) v += c_p[j] * static_cast<opmath_t>(d_p[j * n + i]);
-      out_p[i] = static_cast<scalar_t>(v);
-    }
-  });
-}
-
 at::Tensor per_point_weights(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_dirs,
                              const at::Tensor& bias_k, const at::Tensor& coeffs, const LinearSizes& s) {
   const at::Tensor w = weight.contiguous();
   const at::Tensor d = weight_dirs.contiguous();
-  const at::Tensor c = coeffs.to(at::toOpMathType(weight.scalar_type())).contiguous();
+  const at::Tensor c = coeffs.to(at::kDouble).cpu();
+  const double* c_p = c.const_data_ptr<double>();
   at::Tensor w_k = at::empty_like(w);
   at::Tensor y = at::empty({s.points, s.rows, s.out_features}, input.options());
   for (int64_t k = 0; k < s.points; ++k) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "multipoint_linear_form_weight",
-                                    [&] { form_point_weight<scalar_t>(w, d, c[k], w_k); });
+    // W_k = W + Σ_j c_kj·D_j with ATen's vectorised, threaded add.
+    at::add_out(w_k, w, d[0], c_p[k * s.directions]);
+    for (int64_t j = 1; j < s.directions; ++j) w_k.add_(d[j], c_p[k * s.directions + j]);
     at::Tensor y_k = y.select(0, k);
     const at::Tensor x_k = input.select(0, k);
     if (bias_k.defined()) {
