@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
     demo.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="mnist")
     demo.add_argument("--alphas", type=_positive_int, default=50, help="points on each line (default: 50)")
-    demo.add_argument("--epochs", type=_positive_int, default=1, help="training epochs per optimizer (default: 1)")
+    demo.add_argument("--epochs", type=_positive_int, default=3, help="training epochs per optimizer (default: 3)")
     demo.add_argument("--hidden", type=_hidden, default=(1024, 1024), help="hidden sizes (default: 1024,1024)")
     demo.add_argument("--n-train", type=_positive_int, default=None, help="first N training examples (default: all)")
     demo.add_argument("--n-test", type=_positive_int, default=None, help="first N test examples (default: all)")

@@ -30,7 +30,7 @@ class DemoConfig:
     dataset: str = "mnist"
     hidden: tuple = (1024, 1024)
     alphas: int = 50
-    epochs: int = 1
+    epochs: int = 3
     batch_size: int = 128
     eval_batch_size: int = 2000
     sgd_lr: float = 0.05
