@@ -178,3 +178,22 @@ def test_tied_keys_that_differ_in_the_space_are_refused():
     end["b.weight"] += 1
     with pytest.raises(ValueError, match="'b.weight' and 'a.weight' are one tied tensor"):
         mlifast.interpolate(a, mlifast.Line(a.state_dict(), end), 2)
+
+
+def test_fallback_refuses_batch_norm_policies_it_cannot_follow():
+    class HookedBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn, self.out = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)
+            self.fc.register_forward_hook(lambda mod, i, o: o * 2 + 1)
+
+        def forward(self, x):
+            return self.out(self.bn(self.fc(x)))
+
+    torch.manual_seed(0)
+    a, b = HookedBN().eval(), HookedBN().eval()
+    data = [(torch.randn(6, 4), torch.randint(0, 3, (6,)))]
+    for bn in ("recompute", "batch"):
+        with pytest.warns(RuntimeWarning, match="one point at a time"), \
+                pytest.raises(NotImplementedError, match="supports only bn='interpolate'"):
+            mlifast.evaluate(a, mlifast.Line(a, b), data, coords=2, bn=bn, progress=False)

@@ -74,6 +74,7 @@ class MultiPointModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         if self.per_point_fallback:
+            self._check_reference_follows_policy()
             return self.reference(self.coords, args, kwargs)
         batch = _batch_size(args, kwargs, self.batch_dim)
         self.context.batch_size, self.context.batch_dim = batch, self.batch_dim
@@ -91,8 +92,20 @@ class MultiPointModel(nn.Module):
                     "parametrizations). Falling back to evaluating one point at a time: correct, "
                     f"{self.num_points}× slower. Please report the model.", RuntimeWarning, stacklevel=2)
                 self.per_point_fallback = True
+                self._check_reference_follows_policy()
                 return self.reference(self.coords, args, kwargs)
         return self._split(self._run(args, kwargs, self.shares_rows), batch)
+
+    def _check_reference_follows_policy(self) -> None:
+        """The one-point-at-a-time fallback runs the model as it is (batch norm from its
+        running statistics); it cannot stand in for per-point batch or recomputed ones."""
+        norms = [m for m in self.rules() if hasattr(m, "recomputed")]
+        if norms and (self.context.bn_mode != "running" or any(m.recomputed is not None for m in norms)):
+            raise NotImplementedError(
+                "mlifast: this model needs the one-point-at-a-time fallback (see the warning), which "
+                "supports only bn='interpolate'; evaluate it with bn='interpolate', or the points one "
+                "by one with torch.optim.swa_utils.update_bn"
+            )
 
     def _split(self, out: Any, batch: int) -> Any:
         k, dim = self.num_points, self.batch_dim
