@@ -90,7 +90,7 @@ def run_demo(config: DemoConfig) -> tuple[dict, dict[str, MLISummary], dict[str,
         "examples": {"train": len(data.train_y), "test": len(data.test_y)},
         "final_training_loss": final_losses,
         "seconds": clock,
-        "runs": {name: {"report": _jsonable(asdict(reports[name])),
+        "runs": {name: {"report": reports[name].to_dict(),
                         **{split: curves[name][split].to_dict() for split in ("train", "test")}}
                  for name in RUNS},
     }
@@ -98,16 +98,6 @@ def run_demo(config: DemoConfig) -> tuple[dict, dict[str, MLISummary], dict[str,
     plot_demo(curves, reports, out / "curves.png")
     (out / "report.md").write_text(render_report(result, reports, curves))
     return result, reports, curves
-
-
-def _jsonable(value):
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def comparison_rows(reports: dict[str, MLISummary], curves: dict[str, dict[str, Results]]) -> list[tuple]:
