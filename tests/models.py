@@ -3,47 +3,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlifast.models import resnet20
+
 
 def mlp(dropout=0.2):
     return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 16),
                          nn.Tanh(), nn.Linear(16, 5))
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNet20(nn.Module):
-    """CIFAR ResNet-20 (3 stages × 3 blocks), narrow by default to keep tests fast."""
-
-    def __init__(self, width=4, num_classes=10, blocks=3):
-        super().__init__()
-        self.conv = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(width)
-        layers, cin = [], width
-        for stage, stride in enumerate((1, 2, 2)):
-            cout = width * 2**stage
-            for b in range(blocks):
-                layers.append(BasicBlock(cin, cout, stride if b == 0 else 1))
-                cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x):
-        out = self.layers(F.relu(self.bn(self.conv(x))))
-        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+def ResNet20(width=4, num_classes=10):  # noqa: N802
+    """The paper's CIFAR ResNet-20 with batch norm, narrow by default to keep tests fast."""
+    return resnet20(family="bn", width=width, num_classes=num_classes)
 
 
 def vgg_like():

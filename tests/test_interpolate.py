@@ -187,7 +187,7 @@ def test_multihead_attention_weights_and_masks(batch_first):
 
 def test_frozen_batch_norm_in_train_mode_leaves_the_space_untouched():
     a, b = pair(ResNet20, torch.float64)
-    b.bn.load_state_dict(a.bn.state_dict())  # the first BN does not move: a plain module in the copy
+    b.bn1.load_state_dict(a.bn1.state_dict())  # the first BN does not move: a plain module in the copy
     a.train()
     line = mlifast.Line(a, b)
     before = {k: v.clone() for k, v in line.origin.items()}
