@@ -45,8 +45,3 @@ def default_forward(model: torch.nn.Module, batch: Any) -> tuple[Any, Tensor]:
         f"mlifast: cannot read a batch of type {type(batch).__name__}; batches must be "
         "(inputs, target) tuples or dicts, or pass forward=lambda model, batch: (output, target)"
     )
-
-
-def batch_inputs_only(forward: Forward) -> Callable[[torch.nn.Module, Any], Any]:
-    """The forward pass alone (for recomputing batch-norm statistics)."""
-    return lambda model, batch: forward(model, batch)[0]

@@ -40,11 +40,14 @@ def activation_bytes_per_point(fast, batch: Any, forward, device: torch.device, 
                 stack.extend(o.values())
 
     saved = fast.coords
+    fast.set_coords(saved[:1])
+    batch = to_device(batch, device, dtype)
+    with torch.no_grad():
+        forward(fast, batch)  # the first call of a shape runs extra checking passes: not counted
     handles = [m.register_forward_hook(count) for m in fast.model.modules()]
     try:
-        fast.set_coords(saved[:1])
         with torch.no_grad():
-            forward(fast, to_device(batch, device, dtype))
+            forward(fast, batch)
     finally:
         for h in handles:
             h.remove()

@@ -16,9 +16,6 @@ from torch import Tensor
 
 from mlifast.ops import multipoint_linear
 
-BN_MODES = ("running", "batch", "collect", "recomputed")
-
-
 @dataclass
 class PointContext:
     """Coordinates of the points in flight and how batch norm behaves.
