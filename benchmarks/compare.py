@@ -30,7 +30,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -221,7 +220,6 @@ def ceiling(device: str, quick: bool, quiet_wait: float) -> dict:
             inner = max(1, 256 // mib)
             copies = [timed(lambda: [dst.copy_(src) for _ in range(inner)], device)[0] / inner for _ in range(reps)]
             bandwidth[label] = 2 * numel * 4 / statistics.median(copies) / 1e9
-            del src, dst
     return {"gemm_gflops": 2 * n**3 / statistics.median(gemm) / 1e9, **bandwidth,
             "load_avg": os.getloadavg()[0], "others": load.fraction, "waited_s": waited}
 

@@ -199,11 +199,13 @@ def _load_data(name: str):
     raise ValueError(f"unknown data set {name!r}: use one of {sorted(datasets.KNOWN)} or a folder of IDX files")
 
 
-def _batches(args: argparse.Namespace) -> list:
+def _batches(args: argparse.Namespace):
+    from mlifast.datasets import Batches
+
     x, y = _load_data(args.data).split(args.split)
     if args.limit:
         x, y = x[: args.limit], y[: args.limit]
-    return [(x[i : i + args.batch_size], y[i : i + args.batch_size]) for i in range(0, len(y), args.batch_size)]
+    return Batches(x, y, args.batch_size)
 
 
 def run_curve_command(args: argparse.Namespace) -> int:

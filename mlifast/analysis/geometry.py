@@ -6,7 +6,7 @@ coordinates being the variable), never finite differences of the outputs.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor, nn

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mlifast.analysis.mli import delta_min, weight_distance
+from mlifast.datasets import Batches
 from mlifast.datasets import get as get_dataset
 from mlifast.engine import evaluate
 from mlifast.engine.results import write_json_atomically
@@ -85,9 +86,7 @@ def run_one(config: GridConfig, data, dataset: str, optimizer: str, batch_norm: 
     if config.n_train is not None:
         x, y = x[: config.n_train], y[: config.n_train]
     shuffle = torch.Generator().manual_seed(config.seed + 1)
-    batches = data.loader("train", config.batch_size, shuffle=True, generator=shuffle)
-    if config.n_train is not None:
-        batches = type(batches)(x, y, config.batch_size, shuffle=True, generator=shuffle)
+    batches = Batches(x, y, config.batch_size, shuffle=True, generator=shuffle)
     train(model, batches, TrainConfig(optimizer, lr, config.epochs, config.seed), progress=False)
     record = {"id": run_id(dataset, optimizer, batch_norm, lr), "dataset": dataset, "optimizer": optimizer,
               "batch_norm": batch_norm, "lr": lr}
@@ -96,8 +95,7 @@ def run_one(config: GridConfig, data, dataset: str, optimizer: str, batch_norm: 
         return {**record, "diverged": True, "losses": None, "final_loss": None, "delta_min": None,
                 "distance": None, "normalized_distance": None, "seconds": time.perf_counter() - start}
     eval_x, eval_y = data.train_x[: config.n_eval], data.train_y[: config.n_eval]
-    eval_batches = [(eval_x[i : i + config.eval_batch_size], eval_y[i : i + config.eval_batch_size])
-                    for i in range(0, len(eval_y), config.eval_batch_size)]
+    eval_batches = Batches(eval_x, eval_y, config.eval_batch_size)
     res = evaluate(model, Line(init, final), eval_batches, coords=config.alphas, metrics=(),
                    bn="recompute" if batch_norm else "interpolate", progress=False)
     losses = res["loss"]
