@@ -253,3 +253,14 @@ def test_shape_mismatch_between_model_and_space_is_explained():
                           nn.Linear(16, 5))
     with pytest.raises(ValueError, match=r"'1.weight' has shape \(17, 12\) in the model but \(16, 12\)"):
         mlifast.interpolate(other, mlifast.Line(state, b), 3)
+
+
+def test_layer_whose_bias_alone_moves():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b[0].weight.add_(1)
+        b[2].bias.add_(1)  # the second layer's weight is fixed along the line
+    check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.3, 1.0]), torch.randn(5, 4, dtype=torch.float64),
+                 dtype=torch.float64)

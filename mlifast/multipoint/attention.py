@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mlifast.multipoint.context import fold, unfold
+from mlifast.multipoint.layers import linear_at_points
 from mlifast.multipoint.rule import MultiPointRule
 from mlifast.multipoint.shared import materialize_all
 
@@ -32,12 +33,9 @@ class MultiheadAttentionRule(MultiPointRule):
         """Per-point linear map of batch-first activations x (K·B, L, E)."""
         if dirs is None and bias_dirs is None:
             return F.linear(x, weight, bias)
-        k = self.context.num_active
-        if dirs is None:
-            dirs = weight.new_zeros(self.context.coeffs.shape[1], *weight.shape)
-        rows = fold(x, k)
-        y = self.context.linear(rows.reshape(k, -1, x.shape[-1]), weight, bias, dirs, bias_dirs,
-                              self.context.active_coeffs().to(weight.dtype))
+        rows = fold(x, self.context.num_active)
+        y = linear_at_points(self.context, rows.reshape(rows.shape[0], -1, x.shape[-1]), weight, bias, dirs,
+                             bias_dirs)
         return unfold(y.reshape(*rows.shape[:-1], weight.shape[0]))
 
     def _in_projection(self, name: str, part: int, x: Tensor) -> Tensor:

@@ -21,6 +21,22 @@ from mlifast.multipoint.rule import MultiPointRule
 from mlifast.multipoint.shared import SharedRows
 
 
+def linear_at_points(context, x: Tensor, w: Tensor, b: Tensor | None, w_dirs: Tensor | None,
+                     b_dirs: Tensor | None) -> Tensor:
+    """(K, R, O) outputs of a linear layer at the K active points.
+
+    x: (K, R, I) rows of each point, or (R, I) rows shared by every point; w (O, I) and
+    b (O,) at the origin; w_dirs (J, O, I), b_dirs (J, O) or None where fixed.
+    """
+    k, c = context.num_active, context.active_coeffs().to(w.dtype)
+    if w_dirs is None:  # only the bias moves: one plain GEMM, then each point's bias
+        y = F.linear(x, w)
+        bias = b if b_dirs is None else b + c @ b_dirs  # (O,) or (K, O)
+        y = y + (bias.unsqueeze(1) if bias.dim() == 2 else bias)
+        return y.expand(k, *y.shape[-2:]) if y.dim() == 2 else y
+    return context.linear(x, w, b, w_dirs, b_dirs if b is not None else None, c)
+
+
 class LinearRule(MultiPointRule):
     def weight_and_directions(self) -> tuple[Tensor, Tensor | None]:
         """The (O, I) weight at the origin and its (J, O, I) directions (None if fixed)."""
@@ -33,24 +49,14 @@ class LinearRule(MultiPointRule):
         dim = 0 if shared else self.context.rows_dim(x)
         if shared or dim is None:  # the same rows for every point: computed once
             rows = x.rows() if shared else x
-            c = self.context.active_coeffs().to(w.dtype)
-            dirs = w_dirs if w_dirs is not None else w.new_zeros(c.shape[1], *w.shape)
-            bias_dirs = self.directions.get("bias") if b is not None else None
-            y = self.context.linear(rows.reshape(-1, rows.shape[-1]), w, b, dirs, bias_dirs, c)
+            y = linear_at_points(self.context, rows.reshape(-1, rows.shape[-1]), w, b, w_dirs,
+                                 self.directions.get("bias"))
             y = y.reshape(k, *rows.shape[:-1], w.shape[0])
             return y.flatten(0, 1) if shared else rows_for_every_example(y, self.context.batch_size)
         rows = fold(x, k, dim)
-        if w_dirs is None:  # only the bias moves
-            y = fold(F.linear(x, w), k, dim)
-            bias = self.per_point("bias")
-            return unfold(y + bias.reshape(k, *([1] * (y.dim() - 2)), -1), dim)
-        shape = rows.shape
-        y = self.context.linear(
-            rows.reshape(k, -1, shape[-1]), w, b, w_dirs,
-            self.directions.get("bias") if b is not None else None,
-            self.context.active_coeffs().to(w.dtype),
-        )
-        return unfold(y.reshape(*shape[:-1], w.shape[0]), dim)
+        y = linear_at_points(self.context, rows.reshape(k, -1, rows.shape[-1]), w, b, w_dirs,
+                             self.directions.get("bias"))
+        return unfold(y.reshape(*rows.shape[:-1], w.shape[0]), dim)
 
 
 class HFConv1DRule(LinearRule):
