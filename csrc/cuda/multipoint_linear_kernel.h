@@ -25,4 +25,13 @@ cudaError_t launch_multipoint_linear(DType dtype, const void* x, bool shared_inp
                                      void* y, int64_t K, int64_t R, int64_t I, int64_t O, int64_t J,
                                      cudaStream_t stream);
 
+// The same on the tensor cores (multipoint_linear_mma.cu) for Float16, BFloat16, and Float32
+// rounded to TF32; c is float32 whatever the dtype. Needs compute capability 8.0 or newer;
+// returns cudaErrorInvalidValue for Float64.
+cudaError_t launch_multipoint_linear_tensor_cores(DType dtype, const void* x, bool shared_input,
+                                                  const void* W, const void* b, const void* D,
+                                                  const void* db, const float* c, void* y,
+                                                  int64_t K, int64_t R, int64_t I, int64_t O,
+                                                  int64_t J, cudaStream_t stream);
+
 }  // namespace mlifast::cuda

@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""The CUDA op on a real GPU: correctness at random sizes, then a timed sweep.
+
+    python benchmarks/cuda_check.py --json sweep.json      # run by benchmarks/gpu_check.sh
+
+1. Correctness: `mlifast.ops.multipoint_linear` on CUDA against the float64 oracle, for
+   every dtype (float64, float32, float32 with TF32 allowed, float16, bfloat16), shared and
+   per-point inputs, with and without bias and bias directions, non-contiguous inputs,
+   empty sizes, and every dispatch path (stacked-shared, per-point cuBLAS, tensor cores,
+   SIMT); the error is max |y - y_ref| / max |y_ref|. Then gradcheck on CUDA in float64.
+   Exits non-zero on any failure, after printing every case.
+2. Sweep: O = I = 4096, one direction, K × R points × rows, float32 and bfloat16, mlifast
+   against the two-GEMM form, a loop materialising each W_k (both cuBLAS), and one plain
+   GEMM with a single weight; with the card's measured copy bandwidth and GEMM rates, so
+   each time is also read as a fraction of the memory-bound floor (W and D once, x and y)
+   or of the compute rate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import os
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import mlifast  # noqa: E402
+from mlifast.ops.linear import multipoint_linear_reference  # noqa: E402
+import workloads as W  # noqa: E402
+
+TOLERANCE = {"float64": 1e-12, "float32": 2e-5, "tf32": 5e-3, "float16": 5e-3, "bfloat16": 3e-2}
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "tf32": torch.float32,
+          "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def random_case(g: torch.Generator, dtype: torch.dtype, k: int, r: int, i: int, o: int, j: int,
+                shared: bool, bias: str, noncontiguous: bool):
+    dev = "cuda"
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dev, dtype)
+
+    if noncontiguous:  # the same values through a transposed view
+        x = rnd(*((() if shared else (k,)) + (i, r))).transpose(-1, -2)
+    else:
+        x = rnd(*((() if shared else (k,)) + (r, i)))
+    w = rnd(o, i, scale=1 / math.sqrt(max(i, 1)))
+    d = rnd(j, o, i, scale=1 / math.sqrt(max(i, 1)))
+    b = rnd(o, scale=0.1) if bias != "none" else None
+    db = rnd(j, o, scale=0.1) if bias == "both" else None
+    c = (torch.rand(k, j, generator=g, dtype=torch.float64) * 2 - 0.5).to(dev, torch.float32)
+    return x, w, b, d, db, c
+
+
+def check_case(name: str, args: tuple) -> tuple[float, tuple]:
+    x, w, b, d, db, c = args
+    y = mlifast.ops.multipoint_linear(x, w, b, d, db, c)
+    f64 = [t.double() if t is not None else None for t in args]
+    ref = multipoint_linear_reference(*f64)
+    assert y.shape == ref.shape and y.dtype == x.dtype, (name, y.shape, ref.shape, y.dtype)
+    if ref.numel() == 0:
+        return 0.0, tuple(y.shape)
+    scale = ref.abs().max().item() or 1.0
+    return (y.double() - ref).abs().max().item() / scale, tuple(y.shape)
+
+
+def correctness(seed: int) -> bool:
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    # Every dispatch path at least once, then random sizes.
+    fixed = [(4, 16, 64, 64, 1, False), (70, 3, 33, 65, 2, False), (5, 300, 200, 130, 1, False),
+             (9, 40, 96, 64, 3, True), (2, 40, 96, 64, 1, True), (1, 1, 1, 1, 1, False),
+             (3, 17, 8, 100, 2, False), (0, 5, 8, 8, 1, False), (3, 0, 8, 8, 1, False),
+             (3, 5, 0, 8, 1, False), (3, 5, 8, 0, 1, False)]
+    for _ in range(24):
+        fixed.append((int(torch.randint(1, 70, (1,), generator=g)), int(torch.randint(1, 300, (1,), generator=g)),
+                      int(torch.randint(1, 400, (1,), generator=g)), int(torch.randint(1, 300, (1,), generator=g)),
+                      int(torch.randint(1, 4, (1,), generator=g)), bool(torch.rand(1, generator=g) < 0.3)))
+    ok = True
+    worst: dict[str, float] = {}
+    for n, (k, r, i, o, j, shared) in enumerate(fixed):
+        for dname, dtype in DTYPES.items():
+            bias = ("none", "bias", "both")[n % 3]
+            noncontig = n % 4 == 1
+            torch.backends.cuda.matmul.allow_tf32 = dname == "tf32"
+            name = f"{dname} K={k} R={r} I={i} O={o} J={j} shared={shared} bias={bias} noncontig={noncontig}"
+            try:
+                err, shape = check_case(name, random_case(g, dtype, k, r, i, o, j, shared, bias, noncontig))
+                good = err <= TOLERANCE[dname]
+                worst[dname] = max(worst.get(dname, 0.0), err)
+            except Exception as e:  # report every case, then fail
+                err, good = float("nan"), False
+                print(f"ERROR {name}: {type(e).__name__}: {e}")
+            if not good:
+                print(f"FAIL {name}: rel err {err:.2e} > {TOLERANCE[dname]:.0e}")
+            ok &= good
+    torch.backends.cuda.matmul.allow_tf32 = False
+    print("worst relative error per dtype:", {k: f"{v:.1e}" for k, v in worst.items()})
+
+    for shared in (False, True):
+        x, w, b, d, db, c = random_case(g, torch.float64, 3, 5, 7, 6, 2, shared, "both", False)
+        c = c.double()
+        inputs = [t.requires_grad_() for t in (x, w, b, d, db, c)]
+        try:
+            good = torch.autograd.gradcheck(lambda *a: mlifast.ops.multipoint_linear(*a), inputs)
+        except Exception as e:
+            print(f"FAIL gradcheck shared={shared}: {e}")
+            good = False
+        print(f"gradcheck on CUDA, float64, shared={shared}: {'ok' if good else 'FAILED'}")
+        ok &= bool(good)
+    print("correctness:", "PASS" if ok else "FAIL")
+    return ok
+
+
+def time_call(fn, target_s: float = 0.02) -> float:
+    """Median seconds per call over 3 timed groups (CUDA events), after warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    n = max(1, min(200, int(target_s / max(start.elapsed_time(end) / 1e3, 1e-6))))
+    samples = []
+    for _ in range(3):
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / n)
+    return statistics.median(samples)
+
+
+def ceilings() -> dict:
+    src = torch.empty(2**28, dtype=torch.uint8, device="cuda")  # 256 MiB, far past L2
+    dst = torch.empty_like(src)
+    copy_s = time_call(lambda: dst.copy_(src))
+    out = {"copy_GBps": 2 * src.numel() / copy_s / 1e9}  # bytes read + written
+    for name, dtype, tf32 in (("bf16", torch.bfloat16, False), ("fp32", torch.float32, False),
+                              ("tf32", torch.float32, True)):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        out[f"gemm_{name}_TFLOPs"] = 2 * 8192**3 / time_call(lambda: a @ b) / 1e12
+        del a, b
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return out
+
+
+def sweep(features: int, ceil: dict) -> list:
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for dname in ("bfloat16", "float32", "tf32"):
+        dtype = DTYPES[dname]
+        torch.backends.cuda.matmul.allow_tf32 = dname == "tf32"
+        f = features
+        weight = torch.randn(f, f, device="cuda", generator=g).div_(math.sqrt(f)).to(dtype)
+        dirs = torch.randn(1, f, f, device="cuda", generator=g).div_(math.sqrt(f)).to(dtype)
+        bias = torch.randn(f, device="cuda", generator=g).to(dtype)
+        bias_dirs = torch.randn(1, f, device="cuda", generator=g).to(dtype)
+        esize = weight.element_size()
+        for k in (4, 16, 64):
+            for r in (1, 16, 64, 256, 1024):
+                x = torch.randn(k, r, f, device="cuda", generator=g).to(dtype)
+                coeffs = torch.linspace(0, 1, k, device="cuda").unsqueeze(1)
+                case = W.OpCase(k, r, f, x, weight, bias, dirs, bias_dirs, coeffs.to(dtype))
+                impls = {"mlifast": lambda: W.op_mlifast(case), "two-GEMM": lambda: W.op_two_gemm(case),
+                         "loop-materialise": lambda: W.op_loop_materialise(case),
+                         "dense-1W": lambda: W.op_dense_one_weight(case)}
+                times = {name: time_call(fn) for name, fn in impls.items()}
+                floor_bytes = esize * (2 * f * f + 2 * k * r * f)
+                flops = 2.0 * k * r * f * f
+                rate = ceil["gemm_bf16_TFLOPs" if dname == "bfloat16" else f"gemm_{'tf32' if dname == 'tf32' else 'fp32'}_TFLOPs"]
+                t = times["mlifast"]
+                row = {"dtype": dname, "K": k, "R": r, "features": f,
+                       **{f"{n}_us": v * 1e6 for n, v in times.items()},
+                       "mlifast_GBps": floor_bytes / t / 1e9,
+                       "bandwidth_fraction": floor_bytes / t / 1e9 / ceil["copy_GBps"],
+                       "mlifast_TFLOPs": flops / t / 1e12,
+                       "compute_fraction": flops / t / 1e12 / rate,
+                       "best_other_over_mlifast": min(v for n, v in times.items() if n not in ("mlifast", "dense-1W")) / t}
+                rows.append(row)
+                print(f"{dname:9s} K={k:3d} R={r:5d}  " + "  ".join(f"{n} {v * 1e6:9.1f}us" for n, v in times.items())
+                      + f"  | {row['mlifast_GBps']:7.0f} GB/s ({row['bandwidth_fraction']:.0%} of copy)"
+                      f"  {row['mlifast_TFLOPs']:6.1f} TFLOP/s ({row['compute_fraction']:.0%} of GEMM)"
+                      f"  best other / mlifast {row['best_other_over_mlifast']:.2f}", flush=True)
+                del x, case
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", help="write the ceilings and the sweep here")
+    p.add_argument("--features", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        p.error("no CUDA device")
+    info = mlifast.info()
+    print(json.dumps(info, default=str))
+    if info["ops"]["multipoint_linear"]["cuda"] != "cuda":
+        print("FAIL: the CUDA kernels are not loaded; this would test the reference against itself")
+        return 1
+    ok = correctness(args.seed)
+    ceil = ceilings()
+    print("ceilings:", {k: round(v, 1) for k, v in ceil.items()})
+    rows = sweep(args.features, ceil)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "ceilings": ceil, "sweep": rows, "correct": ok}, f, indent=1)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU check, one call on a machine with an NVIDIA GPU, a CUDA build of torch (>= 2.5)
+# and nvcc; installs nothing and needs no network. From the repository root:
+#
+#   bash benchmarks/gpu_check.sh            # logs and JSON into $OUT (default build/gpu-check)
+#
+# 1. builds the extension with the CUDA kernels against the torch it finds (CMake, in
+#    build/gpu, for this card's architecture only) and puts _C next to the sources;
+# 2. benchmarks/cuda_check.py: every CUDA path against the float64 oracle at random sizes,
+#    gradcheck, the card's copy and GEMM ceilings, and the op sweep;
+# 3. benchmarks/compare.py --device cuda --quick: every workload against the loop.
+# 4. with GPU_CHECK_FULL=1, compare.py --device cuda at full sizes (the model workloads).
+# Each stage has a time limit; stages 1-3 take about 5 minutes on an H100.
+set -uo pipefail
+OUT=${OUT:-build/gpu-check}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+status=0
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  "$PY" -c "import torch, sysconfig, os; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name()); print('Python.h:', os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))"
+  nvcc --version | tail -2
+  nproc
+} 2>&1 | tee "$OUT/machine.txt"
+
+arch=$("$PY" -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))")
+echo "== build (sm_$arch)"
+rm -f mlifast/_C*.so
+if timeout 300 bash -c "cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DMLIFAST_CUDA=ON \
+      -DCMAKE_CUDA_ARCHITECTURES=$arch -DPython_EXECUTABLE=$(command -v "$PY") \
+    && cmake --build build/gpu -j $(nproc)" >"$OUT/build.log" 2>&1; then
+  cp build/gpu/_C*.so mlifast/
+  grep -E "warning|mlifast:" "$OUT/build.log" | head -20
+else
+  echo "BUILD FAILED"; tail -60 "$OUT/build.log"; exit 1
+fi
+
+echo "== cuda_check"
+timeout 200 "$PY" benchmarks/cuda_check.py --json "$OUT/sweep.json" 2>&1 | tee "$OUT/cuda_check.log" || status=1
+
+echo "== compare --device cuda --quick"
+timeout 200 "$PY" benchmarks/compare.py --device cuda --quick --json "$OUT/compare.json" 2>&1 \
+  | tee "$OUT/compare.log" || status=1
+if [ "${GPU_CHECK_FULL:-0}" = 1 ]; then
+  echo "== compare --device cuda (full sizes)"
+  models=$(cd benchmarks && "$PY" -c "import compare; print(','.join(w for w in compare.ALL_WORKLOADS if w != 'W4'))")
+  timeout "${GPU_CHECK_FULL_S:-180}" "$PY" benchmarks/compare.py --device cuda --workloads "$models" --repeats 2 \
+    --quiet-wait 0 --json "$OUT/compare_full.json" 2>&1 | tee "$OUT/compare_full.log" || status=1
+fi
+exit $status
