@@ -6,12 +6,13 @@
 1. Correctness: `mlifast.ops.multipoint_linear` on CUDA against the float64 oracle, for
    every dtype (float64, float32, float32 with TF32 allowed, float16, bfloat16), shared and
    per-point inputs, with and without bias and bias directions, non-contiguous inputs,
-   empty sizes, and every dispatch path (stacked-shared, per-point cuBLAS, tensor cores,
-   SIMT); the error is max |y - y_ref| / max |y_ref|. Then gradcheck on CUDA in float64.
+   empty sizes, and every dispatch path (stacked, shared, per-point weights, fused), and the
+   fused kernels alone (mlifast::_multipoint_linear_fused: tensor cores, SIMT) at every
+   size; the error is max |y - y_ref| / max |y_ref|. Then gradcheck on CUDA in float64.
    Exits non-zero on any failure, after printing every case.
 2. Sweep: O = I = 4096, one direction, K × R points × rows, float32 and bfloat16, mlifast
    against the two-GEMM form, a loop materialising each W_k (both cuBLAS), and one plain
-   GEMM with a single weight; with the card's measured copy bandwidth and GEMM rates, so
+   GEMM with a single weight, and the fused kernels alone; with the card's measured copy bandwidth and GEMM rates, so
    each time is also read as a fraction of the memory-bound floor (W and D once, x and y)
    or of the compute rate.
 """
@@ -57,16 +58,17 @@ def random_case(g: torch.Generator, dtype: torch.dtype, k: int, r: int, i: int, 
     return x, w, b, d, db, c
 
 
-def check_case(name: str, args: tuple) -> tuple[float, tuple]:
-    x, w, b, d, db, c = args
-    y = mlifast.ops.multipoint_linear(x, w, b, d, db, c)
+def check_case(name: str, args: tuple) -> float:
+    """The worse relative error of the dispatched op and of the fused kernels alone."""
     f64 = [t.double() if t is not None else None for t in args]
     ref = multipoint_linear_reference(*f64)
-    assert y.shape == ref.shape and y.dtype == x.dtype, (name, y.shape, ref.shape, y.dtype)
-    if ref.numel() == 0:
-        return 0.0, tuple(y.shape)
-    scale = ref.abs().max().item() or 1.0
-    return (y.double() - ref).abs().max().item() / scale, tuple(y.shape)
+    err = 0.0
+    for op in (mlifast.ops.multipoint_linear, torch.ops.mlifast._multipoint_linear_fused):
+        y = op(*args)
+        assert y.shape == ref.shape and y.dtype == args[0].dtype, (name, y.shape, ref.shape, y.dtype)
+        if ref.numel():
+            err = max(err, (y.double() - ref).abs().max().item() / (ref.abs().max().item() or 1.0))
+    return err
 
 
 def correctness(seed: int) -> bool:
@@ -75,7 +77,7 @@ def correctness(seed: int) -> bool:
     # Every dispatch path at least once, then random sizes.
     fixed = [(4, 16, 64, 64, 1, False), (70, 3, 33, 65, 2, False), (5, 300, 200, 130, 1, False),
              (9, 40, 96, 64, 3, True), (2, 40, 96, 64, 1, True), (1, 1, 1, 1, 1, False),
-             (3, 17, 8, 100, 2, False), (0, 5, 8, 8, 1, False), (3, 0, 8, 8, 1, False),
+             (3, 17, 8, 100, 2, False), (2, 900, 64, 48, 1, False), (0, 5, 8, 8, 1, False), (3, 0, 8, 8, 1, False),
              (3, 5, 0, 8, 1, False), (3, 5, 8, 0, 1, False)]
     for _ in range(24):
         fixed.append((int(torch.randint(1, 70, (1,), generator=g)), int(torch.randint(1, 300, (1,), generator=g)),
@@ -90,7 +92,7 @@ def correctness(seed: int) -> bool:
             torch.backends.cuda.matmul.allow_tf32 = dname == "tf32"
             name = f"{dname} K={k} R={r} I={i} O={o} J={j} shared={shared} bias={bias} noncontig={noncontig}"
             try:
-                err, shape = check_case(name, random_case(g, dtype, k, r, i, o, j, shared, bias, noncontig))
+                err = check_case(name, random_case(g, dtype, k, r, i, o, j, shared, bias, noncontig))
                 good = err <= TOLERANCE[dname]
                 worst[dname] = max(worst.get(dname, 0.0), err)
             except Exception as e:  # report every case, then fail
@@ -167,11 +169,14 @@ def sweep(features: int, ceil: dict) -> list:
         bias_dirs = torch.randn(1, f, device="cuda", generator=g).to(dtype)
         esize = weight.element_size()
         for k in (4, 16, 64):
-            for r in (1, 16, 64, 256, 1024):
+            for r in (1, 4, 16, 64, 256, 1024):
                 x = torch.randn(k, r, f, device="cuda", generator=g).to(dtype)
                 coeffs = torch.linspace(0, 1, k, device="cuda").unsqueeze(1)
                 case = W.OpCase(k, r, f, x, weight, bias, dirs, bias_dirs, coeffs.to(dtype))
-                impls = {"mlifast": lambda: W.op_mlifast(case), "two-GEMM": lambda: W.op_two_gemm(case),
+                fused_args = (x, weight, bias, dirs, bias_dirs, case.coeffs)
+                impls = {"mlifast": lambda: W.op_mlifast(case),
+                         "fused": lambda: torch.ops.mlifast._multipoint_linear_fused(*fused_args),
+                         "two-GEMM": lambda: W.op_two_gemm(case),
                          "loop-materialise": lambda: W.op_loop_materialise(case),
                          "dense-1W": lambda: W.op_dense_one_weight(case)}
                 times = {name: time_call(fn) for name, fn in impls.items()}
@@ -185,13 +190,13 @@ def sweep(features: int, ceil: dict) -> list:
                        "bandwidth_fraction": floor_bytes / t / 1e9 / ceil["copy_GBps"],
                        "mlifast_TFLOPs": flops / t / 1e12,
                        "compute_fraction": flops / t / 1e12 / rate,
-                       "best_other_over_mlifast": min(v for n, v in times.items() if n not in ("mlifast", "dense-1W")) / t}
+                       "best_other_over_mlifast": min(v for n, v in times.items() if n not in ("mlifast", "fused", "dense-1W")) / t}
                 rows.append(row)
                 print(f"{dname:9s} K={k:3d} R={r:5d}  " + "  ".join(f"{n} {v * 1e6:9.1f}us" for n, v in times.items())
                       + f"  | {row['mlifast_GBps']:7.0f} GB/s ({row['bandwidth_fraction']:.0%} of copy)"
                       f"  {row['mlifast_TFLOPs']:6.1f} TFLOP/s ({row['compute_fraction']:.0%} of GEMM)"
                       f"  best other / mlifast {row['best_other_over_mlifast']:.2f}", flush=True)
-                del x, case
+                del x, case, fused_args
     torch.backends.cuda.matmul.allow_tf32 = False
     return rows
 

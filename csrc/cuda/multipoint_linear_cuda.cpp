@@ -5,17 +5,28 @@
 //   returns (K, R, O): input[k] @ (weight + sum_j coeffs[k, j] * weight_dirs[j]).T
 //                      + (bias + sum_j coeffs[k, j] * bias_dirs[j])
 //
-// Three algorithms, chosen per call:
-//  * shared input with more points than basis vectors (K > J + 1, a first layer): the stacked
-//    form on cuBLAS, x·Wᵀ and x·Dᵀ once for the R rows, then one small GEMM that combines
-//    them per point: (J+1)·R rows of work instead of K·R.
-//  * float32 without TF32 and many rows per point: per point W_k = W + Σ_j c_kj·D_j in one
-//    reused buffer and a cuBLAS GEMM on its rows (the SIMT kernel cannot match cuBLAS's
-//    float32 rate once the GEMM, not the weight read, dominates).
-//  * otherwise the fused kernels (multipoint_linear_kernel.h): the tensor-core kernel for
-//    float16, bfloat16, and float32 when torch allows TF32 for matmuls
-//    (torch.backends.cuda.matmul.allow_tf32), on compute capability 8.0 or newer; the SIMT
-//    kernel for float64 and the rest. Each reads W and D once per block.
+// Four algorithms, chosen per call by a cost model whose constants were measured on an H100
+// (benchmarks/cuda_check.py; BENCHMARKS.md, "GPU"):
+//  * shared input (a first layer): x·Wᵀ and x·Dᵀ once for the R rows on cuBLAS, then the
+//    per-point combine: (J+1)·R rows of GEMM instead of K·R.
+//  * stacked: two cuBLAS GEMMs over all K·R rows (against W and against the J directions),
+//    then the combine. (J+1)× the FLOPs, W and D read once.
+//  * per-point weights: for each point W_k = W + Σ_j c_kj·D_j in one reused buffer, then a
+//    cuBLAS GEMM on its rows. 1× the FLOPs, (J+2) weight-sized passes per point. It wins
+//    over stacked when the saved GEMM time beats the weight passes:
+//        2·J·R / F  >  (J+2)·e / BW   ⇔   R > (J+2)·e·(F/BW) / (2·J)
+//    with F the card's GEMM rate for the dtype, BW its memory bandwidth, e the element size.
+//    H100 (cuda_check.py): F/BW = 267 FLOP/byte for bf16/fp16, 135 for TF32, 17 for float32:
+//    the switch is near 800 rows per point for bf16 and TF32 and 100 for float32 (J = 1),
+//    which is where the measured crossover lies.
+//  * fused (multipoint_linear_mma.cu, tensor cores, split over the input dimension): W and
+//    D read once, each point's weight tile formed on chip; for so few rows in all (K·R ≤
+//    kFusedMaxRows) that the call is one read of the weights and cuBLAS's fixed costs
+//    dominate. Tensor cores only: float16, bfloat16, float32 when torch allows TF32
+//    (torch.backends.cuda.matmul.allow_tf32), compute capability ≥ 8.0.
+// The SIMT kernel (multipoint_linear_kernel.cu) serves the private op
+// mlifast::_multipoint_linear_fused for the dtypes and cards without tensor cores: the
+// cuda_check script compares it with the oracle and the cuBLAS forms.
 // Compiled only against a CUDA build of torch.
 #include <optional>
 
@@ -45,8 +56,30 @@ mlifast::cuda::DType to_dtype(at::ScalarType t) {
 
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
-// From this many rows per point, float32 without TF32 goes to cuBLAS one point at a time.
-constexpr int64_t kFloat32CublasMinRows = 256;
+constexpr int64_t kFusedMaxRows = 64;
+
+// GEMM FLOPs per byte of memory traffic of an H100 for `x`'s dtype (see the header).
+double flops_per_byte(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kHalf:
+    case at::kBFloat16: return 267.0;
+    case at::kFloat: return at::globalContext().allowTF32CuBLAS() ? 135.0 : 17.0;
+    default: return 17.0;
+  }
+}
+
+bool use_per_point_weights(const at::Tensor& x, const LinearSizes& s) {
+  const double J = static_cast<double>(s.directions);
+  return static_cast<double>(s.rows) >
+         (J + 2) * static_cast<double>(x.element_size()) * flops_per_byte(x) / (2 * J);
+}
+
+bool tensor_cores_for(const at::Tensor& x) {
+  const auto t = x.scalar_type();
+  const bool dtype_ok = t == at::kHalf || t == at::kBFloat16 ||
+                        (t == at::kFloat && at::globalContext().allowTF32CuBLAS());
+  return dtype_ok && at::cuda::getDeviceProperties(x.get_device())->major >= 8;
+}
 
 // (K, O): b + Σ_j c_kj·db_j, or an undefined tensor without bias.
 at::Tensor point_biases(const at::Tensor& b, const at::Tensor& db, const at::Tensor& c) {
@@ -55,19 +88,29 @@ at::Tensor point_biases(const at::Tensor& b, const at::Tensor& db, const at::Ten
   return db.defined() ? at::addmm(expanded, c, db) : expanded.contiguous();
 }
 
-at::Tensor stacked_shared(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d,
-                          const at::Tensor& bias_k, const at::Tensor& c, const LinearSizes& s) {
-  const int64_t K = s.points, R = s.rows, O = s.out_features, J = s.directions;
-  const at::Tensor base = at::mm(x, w.t());                                        // (R, O)
-  const at::Tensor along = at::mm(x, d.view({J * O, s.in_features}).t());          // (R, J·O)
-  const at::Tensor along_j = along.view({R, J, O}).permute({1, 0, 2}).reshape({J, R * O});
-  at::Tensor y = at::addmm(base.view({1, R * O}).expand({K, R * O}), c, along_j).view({K, R, O});
-  if (bias_k.defined()) y.add_(bias_k.unsqueeze(1));
+// y (K, R, O) = base + b_k + Σ_j c_kj·along_j, base (K or 1, R, O), along (K or 1, R, J, O).
+at::Tensor combine(const at::Tensor& base, const at::Tensor& along, const at::Tensor& bias_k,
+                   const at::Tensor& c, const LinearSizes& s) {
+  at::Tensor y = bias_k.defined() ? at::add(base, bias_k.unsqueeze(1))
+                                  : base.expand({s.points, s.rows, s.out_features}).contiguous();
+  for (int64_t j = 0; j < s.directions; ++j) {
+    y.addcmul_(along.select(2, j), c.select(1, j).view({s.points, 1, 1}));
+  }
   return y;
 }
 
-at::Tensor per_point_cublas(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d,
-                            const at::Tensor& bias_k, const at::Tensor& c, const LinearSizes& s) {
+at::Tensor stacked(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d,
+                   const at::Tensor& bias_k, const at::Tensor& c, const LinearSizes& s) {
+  const int64_t points = s.shared_input ? 1 : s.points;
+  const at::Tensor rows = x.view({points * s.rows, s.in_features});
+  const at::Tensor base = at::mm(rows, w.t()).view({points, s.rows, s.out_features});
+  const at::Tensor along = at::mm(rows, d.view({s.directions * s.out_features, s.in_features}).t())
+                               .view({points, s.rows, s.directions, s.out_features});
+  return combine(base, along, bias_k, c, s);
+}
+
+at::Tensor per_point_weights(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d,
+                             const at::Tensor& bias_k, const at::Tensor& c, const LinearSizes& s) {
   const int64_t OI = s.out_features * s.in_features;
   const at::Tensor w_flat = w.view({1, OI});
   const at::Tensor d_flat = d.view({s.directions, OI});
@@ -87,11 +130,47 @@ at::Tensor per_point_cublas(const at::Tensor& x, const at::Tensor& w, const at::
   return y;
 }
 
-bool tensor_cores_for(const at::Tensor& x) {
-  const auto t = x.scalar_type();
-  const bool dtype_ok = t == at::kHalf || t == at::kBFloat16 ||
-                        (t == at::kFloat && at::globalContext().allowTF32CuBLAS());
-  return dtype_ok && at::cuda::getDeviceProperties(x.get_device())->major >= 8;
+// The fused kernels: tensor cores (split over the input dimension) where the dtype and card
+// allow, the SIMT kernel otherwise.
+at::Tensor fused(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& d,
+                 const at::Tensor& db, const at::Tensor& coeffs, const LinearSizes& s) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const auto dtype = to_dtype(x.scalar_type());
+  if (tensor_cores_for(x)) {
+    const at::Tensor c = coeffs.to(at::kFloat).contiguous();
+    at::Tensor partial = at::zeros({s.points, s.rows, s.out_features}, x.options().dtype(at::kFloat));
+    const int sm_count = at::cuda::getDeviceProperties(x.get_device())->multiProcessorCount;
+    C10_CUDA_CHECK(mlifast::cuda::launch_multipoint_linear_tensor_cores(
+        dtype, x.data_ptr(), s.shared_input, w.data_ptr(), ptr_or_null(b), d.data_ptr(),
+        ptr_or_null(db), c.const_data_ptr<float>(), nullptr, partial.data_ptr<float>(), s.points,
+        s.rows, s.in_features, s.out_features, s.directions, sm_count, stream));
+    return partial.to(x.scalar_type());
+  }
+  // The SIMT kernel reads the coefficients in the weight's dtype.
+  const at::Tensor c = coeffs.to(x.scalar_type()).contiguous();
+  at::Tensor y = at::empty({s.points, s.rows, s.out_features}, x.options());
+  C10_CUDA_CHECK(mlifast::cuda::launch_multipoint_linear(
+      dtype, x.data_ptr(), s.shared_input, w.data_ptr(), ptr_or_null(b), d.data_ptr(),
+      ptr_or_null(db), c.data_ptr(), y.data_ptr(), s.points, s.rows, s.in_features,
+      s.out_features, s.directions, stream));
+  return y;
+}
+
+struct Operands {
+  LinearSizes s;
+  at::Tensor x, w, b, d, db;
+};
+
+Operands prepare(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                 const at::Tensor& weight_dirs, const std::optional<at::Tensor>& bias_dirs,
+                 const at::Tensor& coeffs) {
+  // Shapes, dtypes and devices: the same contract as every other backend.
+  const LinearSizes s = check_multipoint_linear(input, weight, bias, weight_dirs, bias_dirs, coeffs);
+  TORCH_CHECK(input.is_cuda(), "mlifast::multipoint_linear: expected tensors on a CUDA device, got ",
+              input.device());
+  to_dtype(input.scalar_type());
+  return {s, input.contiguous(), weight.contiguous(), bias.has_value() ? bias->contiguous() : at::Tensor(),
+          weight_dirs.contiguous(), bias_dirs.has_value() ? bias_dirs->contiguous() : at::Tensor()};
 }
 
 }  // namespace
@@ -101,55 +180,46 @@ at::Tensor multipoint_linear_cuda(const at::Tensor& input, const at::Tensor& wei
                                   const at::Tensor& weight_dirs,
                                   const std::optional<at::Tensor>& bias_dirs,
                                   const at::Tensor& coeffs) {
-  // Shapes, dtypes and devices: the same contract as every other backend.
-  const LinearSizes s =
-      check_multipoint_linear(input, weight, bias, weight_dirs, bias_dirs, coeffs);
-  TORCH_CHECK(input.is_cuda(), "mlifast::multipoint_linear: expected tensors on a CUDA device, got ",
-              input.device());
-  const auto dtype = to_dtype(input.scalar_type());
-
   const c10::cuda::CUDAGuard guard(input.device());
+  const Operands o = prepare(input, weight, bias, weight_dirs, bias_dirs, coeffs);
+  const LinearSizes& s = o.s;
   if (s.points * s.rows * s.out_features == 0) {
     return at::empty({s.points, s.rows, s.out_features}, input.options());
   }
-  const at::Tensor x = input.contiguous();
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor d = weight_dirs.contiguous();
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const at::Tensor db = bias_dirs.has_value() ? bias_dirs->contiguous() : at::Tensor();
-
-  if (s.shared_input && s.points > s.directions + 1) {
-    const at::Tensor c = coeffs.to(input.scalar_type()).contiguous();
-    return stacked_shared(x, w, d, point_biases(b, db, c), c, s);
+  if (!s.shared_input && s.points * s.rows <= kFusedMaxRows && tensor_cores_for(o.x)) {
+    return fused(o.x, o.w, o.b, o.d, o.db, coeffs, s);
   }
-  if (input.scalar_type() == at::kFloat && !s.shared_input && s.rows >= kFloat32CublasMinRows &&
-      !at::globalContext().allowTF32CuBLAS()) {
-    const at::Tensor c = coeffs.to(at::kFloat).contiguous();
-    return per_point_cublas(x, w, d, point_biases(b, db, c), c, s);
-  }
-
-  at::Tensor y = at::empty({s.points, s.rows, s.out_features}, x.options());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
-  if (tensor_cores_for(x)) {
-    // The tensor-core kernel reads the coefficients in float32 whatever the dtype.
-    const at::Tensor c = coeffs.to(at::kFloat).contiguous();
-    C10_CUDA_CHECK(mlifast::cuda::launch_multipoint_linear_tensor_cores(
-        dtype, x.data_ptr(), s.shared_input, w.data_ptr(), ptr_or_null(b), d.data_ptr(),
-        ptr_or_null(db), c.const_data_ptr<float>(), y.data_ptr(), s.points, s.rows,
-        s.in_features, s.out_features, s.directions, stream));
-    return y;
-  }
-  // The SIMT kernel reads the coefficients in the weight's dtype.
+  // The cuBLAS forms compute in the input's dtype, coefficients included.
   const at::Tensor c = coeffs.to(input.scalar_type()).contiguous();
-  C10_CUDA_CHECK(mlifast::cuda::launch_multipoint_linear(
-      dtype, x.data_ptr(), s.shared_input, w.data_ptr(), ptr_or_null(b), d.data_ptr(),
-      ptr_or_null(db), c.data_ptr(), y.data_ptr(), s.points, s.rows, s.in_features,
-      s.out_features, s.directions, stream));
-  return y;
+  const at::Tensor bias_k = point_biases(o.b, o.db, c);
+  if (!s.shared_input && use_per_point_weights(o.x, s)) {
+    return per_point_weights(o.x, o.w, o.d, bias_k, c, s);
+  }
+  return stacked(o.x, o.w, o.d, bias_k, c, s);
+}
+
+at::Tensor multipoint_linear_fused_cuda(const at::Tensor& input, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& bias,
+                                        const at::Tensor& weight_dirs,
+                                        const std::optional<at::Tensor>& bias_dirs,
+                                        const at::Tensor& coeffs) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Operands o = prepare(input, weight, bias, weight_dirs, bias_dirs, coeffs);
+  if (o.s.points * o.s.rows * o.s.out_features == 0) {
+    return at::empty({o.s.points, o.s.rows, o.s.out_features}, input.options());
+  }
+  return fused(o.x, o.w, o.b, o.d, o.db, coeffs, o.s);
 }
 
 }  // namespace mlifast
 
+// The fused kernels alone, whatever the cost model says: for benchmarks/cuda_check.py.
+TORCH_LIBRARY_FRAGMENT(mlifast, m) {
+  m.def("_multipoint_linear_fused(Tensor input, Tensor weight, Tensor? bias, Tensor weight_dirs, "
+        "Tensor? bias_dirs, Tensor coeffs) -> Tensor");
+}
+
 TORCH_LIBRARY_IMPL(mlifast, CUDA, m) {
   m.impl("multipoint_linear", &mlifast::multipoint_linear_cuda);
+  m.impl("_multipoint_linear_fused", &mlifast::multipoint_linear_fused_cuda);
 }

@@ -27,11 +27,15 @@ cudaError_t launch_multipoint_linear(DType dtype, const void* x, bool shared_inp
 
 // The same on the tensor cores (multipoint_linear_mma.cu) for Float16, BFloat16, and Float32
 // rounded to TF32; c is float32 whatever the dtype. Needs compute capability 8.0 or newer;
-// returns cudaErrorInvalidValue for Float64.
+// returns cudaErrorInvalidValue for Float64. With `partial` null it writes y; otherwise
+// `partial` is a zeroed float32 (K, R, O) buffer that receives y (bias included) and y is
+// not touched: the input dimension is then split over up to ~4 blocks per multiprocessor
+// (`sm_count` of them), for the few-rows case where output tiles alone cannot fill the GPU.
 cudaError_t launch_multipoint_linear_tensor_cores(DType dtype, const void* x, bool shared_input,
                                                   const void* W, const void* b, const void* D,
                                                   const void* db, const float* c, void* y,
-                                                  int64_t K, int64_t R, int64_t I, int64_t O,
-                                                  int64_t J, cudaStream_t stream);
+                                                  float* partial, int64_t K, int64_t R, int64_t I,
+                                                  int64_t O, int64_t J, int sm_count,
+                                                  cudaStream_t stream);
 
 }  // namespace mlifast::cuda

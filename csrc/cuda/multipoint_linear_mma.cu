@@ -4,16 +4,18 @@
 //   y[k, r, o] = sum_i x[k, r, i] * (W[o, i] + sum_j c[k, j] * D[j, o, i])
 //                + (b[o] + sum_j c[k, j] * db[j, o])
 //
-// A block owns kBlockOut outputs and kBlockRows rows, the rows being kPoints points x
-// rows_per_tile rows of each (kPoints = kBlockRows / rows_per_tile: 4 points of 16 rows when
-// points have few rows, 1 point of 64 rows when they have many). For each kSliceI slice of
-// the input dimension it reads the W and D_j tiles ONCE into registers, forms every one of
-// its points' weight tiles W + sum_j c[k, j] * D_j in float, rounds each once to the operand
-// type in shared memory, and runs the warps' 16x16 fragments against them. Bias and the
-// bias combine are the epilogue. Accumulation is in float.
+// A block owns kBlockOut outputs and kBlockRows rows, the rows being `points` points x
+// rows_per_tile rows of each (4 points of 16 rows when points have few rows, 1 point of 64
+// rows when they have many). For each kSliceI slice of the input dimension it reads the W
+// and D_j tiles ONCE, forms every one of its points' weight tiles W + sum_j c[k, j] * D_j in
+// float, rounds each once to the operand type in shared memory, and runs the warps' 16x16
+// fragments against them; the next slice's loads are in flight meanwhile. Bias and the bias
+// combine are the epilogue. Accumulation is in float.
 //
-// Block order: blockIdx.x walks (point group, row tile) fastest, so the blocks resident at
-// one time share output tiles, and W and D come from L2 after the first of them.
+// Grid: x walks (point group, row tile) fastest, so the blocks resident at one time share
+// output tiles and read W and D from L2 after the first of them; y walks output tiles; z
+// splits the input dimension when the caller gives a float32 buffer to add partial sums
+// into (few rows in all: without the split, output tiles alone cannot fill the GPU).
 #include "multipoint_linear_kernel.h"
 
 #include <cuda_bf16.h>
@@ -38,6 +40,8 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kFrag = 16;
 constexpr int kChunk = 8;  // consecutive input elements a thread loads at once
 constexpr int kChunksPerThread = kBlockOut * kSliceI / kChunk / kThreads;
+constexpr int kXChunksPerThread = kBlockRows * kSliceI / kChunk / kThreads;
+constexpr int kPrefetchDirs = 2;  // directions whose next tiles are loaded ahead (a line, a plane)
 constexpr int kEpilogueLd = kBlockOut + 4;
 constexpr int64_t kMaxGridX = 2147483647;
 constexpr int64_t kMaxGridY = 65535;
@@ -82,21 +86,18 @@ template <typename T> struct Layout {
   static_assert(kBytes <= 48 * 1024, "static shared memory is limited to 48 KiB");
 };
 
-// Reads kChunk consecutive elements src[0..kChunk) as float, zero past `valid`; one or two
-// 16-byte loads when `vector` (the caller guarantees alignment and a whole chunk).
+// Reads kChunk consecutive elements src[0..kChunk), zero past `valid`; one or two 16-byte
+// loads when `vector` (the caller guarantees alignment and a whole chunk).
 template <typename T>
-__device__ __forceinline__ void load_chunk(const T* src, int valid, bool vector, float (&out)[kChunk]) {
+__device__ __forceinline__ void fetch(const T* src, int valid, bool vector, T (&out)[kChunk]) {
   if (vector && valid == kChunk) {
     constexpr int kVectors = kChunk * static_cast<int>(sizeof(T)) / 16;
-    T buf[kChunk];
 #pragma unroll
     for (int v = 0; v < kVectors; ++v)
-      reinterpret_cast<uint4*>(buf)[v] = __ldg(reinterpret_cast<const uint4*>(src) + v);
-#pragma unroll
-    for (int e = 0; e < kChunk; ++e) out[e] = Mma<T>::to_float(buf[e]);
+      reinterpret_cast<uint4*>(out)[v] = __ldg(reinterpret_cast<const uint4*>(src) + v);
   } else {
 #pragma unroll
-    for (int e = 0; e < kChunk; ++e) out[e] = e < valid ? Mma<T>::to_float(src[e]) : 0.0f;
+    for (int e = 0; e < kChunk; ++e) out[e] = e < valid ? src[e] : Mma<T>::from_float(0.0f);
   }
 }
 
@@ -105,8 +106,9 @@ __global__ void __launch_bounds__(kThreads)
 multipoint_linear_mma_kernel(const T* __restrict__ x, bool shared_input, const T* __restrict__ W,
                              const T* __restrict__ b, const T* __restrict__ D,
                              const T* __restrict__ db, const float* __restrict__ c,
-                             T* __restrict__ y, int64_t K, int64_t R, int64_t I, int64_t O,
-                             int64_t J, int rows_per_tile, bool vector_loads) {
+                             T* __restrict__ y, float* __restrict__ partial, int64_t K, int64_t R,
+                             int64_t I, int64_t O, int64_t J, int rows_per_tile, bool vector_loads,
+                             int64_t split_width) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using S = typename Mma<T>::Smem;
   using Elem = typename Mma<T>::Elem;
@@ -125,6 +127,9 @@ multipoint_linear_mma_kernel(const T* __restrict__ x, bool shared_input, const T
   const int64_t row_tiles = (R + rows_per_tile - 1) / rows_per_tile;
   const int64_t groups = (K + points - 1) / points;
   const int64_t OI = O * I;
+  // Split-K: block z sums the inputs [i_begin, i_end) and adds its share into `partial`.
+  const int64_t i_begin = static_cast<int64_t>(blockIdx.z) * split_width;
+  const int64_t i_end = i_begin + split_width < I ? i_begin + split_width : I;
 
   for (int64_t o0 = static_cast<int64_t>(blockIdx.y) * kBlockOut; o0 < O;
        o0 += static_cast<int64_t>(gridDim.y) * kBlockOut) {
@@ -138,48 +143,83 @@ multipoint_linear_mma_kernel(const T* __restrict__ x, bool shared_input, const T
 #pragma unroll
         for (int n = 0; n < 2; ++n) wmma::fill_fragment(acc[a][n], 0.0f);
 
-      for (int64_t i0 = 0; i0 < I; i0 += kSliceI) {
-        // The input tile: row m of the block is row r0 + m % rows_per_tile of point k0 + m / rows_per_tile.
-        for (int chunk = tid; chunk < kBlockRows * kSliceI / kChunk; chunk += kThreads) {
-          const int m = chunk / (kSliceI / kChunk);
-          const int col = (chunk % (kSliceI / kChunk)) * kChunk;
+      // The next slice as read from memory (zeros out of bounds): its loads are issued
+      // before the tensor cores work on the current slice.
+      T x_next[kXChunksPerThread][kChunk];
+      T w_next[kChunksPerThread][kChunk];
+      T d_next[kChunksPerThread][kPrefetchDirs][kChunk];
+      // Row m of the block is row r0 + m % rows_per_tile of point k0 + m / rows_per_tile.
+      const auto x_chunk = [&](int q, int& m, int& col) {
+        const int chunk = tid + q * kThreads;
+        m = chunk / (kSliceI / kChunk);
+        col = (chunk % (kSliceI / kChunk)) * kChunk;
+      };
+      const auto w_chunk = [&](int q, int64_t i0, int& n, int& col, int& valid) {
+        const int chunk = tid + q * kThreads;
+        n = chunk / (kSliceI / kChunk);
+        col = (chunk % (kSliceI / kChunk)) * kChunk;
+        const int64_t left = i_end - (i0 + col);
+        valid = (o0 + n < O && left > 0) ? static_cast<int>(left < kChunk ? left : kChunk) : 0;
+        return (o0 + n) * I + i0 + col;
+      };
+      const auto fetch_slice = [&](int64_t i0) {
+#pragma unroll
+        for (int q = 0; q < kXChunksPerThread; ++q) {
+          int m, col;
+          x_chunk(q, m, col);
           const int64_t k = k0 + m / rows_per_tile;
           const int64_t r = r0 + m % rows_per_tile;
-          float v[kChunk];
-          const int64_t left = I - (i0 + col);
+          const int64_t left = i_end - (i0 + col);
           const int valid = (k < K && r < R && left > 0) ? static_cast<int>(left < kChunk ? left : kChunk) : 0;
-          load_chunk(x + (shared_input ? 0 : k * R * I) + r * I + i0 + col, valid, vector_loads, v);
-#pragma unroll
-          for (int e = 0; e < kChunk; ++e) xs[m * kLd + col + e] = Mma<T>::from_float(v[e]);
+          fetch(x + (shared_input ? 0 : k * R * I) + r * I + i0 + col, valid, vector_loads, x_next[q]);
         }
-
-        // The weight tiles: W and each D_j read once, every point's W_k formed in registers.
 #pragma unroll
         for (int q = 0; q < kChunksPerThread; ++q) {
-          const int chunk = tid + q * kThreads;
-          const int n = chunk / (kSliceI / kChunk);
-          const int col = (chunk % (kSliceI / kChunk)) * kChunk;
-          const int64_t o = o0 + n;
-          const int64_t left = I - (i0 + col);
-          const int valid = (o < O && left > 0) ? static_cast<int>(left < kChunk ? left : kChunk) : 0;
-          const int64_t offset = o * I + i0 + col;
-          float w[kChunk];
-          load_chunk(W + offset, valid, vector_loads, w);
+          int n, col, valid;
+          const int64_t offset = w_chunk(q, i0, n, col, valid);
+          fetch(W + offset, valid, vector_loads, w_next[q]);
+#pragma unroll
+          for (int j = 0; j < kPrefetchDirs; ++j)
+            if (j < J) fetch(D + j * OI + offset, valid, vector_loads, d_next[q][j]);
+        }
+      };
+      if (i_begin < i_end) fetch_slice(i_begin);
+
+      for (int64_t i0 = i_begin; i0 < i_end; i0 += kSliceI) {
+#pragma unroll
+        for (int q = 0; q < kXChunksPerThread; ++q) {
+          int m, col;
+          x_chunk(q, m, col);
+#pragma unroll
+          for (int e = 0; e < kChunk; ++e) xs[m * kLd + col + e] = x_next[q][e];
+        }
+
+        // Every point's weight tile W + sum_j c[k, j] D_j, formed in float from one read.
+#pragma unroll
+        for (int q = 0; q < kChunksPerThread; ++q) {
+          int n, col, valid;
+          const int64_t offset = w_chunk(q, i0, n, col, valid);
           float wk[kMaxPoints][kChunk];
 #pragma unroll
           for (int p = 0; p < kMaxPoints; ++p)
 #pragma unroll
-            for (int e = 0; e < kChunk; ++e) wk[p][e] = w[e];
-          for (int64_t j = 0; j < J; ++j) {
-            float d[kChunk];
-            load_chunk(D + j * OI + offset, valid, vector_loads, d);
+            for (int e = 0; e < kChunk; ++e) wk[p][e] = Mma<T>::to_float(w_next[q][e]);
+          const auto add_direction = [&](int64_t j, const T (&d)[kChunk]) {
 #pragma unroll
             for (int p = 0; p < kMaxPoints; ++p) {
               if (p >= points || k0 + p >= K) continue;
               const float cj = c[(k0 + p) * J + j];
 #pragma unroll
-              for (int e = 0; e < kChunk; ++e) wk[p][e] += cj * d[e];
+              for (int e = 0; e < kChunk; ++e) wk[p][e] += cj * Mma<T>::to_float(d[e]);
             }
+          };
+#pragma unroll
+          for (int j = 0; j < kPrefetchDirs; ++j)
+            if (j < J) add_direction(j, d_next[q][j]);
+          for (int64_t j = kPrefetchDirs; j < J; ++j) {
+            T d[kChunk];
+            fetch(D + j * OI + offset, valid, vector_loads, d);
+            add_direction(j, d);
           }
 #pragma unroll
           for (int p = 0; p < kMaxPoints; ++p) {
@@ -190,6 +230,7 @@ multipoint_linear_mma_kernel(const T* __restrict__ x, bool shared_input, const T
           }
         }
         __syncthreads();
+        if (i0 + kSliceI < i_end) fetch_slice(i0 + kSliceI);
 
 #pragma unroll
         for (int kk = 0; kk < kSliceI; kk += kStep) {
@@ -235,12 +276,16 @@ multipoint_linear_mma_kernel(const T* __restrict__ x, bool shared_input, const T
         const int64_t o = o0 + n;
         if (k >= K || r >= R || o >= O) continue;
         float v = out[m * kEpilogueLd + n];
-        if (b != nullptr) {
+        if (b != nullptr && blockIdx.z == 0) {
           v += Mma<T>::to_float(b[o]);
           if (db != nullptr)
             for (int64_t j = 0; j < J; ++j) v += c[k * J + j] * Mma<T>::to_float(db[j * O + o]);
         }
-        y[(k * R + r) * O + o] = Mma<T>::from_float(v);
+        if (partial != nullptr) {
+          atomicAdd(partial + (k * R + r) * O + o, v);
+        } else {
+          y[(k * R + r) * O + o] = Mma<T>::from_float(v);
+        }
       }
       __syncthreads();
     }
@@ -252,20 +297,30 @@ multipoint_linear_mma_kernel(const T* __restrict__ x, bool shared_input, const T
 
 template <typename T>
 cudaError_t launch_typed(const void* x, bool shared_input, const void* W, const void* b,
-                         const void* D, const void* db, const float* c, void* y, int64_t K,
-                         int64_t R, int64_t I, int64_t O, int64_t J, cudaStream_t stream) {
+                         const void* D, const void* db, const float* c, void* y, float* partial,
+                         int64_t K, int64_t R, int64_t I, int64_t O, int64_t J, int sm_count,
+                         cudaStream_t stream) {
   const int rows_per_tile = R <= 16 ? 16 : (R <= 32 ? 32 : 64);
   const int points = kBlockRows / rows_per_tile;
-  const int64_t tiles = (K + points - 1) / points * ((R + rows_per_tile - 1) / rows_per_tile);
-  const int64_t out_tiles = (O + kBlockOut - 1) / kBlockOut;
-  const dim3 grid(static_cast<unsigned>(std::min(tiles, kMaxGridX)),
-                  static_cast<unsigned>(std::min(out_tiles, kMaxGridY)));
+  const int64_t tiles = std::min((K + points - 1) / points * ((R + rows_per_tile - 1) / rows_per_tile), kMaxGridX);
+  const int64_t out_tiles = std::min((O + kBlockOut - 1) / kBlockOut, kMaxGridY);
+  // With a partial-sum buffer, split the input dimension until there are about four blocks
+  // per multiprocessor, keeping at least four slices per block.
+  const int64_t slices = std::max<int64_t>(1, (I + kSliceI - 1) / kSliceI);
+  int64_t splits = 1;
+  if (partial != nullptr) {
+    const int64_t wanted = (4 * static_cast<int64_t>(sm_count) + tiles * out_tiles - 1) / (tiles * out_tiles);
+    splits = std::max<int64_t>(1, std::min({wanted, slices / 4, kMaxGridY}));
+  }
+  const int64_t split_width = (slices + splits - 1) / splits * kSliceI;
+  splits = (std::max<int64_t>(I, 1) + split_width - 1) / split_width;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(out_tiles), static_cast<unsigned>(splits));
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   const bool vector_loads = I % kChunk == 0 && aligned(x) && aligned(W) && aligned(D);
   multipoint_linear_mma_kernel<T><<<grid, kThreads, 0, stream>>>(
       static_cast<const T*>(x), shared_input, static_cast<const T*>(W), static_cast<const T*>(b),
-      static_cast<const T*>(D), static_cast<const T*>(db), c, static_cast<T*>(y), K, R, I, O, J,
-      rows_per_tile, vector_loads);
+      static_cast<const T*>(D), static_cast<const T*>(db), c, static_cast<T*>(y), partial, K, R, I,
+      O, J, rows_per_tile, vector_loads, split_width);
   return cudaGetLastError();
 }
 
@@ -274,17 +329,19 @@ cudaError_t launch_typed(const void* x, bool shared_input, const void* W, const 
 cudaError_t launch_multipoint_linear_tensor_cores(DType dtype, const void* x, bool shared_input,
                                                   const void* W, const void* b, const void* D,
                                                   const void* db, const float* c, void* y,
-                                                  int64_t K, int64_t R, int64_t I, int64_t O,
-                                                  int64_t J, cudaStream_t stream) {
+                                                  float* partial, int64_t K, int64_t R, int64_t I,
+                                                  int64_t O, int64_t J, int sm_count,
+                                                  cudaStream_t stream) {
   if (K < 0 || R < 0 || I < 0 || O < 0 || J < 0) return cudaErrorInvalidValue;
   if (K == 0 || R == 0 || O == 0) return cudaSuccess;
   switch (dtype) {
     case DType::Float32:
-      return launch_typed<float>(x, shared_input, W, b, D, db, c, y, K, R, I, O, J, stream);
+      return launch_typed<float>(x, shared_input, W, b, D, db, c, y, partial, K, R, I, O, J, sm_count, stream);
     case DType::Float16:
-      return launch_typed<__half>(x, shared_input, W, b, D, db, c, y, K, R, I, O, J, stream);
+      return launch_typed<__half>(x, shared_input, W, b, D, db, c, y, partial, K, R, I, O, J, sm_count, stream);
     case DType::BFloat16:
-      return launch_typed<__nv_bfloat16>(x, shared_input, W, b, D, db, c, y, K, R, I, O, J, stream);
+      return launch_typed<__nv_bfloat16>(x, shared_input, W, b, D, db, c, y, partial, K, R, I, O, J,
+                                         sm_count, stream);
     case DType::Float64:
       break;
   }
