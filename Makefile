@@ -40,9 +40,10 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(EXTENSION_SOURCES)
 	$(PY) -c "import mlifast, json; print(json.dumps(mlifast.info()['ops']))"
 	touch $@
 
-# Compile every CUDA kernel with nvcc (no GPU or CUDA torch needed), so the CUDA code
-# never rots unseen on CPU-only machines.
-cuda-check:
+# Compile every CUDA kernel with nvcc, and check the CUDA glue (csrc/cuda/*.cpp) compiles
+# against torch's headers with its CUDA-only headers stubbed (scripts/cuda_stubs): no GPU or
+# CUDA torch needed, so the CUDA code never rots unseen on CPU-only machines.
+cuda-check: $(DEPS_STAMP)
 	@command -v $(NVCC) >/dev/null || { echo "cuda-check: $(NVCC) not found; install the CUDA toolkit or set NVCC=/path/to/nvcc"; exit 2; }
 	@mkdir -p build/cuda-check
 	@for f in $$(find csrc -name '*.cu'); do \
@@ -50,7 +51,15 @@ cuda-check:
 		$(NVCC) -std=c++17 -O3 -Werror all-warnings $(foreach a,$(CUDA_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) \
 			-Icsrc -c $$f -o build/cuda-check/$$(basename $$f .cu).o || exit 1; \
 	done
-	@echo "cuda-check: every .cu file compiles for sm_$(subst $() $(),/sm_,$(CUDA_ARCHS))"
+	@cuda_include=$${CUDA_HOME:-$$(dirname $$(dirname $$(readlink -f $$(command -v $(NVCC)))))}/include; \
+	[ -f $$cuda_include/cuda_runtime.h ] || cuda_include=/usr/local/cuda/include; \
+	torch_includes=$$($(PY) -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))"); \
+	for f in $$(find csrc/cuda -name '*.cpp'); do \
+		echo "$(CXX) -fsyntax-only $$f (CUDA torch headers stubbed)"; \
+		$(CXX) -std=c++17 -fsyntax-only -Wall -Wextra -Wno-unused-parameter -Werror -Wno-c++20-extensions \
+			-Iscripts/cuda_stubs -I$$cuda_include $$torch_includes -Icsrc $$f || exit 1; \
+	done
+	@echo "cuda-check: every .cu file compiles for sm_$(subst $() $(),/sm_,$(CUDA_ARCHS)), and the glue against torch's headers"
 
 bench: $(BUILD_STAMP)
 	$(PY) benchmarks/compare.py
