@@ -201,12 +201,32 @@ def sweep(features: int, ceil: dict) -> list:
     return rows
 
 
+def markdown(path: str) -> str:
+    """The sweep of a --json file as a BENCHMARKS.md table."""
+    with open(path) as f:
+        res = json.load(f)
+    names = ("mlifast", "fused", "two-GEMM", "loop-materialise", "dense-1W")
+    out = [f"{res['device']}, torch {res['torch']}; ceilings: " + ", ".join(f"{k} {v:.0f}" for k, v in res["ceilings"].items()),
+           "", "| dtype | K | R | " + " | ".join(f"{n} µs" for n in names)
+           + " | best cuBLAS form / mlifast | mlifast GB/s (% of copy) | mlifast TFLOP/s (% of GEMM) |",
+           "|---|---:|---:|" + "---:|" * (len(names) + 3)]
+    for r in res["sweep"]:
+        out.append(f"| {r['dtype']} | {r['K']} | {r['R']} | " + " | ".join(f"{r[n + '_us']:.0f}" for n in names)
+                   + f" | {r['best_other_over_mlifast']:.2f} | {r['mlifast_GBps']:.0f} ({r['bandwidth_fraction']:.0%})"
+                   f" | {r['mlifast_TFLOPs']:.1f} ({r['compute_fraction']:.0%}) |")
+    return "\n".join(out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", help="write the ceilings and the sweep here")
+    p.add_argument("--markdown", metavar="JSON", help="only print the sweep of an earlier --json as a table")
     p.add_argument("--features", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.markdown:
+        print(markdown(args.markdown))
+        return 0
     if not torch.cuda.is_available():
         p.error("no CUDA device")
     info = mlifast.info()
