@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """mlifast against its baselines, measured in the same run, interleaved.
 
-    python benchmarks/compare.py                    # full sizes (about 10 minutes on 2 cores)
+    python benchmarks/compare.py                    # full sizes (about 16 minutes on 2 cores, W3 about 6)
     python benchmarks/compare.py --quick            # CI correctness smoke test (< 60 s)
     python benchmarks/compare.py --workloads W1,W4 --device cuda --json out.json
     python benchmarks/compare.py --mlifast-from /tmp/snap   # a snapshot of one commit (see BENCHMARKS.md)
@@ -11,16 +11,19 @@ For every workload it first checks that mlifast's losses agree with the loop bas
 not; then it times every implementation round-robin (the order rotates each round) and
 prints one table: the median time, the ratio to mlifast (>1: mlifast is faster),
 achieved GFLOP/s, the time against the workload's FLOP floor (the fused algorithm's
-FLOPs at this machine's measured float32 GEMM rate), and peak memory.
+FLOPs at this machine's measured float32 GEMM rate, or, where larger, its compulsory
+memory traffic — the weights and directions read once per batch — at the measured memory
+copy rate), and peak memory (for W3 also in copies of the weights).
 
 Peak memory on CPU: each implementation's first (checking) run happens in a fresh
 subprocess, which reports the growth of its ru_maxrss over the set-up (tracemalloc does
 not see torch's allocations). On CUDA: torch.cuda.max_memory_allocated over that run.
 --quick skips it (subprocess start-ups would not fit in the CI budget).
 
-Workloads (workloads.py): W1 MNIST MLP line, W2 ResNet-20 + BN (bn="recompute"), W4 the
-fused linear op swept over K×R, W5 a 21×21 plane on W1's model. W3 (a 300M-parameter
-transformer) is not part of this version.
+Workloads (workloads.py): W1 MNIST MLP line, W2 ResNet-20 + BN (bn="recompute"), W3 a
+319M-parameter decoder-only transformer at K = 16 points of a line (1×8 tokens per point
+on the CPU, 4×64 with --device cuda), W4 the fused linear op swept over K×R, W5 a 21×21
+plane on W1's model.
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ import workloads as W  # noqa: E402
 
 LOSS_RTOL = 1e-4  # mlifast vs the loop, float32 forward, float64 sums
 OP_RTOL = 1e-4  # fused op vs the float64 oracle, relative to max |y|
-ALL_WORKLOADS = ("W1", "W2", "W4", "W5")
+ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
 
 
 # ----------------------------------------------------------------------------- timing helpers
@@ -251,15 +254,29 @@ def _proc_status_kib(field: str) -> int:
     raise KeyError(field)
 
 
+def _release_free_heap() -> None:
+    """Hand memory that the set-up freed back to the OS (glibc malloc_trim). Tensors below
+    malloc's mmap threshold live in the heap, and freed heap pages stay resident: without
+    this, an implementation's first allocations reuse pages the set-up left behind (e.g.
+    W3's temporaries while building the space: 1.2 GB) and go uncounted in the peak."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_child(workload: str, impl: str, preset: str, device: str) -> None:
     """One checking run of one implementation; prints {peak_mb, seconds, losses} as JSON.
 
     CPU peak: VmHWM (the resident high-water mark of this process's address space, which
     starts fresh at exec — ru_maxrss does not: it carries the forking parent's peak), reset
     to the current RSS after set-up through /proc/self/clear_refs, minus that RSS."""
-    wl = W.to_device(W.MODEL_WORKLOADS[workload](preset), device)
+    wl = W.make_workload(workload, preset, device)
     fn = W.impls_for(wl)[impl]
     gc.collect()
+    _release_free_heap()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -286,10 +303,11 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_model_workload(name: str, args) -> dict:
-    wl = W.to_device(W.MODEL_WORKLOADS[name](args.preset), args.device)
+    wl = W.make_workload(name, args.preset, args.device)
     impls = W.impls_for(wl)
     names = list(impls)
     useful, fused = W.model_flops(wl)
+    floor_bytes = W.model_bytes(wl)
     print(f"\n== {name}: {wl.title} ({wl.size_note}); implementations: {', '.join(names)}", flush=True)
     for skipped, why in wl.skipped.items():
         print(f"   skipped {skipped}: {why}")
@@ -347,6 +365,7 @@ def run_model_workload(name: str, args) -> dict:
     return {
         "workload": name, "title": wl.title, "sizes": wl.size_note, "points": wl.num_points,
         "examples": wl.num_examples, "bn": wl.bn, "useful_gflop": useful / 1e9, "fused_gflop": fused / 1e9,
+        "floor_gb": floor_bytes / 1e9, "weight_mb": wl.weight_bytes / 2**20, "peak_vs_weights": wl.peak_vs_weights,
         "rows": rows, "skipped": dict(wl.skipped),
     }
 
@@ -416,12 +435,17 @@ def run_op_sweep(args, shared: bool = False) -> dict:
 
 
 def add_floors(model_results: list, op_results: list, ceil: dict) -> None:
-    """Each time against its floor: the fused algorithm's FLOPs at the measured GEMM rate
-    (model workloads); for the op also its compulsory bytes at the cache copy rate."""
+    """Each time against its floor. Model workloads: the larger of the fused algorithm's
+    FLOPs at the measured GEMM rate and its compulsory bytes (weights and directions read
+    once per batch) at the memory copy rate; the op: FLOPs, or bytes at the cache copy rate."""
     for res in model_results:
-        res["floor_s"] = res["fused_gflop"] / ceil["gemm_gflops"]
+        res["floor_flop_s"] = res["fused_gflop"] / ceil["gemm_gflops"]
+        res["floor_bytes_s"] = res.get("floor_gb", 0.0) / ceil["copy_gbs"]
+        res["floor_s"] = max(res["floor_flop_s"], res["floor_bytes_s"])
         for row in res["rows"]:
             row["x_floor"] = row["median_s"] / res["floor_s"]
+            if row["peak_mb"] is not None and res.get("weight_mb"):
+                row["peak_x_weights"] = row["peak_mb"] / res["weight_mb"]
     for row in (r for res in op_results for r in res["rows"]):
         floor_s = max(row["fused_flops"] / (ceil["gemm_gflops"] * 1e9), row["bytes"] / (ceil["cache_copy_gbs"] * 1e9))
         row["floor_us"] = floor_s * 1e6
@@ -430,6 +454,11 @@ def add_floors(model_results: list, op_results: list, ceil: dict) -> None:
 
 def fmt_s(t: float) -> str:
     return f"{t:.3f}" if t < 10 else f"{t:.2f}"
+
+
+def fmt_n(x: float) -> str:
+    """A positive quantity with 3 significant digits, no exponent above 1."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def model_table(results: list) -> str:
@@ -468,7 +497,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes: the CI correctness smoke test (< 60 s)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma-separated subset of W1,W2,W4,W5")
+    p.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma-separated subset of W1,W2,W3,W4,W5")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per model workload (default 3)")
     mem = p.add_mutually_exclusive_group()
     mem.add_argument("--memory", dest="memory", action="store_true", default=None,
@@ -501,7 +530,7 @@ def main(argv=None) -> int:
     chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = [w for w in chosen if w not in ALL_WORKLOADS]
     if unknown:
-        p.error(f"unknown workload(s) {unknown}; choose from {ALL_WORKLOADS} (W3 is not implemented yet)")
+        p.error(f"unknown workload(s) {unknown}; choose from {ALL_WORKLOADS}")
 
     started = time.perf_counter()
     info = machine(args.device)
@@ -538,9 +567,16 @@ def main(argv=None) -> int:
         print(model_table(model_results))
         print()
         for res in model_results:
-            print(f"- {res['workload']}: {res['title']}; useful {res['useful_gflop']:.0f} GFLOP (K one-point forwards"
+            bytes_bound = res["floor_bytes_s"] > res["floor_flop_s"]
+            print(f"- {res['workload']}: {res['title']}; useful {fmt_n(res['useful_gflop'])} GFLOP (K one-point forwards"
                   f"{', ×2 for the statistics pass' if res['bn'] == 'recompute' else ''}), fused algorithm "
-                  f"{res['fused_gflop']:.0f} GFLOP → floor {res['floor_s']:.2f} s at the best GEMM rate")
+                  f"{fmt_n(res['fused_gflop'])} GFLOP → {fmt_n(res['floor_flop_s'])} s at the best GEMM rate; weights + "
+                  f"directions read once per batch {fmt_n(res['floor_gb'])} GB → {fmt_n(res['floor_bytes_s'])} s at "
+                  f"the memory copy rate; floor {fmt_n(res['floor_s'])} s ({'bytes' if bytes_bound else 'FLOPs'})")
+            peaks = [(row["impl"], row["peak_x_weights"]) for row in res["rows"] if "peak_x_weights" in row]
+            if res.get("peak_vs_weights") and peaks:
+                print(f"- {res['workload']} peak memory in copies of the weights ({res['weight_mb']:.0f} MB): "
+                      + ", ".join(f"{impl} {x:.2f}×" for impl, x in peaks))
         print("- median over the quiet runs (other processes used < 10% of the cores, from /proc/stat), or over all "
               "runs when none was quiet; min–max over all runs")
         if not args.memory:
@@ -552,8 +588,6 @@ def main(argv=None) -> int:
               + "median per call; GFLOP/s count K·R rows; floor = max(fused FLOPs / GEMM rate, "
               "(W0 + D + x + y) bytes / cache copy rate)\n")
         print(op_table(res))
-    if "W3" not in chosen:
-        print("\nW3 (300M-parameter transformer) is not part of this version.")
     print(f"\ncompare.py: all checks passed; {elapsed:.0f} s in all")
     if args.json:
         with open(args.json, "w") as f:

@@ -10,6 +10,7 @@
 #    gradcheck, the card's copy and GEMM ceilings, and the op sweep;
 # 3. benchmarks/compare.py --device cuda --quick: every workload against the loop.
 # 4. with GPU_CHECK_FULL=1, compare.py --device cuda at full sizes (the model workloads).
+# 5. with GPU_CHECK_PROFILE=W1 (any model workload), where its time goes on the GPU.
 # Each stage has a time limit; stages 1-3 take about 5 minutes on an H100.
 set -uo pipefail
 OUT=${OUT:-build/gpu-check}
@@ -48,5 +49,10 @@ if [ "${GPU_CHECK_FULL:-0}" = 1 ]; then
   models=$(cd benchmarks && "$PY" -c "import compare; print(','.join(w for w in compare.ALL_WORKLOADS if w != 'W4'))")
   timeout "${GPU_CHECK_FULL_S:-180}" "$PY" benchmarks/compare.py --device cuda --workloads "$models" --repeats 2 \
     --quiet-wait 0 --json "$OUT/compare_full.json" 2>&1 | tee "$OUT/compare_full.log" || status=1
+fi
+if [ -n "${GPU_CHECK_PROFILE:-}" ]; then
+  echo "== profile $GPU_CHECK_PROFILE --device cuda"
+  timeout 120 "$PY" benchmarks/profile_workload.py "$GPU_CHECK_PROFILE" --device cuda 2>&1 \
+    | tee "$OUT/profile.log" || status=1
 fi
 exit $status

@@ -28,7 +28,7 @@ def main() -> int:
     p.add_argument("--preset", default="full", choices=sorted(W.SIZES))
     p.add_argument("--rows", type=int, default=15, help="operators shown per table")
     args = p.parse_args()
-    wl = W.to_device(W.MODEL_WORKLOADS[args.workload](args.preset), args.device)
+    wl = W.make_workload(args.workload, args.preset, args.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     sort_key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
     for name, run in (("mlifast", W.run_mlifast), ("loop", W.run_loop_state_dict)):

@@ -5,6 +5,8 @@ Used by compare.py (the interleaved comparison table) and test_bench.py (pytest-
 Model workloads (a loss at K points of a line or plane of weight space, over a data set):
   W1  MNIST MLP 784-1024-1024-10, a line, K points, batches of 1,000 examples
   W2  CIFAR ResNet-20 with batch norm, a line, bn="recompute" (update_bn per point)
+  W3  a ~300M-parameter decoder-only transformer, a line (merge-ratio sweep), K = 16 points,
+      next-token loss on 1 sequence × 8 tokens per point on the CPU, 4 × 64 on a GPU
   W5  a 21×21 plane on W1's model
 Every implementation returns the (K,) float64 mean loss at the workload's coords.
 
@@ -12,12 +14,14 @@ Op workload:
   W4  mlifast.ops.multipoint_linear swept over K points × R rows per point, 1024×1024.
 
 Sizes come in three presets: "full" (compare.py), "quick" (compare.py --quick, the CI
-correctness smoke test) and "tiny" (test_bench.py).
+correctness smoke test) and "tiny" (test_bench.py). Build a workload with
+make_workload(name, preset, device): W3's batch shape depends on the device.
 """
 from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -33,9 +37,14 @@ from bench_models import ResNet20, mnist_mlp
 
 SIZES = {
     # W1: points, examples, batch. W2: points, examples, batch, width. W5: grid side, examples, batch.
+    # W3: points; the transformer (width, layers, heads, vocab, context); tokens per point as
+    # (sequences, tokens per sequence) on each device — every linear layer sees
+    # sequences × tokens rows per point (8 on the CPU, 256 on a GPU).
     "full": {
         "W1": dict(points=50, examples=10_000, batch=1_000),
         "W2": dict(points=50, examples=64, batch=64, width=16),  # 10,000 would take hours on 2 cores
+        "W3": dict(points=16, width=1024, layers=24, heads=16, vocab=8192, context=64,
+                   tokens=dict(cpu=(1, 8), cuda=(4, 64))),
         "W5": dict(side=21, examples=500, batch=500),
         "W4": dict(points=(1, 4, 16, 64), rows=(1, 8, 64, 256), features=1024,
                    shared_points=(16, 64), shared_rows=(64, 256)),
@@ -44,6 +53,8 @@ SIZES = {
     "quick": {
         "W1": dict(points=8, examples=400, batch=200),
         "W2": dict(points=4, examples=64, batch=32, width=8),
+        "W3": dict(points=16, width=128, layers=2, heads=4, vocab=512, context=64,
+                   tokens=dict(cpu=(1, 8), cuda=(4, 64))),
         "W5": dict(side=5, examples=200, batch=200),
         "W4": dict(points=(1, 16), rows=(1, 64), features=256, shared_points=(16,), shared_rows=(64,)),
         "vmap_chunk": 4,
@@ -51,6 +62,8 @@ SIZES = {
     "tiny": {
         "W1": dict(points=4, examples=64, batch=32),
         "W2": dict(points=3, examples=32, batch=16, width=4),
+        "W3": dict(points=4, width=32, layers=1, heads=2, vocab=64, context=64,
+                   tokens=dict(cpu=(1, 8), cuda=(4, 64))),
         "W5": dict(side=3, examples=64, batch=64),
         "W4": dict(points=(4,), rows=(8,), features=128, shared_points=(4,), shared_rows=(8,)),
         "vmap_chunk": 2,
@@ -74,6 +87,11 @@ class ModelWorkload:
     size_note: str
     loss_landscapes_order: Optional[Callable] = None  # maps its result to coords' order
     skipped: dict = field(default_factory=dict)  # implementation -> why it does not run here
+    # loss(output, target, reduction=...) of one batch; every implementation sums it per example
+    loss: Callable = F.cross_entropy
+    peak_vs_weights: bool = False  # report peak memory in copies of the weights (W3)
+    # device -> (data, size_note) where the batch shape depends on the device (W3); to_device uses it
+    batches_for: Optional[Callable[[str], tuple]] = None
 
     @property
     def num_points(self) -> int:
@@ -82,6 +100,11 @@ class ModelWorkload:
     @property
     def num_examples(self) -> int:
         return sum(int(y.shape[0]) for _, y in self.data)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of one copy of the model's floating-point state (what a loop holds per model)."""
+        return sum(t.numel() * t.element_size() for t in self.space.origin.values() if t.is_floating_point())
 
 
 def _batches(x: Tensor, y: Tensor, batch: int) -> list:
@@ -123,7 +146,7 @@ def plane_coords_loss_landscapes(n: int) -> tuple[Tensor, Callable]:
     return torch.tensor(coords, dtype=torch.float64), lambda matrix: torch.as_tensor(matrix)[rows, cols]
 
 
-def make_w1(preset: str = "full") -> ModelWorkload:
+def make_w1(preset: str = "full", device: str = "cpu") -> ModelWorkload:
     s = SIZES[preset]["W1"]
     torch.manual_seed(1)
     start, end = mnist_mlp(), mnist_mlp()
@@ -138,7 +161,7 @@ def make_w1(preset: str = "full") -> ModelWorkload:
     )
 
 
-def make_w2(preset: str = "full") -> ModelWorkload:
+def make_w2(preset: str = "full", device: str = "cpu") -> ModelWorkload:
     s = SIZES[preset]["W2"]
     torch.manual_seed(2)
     start = _randomize_bn(ResNet20(width=s["width"]), 21)
@@ -160,7 +183,7 @@ def make_w2(preset: str = "full") -> ModelWorkload:
     return wl
 
 
-def make_w5(preset: str = "full") -> ModelWorkload:
+def make_w5(preset: str = "full", device: str = "cpu") -> ModelWorkload:
     s = SIZES[preset]["W5"]
     torch.manual_seed(5)
     p0, p1, p2 = mnist_mlp(), mnist_mlp(), mnist_mlp()
@@ -176,11 +199,143 @@ def make_w5(preset: str = "full") -> ModelWorkload:
     )
 
 
-MODEL_WORKLOADS = {"W1": make_w1, "W2": make_w2, "W5": make_w5}
+# ----------------------------------------------------------------------------- W3: a decoder-only transformer
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with nn.Linear projections (one fused q/k/v)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, T, E)
+        n, t, e = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.heads, e // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (N, H, T, E/H)
+        return self.out(y.transpose(1, 2).reshape(n, t, e))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LN: x + attn(LN(x)), then x + MLP(LN(x)) with a 4× GELU MLP."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = CausalSelfAttention(width, heads)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class DecoderLM(nn.Module):
+    """A GPT-style decoder-only language model: token and learned position embeddings,
+    pre-LN blocks, final LayerNorm, untied LM head. tokens (B, T) → logits (B, T, vocab)."""
+
+    def __init__(self, vocab: int, width: int, layers: int, heads: int, context: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(context, width)
+        self.blocks = nn.Sequential(*(DecoderBlock(width, heads) for _ in range(layers)))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        # Position ids of the tokens' own (B, T) shape, as Hugging Face models expand them:
+        # (T,) or (1, T) ids would be ambiguous for mlifast whenever T is a multiple of
+        # K·B (the GPU batch: T = 64 = 16 points × 4 sequences; see ARCHITECTURE "Known limits").
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        return self.head(self.norm(self.blocks(self.tok(tokens) + self.pos(positions))))
+
+
+def lm_loss(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-token cross entropy summed over each sequence's tokens: logits (N, T, V),
+    target (N, T) → (N,) for reduction="none", their sum or mean otherwise."""
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    per_sequence = per_token.reshape(target.shape[0], -1).sum(1)
+    if reduction == "none":
+        return per_sequence
+    return per_sequence.sum() if reduction == "sum" else per_sequence.mean()
+
+
+def make_w3(preset: str = "full", device: str = "cpu") -> ModelWorkload:
+    """A merge-ratio sweep between two independently initialised decoder-only transformers
+    (~319M parameters at "full"): the memory-bound regime, few rows per point. On the CPU a
+    batch is 1 sequence of 8 tokens (8 rows into every linear layer per point); on a GPU 4
+    sequences of 64 tokens (256 rows). One batch; the loss is the next-token cross entropy
+    summed over each sequence, averaged over sequences."""
+    s = SIZES[preset]["W3"]
+    arch = dict(vocab=s["vocab"], width=s["width"], layers=s["layers"], heads=s["heads"], context=s["context"])
+
+    def batches_for(dev: str) -> tuple:
+        """One batch of random tokens, its shape by device kind; targets are the next tokens."""
+        sequences, length = s["tokens"]["cuda" if str(dev).startswith("cuda") else "cpu"]
+        g = torch.Generator().manual_seed(13)
+        tokens = torch.randint(0, s["vocab"], (sequences, length + 1), generator=g)
+        x, y = tokens[:, :-1].contiguous().to(dev), tokens[:, 1:].contiguous().to(dev)
+        return [(x, y)], f"K={s['points']}, {sequences}×{length} tokens per point"
+
+    torch.manual_seed(3)
+    with torch.device(device):  # initialised on the device it runs on (~10 s on 2 CPU cores at full size)
+        start, end = DecoderLM(**arch).eval(), DecoderLM(**arch).eval()
+    params = sum(p.numel() for p in start.parameters())
+    data, size_note = batches_for(device)
+    return ModelWorkload(
+        "W3", f"decoder-only transformer, {params / 1e6:.1f}M params (d={s['width']}, {s['layers']} layers, "
+              f"vocab {s['vocab']}), line (merge-ratio sweep)",
+        start, (start, end), mlifast.Line(start, end), line_coords_loss_landscapes(s["points"]), data,
+        "interpolate", s["points"],  # vmap: all K points' weights stacked at once
+        size_note, loss=lm_loss, peak_vs_weights=True, batches_for=batches_for,
+    )
+
+
+def _device_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 2**62
+
+
+def _vmap_memory_skip(wl: ModelWorkload) -> Optional[str]:
+    """Why vmap cannot run on wl here, or None. vmap stacks every point of a chunk's whole
+    state (chunk × the weights). Decided from the device's total memory (not what is free
+    now) so that compare.py and its peak-memory subprocess agree; both hold the workload
+    (its endpoints, the space's origin and directions) while one of them runs vmap."""
+    device = next(iter(wl.space.origin.values())).device
+    stacked = min(wl.vmap_chunk, wl.num_points) * wl.weight_bytes
+    held = 2 * (len(wl.endpoints) + 1 + wl.space.num_directions) * wl.weight_bytes
+    total = _device_memory_bytes(device)
+    if stacked + held <= 0.8 * total:
+        return None
+
+    def gb(b: float) -> str:
+        return f"{b / 1e9:.1f} GB"
+
+    return (f"does not fit: the stacked state of {min(wl.vmap_chunk, wl.num_points)} points is {gb(stacked)}, "
+            f"beside {gb(held)} of workload set-up (compare.py and its peak-memory process), "
+            f"on a {device.type} with {gb(total)}; in chunks of a few points it would be a loop over chunks")
+
+
+MODEL_WORKLOADS = {"W1": make_w1, "W2": make_w2, "W3": make_w3, "W5": make_w5}
+
+
+def make_workload(name: str, preset: str = "full", device: str = "cpu") -> ModelWorkload:
+    """Workload `name` at `preset`, with its models, space and data on `device`."""
+    return to_device(MODEL_WORKLOADS[name](preset, device=device), device)
 
 
 def to_device(wl: ModelWorkload, device: str) -> ModelWorkload:
-    """The workload with its models, space and data on `device` (coords stay on the CPU)."""
+    """The workload with its models, space and data on `device` (coords stay on the CPU);
+    a workload whose batch shape depends on the device (W3) gets that device's batches."""
+    if wl.batches_for is not None:
+        wl.data, wl.size_note = wl.batches_for(device)
     if device == "cpu":
         return wl
     wl.model = wl.model.to(device)
@@ -193,8 +348,8 @@ def to_device(wl: ModelWorkload, device: str) -> ModelWorkload:
 # ----------------------------------------------------------------------------- implementations
 
 
-def _sum_loss(output: Tensor, target: Tensor) -> float:
-    return F.cross_entropy(output, target, reduction="sum").item()
+def _sum_loss(loss: Callable, output: Tensor, target: Tensor) -> float:
+    return loss(output, target, reduction="sum").item()
 
 
 def _update_bn(model: nn.Module, data) -> None:
@@ -203,7 +358,7 @@ def _update_bn(model: nn.Module, data) -> None:
 
 
 def run_mlifast(wl: ModelWorkload) -> Tensor:
-    res = mlifast.evaluate(wl.model, wl.space, wl.data, coords=wl.coords, loss=F.cross_entropy, metrics=(),
+    res = mlifast.evaluate(wl.model, wl.space, wl.data, coords=wl.coords, loss=wl.loss, metrics=(),
                            bn=wl.bn, progress=False)
     return res["loss"].to(torch.float64)
 
@@ -218,7 +373,7 @@ def run_loop_state_dict(wl: ModelWorkload) -> Tensor:
             model.load_state_dict(wl.space.state_at(c))
             if wl.bn == "recompute":
                 _update_bn(model, wl.data)
-            losses.append(sum(_sum_loss(model(x), y) for x, y in wl.data))
+            losses.append(sum(_sum_loss(wl.loss, model(x), y) for x, y in wl.data))
     return torch.tensor(losses, dtype=torch.float64) / wl.num_examples
 
 
@@ -238,7 +393,7 @@ def run_loop_foreach(wl: ModelWorkload) -> Tensor:
                 torch._foreach_add_(targets, dirs[j], alpha=cj)
             if wl.bn == "recompute":
                 _update_bn(model, wl.data)
-            losses.append(sum(_sum_loss(model(x), y) for x, y in wl.data))
+            losses.append(sum(_sum_loss(wl.loss, model(x), y) for x, y in wl.data))
     return torch.tensor(losses, dtype=torch.float64) / wl.num_examples
 
 
@@ -282,8 +437,8 @@ def run_vmap(wl: ModelWorkload) -> Tensor:
             model.eval()
             sums = torch.zeros(c.shape[0], dtype=torch.float64, device=device)
             for x, y in wl.data:
-                logits = batched(state, x)  # (C, B, classes)
-                per = F.cross_entropy(logits.flatten(0, 1), y.repeat(c.shape[0]), reduction="none")
+                logits = batched(state, x)  # (C, B, …)
+                per = wl.loss(logits.flatten(0, 1), y.expand(c.shape[0], *y.shape).flatten(0, 1), reduction="none")
                 sums += per.reshape(c.shape[0], -1).sum(1).double()
             out.append(sums)
     return torch.cat(out).cpu() / wl.num_examples
@@ -306,12 +461,12 @@ def run_loss_landscapes(wl: ModelWorkload) -> Tensor:
     import loss_landscapes
     from loss_landscapes.metrics import Metric
 
-    data, n = wl.data, wl.num_examples
+    data, n, loss = wl.data, wl.num_examples, wl.loss
 
     class DatasetLoss(Metric):
         def __call__(self, model_wrapper) -> float:
             with torch.no_grad():
-                return sum(_sum_loss(model_wrapper.forward(x), y) for x, y in data) / n
+                return sum(_sum_loss(loss, model_wrapper.forward(x), y) for x, y in data) / n
 
     models = wl.endpoints  # in eval mode; deep-copied by the package
     if isinstance(wl.space, mlifast.Plane):
@@ -337,6 +492,9 @@ def impls_for(wl: ModelWorkload) -> dict[str, Callable]:
     why = loss_landscapes_available()
     if why is not None:
         wl.skipped.setdefault("loss-landscapes", why)
+    why = _vmap_memory_skip(wl)
+    if why is not None:
+        wl.skipped.setdefault("vmap", why)
     return {name: fn for name, fn in MODEL_IMPLS.items() if name not in wl.skipped}
 
 
@@ -380,6 +538,13 @@ def model_flops(wl: ModelWorkload) -> tuple[float, float]:
     useful = passes * k * per_batch * scale
     fused = passes * scale * ((j + 1) * first + k * (per_batch - first))
     return useful, fused
+
+
+def model_bytes(wl: ModelWorkload) -> float:
+    """Compulsory memory traffic of the fused algorithm: the origin and the J directions
+    read once per batch (a pass holding every point; ×2 for bn=recompute's statistics pass)."""
+    passes = 2 if wl.bn == "recompute" else 1
+    return float(passes * len(wl.data) * (wl.space.num_directions + 1) * wl.weight_bytes)
 
 
 # ----------------------------------------------------------------------------- W4: the fused op
