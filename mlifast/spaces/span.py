@@ -195,6 +195,7 @@ class Span:
     """
 
     kind = "span"
+    _direction_norms: list[float] | None = None  # describe()'s, computed once
 
     def __init__(self, origin: StateLike, directions: Iterable[StateLike]) -> None:
         if isinstance(directions, (Mapping, nn.Module, Tensor, str)) or not isinstance(
@@ -364,8 +365,9 @@ class Span:
     # -- conversion and metadata --------------------------------------------------
 
     def to(self, device: Any = None, dtype: torch.dtype | None = None) -> "Span":
-        """A new span of the same class on ``device``; ``dtype`` (floating) applies to
-        floating entries only. Tensors already matching are shared, not copied."""
+        """This span on ``device``; ``dtype`` (floating) applies to floating entries only.
+        Returns ``self`` when every tensor already matches (spans are read-only), else a new
+        span of the same class sharing the tensors that match."""
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype; got {dtype}.")
         new = object.__new__(type(self))
@@ -374,7 +376,15 @@ class Span:
             for k, t in self._origin.items()
         }
         new._directions = {k: d.to(device=device, dtype=dtype) for k, d in self._directions.items()}
+        if all(new._origin[k] is t for k, t in self._origin.items()) and all(
+            new._directions[k] is d for k, d in self._directions.items()
+        ):
+            return self
         new._built = dict(self._built)
+        if all(new._directions[k].dtype == d.dtype for k, d in self._directions.items()):
+            new._frozen = dict(self._frozen)  # a move between devices changes no value
+            new._direction_norms = self._direction_norms
+            return new
         _check_finite(new._origin, f"origin after .to({dtype})", new._origin, " (overflow)")
         _check_finite(
             {k: d for k, d in new._directions.items()}, f"directions after .to({dtype})",
@@ -391,9 +401,11 @@ class Span:
         for t in self._origin.values():
             dtypes[str(t.dtype)] = dtypes.get(str(t.dtype), 0) + 1
         J = self.num_directions
-        sq = torch.zeros(J, dtype=torch.float64)
-        for d in self._directions.values():
-            sq += d.detach().reshape(J, -1).double().pow(2).sum(1).cpu()
+        if self._direction_norms is None:
+            sq = torch.zeros(J, dtype=torch.float64)
+            for d in self._directions.values():
+                sq += torch.linalg.vector_norm(d.detach().reshape(J, -1), dim=1, dtype=torch.float64).pow(2).cpu()
+            self._direction_norms = [float(x) for x in sq.sqrt()]
         return {
             "kind": self.kind,
             "J": J,
@@ -404,7 +416,7 @@ class Span:
             "num_floating_elements": sum(self._origin[k].numel() for k in self._directions),
             "dtypes": dtypes,
             "devices": sorted({str(t.device) for t in self._origin.values()}),
-            "direction_norms": [float(x) for x in sq.sqrt()],
+            "direction_norms": list(self._direction_norms),
             "built": dict(self._built),
         }
 
