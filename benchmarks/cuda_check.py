@@ -156,7 +156,7 @@ def ceilings() -> dict:
     return out
 
 
-def sweep(features: int, ceil: dict) -> list:
+def sweep(features: int, ceil: dict, points: list, rows_per_point: list) -> list:
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
     for dname in ("bfloat16", "float32", "tf32"):
@@ -168,8 +168,8 @@ def sweep(features: int, ceil: dict) -> list:
         bias = torch.randn(f, device="cuda", generator=g).to(dtype)
         bias_dirs = torch.randn(1, f, device="cuda", generator=g).to(dtype)
         esize = weight.element_size()
-        for k in (4, 16, 64):
-            for r in (1, 4, 16, 64, 256, 1024):
+        for k in points:
+            for r in rows_per_point:
                 x = torch.randn(k, r, f, device="cuda", generator=g).to(dtype)
                 coeffs = torch.linspace(0, 1, k, device="cuda").unsqueeze(1)
                 case = W.OpCase(k, r, f, x, weight, bias, dirs, bias_dirs, coeffs.to(dtype))
@@ -223,6 +223,8 @@ def main() -> int:
     p.add_argument("--markdown", metavar="JSON", help="only print the sweep of an earlier --json as a table")
     p.add_argument("--features", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--points", default="4,16,64", help="K values of the sweep")
+    p.add_argument("--rows", default="1,4,16,64,256,1024", help="R values (rows per point) of the sweep")
     args = p.parse_args()
     if args.markdown:
         print(markdown(args.markdown))
@@ -237,7 +239,8 @@ def main() -> int:
     ok = correctness(args.seed)
     ceil = ceilings()
     print("ceilings:", {k: round(v, 1) for k, v in ceil.items()})
-    rows = sweep(args.features, ceil)
+    rows = sweep(args.features, ceil, [int(v) for v in args.points.split(",")],
+                 [int(v) for v in args.rows.split(",")])
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

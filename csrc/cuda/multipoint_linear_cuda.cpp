@@ -5,8 +5,8 @@
 //   returns (K, R, O): input[k] @ (weight + sum_j coeffs[k, j] * weight_dirs[j]).T
 //                      + (bias + sum_j coeffs[k, j] * bias_dirs[j])
 //
-// Four algorithms, chosen per call by a cost model whose constants were measured on an H100
-// (benchmarks/cuda_check.py; BENCHMARKS.md, "GPU"):
+// Three algorithms, chosen per call by a cost model whose constants were measured on an
+// H100 (benchmarks/cuda_check.py; BENCHMARKS.md, "GPU"):
 //  * shared input (a first layer): x·Wᵀ and x·Dᵀ once for the R rows on cuBLAS, then the
 //    per-point combine: (J+1)·R rows of GEMM instead of K·R.
 //  * stacked: two cuBLAS GEMMs over all K·R rows (against W and against the J directions),
@@ -19,14 +19,12 @@
 //    H100 (cuda_check.py): F/BW = 267 FLOP/byte for bf16/fp16, 135 for TF32, 17 for float32:
 //    the switch is near 800 rows per point for bf16 and TF32 and 100 for float32 (J = 1),
 //    which is where the measured crossover lies.
-//  * fused (multipoint_linear_mma.cu, tensor cores, split over the input dimension): W and
-//    D read once, each point's weight tile formed on chip; for so few rows in all (K·R ≤
-//    kFusedMaxRows) that the call is one read of the weights and cuBLAS's fixed costs
-//    dominate. Tensor cores only: float16, bfloat16, float32 when torch allows TF32
-//    (torch.backends.cuda.matmul.allow_tf32), compute capability ≥ 8.0.
-// The SIMT kernel (multipoint_linear_kernel.cu) serves the private op
-// mlifast::_multipoint_linear_fused for the dtypes and cards without tensor cores: the
-// cuda_check script compares it with the oracle and the cuBLAS forms.
+// The fused kernels — tensor cores (multipoint_linear_mma.cu: W and D read once per block,
+// every point's weight tile formed on chip, the input dimension split over blocks) and SIMT
+// (multipoint_linear_kernel.cu) — are not dispatched: on the H100 the cuBLAS forms beat them
+// at every measured size (BENCHMARKS.md). They stay reachable as the private op
+// mlifast::_multipoint_linear_fused, which benchmarks/cuda_check.py checks against the
+// oracle and times against the cuBLAS forms on every GPU run.
 // Compiled only against a CUDA build of torch.
 #include <optional>
 
@@ -55,8 +53,6 @@ mlifast::cuda::DType to_dtype(at::ScalarType t) {
 }
 
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
-
-constexpr int64_t kFusedMaxRows = 64;
 
 // GEMM FLOPs per byte of memory traffic of an H100 for `x`'s dtype (see the header).
 double flops_per_byte(const at::Tensor& x) {
@@ -111,15 +107,13 @@ at::Tensor stacked(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d
 
 at::Tensor per_point_weights(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d,
                              const at::Tensor& bias_k, const at::Tensor& c, const LinearSizes& s) {
-  const int64_t OI = s.out_features * s.in_features;
-  const at::Tensor w_flat = w.view({1, OI});
-  const at::Tensor d_flat = d.view({s.directions, OI});
   at::Tensor w_k = at::empty_like(w);
   at::Tensor y = at::empty({s.points, s.rows, s.out_features}, x.options());
   for (int64_t k = 0; k < s.points; ++k) {
-    // W_k = W + c_k·D as a (1, J)·(J, O·I) GEMM: the coefficients never leave the device.
-    at::Tensor w_k_flat = w_k.view({1, OI});
-    at::addmm_out(w_k_flat, w_flat, c.narrow(0, k, 1), d_flat);
+    // W_k = W + Σ_j c_kj·D_j, element-wise with c_kj read on the device (no host sync).
+    const at::Tensor c_k = c.select(0, k);
+    at::addcmul_out(w_k, w, d.select(0, 0), c_k.select(0, 0));
+    for (int64_t j = 1; j < s.directions; ++j) w_k.addcmul_(d.select(0, j), c_k.select(0, j));
     at::Tensor y_k = y.select(0, k);
     if (bias_k.defined()) {
       at::addmm_out(y_k, bias_k.select(0, k), x.select(0, k), w_k.t());
@@ -185,9 +179,6 @@ at::Tensor multipoint_linear_cuda(const at::Tensor& input, const at::Tensor& wei
   const LinearSizes& s = o.s;
   if (s.points * s.rows * s.out_features == 0) {
     return at::empty({s.points, s.rows, s.out_features}, input.options());
-  }
-  if (!s.shared_input && s.points * s.rows <= kFusedMaxRows && tensor_cores_for(o.x)) {
-    return fused(o.x, o.w, o.b, o.d, o.db, coeffs, s);
   }
   // The cuBLAS forms compute in the input's dtype, coefficients included.
   const at::Tensor c = coeffs.to(input.scalar_type()).contiguous();
