@@ -167,41 +167,35 @@ Operands prepare(const at::Tensor& input, const at::Tensor& weight, const std::o
           weight_dirs.contiguous(), bias_dirs.has_value() ? bias_dirs->contiguous() : at::Tensor()};
 }
 
-}  // namespace
-
-at::Tensor multipoint_linear_cuda(const at::Tensor& input, const at::Tensor& weight,
-                                  const std::optional<at::Tensor>& bias,
-                                  const at::Tensor& weight_dirs,
-                                  const std::optional<at::Tensor>& bias_dirs,
-                                  const at::Tensor& coeffs) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  const Operands o = prepare(input, weight, bias, weight_dirs, bias_dirs, coeffs);
-  const LinearSizes& s = o.s;
-  if (s.points * s.rows * s.out_features == 0) {
-    return at::empty({s.points, s.rows, s.out_features}, input.options());
-  }
+// The cost model's choice among the cuBLAS forms.
+at::Tensor dispatched(const Operands& o, const at::Tensor& coeffs) {
   // The cuBLAS forms compute in the input's dtype, coefficients included.
-  const at::Tensor c = coeffs.to(input.scalar_type()).contiguous();
+  const at::Tensor c = coeffs.to(o.x.scalar_type()).contiguous();
   const at::Tensor bias_k = point_biases(o.b, o.db, c);
-  if (!s.shared_input && use_per_point_weights(o.x, s)) {
-    return per_point_weights(o.x, o.w, o.d, bias_k, c, s);
+  if (!o.s.shared_input && use_per_point_weights(o.x, o.s)) {
+    return per_point_weights(o.x, o.w, o.d, bias_k, c, o.s);
   }
-  return stacked(o.x, o.w, o.d, bias_k, c, s);
+  return stacked(o.x, o.w, o.d, bias_k, c, o.s);
 }
 
-at::Tensor multipoint_linear_fused_cuda(const at::Tensor& input, const at::Tensor& weight,
-                                        const std::optional<at::Tensor>& bias,
-                                        const at::Tensor& weight_dirs,
-                                        const std::optional<at::Tensor>& bias_dirs,
-                                        const at::Tensor& coeffs) {
+at::Tensor fused_only(const Operands& o, const at::Tensor& coeffs) {
+  return fused(o.x, o.w, o.b, o.d, o.db, coeffs, o.s);
+}
+
+// One CUDA operator: checks, the device guard and empty outputs, then `algorithm`.
+template <at::Tensor (*algorithm)(const Operands&, const at::Tensor&)>
+at::Tensor cuda_op(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   const at::Tensor& weight_dirs, const std::optional<at::Tensor>& bias_dirs,
+                   const at::Tensor& coeffs) {
   const c10::cuda::CUDAGuard guard(input.device());
   const Operands o = prepare(input, weight, bias, weight_dirs, bias_dirs, coeffs);
   if (o.s.points * o.s.rows * o.s.out_features == 0) {
     return at::empty({o.s.points, o.s.rows, o.s.out_features}, input.options());
   }
-  return fused(o.x, o.w, o.b, o.d, o.db, coeffs, o.s);
+  return algorithm(o, coeffs);
 }
 
+}  // namespace
 }  // namespace mlifast
 
 // The fused kernels alone, whatever the cost model says: for benchmarks/cuda_check.py.
@@ -211,6 +205,6 @@ TORCH_LIBRARY_FRAGMENT(mlifast, m) {
 }
 
 TORCH_LIBRARY_IMPL(mlifast, CUDA, m) {
-  m.impl("multipoint_linear", &mlifast::multipoint_linear_cuda);
-  m.impl("_multipoint_linear_fused", &mlifast::multipoint_linear_fused_cuda);
+  m.impl("multipoint_linear", &mlifast::cuda_op<mlifast::dispatched>);
+  m.impl("_multipoint_linear_fused", &mlifast::cuda_op<mlifast::fused_only>);
 }
