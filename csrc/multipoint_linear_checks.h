@@ -67,4 +67,46 @@ inline LinearSizes check_multipoint_linear(
   return s;
 }
 
+// mlifast::multipoint_combine: base (R, O), along (R, J, O), bias (O,), bias_dirs (J, O),
+// coeffs (K, J). Sizes as a multipoint_linear of a shared input (in_features unused: 0).
+inline LinearSizes check_multipoint_combine(const at::Tensor& base, const at::Tensor& along,
+                                            const std::optional<at::Tensor>& bias,
+                                            const std::optional<at::Tensor>& bias_dirs,
+                                            const at::Tensor& coeffs) {
+  constexpr const char* op = "mlifast::multipoint_combine: ";
+  TORCH_CHECK(base.dim() == 2, op, "expected base of shape (R, O), got ", base.sizes());
+  TORCH_CHECK(coeffs.dim() == 2, op, "expected coeffs of shape (K, J), got ", coeffs.sizes());
+  LinearSizes s{coeffs.size(0), base.size(0), 0, base.size(1), coeffs.size(1), true};
+  TORCH_CHECK(s.directions >= 1, op, "expected at least one direction, got coeffs ", coeffs.sizes());
+  TORCH_CHECK(along.sizes() == at::IntArrayRef({s.rows, s.directions, s.out_features}), op,
+              "expected along of shape (", s.rows, ", ", s.directions, ", ", s.out_features, "), got ",
+              along.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->sizes() == at::IntArrayRef({s.out_features}), op, "expected bias of shape (",
+                s.out_features, ",), got ", bias->sizes());
+  }
+  if (bias_dirs.has_value()) {
+    TORCH_CHECK(bias.has_value(), op, "bias_dirs given without bias");
+    TORCH_CHECK(bias_dirs->sizes() == at::IntArrayRef({s.directions, s.out_features}), op,
+                "expected bias_dirs of shape (", s.directions, ", ", s.out_features, "), got ",
+                bias_dirs->sizes());
+  }
+  TORCH_CHECK(at::isFloatingType(base.scalar_type()), op, "expected a floating-point base, got ",
+              base.scalar_type());
+  TORCH_CHECK(at::isFloatingType(coeffs.scalar_type()), op, "expected floating-point coeffs, got ",
+              coeffs.scalar_type());
+  TORCH_CHECK(coeffs.device() == base.device(), op, "expected coeffs on ", base.device(), ", got ",
+              coeffs.device());
+  const at::Tensor* bias_p = bias.has_value() ? &*bias : nullptr;
+  const at::Tensor* bias_dirs_p = bias_dirs.has_value() ? &*bias_dirs : nullptr;
+  for (const at::Tensor* t : {&along, bias_p, bias_dirs_p}) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->scalar_type() == base.scalar_type(), op, "expected every tensor in ", base.scalar_type(),
+                ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == base.device(), op, "expected every tensor on ", base.device(), ", got ",
+                t->device());
+  }
+  return s;
+}
+
 }  // namespace mlifast

@@ -10,4 +10,11 @@ TORCH_LIBRARY(mlifast, m) {
   m.def(
       "multipoint_linear(Tensor input, Tensor weight, Tensor? bias, Tensor weight_dirs, "
       "Tensor? bias_dirs, Tensor coeffs) -> Tensor");
+  // y[k] = base + (bias + Σ_j coeffs[k, j] · bias_dirs[j]) + Σ_j coeffs[k, j] · along[:, j]
+  // base: (R, O) = x·weightᵀ; along: (R, J, O) = x·weight_dirs[j]ᵀ; bias: (O,);
+  // bias_dirs: (J, O); coeffs: (K, J) -> (K, R, O). multipoint_linear of a shared input x
+  // is multipoint_combine(x·weightᵀ, x·weight_dirsᵀ, ...).
+  m.def(
+      "multipoint_combine(Tensor base, Tensor along, Tensor? bias, Tensor? bias_dirs, "
+      "Tensor coeffs) -> Tensor");
 }

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mlifast.engine.batches import Forward, default_forward, to_device
-from mlifast.engine.chunking import points_per_pass
+from mlifast.engine.chunking import plan
 from mlifast.engine.metrics import Metric, per_example_loss, resolve_metrics
 from mlifast.engine.results import Results
 from mlifast.multipoint import MultiPointModel
@@ -53,7 +53,8 @@ def evaluate(
         bn_data: data for "recompute" (default: `data`).
         device, dtype: where and in what floating dtype to compute (default: the space's);
             floating-point inputs are cast to `dtype` when it is given.
-        max_points_per_pass: points evaluated together (default: from a memory budget).
+        max_points_per_pass: points per pass over the data (default: from a memory
+            budget); on the CPU each batch then runs them in cache-sized groups.
         progress: show a tqdm progress bar over batches.
         forward: forward(model, batch) -> (output, target) for other batch layouts;
             output carries a leading K dimension.
@@ -80,7 +81,7 @@ def evaluate(
     norms = [m for m in fast.rules() if isinstance(m, BatchNormRule)]
     if bn == "recompute" and bn_data is None:
         bn_data = data
-    chunk = max_points_per_pass or points_per_pass(fast, data, forward, device, dtype)
+    chunk, fast.points_per_group = plan(fast, data, forward, device, dtype, max_points_per_pass)
 
     sums = {name: torch.zeros(all_coords.shape[0], dtype=torch.float64) for name in per_example}
     examples = 0

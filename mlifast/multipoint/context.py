@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -28,6 +28,9 @@ class PointContext:
         always have it in dim 0.
     linear: the multi-point linear operation (the compiled one; its pure-PyTorch
         reference where forward-mode derivatives are taken, see analysis.geometry).
+    grouped: True while one call of the model runs its points in several groups
+        (MultiPointModel.points_per_group); rules may then keep what does not depend on
+        the points, computed from rows shared by every point, for the next group (`reuse`).
     bn_mode: "running" — running statistics of each point (interpolated or recomputed);
         "batch" — per-point batch statistics; "collect" — per-point batch statistics,
         also accumulated as running statistics (the "recompute" policy's pass).
@@ -39,9 +42,34 @@ class PointContext:
     batch_size: int = 0  # B, examples per point in the current call
     batch_dim: int = 0  # where row-wise layers (linear, embedding, layer norm) find the batch
     linear: Callable[..., Tensor] = multipoint_linear
+    grouped: bool = False
+    _kept: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.active = torch.arange(self.coeffs.shape[0], device=self.coeffs.device)
+
+    def reuse(self, compute: Callable[[], Any], *tensors: Tensor, owner: Any = None) -> Any:
+        """compute(), computed once per call of the model for the same `tensors` (and
+        `owner`) while its points run in groups (`grouped`); otherwise simply compute().
+
+        `tensors` are everything the result depends on besides `owner` (the module whose
+        configuration it depends on, if any): rows shared by every point, weights. They
+        are matched by memory and version, and held until `forget`, so that no other
+        tensor can take their memory meanwhile.
+        """
+        if not self.grouped:
+            return compute()
+        key = (id(owner), *(_identity(t) for t in tensors))
+        if None in key:
+            return compute()
+        kept = self._kept.get(key)
+        if kept is None:
+            kept = self._kept[key] = (tensors, compute())
+        return kept[1]
+
+    def forget(self) -> None:
+        """Drop what `reuse` kept (at the end of each call of the model)."""
+        self._kept.clear()
 
     @property
     def num_active(self) -> int:
@@ -82,6 +110,17 @@ class PointContext:
             yield
         finally:
             self.active = saved
+
+
+def _identity(t: Tensor) -> tuple | None:
+    """Memory, layout and version of a tensor: equal for two live tensors only if they
+    hold the same values. None for tensors without a version counter (inference mode)."""
+    try:
+        version = t._version
+    except RuntimeError:
+        return None
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+            t.dtype, t.device, version)
 
 
 def fold(t: Tensor, points: int, dim: int = 0) -> Tensor:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call
 
 from mlifast.multipoint.context import fold, rows_for_every_example, unfold
 from mlifast.multipoint.rule import MultiPointRule
 from mlifast.multipoint.shared import SharedRows
+from mlifast.ops import multipoint_combine, multipoint_linear
 
 
 def linear_at_points(context, x: Tensor, w: Tensor, b: Tensor | None, w_dirs: Tensor | None,
@@ -30,14 +31,22 @@ def linear_at_points(context, x: Tensor, w: Tensor, b: Tensor | None, w_dirs: Te
     """
     k, c = context.num_active, context.active_coeffs().to(w.dtype)
     if w_dirs is None:  # only the bias moves: one plain GEMM, then each point's bias
-        y = F.linear(x, w)
+        y = context.reuse(lambda: F.linear(x, w), x, w) if x.dim() == 2 else F.linear(x, w)
         bias = b if b_dirs is None else b + c @ b_dirs  # (O,) or (K, O)
         y = y + (bias.unsqueeze(1) if bias.dim() == 2 else bias)
         return y.expand(k, *y.shape[-2:]) if y.dim() == 2 else y
-    return context.linear(x, w, b, w_dirs, b_dirs if b is not None else None, c)
+    b_dirs = b_dirs if b is not None else None
+    if x.dim() == 2 and context.grouped and context.linear is multipoint_linear:
+        # Rows shared by every point, whose points run in groups: x·Wᵀ and x·Dᵀ once per
+        # call of the model, then each group's combine (what the op does in one go).
+        base, along = context.reuse(lambda: (F.linear(x, w), F.linear(x, w_dirs.flatten(0, 1))), x, w, w_dirs)
+        return multipoint_combine(base, along.unflatten(1, w_dirs.shape[:2]), b, b_dirs, c)
+    return context.linear(x, w, b, w_dirs, b_dirs, c)
 
 
 class LinearRule(MultiPointRule):
+    fresh_output = True
+
     def weight_and_directions(self) -> tuple[Tensor, Tensor | None]:
         """The (O, I) weight at the origin and its (J, O, I) directions (None if fixed)."""
         return self.origin("weight"), self.directions.get("weight")
@@ -70,6 +79,8 @@ class HFConv1DRule(LinearRule):
 class AffineInParamsRule(MultiPointRule):
     """For layers whose output is affine in their parameters jointly (y = g(x, W) + b)."""
 
+    fresh_output = True
+
     def batch_dim(self, x: Tensor) -> int | None:
         return 0  # convolutions: (N, C, …)
 
@@ -81,16 +92,19 @@ class AffineInParamsRule(MultiPointRule):
         dim = 0 if rows_shared else self.batch_dim(x)
         # The same input for every point: shared rows, or no batch at all (position ids).
         shared = rows_shared or dim is None
-        args = (x, *args)
-        base = functional_call(self.inner, dict(self.origins), args, kwargs)
-        if shared:
-            out = base.unsqueeze(0).expand(k, *base.shape)
-        else:
-            out = fold(base, k, dim)
+        call = (x, *args)
         zeros = {name: torch.zeros_like(t) for name, t in self.origins.items()}
-        for j in range(c.shape[1]):
-            along = {**zeros, **{name: d[j] for name, d in self.directions.items()}}
-            y_j = functional_call(self.inner, along, args, kwargs)
+        # The layer at the origin, then along each direction (bias and all: zeros).
+        states = [dict(self.origins)] + [
+            {**zeros, **{name: d[j] for name, d in self.directions.items()}} for j in range(c.shape[1])]
+        products = (functional_call(self.inner, state, call, kwargs) for state in states)
+        if shared and not args and not kwargs:  # the same for every group of points of this call
+            products = self.context.reuse(lambda: list(products), x, *self.origins.values(),
+                                          *self.directions.values(), owner=self)
+        products = iter(products)
+        base = next(products)
+        out = base.unsqueeze(0).expand(k, *base.shape) if shared else fold(base, k, dim)
+        for j, y_j in enumerate(products):
             y_j = y_j.unsqueeze(0) if shared else fold(y_j, k, dim)
             out = out + c[:, j].to(y_j.dtype).reshape(k, *([1] * (y_j.dim() - 1))) * y_j
         if rows_shared:
@@ -116,6 +130,7 @@ class _AffineNormRule(MultiPointRule):
     """Normalise without affine (`normalize`), then apply each point's weight and bias."""
 
     channel_dim: int  # where C sits in the per-point activations (B, …)
+    fresh_output = True
 
     def normalize(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -230,3 +245,21 @@ class BatchNormRule(_AffineNormRule):
         y = (xk - _channel_view(mean, xk.dim(), 1)) * _channel_view(
             torch.rsqrt(var + inner.eps), xk.dim(), 1)
         return unfold(self.scale_and_shift(y, self.per_point("weight"), self.per_point("bias")))
+
+
+class InPlaceActivation(nn.Module):
+    """Stands for an activation module (`inner`) that directly follows a rule with a fresh
+    output in an nn.Sequential: applies it in place, saving an allocation and a pass over
+    the K·B rows (see model.fuse_activations)."""
+
+    IN_PLACE = {nn.ReLU: torch.relu_, nn.Tanh: torch.tanh_, nn.Sigmoid: torch.sigmoid_}
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.fn = self.IN_PLACE[type(inner)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if type(x) is not Tensor:  # e.g. shared rows: the module as it is
+            return self.inner(x)
+        return self.fn(x)

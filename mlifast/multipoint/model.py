@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mlifast.multipoint.context import PointContext
+from mlifast.multipoint.layers import InPlaceActivation
 from mlifast.multipoint.reference import PerPointModel, alias_groups, close, first_disagreement
 from mlifast.multipoint.registry import check_supported, rule_for
 from mlifast.multipoint.shared import SharedRows, SharedRowsWritten, materialize
@@ -50,6 +51,11 @@ class MultiPointModel(nn.Module):
         self.shares_rows: bool | None = None  # decided on the first call
         self.reference = PerPointModel(model, space)
         self.per_point_fallback = False
+        # Points run through the model together; None: all. Each call then runs the model
+        # once per group (activations of that many points at a time: evaluate picks a
+        # cache-sized group on the CPU); rows shared by every point go through the first
+        # moving layer's point-independent part once per call (PointContext.reuse).
+        self.points_per_group: int | None = None
         self._checked: set = set()
         self.set_coords(space.coords_tensor(11 if coords is None else coords))
 
@@ -83,7 +89,7 @@ class MultiPointModel(nn.Module):
         signature = (self.num_points, tuple((tuple(t.shape), t.dtype) for t in tensors_in((args, kwargs))))
         if signature not in self._checked and self.reference.deterministic:
             self._checked.add(signature)
-            problem = self._disagreement_with_model(args, kwargs)
+            problem, out = self._disagreement_with_model(args, kwargs)
             if problem is not None:
                 warnings.warn(
                     f"mlifast: the multi-point evaluation disagrees with the model itself ({problem}); "
@@ -94,7 +100,9 @@ class MultiPointModel(nn.Module):
                 self.per_point_fallback = True
                 self._check_reference_follows_policy()
                 return self.reference(self.coords, args, kwargs)
-        return self._split(self._run(args, kwargs, self.shares_rows), batch)
+            if out is not None:  # the checked outputs are this call's outputs
+                return out
+        return self._run_points(args, kwargs, self.shares_rows)
 
     def _check_reference_follows_policy(self) -> None:
         """The one-point-at-a-time fallback runs the model as it is (batch norm from its
@@ -108,19 +116,21 @@ class MultiPointModel(nn.Module):
             )
 
     def _split(self, out: Any, batch: int) -> Any:
-        k, dim = self.num_points, self.batch_dim
+        k, dim = self.context.num_active, self.batch_dim
         return map_tensors(lambda t, path: _split_points(t, k, batch, dim, path), out, "output")
 
-    def _disagreement_with_model(self, args: tuple, kwargs: dict) -> str | None:
+    def _disagreement_with_model(self, args: tuple, kwargs: dict) -> tuple[str | None, Any]:
         """Compare the first and last point against the model itself, with the batch-norm
-        statistics the model holds (running ones, interpolated) whatever the policy."""
+        statistics the model holds (running ones, interpolated) whatever the policy.
+        Returns the disagreement (None if none) and, when they were computed under the
+        call's own policy, the outputs (else None)."""
         norms = [m for m in self.rules() if hasattr(m, "recomputed")]
         saved = self.context.bn_mode, [m.recomputed for m in norms]
         self.context.bn_mode = "running"
         for m in norms:
             m.recomputed = None
         try:
-            ours = self._split(self._run(args, kwargs, self.shares_rows), self.context.batch_size)
+            ours = self._run_points(args, kwargs, self.shares_rows)
         finally:
             self.context.bn_mode = saved[0]
             for m, stats in zip(norms, saved[1]):
@@ -128,19 +138,48 @@ class MultiPointModel(nn.Module):
         for k in sorted({0, self.num_points - 1}):
             problem = first_disagreement(ours, self.reference.at(self.coords[k], args, kwargs), k)
             if problem is not None:
-                return f"at point #{k}, coordinates {self.coords[k].tolist()}: {problem}"
-        return None
+                return f"at point #{k}, coordinates {self.coords[k].tolist()}: {problem}", None
+        own_policy = saved[0] == "running" and all(stats is None for stats in saved[1])
+        return None, ours if own_policy else None
 
-    def _run(self, args: tuple, kwargs: dict, share_rows: bool):
-        """The copied model on the inputs repeated for every point (or, with share_rows,
-        on SharedRows of B rows); outputs (…, K·B, …)."""
-        k, batch, dim = self.num_points, self.context.batch_size, self.batch_dim
+    def _run_points(self, args: tuple, kwargs: dict, share_rows: bool) -> Any:
+        """Outputs (K, …) for every point: the copied model run on all points at once, or
+        on `points_per_group` at a time with what is shared by every point kept between
+        the groups (PointContext.reuse)."""
+        context, batch = self.context, self.context.batch_size
+        k, group = self.num_points, self.points_per_group or self.num_points
+        if group >= k:
+            return self._split(self._run(args, kwargs, share_rows), batch)
+        everyone, parts = context.active, []
+        inputs = self._copy_inputs(args, kwargs) if share_rows else (args, kwargs)
+        context.grouped = True
+        try:
+            for start in range(0, k, group):
+                context.active = everyone[start : start + group]
+                parts.append(self._split(self._run(*inputs, share_rows, copied=True), batch))
+                share_rows = share_rows and self.shares_rows is not False  # (the model wrote into its inputs)
+        finally:
+            context.active, context.grouped = everyone, False
+            context.forget()
+        return _concat_points(parts)
+
+    def _copy_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The batch-carrying tensors copied once for all groups of a call."""
+        batch, dim = self.context.batch_size, self.batch_dim
+        copy_batch = lambda t, _path: t.clone() if _carries_batch(t, batch, dim) else t  # noqa: E731
+        return map_tensors(copy_batch, args, "args"), map_tensors(copy_batch, kwargs, "kwargs")
+
+    def _run(self, args: tuple, kwargs: dict, share_rows: bool, copied: bool = False):
+        """The copied model for the active points on the inputs repeated for each of them
+        (or, with share_rows, on SharedRows of B rows); outputs (…, K_active·B, …).
+        `copied`: the inputs are already a copy the model may write into."""
+        k, batch, dim = self.context.num_active, self.context.batch_size, self.batch_dim
 
         def lift(t: Tensor, _path: str) -> Tensor:
             if not _carries_batch(t, batch, dim):
                 return t
             # A copy either way: in-place operations of the model never reach the caller's tensor.
-            return SharedRows(t.clone(), k) if share_rows else _repeat_points(t, k, dim)
+            return SharedRows(t if copied else t.clone(), k) if share_rows else _repeat_points(t, k, dim)
 
         try:
             out = self.model(*map_tensors(lift, args, "args"), **map_tensors(lift, kwargs, "kwargs"))
@@ -258,7 +297,24 @@ def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn
             copied[parent_path]._modules[child] = rule
         else:
             top = rule
+    fuse_activations(top)
     return top
+
+
+def fuse_activations(root: nn.Module) -> None:
+    """In every nn.Sequential of the copy, an activation (ReLU, Tanh, Sigmoid) that
+    directly follows a rule with a fresh output works in place on that output
+    (InPlaceActivation): in a Sequential nothing else sees the rule's output. Modules
+    with hooks are left as they are."""
+    for seq in list(root.modules()):
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
+            continue
+        names = list(seq._modules)
+        for before, name in zip(names, names[1:]):
+            act = seq._modules[name]
+            if (getattr(seq._modules[before], "fresh_output", False) and type(act) in InPlaceActivation.IN_PLACE
+                    and not (act._forward_hooks or act._forward_pre_hooks)):
+                seq._modules[name] = InPlaceActivation(act)
 
 
 def _batch_size(args: tuple, kwargs: dict, dim: int) -> int:
@@ -277,6 +333,26 @@ def _repeat_points(t: Tensor, k: int, dim: int) -> Tensor:
     shape = list(t.shape)
     shape.insert(dim, k)
     return t.unsqueeze(dim).expand(shape).flatten(dim, dim + 1)
+
+
+def _concat_points(parts: list) -> Any:
+    """Outputs of successive groups of points, (k_g, …) each → (K, …)."""
+    first = parts[0]
+    if isinstance(first, Tensor):
+        return torch.cat(parts)
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)(*(_concat_points([p[i] for p in parts]) for i in range(len(first))))
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat_points([p[i] for p in parts]) for i in range(len(first)))
+    if isinstance(first, dict):
+        joined = {key: _concat_points([p[key] for p in parts]) for key in first}
+        if type(first) is dict:
+            return joined
+        try:
+            return type(first)(**joined)
+        except TypeError:
+            return type(first)(joined)
+    return first
 
 
 def _split_points(t: Tensor, k: int, batch: int, dim: int, path: str) -> Tensor:

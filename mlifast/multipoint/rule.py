@@ -27,6 +27,10 @@ class MultiPointRule(nn.Module):
         context: the PointContext shared by all rules of one model.
     """
 
+    # True where forward always returns a new tensor that nothing else holds, so that an
+    # activation module right after the rule may work in place (model.fuse_activations).
+    fresh_output: bool = False
+
     def __init__(self, inner: nn.Module, path: str, origins: dict[str, Tensor],
                  directions: dict[str, Tensor], context: PointContext) -> None:
         super().__init__()

@@ -1,5 +1,7 @@
 """Fused multi-point operations: compiled kernels behind `torch.ops.mlifast`, each with
 a pure-PyTorch reference (`*_reference`) that is the oracle of the tests."""
+from mlifast.ops.combine import multipoint_combine, multipoint_combine_reference
 from mlifast.ops.linear import multipoint_linear, multipoint_linear_reference
 
-__all__ = ["multipoint_linear", "multipoint_linear_reference"]
+__all__ = ["multipoint_combine", "multipoint_combine_reference", "multipoint_linear",
+           "multipoint_linear_reference"]

@@ -1,0 +1,229 @@
+"""Points run in groups (MultiPointModel.points_per_group, chosen by evaluate on the CPU),
+what is shared by every point kept between the groups, activations fused in place."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mlifast
+from mlifast.multipoint.context import PointContext
+from mlifast.multipoint.layers import InPlaceActivation
+from models import (LayerScaleBlock, LSTMLanguageModel, ResNet20, SignalNet, TransformerClassifier, mlp,
+                    randomize_bn, vgg_like)
+from oracle import load_point, oracle_outputs, rel_err
+from test_evaluate import batches, loop_evaluate
+
+
+def pair(factory, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    a = randomize_bn(factory(), seed).to(dtype).eval()
+    torch.manual_seed(seed + 1)
+    b = randomize_bn(factory(), seed + 1).to(dtype).eval()
+    return a, b
+
+
+def grouped_and_whole(model, space, coords, *args, group):
+    whole = mlifast.interpolate(model, space, coords)
+    grouped = mlifast.interpolate(model, space, coords)
+    grouped.points_per_group = group
+    with torch.no_grad():
+        return grouped(*args), whole(*args)
+
+
+def same(a, b, tol=1e-12):
+    if isinstance(a, torch.Tensor):
+        assert a.shape == b.shape and rel_err(a, b) < tol, (a.shape, b.shape)
+    else:
+        for x, y in zip(a, b):
+            same(x, y, tol)
+
+
+CASES = {
+    "mlp": (mlp, lambda g: (torch.randn(7, 3, 4, generator=g, dtype=torch.float64),)),
+    "resnet20": (ResNet20, lambda g: (torch.randn(3, 3, 16, 16, generator=g, dtype=torch.float64),)),
+    "vgg": (vgg_like, lambda g: (torch.randn(4, 3, 16, 16, generator=g, dtype=torch.float64),)),
+    "layerscale": (LayerScaleBlock, lambda g: (torch.randn(3, 5, 8, generator=g, dtype=torch.float64),)),
+    "lstm": (LSTMLanguageModel, lambda g: (torch.randint(0, 11, (3, 7), generator=g),)),
+    "signal": (SignalNet, lambda g: (torch.randn(3, 2, 8, generator=g, dtype=torch.float64),
+                                     torch.randn(3, 1, 4, 4, 4, generator=g, dtype=torch.float64))),
+    "transformer": (TransformerClassifier, lambda g: (torch.randint(1, 13, (3, 6), generator=g),
+                                                      torch.tensor([[False] * 6, [False] * 4 + [True] * 2,
+                                                                    [False] * 3 + [True] * 3]))),
+}
+
+
+@pytest.mark.parametrize("group", [1, 2, 3])
+@pytest.mark.parametrize("name", list(CASES))
+def test_groups_give_the_points_answers(name, group):
+    factory, make_args = CASES[name]
+    a, b = pair(factory)
+    args = make_args(torch.Generator().manual_seed(3))
+    coords = torch.linspace(-0.25, 1.25, 5)
+    out, whole = grouped_and_whole(a, mlifast.Line(a, b), coords, *args, group=group)
+    same(out, whole)
+    for k, e in enumerate(oracle_outputs(a, mlifast.Line(a, b), coords, *args)):
+        assert rel_err(out[k], e) < 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_groups_on_a_plane(dtype):
+    a, b = pair(mlp, dtype)
+    _, c = pair(mlp, dtype, seed=7)
+    plane = mlifast.Plane.through(a, b, c)
+    coords = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.3, -0.4], [1.2, 0.5]], dtype=torch.float64)
+    x = torch.randn(9, 3, 4, dtype=dtype)
+    out, whole = grouped_and_whole(a, plane, coords, x, group=2)
+    same(out, whole, 1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_shared_first_layer_is_computed_once_per_call(monkeypatch):
+    a, b = pair(mlp)
+    fast = mlifast.interpolate(a, mlifast.Line(a, b), torch.linspace(0, 1, 6))
+    x = torch.randn(4, 3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        fast(x)  # the first call also runs the checks
+        fast.points_per_group = 2
+        calls = []
+        linear = F.linear
+        monkeypatch.setattr(F, "linear", lambda *a, **k: calls.append(a[1].shape) or linear(*a, **k))
+        fast(x)
+    assert calls == [(16, 12), (16, 12)]  # x·Wᵀ and x·Dᵀ of the first layer, once for 3 groups
+
+
+def test_reuse_matches_tensors_by_memory_and_version():
+    context = PointContext(torch.zeros(2, 1, dtype=torch.float64))
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    count = []
+
+    def compute():
+        count.append(1)
+        return x @ w.t()
+
+    assert context.reuse(compute, x, w) is not context.reuse(compute, x, w)  # not grouped: no reuse
+    context.grouped = True
+    first = context.reuse(compute, x, w)
+    assert context.reuse(compute, x.view(3, 4), w) is first  # another view of the same memory
+    assert context.reuse(compute, x, w, owner=object()) is not first  # another module
+    assert context.reuse(compute, x[:2], w) is not first
+    x.add_(1)  # written in place: a new version
+    assert context.reuse(compute, x, w) is not first
+    with torch.inference_mode():
+        y = torch.randn(3, 4)
+    context.reuse(compute, y, w)  # no version counter: computed each time
+    context.reuse(compute, y, w)
+    assert len(count) == 8
+    context.forget()
+    assert context._kept == {}
+
+
+@pytest.mark.parametrize("bn", ["interpolate", "recompute", "batch"])
+def test_evaluate_in_groups_matches_the_loop(bn, monkeypatch):
+    from mlifast.engine import chunking
+
+    torch.manual_seed(0)
+    a = randomize_bn(ResNet20(width=4, num_classes=5), 0).double().eval()
+    torch.manual_seed(1)
+    b = randomize_bn(ResNet20(width=4, num_classes=5), 1).double().eval()
+    data = batches(n=10, batch=4, shape=(3, 8, 8))
+    line = mlifast.Line(a, b)
+    sizes = []
+    run = mlifast.MultiPointModel._run
+    monkeypatch.setattr(mlifast.MultiPointModel, "_run",
+                        lambda self, *a, **k: sizes.append(self.context.num_active) or run(self, *a, **k))
+    monkeypatch.setattr(chunking, "CPU_GROUP_BYTES", 1)  # one point per group
+    res = mlifast.evaluate(a, line, data, coords=3, bn=bn, progress=False)
+    assert 1 in sizes and 3 not in sizes[-3:]
+    losses, accs = loop_evaluate(a, line, data, res.alphas.tolist(), bn)
+    torch.testing.assert_close(res["loss"], losses, rtol=1e-9, atol=0)
+    torch.testing.assert_close(res["accuracy"], accs, rtol=0, atol=1e-12)
+
+
+def test_evaluate_sizes_groups_by_the_cache_budget(monkeypatch):
+    from mlifast.engine import chunking
+
+    a, b = pair(mlp)
+    line, data = mlifast.Line(a, b), batches()
+    fast = mlifast.MultiPointModel(a, line, 1)
+    per_point = chunking.activation_bytes_per_point(fast, data[0], lambda m, batch: (m(batch[0]), batch[1]),
+                                                    torch.device("cpu"))
+    monkeypatch.setattr(chunking, "CPU_GROUP_BYTES", 2 * per_point)
+    per_pass, group = chunking.plan(fast, data, lambda m, batch: (m(batch[0]), batch[1]), torch.device("cpu"))
+    assert group == 2 and per_pass >= 5
+    assert chunking.plan(fast, [], None, torch.device("cpu")) == (1, None)
+    res = mlifast.evaluate(a, line, data, coords=5, progress=False)
+    losses, _ = loop_evaluate(a, line, data, res.alphas.tolist(), "interpolate")
+    torch.testing.assert_close(res["loss"], losses, rtol=1e-9, atol=0)
+
+
+def test_model_writing_into_its_inputs_in_groups():
+    class ClampInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            x.clamp_(-0.5, 0.5)
+            return self.fc(x)
+
+    torch.manual_seed(0)
+    a, b = ClampInputs().double(), ClampInputs().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    before = x.clone()
+    out, whole = grouped_and_whole(a, mlifast.Line(a, b), torch.linspace(0, 1, 5), x, group=2)
+    same(out, whole)
+    assert torch.equal(x, before)
+
+
+def test_activations_after_fused_layers_work_in_place():
+    a, b = pair(vgg_like)
+    fast = mlifast.interpolate(a, mlifast.Line(a, b), torch.linspace(0, 1, 3))
+    kinds = [type(m).__name__ for m in fast.model]
+    assert kinds[1:3] == ["BatchNormRule", "InPlaceActivation"]
+    assert kinds[5:7] == ["GroupNorm", "ReLU"]  # equal at both ends: frozen, not a rule
+    a, b = pair(mlp)
+    fast = mlifast.interpolate(a, mlifast.Line(a, b), torch.linspace(0, 1, 3))
+    assert isinstance(fast.model[2], InPlaceActivation)  # Linear → ReLU
+    assert isinstance(fast.model[5], InPlaceActivation)  # Linear → Tanh
+    assert isinstance(fast.model[3], nn.Dropout)
+
+
+def test_activation_with_a_hook_is_not_fused():
+    a, b = pair(mlp)
+    seen = []
+    a[2].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    fast = mlifast.interpolate(a, mlifast.Line(a, b), torch.linspace(0, 1, 3))
+    assert isinstance(fast.model[2], nn.ReLU)
+    assert isinstance(fast.model[5], InPlaceActivation)
+
+
+def test_in_place_activation_keeps_gradients():
+    a, b = pair(mlp)
+    line = mlifast.Line(a, b)
+    x = torch.randn(4, 3, 4, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for group in (None, 2):
+        fast = mlifast.interpolate(a, line, torch.linspace(0, 1, 5))
+        fast.points_per_group, fast.shares_rows = group, False  # (shared rows are leaves: no input gradient)
+        x.grad = None
+        (fast(x) ** 2).sum().backward()
+        grads.append(x.grad.clone())
+    expected = torch.zeros_like(x)
+    for c in torch.linspace(0, 1, 5).tolist():
+        m = load_point(a, line, c)  # the model itself, with its out-of-place activations
+        x2 = x.detach().clone().requires_grad_()
+        (m(x2) ** 2).sum().backward()
+        expected += x2.grad
+    for g in grads:
+        assert rel_err(g, expected) < 1e-10
+
+
+def test_the_first_call_runs_the_model_once_besides_its_checks(monkeypatch):
+    a, b = pair(mlp)
+    fast = mlifast.interpolate(a, mlifast.Line(a, b), torch.linspace(0, 1, 4))
+    runs = []
+    run_points = mlifast.MultiPointModel._run_points
+    monkeypatch.setattr(mlifast.MultiPointModel, "_run_points",
+                        lambda self, *a, **k: runs.append(1) or run_points(self, *a, **k))
+    with torch.no_grad():
+        fast(torch.randn(3, 3, 4, dtype=torch.float64))
+    assert len(runs) == 1  # the checked outputs are the call's outputs
