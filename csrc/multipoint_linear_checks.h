@@ -16,6 +16,21 @@ struct LinearSizes {
   bool shared_input;     // input is (R, I), the same for every point
 };
 
+// bias (O,) and bias_dirs (J, O), each optional; bias_dirs only with a bias.
+inline void check_bias_shapes(const char* op, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& bias_dirs, const LinearSizes& s) {
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->sizes() == at::IntArrayRef({s.out_features}), op, "expected bias of shape (",
+                s.out_features, ",), got ", bias->sizes());
+  }
+  if (bias_dirs.has_value()) {
+    TORCH_CHECK(bias.has_value(), op, "bias_dirs given without bias");
+    TORCH_CHECK(bias_dirs->sizes() == at::IntArrayRef({s.directions, s.out_features}), op,
+                "expected bias_dirs of shape (", s.directions, ", ", s.out_features, "), got ",
+                bias_dirs->sizes());
+  }
+}
+
 inline LinearSizes check_multipoint_linear(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& weight_dirs, const std::optional<at::Tensor>& bias_dirs, const at::Tensor& coeffs) {
@@ -34,16 +49,7 @@ inline LinearSizes check_multipoint_linear(
   TORCH_CHECK(weight_dirs.sizes() == at::IntArrayRef({s.directions, s.out_features, s.in_features}),
               op, "expected weight_dirs of shape (", s.directions, ", ", s.out_features, ", ",
               s.in_features, "), got ", weight_dirs.sizes());
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->sizes() == at::IntArrayRef({s.out_features}), op, "expected bias of shape (",
-                s.out_features, ",), got ", bias->sizes());
-  }
-  if (bias_dirs.has_value()) {
-    TORCH_CHECK(bias.has_value(), op, "bias_dirs given without bias");
-    TORCH_CHECK(bias_dirs->sizes() == at::IntArrayRef({s.directions, s.out_features}), op,
-                "expected bias_dirs of shape (", s.directions, ", ", s.out_features, "), got ",
-                bias_dirs->sizes());
-  }
+  check_bias_shapes(op, bias, bias_dirs, s);
   TORCH_CHECK(at::isFloatingType(weight.scalar_type()), op, "expected a floating-point weight, got ",
               weight.scalar_type());
   TORCH_CHECK(at::isFloatingType(coeffs.scalar_type()), op, "expected floating-point coeffs, got ",
@@ -81,16 +87,7 @@ inline LinearSizes check_multipoint_combine(const at::Tensor& base, const at::Te
   TORCH_CHECK(along.sizes() == at::IntArrayRef({s.rows, s.directions, s.out_features}), op,
               "expected along of shape (", s.rows, ", ", s.directions, ", ", s.out_features, "), got ",
               along.sizes());
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->sizes() == at::IntArrayRef({s.out_features}), op, "expected bias of shape (",
-                s.out_features, ",), got ", bias->sizes());
-  }
-  if (bias_dirs.has_value()) {
-    TORCH_CHECK(bias.has_value(), op, "bias_dirs given without bias");
-    TORCH_CHECK(bias_dirs->sizes() == at::IntArrayRef({s.directions, s.out_features}), op,
-                "expected bias_dirs of shape (", s.directions, ", ", s.out_features, "), got ",
-                bias_dirs->sizes());
-  }
+  check_bias_shapes(op, bias, bias_dirs, s);
   TORCH_CHECK(at::isFloatingType(base.scalar_type()), op, "expected a floating-point base, got ",
               base.scalar_type());
   TORCH_CHECK(at::isFloatingType(coeffs.scalar_type()), op, "expected floating-point coeffs, got ",
