@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from mlifast._extension import register_op
+from mlifast.ops._checks import check_matching, check_tensors, describe
 
 SCHEMA = "multipoint_combine(Tensor base, Tensor along, Tensor? bias, Tensor? bias_dirs, Tensor coeffs) -> Tensor"
 
@@ -74,10 +75,6 @@ def _backward(ctx, grad):
 torch.library.register_autograd("mlifast::multipoint_combine", _backward, setup_context=_setup_context)
 
 
-def _describe(t: Tensor) -> str:
-    return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}"
-
-
 def check_multipoint_combine_args(
     base: Tensor,
     along: Tensor,
@@ -87,38 +84,24 @@ def check_multipoint_combine_args(
 ) -> None:
     """Raise TypeError/ValueError naming the first argument that does not fit."""
     named = {"base": base, "along": along, "bias": bias, "bias_dirs": bias_dirs, "coeffs": coeffs}
-    for name, t in named.items():
-        if t is not None and not isinstance(t, Tensor):
-            raise TypeError(f"multipoint_combine: {name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors("multipoint_combine", named)
     if base.dim() != 2:
-        raise ValueError(f"multipoint_combine: base must have shape (R, O), got {_describe(base)}")
+        raise ValueError(f"multipoint_combine: base must have shape (R, O), got {describe(base)}")
     if not base.is_floating_point():
-        raise TypeError(f"multipoint_combine: base must be floating point, got {_describe(base)}")
+        raise TypeError(f"multipoint_combine: base must be floating point, got {describe(base)}")
     if coeffs.dim() != 2 or coeffs.shape[1] < 1:
         raise ValueError(
-            f"multipoint_combine: coeffs must have shape (K, J) with J >= 1, got {_describe(coeffs)}"
+            f"multipoint_combine: coeffs must have shape (K, J) with J >= 1, got {describe(coeffs)}"
         )
     if not coeffs.is_floating_point():
-        raise TypeError(f"multipoint_combine: coeffs must be floating point, got {_describe(coeffs)}")
+        raise TypeError(f"multipoint_combine: coeffs must be floating point, got {describe(coeffs)}")
     (rows, out_features), directions = base.shape, coeffs.shape[1]
-    expected = {
+    shapes = {
         "along": (rows, directions, out_features),
         "bias": (out_features,),
         "bias_dirs": (directions, out_features),
     }
-    for name, shape in expected.items():
-        t = named[name]
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"multipoint_combine: {name} must have shape {shape}, got {_describe(t)}")
-    if bias_dirs is not None and bias is None:
-        raise ValueError("multipoint_combine: bias_dirs given without bias; pass bias (zeros if none)")
-    for name, t in named.items():
-        if t is None:
-            continue
-        if name != "coeffs" and t.dtype != base.dtype:
-            raise TypeError(f"multipoint_combine: {name} must have base's dtype {base.dtype}, got {_describe(t)}")
-        if t.device != base.device:
-            raise ValueError(f"multipoint_combine: {name} must be on base's device {base.device}, got {_describe(t)}")
+    check_matching("multipoint_combine", named, shapes, like="base")
 
 
 def multipoint_combine(

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from mlifast._extension import register_op
+from mlifast.ops._checks import check_matching, check_tensors, describe
 
 SCHEMA = (
     "multipoint_linear(Tensor input, Tensor weight, Tensor? bias, Tensor weight_dirs, "
@@ -105,10 +106,6 @@ def _backward(ctx, grad):
 torch.library.register_autograd("mlifast::multipoint_linear", _backward, setup_context=_setup_context)
 
 
-def _describe(t: Tensor) -> str:
-    return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}"
-
-
 def check_multipoint_linear_args(
     input: Tensor,
     weight: Tensor,
@@ -120,21 +117,19 @@ def check_multipoint_linear_args(
     """Raise TypeError/ValueError naming the first argument that does not fit."""
     named = {"input": input, "weight": weight, "bias": bias, "weight_dirs": weight_dirs,
              "bias_dirs": bias_dirs, "coeffs": coeffs}
-    for name, t in named.items():
-        if t is not None and not isinstance(t, Tensor):
-            raise TypeError(f"multipoint_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors("multipoint_linear", named)
     if weight.dim() != 2:
-        raise ValueError(f"multipoint_linear: weight must have shape (O, I), got {_describe(weight)}")
+        raise ValueError(f"multipoint_linear: weight must have shape (O, I), got {describe(weight)}")
     if not weight.is_floating_point():
-        raise TypeError(f"multipoint_linear: weight must be floating point, got {_describe(weight)}")
+        raise TypeError(f"multipoint_linear: weight must be floating point, got {describe(weight)}")
     out_features, in_features = weight.shape
     if coeffs.dim() != 2 or coeffs.shape[1] < 1:
         raise ValueError(
             f"multipoint_linear: coeffs must have shape (K, J) with J >= 1 (one row of coordinates "
-            f"per point), got {_describe(coeffs)}"
+            f"per point), got {describe(coeffs)}"
         )
     if not coeffs.is_floating_point():
-        raise TypeError(f"multipoint_linear: coeffs must be floating point, got {_describe(coeffs)}")
+        raise TypeError(f"multipoint_linear: coeffs must be floating point, got {describe(coeffs)}")
     points, directions = coeffs.shape
     if input.dim() == 3:
         expected_input = f"({points}, R, {in_features})"
@@ -143,30 +138,13 @@ def check_multipoint_linear_args(
         expected_input = f"({points}, R, {in_features}) or, shared by every point, (R, {in_features})"
         input_ok = input.dim() == 2 and input.shape[1] == in_features
     if not input_ok:
-        raise ValueError(f"multipoint_linear: input must have shape {expected_input}, got {_describe(input)}")
-    expected = {
+        raise ValueError(f"multipoint_linear: input must have shape {expected_input}, got {describe(input)}")
+    shapes = {
         "weight_dirs": (directions, out_features, in_features),
         "bias": (out_features,),
         "bias_dirs": (directions, out_features),
     }
-    for name, shape in expected.items():
-        t = named[name]
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"multipoint_linear: {name} must have shape {shape}, got {_describe(t)}")
-    if bias_dirs is not None and bias is None:
-        raise ValueError("multipoint_linear: bias_dirs given without bias; pass bias (zeros if none)")
-    for name, t in named.items():
-        if t is None or name == "coeffs":
-            continue
-        if t.dtype != weight.dtype:
-            raise TypeError(
-                f"multipoint_linear: {name} must have weight's dtype {weight.dtype}, got {_describe(t)}"
-            )
-    for name, t in named.items():
-        if t is not None and t.device != weight.device:
-            raise ValueError(
-                f"multipoint_linear: {name} must be on weight's device {weight.device}, got {_describe(t)}"
-            )
+    check_matching("multipoint_linear", named, shapes, like="weight")
 
 
 def multipoint_linear(
