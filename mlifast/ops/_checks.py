@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+
 def describe(t: Tensor) -> str:
     """`(shape) dtype on device`, for error messages."""
     return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}"
