@@ -8,11 +8,13 @@ def describe(t: Tensor) -> str:
     """`(shape) dtype on device`, for error messages."""
     return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}"
 
+
 def check_tensors(op: str, named: dict[str, Tensor | None]) -> None:
     """TypeError naming the first argument that is neither a tensor nor None."""
     for name, t in named.items():
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
 
 def check_matching(op: str, named: dict[str, Tensor | None], shapes: dict[str, tuple],
                    like: str) -> None:
