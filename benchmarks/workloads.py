@@ -363,18 +363,26 @@ def run_mlifast(wl: ModelWorkload) -> Tensor:
     return res["loss"].to(torch.float64)
 
 
-def run_loop_state_dict(wl: ModelWorkload) -> Tensor:
+def run_loop_state_dict(wl: ModelWorkload, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
     """The careful user's loop: one model; per point load space.state_at(c), (for BN nets:
-    update_bn, the paper's procedure), then every batch under no_grad."""
-    model = copy.deepcopy(wl.model).eval()
+    update_bn, the paper's procedure), then every batch under no_grad. `memory_format`:
+    that of the model's weights and inputs."""
+    model = copy.deepcopy(wl.model).eval().to(memory_format=memory_format)
+    data = [(x.contiguous(memory_format=memory_format), y) for x, y in wl.data]
     losses = []
     with torch.no_grad():
         for c in wl.coords:
             model.load_state_dict(wl.space.state_at(c))
             if wl.bn == "recompute":
-                _update_bn(model, wl.data)
-            losses.append(sum(_sum_loss(wl.loss, model(x), y) for x, y in wl.data))
+                _update_bn(model, data)
+            losses.append(sum(_sum_loss(wl.loss, model(x), y) for x, y in data))
     return torch.tensor(losses, dtype=torch.float64) / wl.num_examples
+
+
+def run_loop_channels_last(wl: ModelWorkload) -> Tensor:
+    """The loop with the model and its inputs in channels-last layout, as a user tuning a
+    CNN for oneDNN on a CPU would run it (mlifast's convolutions use that layout there)."""
+    return run_loop_state_dict(wl, torch.channels_last)
 
 
 def run_loop_foreach(wl: ModelWorkload) -> Tensor:
@@ -481,6 +489,7 @@ MODEL_IMPLS: dict[str, Callable[[ModelWorkload], Tensor]] = {
     "mlifast": run_mlifast,
     "loop": run_loop_state_dict,
     "loop-foreach": run_loop_foreach,
+    "loop-channels-last": run_loop_channels_last,
     "vmap": run_vmap,
     "loss-landscapes": run_loss_landscapes,
 }
@@ -492,6 +501,8 @@ def impls_for(wl: ModelWorkload) -> dict[str, Callable]:
     why = loss_landscapes_available()
     if why is not None:
         wl.skipped.setdefault("loss-landscapes", why)
+    if not any(isinstance(m, nn.Conv2d) for m in wl.model.modules()):
+        wl.skipped.setdefault("loop-channels-last", "no 2-d convolutions: the same as loop")
     why = _vmap_memory_skip(wl)
     if why is not None:
         wl.skipped.setdefault("vmap", why)

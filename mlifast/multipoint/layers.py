@@ -3,7 +3,8 @@
 - Linear: the fused `mlifast::multipoint_linear` op (never K weight copies).
 - Layers affine in their parameters (convolutions, transposed convolutions, embeddings,
   Hugging Face Conv1D): by linearity f(x; θ0 + Σ c_j d_j) = f(x; θ0) + Σ c_j f(x; d_j),
-  J + 1 calls of the layer itself on all rows, then a per-point combine.
+  J + 1 calls of the layer itself on all rows, then a per-point combine. Convolutions on
+  the CPU instead run each point's rows with that point's weights (`one_point_per_call`).
 - Norms (LayerNorm, RMSNorm, GroupNorm): normalise without affine, then each point's
   (K, C) scale and shift.
 - Batch norm: each point's statistics — interpolated running statistics, its own batch
@@ -20,6 +21,18 @@ from mlifast.multipoint.context import fold, rows_for_every_example, unfold
 from mlifast.multipoint.rule import MultiPointRule
 from mlifast.multipoint.shared import SharedRows
 from mlifast.ops import multipoint_combine, multipoint_linear
+
+
+def one_point_per_call(x: Tensor) -> bool:
+    """Whether a rule calls ATen's kernel once per active point, each time with that
+    point's own parameters, rather than once over the rows of all points in a wide form.
+
+    On the CPU, yes: the points of a call are a cache-sized group (often one point), and
+    oneDNN's convolution and batch norm on one point's rows beat the wide forms, which
+    compute J + 1 convolutions (FLOPs ×(J + 1)) and four element-wise passes for batch
+    norm (W2 in BENCHMARKS.md). On a GPU one launch over all points keeps the device busy.
+    """
+    return x.device.type == "cpu"
 
 
 def linear_at_points(context, x: Tensor, w: Tensor, b: Tensor | None, w_dirs: Tensor | None,
@@ -110,6 +123,28 @@ class AffineInParamsRule(MultiPointRule):
         if rows_shared:
             return out.flatten(0, 1)
         return rows_for_every_example(out, self.context.batch_size) if shared else unfold(out, dim)
+
+
+class ConvRule(AffineInParamsRule):
+    """Conv1d/2d/3d: where `one_point_per_call`, each point's rows go through the layer with
+    that point's weight and bias, formed per call (the model's own FLOPs, not J + 1 times
+    them), and 2-d inputs in channels-last layout (oneDNN's fast layout on the CPU: 1.4–3×
+    faster than NCHW for 16–32 channels; later layers keep it). Rows shared by every point
+    (a first layer) take the J + 1 products, computed once for all points of a call."""
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if isinstance(x, SharedRows) or args or kwargs or not one_point_per_call(x):
+            return super().forward(x, *args, **kwargs)
+        if x.dim() == 4 and x.dtype in _ONEDNN_DTYPES:
+            x = x.contiguous(memory_format=torch.channels_last)
+        weight, bias = self.per_point("weight"), self.per_point("bias")
+        points = fold(x, self.context.num_active)
+        outs = [self.inner._conv_forward(rows, weight[k], None if bias is None else bias[k])
+                for k, rows in enumerate(points)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class EmbeddingRule(AffineInParamsRule):
@@ -220,31 +255,65 @@ class BatchNormRule(_AffineNormRule):
     def forward(self, x: Tensor) -> Tensor:
         inner, mode = self.inner, self.context.bn_mode
         k = self.context.num_active
-        xk = self.split_points(x, 0)
-        reduce_dims = [1] + list(range(3, xk.dim()))
+        xk = self.split_points(x, 0)  # (K, B, C, …)
         use_batch = mode in ("batch", "collect") or inner.training or self.origin("running_mean") is None
-        if use_batch:
-            count = xk.numel() // (k * xk.shape[2])
-            if count <= 1:
-                raise ValueError(
-                    f"mlifast: batch norm '{self.path}' needs more than one value per channel "
-                    f"for batch statistics, got input of shape {tuple(x.shape[1:])} with "
-                    f"{xk.shape[1]} example(s) per point"
-                )
-            var, mean = torch.var_mean(xk, dim=reduce_dims, correction=0)
-            if mode == "collect":
-                mean_sum, var_sum, batches = self._sums
-                active = self.context.active
-                mean_sum.index_add_(0, active, mean.double())
-                var_sum.index_add_(0, active, var.double() * count / (count - 1))
-                batches.index_add_(0, active, torch.ones_like(active, dtype=torch.float64))
-        elif self.recomputed is not None:
-            mean, var = (s.index_select(0, self.context.active) for s in self.recomputed)
+        if use_batch and xk.numel() // (k * xk.shape[2]) <= 1:
+            raise ValueError(
+                f"mlifast: batch norm '{self.path}' needs more than one value per channel "
+                f"for batch statistics, got input of shape {tuple(x.shape[1:])} with "
+                f"{xk.shape[1]} example(s) per point"
+            )
+        if not use_batch and self.recomputed is not None:
+            stats = tuple(s.index_select(0, self.context.active) for s in self.recomputed)
+        elif not use_batch:
+            stats = (self.per_point("running_mean"), self.per_point("running_var"))
+        elif mode == "collect":
+            stats = (xk.new_zeros(k, xk.shape[2]), xk.new_zeros(k, xk.shape[2]))  # filled with each point's
         else:
-            mean, var = self.per_point("running_mean"), self.per_point("running_var")
-        y = (xk - _channel_view(mean, xk.dim(), 1)) * _channel_view(
-            torch.rsqrt(var + inner.eps), xk.dim(), 1)
-        return unfold(self.scale_and_shift(y, self.per_point("weight"), self.per_point("bias")))
+            stats = None
+        weight, bias = self.per_point("weight"), self.per_point("bias")
+        if one_point_per_call(xk):
+            y = self._normalize_each_point(xk, stats, weight, bias, use_batch)
+        else:
+            y = unfold(self._normalize_all_points(xk, stats, weight, bias, use_batch))
+        if mode == "collect":
+            mean_sum, var_sum, batches = self._sums
+            active = self.context.active
+            mean_sum.index_add_(0, active, stats[0].double())
+            var_sum.index_add_(0, active, stats[1].double())
+            batches.index_add_(0, active, torch.ones_like(active, dtype=torch.float64))
+        return y
+
+    def _normalize_each_point(self, xk: Tensor, stats, weight, bias, use_batch: bool) -> Tensor:
+        """(K·B, C, …) from ATen's batch norm on each point's (B, C, …) rows. With
+        `use_batch` and `stats` given, stats receive each point's batch mean and unbiased
+        variance (momentum 1 makes the running statistics exactly those)."""
+        outs = []
+        for i, rows in enumerate(xk):
+            mean, var = (None, None) if stats is None else (stats[0][i], stats[1][i])
+            outs.append(F.batch_norm(rows, mean, var, None if weight is None else weight[i],
+                                     None if bias is None else bias[i], use_batch, 1.0, self.inner.eps))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _normalize_all_points(self, xk: Tensor, stats, weight, bias, use_batch: bool) -> Tensor:
+        """(K, B, C, …) in two passes over the rows of all points: the statistics, then
+        one multiply-add with each point's folded scale and shift. With `use_batch` and
+        `stats` given, stats receive each point's batch mean and unbiased variance."""
+        if use_batch:
+            var, mean = torch.var_mean(xk, dim=[1] + list(range(3, xk.dim())), correction=0)
+            if stats is not None:
+                count = xk.numel() // (xk.shape[0] * xk.shape[2])
+                stats[0].copy_(mean)
+                stats[1].copy_(var * (count / (count - 1)))
+        else:
+            mean, var = stats
+        scale = torch.rsqrt(var + self.inner.eps)
+        if weight is not None:
+            scale = scale * weight
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias
+        return torch.addcmul(_channel_view(shift, xk.dim(), 1), xk, _channel_view(scale, xk.dim(), 1))
 
 
 class InPlaceActivation(nn.Module):

@@ -17,9 +17,9 @@ from mlifast.multipoint.rule import MultiPointRule, forward_is_inherited
 RULES: dict[type, type[MultiPointRule]] = {
     nn.Linear: layers.LinearRule,
     nn.Bilinear: GenericRule,
-    nn.Conv1d: layers.AffineInParamsRule,
-    nn.Conv2d: layers.AffineInParamsRule,
-    nn.Conv3d: layers.AffineInParamsRule,
+    nn.Conv1d: layers.ConvRule,
+    nn.Conv2d: layers.ConvRule,
+    nn.Conv3d: layers.ConvRule,
     nn.ConvTranspose1d: layers.AffineInParamsRule,
     nn.ConvTranspose2d: layers.AffineInParamsRule,
     nn.ConvTranspose3d: layers.AffineInParamsRule,

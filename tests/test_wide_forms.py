@@ -1,0 +1,70 @@
+"""Convolution and batch norm in both forms a rule can take (layers.one_point_per_call):
+ATen's kernel once per point with that point's parameters (the CPU's form) and one wide
+call over the rows of all points (a GPU's form, forced here on the CPU), each against
+the one-point-at-a-time oracle."""
+import pytest
+import torch
+
+import mlifast
+import test_evaluate
+import test_interpolate
+from mlifast.multipoint import layers
+from models import ResNet20, vgg_like
+
+
+@pytest.fixture(params=["one point per call", "wide"])
+def form(request, monkeypatch):
+    if request.param == "wide":
+        monkeypatch.setattr(layers, "one_point_per_call", lambda x: False)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("factory", [ResNet20, vgg_like])
+def test_conv_batch_norm_models_on_a_line(form, factory, dtype):
+    a, b = test_interpolate.pair(factory, dtype)
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(3)).to(dtype)
+    test_interpolate.check_parity(a, mlifast.Line(a, b), torch.linspace(-0.25, 1.25, 5), x, dtype=dtype)
+
+
+def test_conv_batch_norm_model_on_a_plane(form):
+    a, b = test_interpolate.pair(ResNet20, torch.float32)
+    _, c = test_interpolate.pair(ResNet20, torch.float32, seed=7)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    coords = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.3, -0.4], [1.2, 0.5]], dtype=torch.float64)
+    test_interpolate.check_parity(a, mlifast.Plane.through(a, b, c), coords, x, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_1d_3d_convolutions(form, dtype):
+    test_interpolate.test_1d_3d_convolutions_and_rms_norm(dtype)
+
+
+@pytest.mark.parametrize("bn", ["interpolate", "recompute", "batch"])
+def test_batch_norm_policies(form, bn):
+    test_evaluate.test_bn_policies_match_the_loop(bn)
+
+
+def test_batch_norm_without_affine_or_running_stats(form):
+    test_evaluate.test_batch_norm_without_affine_or_running_stats()
+
+
+def test_which_calls_each_form_makes(form):
+    a, b = test_interpolate.pair(lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3)),
+                                 torch.float32)
+    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), torch.randn(2, 3, 8, 8),
+                                         dtype=torch.float32)
+    calls, conv2d = [], torch.nn.functional.conv2d
+
+    def recording(x, w, *args):
+        calls.append((x.shape[0], x.is_contiguous(memory_format=torch.channels_last)))
+        return conv2d(x, w, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "conv2d", recording)
+        fast(torch.randn(2, 3, 8, 8))  # the first call's checks are done: only the model's own calls
+    first_layer = [(2, False)] * 2  # J + 1 = 2 calls on the 2 rows shared by every point
+    if form == "wide":  # and the second layer too: 2 calls over the rows of all 3 points
+        assert calls == first_layer + [(6, False)] * 2
+    else:  # the second layer: one call per point on its 2 rows, in channels-last layout
+        assert calls == first_layer + [(2, True)] * 3
