@@ -68,3 +68,40 @@ def test_which_calls_each_form_makes(form):
         assert calls == first_layer + [(6, False)] * 2
     else:  # the second layer: one call per point on its 2 rows, in channels-last layout
         assert calls == first_layer + [(2, True)] * 3
+
+
+def test_gauss_length_through_convolutions_and_batch_norm(form):
+    """Forward-mode derivatives (analysis.geometry) through both forms, running statistics
+    moving along the line too, against nested jvp of the model itself."""
+    import torch.nn.functional as F
+    from torch.func import jvp
+
+    from mlifast.analysis.geometry import gauss_length
+    from models import randomize_bn
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return randomize_bn(torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Tanh(),
+                                                torch.nn.Conv2d(4, 3, 3), torch.nn.Flatten()), seed).double().eval()
+
+    a, b = net(0), net(1)
+    line = mlifast.Line(a, b)
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    alphas = torch.linspace(0, 1, 5, dtype=torch.float64)
+
+    def z(t):  # the model by hand: ATen's batch norm takes no tangents of running statistics
+        p = {k: line.origin[k] + t * line.direction(k)[0] for k in line.keys if line.origin[k].is_floating_point()}
+        h = F.conv2d(x, p["0.weight"], p["0.bias"])
+        h = (h - p["1.running_mean"][:, None, None]) / (p["1.running_var"][:, None, None] + 1e-5).sqrt()
+        h = torch.tanh(h * p["1.weight"][:, None, None] + p["1.bias"][:, None, None])
+        return F.conv2d(h, p["3.weight"], p["3.bias"]).flatten(1)
+
+    curvature = []
+    for t in alphas:
+        v, acc = jvp(lambda s: jvp(z, (s,), (torch.ones_like(s),))[1], (t,), (torch.ones_like(t),))
+        n = v / v.norm(dim=1, keepdim=True)
+        curvature.append((acc - n * (n * acc).sum(1, keepdim=True)).norm(dim=1) / v.norm(dim=1))
+    expected = torch.trapezoid(torch.stack(curvature), alphas, dim=0).mean().item()
+    got = gauss_length(a, line, [(x, None)], alphas=alphas)
+    assert expected > 0.01
+    assert abs(got - expected) < 1e-9 * expected

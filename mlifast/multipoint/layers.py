@@ -272,9 +272,9 @@ class BatchNormRule(_AffineNormRule):
         else:
             stats = None
         weight, bias = self.per_point("weight"), self.per_point("bias")
-        if one_point_per_call(xk):
-            y = self._normalize_each_point(xk, stats, weight, bias, use_batch)
-        else:
+        if use_batch and one_point_per_call(xk):
+            y = self._normalize_each_point(xk, stats, weight, bias)
+        else:  # (running statistics: also where they carry forward-mode tangents, analysis.geometry)
             y = unfold(self._normalize_all_points(xk, stats, weight, bias, use_batch))
         if mode == "collect":
             mean_sum, var_sum, batches = self._sums
@@ -284,15 +284,15 @@ class BatchNormRule(_AffineNormRule):
             batches.index_add_(0, active, torch.ones_like(active, dtype=torch.float64))
         return y
 
-    def _normalize_each_point(self, xk: Tensor, stats, weight, bias, use_batch: bool) -> Tensor:
-        """(K·B, C, …) from ATen's batch norm on each point's (B, C, …) rows. With
-        `use_batch` and `stats` given, stats receive each point's batch mean and unbiased
+    def _normalize_each_point(self, xk: Tensor, stats, weight, bias) -> Tensor:
+        """(K·B, C, …) from ATen's batch norm on each point's (B, C, …) rows with batch
+        statistics. `stats`, if given, receive each point's batch mean and unbiased
         variance (momentum 1 makes the running statistics exactly those)."""
         outs = []
         for i, rows in enumerate(xk):
             mean, var = (None, None) if stats is None else (stats[0][i], stats[1][i])
             outs.append(F.batch_norm(rows, mean, var, None if weight is None else weight[i],
-                                     None if bias is None else bias[i], use_batch, 1.0, self.inner.eps))
+                                     None if bias is None else bias[i], True, 1.0, self.inner.eps))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _normalize_all_points(self, xk: Tensor, stats, weight, bias, use_batch: bool) -> Tensor:
