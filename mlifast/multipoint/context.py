@@ -44,6 +44,7 @@ class PointContext:
     linear: Callable[..., Tensor] = multipoint_linear
     grouped: bool = False
     _kept: dict = field(default_factory=dict, repr=False)
+    _active_coeffs: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.active = torch.arange(self.coeffs.shape[0], device=self.coeffs.device)
@@ -98,8 +99,12 @@ class PointContext:
         )
 
     def active_coeffs(self) -> Tensor:
-        """(K_active, J) coordinates of the points whose rows are in flight."""
-        return self.coeffs.index_select(0, self.active)
+        """(K_active, J) coordinates of the points whose rows are in flight (kept while
+        `coeffs` and `active` stay the same objects: every rule of a call reads them)."""
+        kept = self._active_coeffs
+        if kept is None or kept[0] is not self.coeffs or kept[1] is not self.active:
+            kept = self._active_coeffs = (self.coeffs, self.active, self.coeffs.index_select(0, self.active))
+        return kept[2]
 
     @contextmanager
     def only_point(self, k: int) -> Iterator[None]:

@@ -72,7 +72,7 @@ class MultiPointRule(nn.Module):
             return origin.unsqueeze(0).expand(k, *origin.shape)
         d = self.directions[name]
         c = self.context.active_coeffs().to(d.dtype)
-        return origin + (c @ d.reshape(d.shape[0], -1)).reshape(k, *origin.shape)
+        return torch.addmm(origin.reshape(1, -1), c, d.reshape(d.shape[0], -1)).reshape(k, *origin.shape)
 
     def point_state(self, k: int) -> dict[str, Tensor]:
         """Every own floating tensor of `inner` at active point k (for functional_call)."""
