@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -11,7 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mlifast.multipoint.context import PointContext
 from mlifast.multipoint.layers import InPlaceActivation
-from mlifast.multipoint.reference import PerPointModel, alias_groups, close, first_disagreement
+from mlifast.multipoint.reference import PerPointModel, alias_groups, first_disagreement
 from mlifast.multipoint.registry import check_supported, rule_for
 from mlifast.multipoint.shared import SharedRows, SharedRowsWritten, materialize
 from mlifast.multipoint.trees import map_tensors, tensors_in
@@ -48,7 +50,9 @@ class MultiPointModel(nn.Module):
         like = next(t for t in space.origin.values() if t.is_floating_point())
         self.context = PointContext(torch.zeros(1, space.num_directions, dtype=like.dtype, device=like.device))
         self.model = _multipoint_copy(model, space, self.context)
-        self.shares_rows: bool | None = None  # decided on the first call
+        # Whether inputs travel as SharedRows: decided by the first-call checks (None:
+        # undecided, inputs repeated; see _checked_outputs).
+        self.shares_rows: bool | None = None
         self.reference = PerPointModel(model, space)
         self.per_point_fallback = False
         # Points run through the model together; None: all. Each call then runs the model
@@ -57,6 +61,7 @@ class MultiPointModel(nn.Module):
         # moving layer's point-independent part once per call (PointContext.reuse).
         self.points_per_group: int | None = None
         self._checked: set = set()
+        self._unchecked = False  # see unchecked()
         self.set_coords(space.coords_tensor(11 if coords is None else coords))
 
     def set_coords(self, coords: Tensor) -> None:
@@ -84,8 +89,10 @@ class MultiPointModel(nn.Module):
             return self.reference(self.coords, args, kwargs)
         batch = _batch_size(args, kwargs, self.batch_dim)
         self.context.batch_size, self.context.batch_dim = batch, self.batch_dim
-        if self.shares_rows is None:
-            self.shares_rows = self.batch_dim == 0 and self._sharing_agrees(args, kwargs)
+        if self.batch_dim != 0:
+            self.shares_rows = False
+        if self._unchecked:  # (a probe: no check, and nothing decided)
+            return self._run_points(args, kwargs, share_rows=self.shares_rows is True)
         signature = (self.num_points, tuple((tuple(t.shape), t.dtype) for t in tensors_in((args, kwargs))))
         if signature not in self._checked and self.reference.deterministic:
             self._checked.add(signature)
@@ -102,7 +109,20 @@ class MultiPointModel(nn.Module):
                 return self.reference(self.coords, args, kwargs)
             if out is not None:  # the checked outputs are this call's outputs
                 return out
-        return self._run_points(args, kwargs, self.shares_rows)
+        # Rows are shared only once a check found that sharing agrees with the model
+        # (undecided, e.g. while dropout makes the check impossible: repeated).
+        return self._run_points(args, kwargs, self.shares_rows is True)
+
+    @contextmanager
+    def unchecked(self) -> Iterator[MultiPointModel]:
+        """Calls inside run the copied model without the first-call check, on inputs
+        repeated for every point unless sharing rows is already known to agree; they mark
+        no shape as checked and decide nothing (chunking's probe of activation sizes)."""
+        saved, self._unchecked = self._unchecked, True
+        try:
+            yield self
+        finally:
+            self._unchecked = saved
 
     def _check_reference_follows_policy(self) -> None:
         """The one-point-at-a-time fallback runs the model as it is (batch norm from its
@@ -123,24 +143,62 @@ class MultiPointModel(nn.Module):
         """Compare the first and last point against the model itself, with the batch-norm
         statistics the model holds (running ones, interpolated) whatever the policy.
         Returns the disagreement (None if none) and, when they were computed under the
-        call's own policy, the outputs (else None)."""
+        call's own policy, the outputs (else None).
+
+        This is also where sharing rows is decided: unless it is known not to agree, the
+        points run on shared rows; if that disagrees with the model (a model whose Python
+        depends on the batch size: a captured x.shape[0] reshaping a later activation) or
+        raises, they run again on repeated inputs against the same reference outputs, and
+        if those agree the model repeats its inputs from then on."""
         norms = [m for m in self.rules() if hasattr(m, "recomputed")]
         saved = self.context.bn_mode, [m.recomputed for m in norms]
         self.context.bn_mode = "running"
         for m in norms:
             m.recomputed = None
         try:
-            ours = self._run_points(args, kwargs, self.shares_rows)
+            problem, ours = self._checked_outputs(args, kwargs)
         finally:
             self.context.bn_mode = saved[0]
             for m, stats in zip(norms, saved[1]):
                 m.recomputed = stats
-        for k in sorted({0, self.num_points - 1}):
-            problem = first_disagreement(ours, self.reference.at(self.coords[k], args, kwargs), k)
-            if problem is not None:
-                return f"at point #{k}, coordinates {self.coords[k].tolist()}: {problem}", None
+        if problem is not None:
+            return problem, None
         own_policy = saved[0] == "running" and all(stats is None for stats in saved[1])
         return None, ours if own_policy else None
+
+    def _checked_outputs(self, args: tuple, kwargs: dict) -> tuple[str | None, Any]:
+        """(disagreement or None, outputs): the points run — on shared rows unless that is
+        known not to agree, and on repeated inputs if shared rows disagree with the model
+        or raise — compared at the first and last point with the model itself, whose
+        outputs are computed once (one reused state, `PerPointModel.reusing_state`)."""
+        expected: dict[int, Any] = {}
+
+        def disagreement(ours: Any) -> str | None:
+            for k in sorted({0, self.num_points - 1}):
+                if k not in expected:
+                    expected[k] = self.reference.at(self.coords[k], args, kwargs)
+                problem = first_disagreement(ours, expected[k], k)
+                if problem is not None:
+                    return f"at point #{k}, coordinates {self.coords[k].tolist()}: {problem}"
+            return None
+
+        with self.reference.reusing_state():
+            if self.batch_dim == 0 and self.shares_rows is not False:
+                try:  # (a model writing into its inputs runs repeated inside: _run)
+                    ours = self._run_points(args, kwargs, share_rows=True)
+                except Exception:  # noqa: BLE001 — any failure on shared rows: try repeated inputs
+                    ours = None
+                problem = None if ours is None else disagreement(ours)
+                if ours is not None and (problem is None or self.shares_rows is False):  # (False: ran repeated)
+                    if problem is None and self.shares_rows is None and self.num_points > 1:
+                        self.shares_rows = True  # (one point cannot tell: the same rows either way)
+                    return problem, ours
+                del ours
+            ours = self._run_points(args, kwargs, share_rows=False)
+            problem = disagreement(ours)
+            if problem is None and self.batch_dim == 0 and self.shares_rows is not False:
+                self.shares_rows = False  # shared rows disagree or fail: repeat the inputs from now on
+            return problem, ours
 
     def _run_points(self, args: tuple, kwargs: dict, share_rows: bool) -> Any:
         """Outputs (K, …) for every point: the copied model run on all points at once, or
@@ -179,7 +237,9 @@ class MultiPointModel(nn.Module):
             if not _carries_batch(t, batch, dim):
                 return t
             # A copy either way: in-place operations of the model never reach the caller's tensor.
-            return SharedRows(t if copied else t.clone(), k) if share_rows else _repeat_points(t, k, dim)
+            if share_rows:
+                return SharedRows(t if copied else t.clone(), k)
+            return _repeat_points(t, k, dim) if k > 1 else t.clone()  # (one point: a view, else)
 
         try:
             out = self.model(*map_tensors(lift, args, "args"), **map_tensors(lift, kwargs, "kwargs"))
@@ -189,26 +249,6 @@ class MultiPointModel(nn.Module):
             self.shares_rows = False  # the model writes into its inputs: repeat them from now on
             return self._run(args, kwargs, share_rows=False)
         return map_tensors(materialize, out, "output")
-
-    def _sharing_agrees(self, args: tuple, kwargs: dict) -> bool:
-        """Whether computing on shared rows until the first moving layer gives the same
-        outputs as repeating the inputs for every point, checked once on two distinct
-        points. It does not for models whose Python depends on the batch size (a
-        captured x.shape[0] reshaping a later activation): those always repeat."""
-        saved_coords, saved_mode = self.coords, self.context.bn_mode
-        self.set_coords(torch.cat([saved_coords[:1], saved_coords[:1] + 1]))
-        if saved_mode == "collect":  # batch statistics without accumulating them
-            self.context.bn_mode = "batch"
-        try:
-            repeated = list(tensors_in(self._run(args, kwargs, share_rows=False)))
-            try:
-                shared = list(tensors_in(self._run(args, kwargs, share_rows=True)))
-            except Exception:  # noqa: BLE001 — any failure means: do not share
-                return False
-            return len(shared) == len(repeated) and all(close(a, b) for a, b in zip(shared, repeated))
-        finally:
-            self.set_coords(saved_coords)
-            self.context.bn_mode = saved_mode
 
 
 def interpolate(model: nn.Module, space: Span, coords: Any, *, batch_dim: int = 0) -> MultiPointModel:

@@ -8,6 +8,8 @@ torch.func.functional_call, so the user's model is never touched.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -33,6 +35,8 @@ class PerPointModel:
         self.space = space
         # functional_call takes one key per tied tensor.
         self.keys = list(dict.fromkeys(alias_groups(model).values()))
+        self._reusing = False  # see reusing_state
+        self._state: dict[str, Tensor] | None = None
 
     def train(self, mode: bool) -> None:
         self.module.train(mode)
@@ -42,18 +46,55 @@ class PerPointModel:
         """False when active dropout makes two runs differ."""
         return not any(m.training and m.p > 0 for m in self.module.modules() if isinstance(m, _DropoutNd))
 
+    @contextmanager
+    def reusing_state(self) -> Iterator[None]:
+        """Inside, every point's state is written into the memory of the previous one (one
+        full state held until the end, not one allocated per point: on a large model the
+        fresh allocation costs more than computing the state)."""
+        if self._reusing:
+            yield
+            return
+        self._reusing = True
+        try:
+            yield
+        finally:
+            self._reusing, self._state = False, None
+
     def at(self, coord: Tensor, args: tuple, kwargs: dict) -> Any:
         """The model's output at one point (coord: (J,))."""
-        state = self.space.state_at(coord.tolist())
+        if self._reusing:
+            state = self._state = self.space.state_at(coord.tolist(), out=self._state)
+        else:
+            state = self.space.state_at(coord.tolist())
         copy_of = lambda t, _path: t.clone()  # noqa: E731 — in-place ops of the model stay here
-        return functional_call(self.module, {k: state[k] for k in self.keys}, map_tensors(copy_of, args),
-                               map_tensors(copy_of, kwargs))
+        out = functional_call(self.module, {k: state[k] for k in self.keys}, map_tensors(copy_of, args),
+                              map_tensors(copy_of, kwargs))
+        if self._reusing:  # an output that is (a view of) a state tensor: the next point overwrites it
+            held = {_storage(t) for t in state.values() if t.numel()}
+            out = map_tensors(lambda t, _path: t.clone() if _may_alias(t, held) else t, out)
+        return out
 
     def __call__(self, coords: Tensor, args: tuple, kwargs: dict) -> Any:
-        outputs = [self.at(c, args, kwargs) for c in coords]
+        with self.reusing_state():
+            outputs = [self.at(c, args, kwargs) for c in coords]
         columns = list(zip(*(list(tensors_in(o)) for o in outputs)))
         position = iter(range(len(columns)))
         return map_tensors(lambda _t, _path: torch.stack(columns[next(position)]), outputs[0])
+
+
+def _storage(t: Tensor) -> int | None:
+    """The address of t's memory; None where it cannot be read (a functorch wrapper of
+    forward-mode derivatives has no storage: then anything may alias)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (NotImplementedError, RuntimeError):
+        return None
+
+
+def _may_alias(t: Tensor, storages: set) -> bool:
+    """Whether t may share memory with one of `storages` (from _storage)."""
+    mine = _storage(t)
+    return mine is None or None in storages or mine in storages
 
 
 def alias_groups(model: nn.Module) -> dict[str, str]:

@@ -170,6 +170,15 @@ def _check_against(
         )
 
 
+def _distinct_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b surely start at different memory (False where that cannot be read,
+    e.g. tensors of a torch.func transform)."""
+    try:
+        return a.data_ptr() != b.data_ptr()
+    except RuntimeError:
+        return False
+
+
 def _describe_source(obj: StateLike) -> str:
     if isinstance(obj, nn.Module):
         return f"module {type(obj).__name__}"
@@ -236,7 +245,9 @@ class Span:
         self._refresh()
 
     def _refresh(self) -> None:
+        """What is derived from the directions' values, after they are set or cast."""
         self._frozen = {k: not bool(d.any()) for k, d in self._directions.items()}
+        self._direction_norms = None  # describe()'s, recomputed on its next call
 
     # -- read-only views ----------------------------------------------------------
 
@@ -294,26 +305,35 @@ class Span:
             raise ValueError(f"coordinate {t.tolist()} is not finite.")
         return t.tolist()
 
-    def state_at(self, coord: Any) -> dict[str, Tensor]:
+    def state_at(self, coord: Any, out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The full state dict at one point.
 
         Args:
             coord: a float (J = 1), or a sequence / 1-D tensor / array of J floats.
+            out: optionally, a state dict returned by an earlier ``state_at`` of this span,
+                whose tensors are overwritten with this point's values instead of
+                allocating new ones (an entry that does not match is allocated anew).
         Returns:
             A new dict in the origin's key order: origin[k] + Σ_j c_j · d_j[k] for floating
-            entries (computed in the entry's dtype, directions added one at a time), a clone
+            entries (computed in the entry's dtype, directions added one at a time), a copy
             of origin[k] for the others. Same dtypes and devices as the origin.
         """
         c = self._coord_list(coord)
-        out = {}
+        result = {}
         for k, o in self._origin.items():
-            t = o.clone()
+            t = None if out is None else out.get(k)
+            if not (isinstance(t, Tensor) and t.shape == o.shape and t.dtype == o.dtype and t.device == o.device
+                    and t.stride() == o.stride() and _distinct_memory(t, o)):
+                t = torch.empty_like(o, memory_format=torch.preserve_format)
             d = self._directions.get(k)
-            if d is not None:
-                for j, cj in enumerate(c):
-                    t.add_(d[j], alpha=cj)
-            out[k] = t
-        return out
+            if d is None:
+                t.copy_(o)
+            else:  # origin + c_0·d_0 in one pass over memory, as o.clone().add_(d_0, alpha=c_0) computes it
+                torch.add(o, d[0], alpha=c[0], out=t)
+                for j in range(1, len(c)):
+                    t.add_(d[j], alpha=c[j])
+            result[k] = t
+        return result
 
     def coords_tensor(self, coords: Any) -> Tensor:
         """Normalise user coordinates to a float64 CPU tensor of shape (K, J), K ≥ 1.

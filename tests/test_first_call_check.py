@@ -1,0 +1,373 @@
+"""The first call of every (K, input shapes) is checked against the model itself at the
+first and last point; that check also decides whether rows are shared; the points-per-pass
+probe runs the model once, unchecked; each check builds one full state per checked point,
+in one reused buffer."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mlifast
+from mlifast.engine import chunking
+from mlifast.multipoint import MultiPointModel
+from mlifast.multipoint.reference import PerPointModel
+from mlifast.spaces import Span
+from oracle import oracle_outputs, rel_err
+
+
+def line_of(factory, seed=0):
+    torch.manual_seed(seed)
+    a, b = factory().double().eval(), factory().double().eval()
+    return a, mlifast.Line(a, b)
+
+
+def call(fast, *args):
+    """(output, the fallback warnings raised)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fast(*args)
+    return out, [w for w in caught if "one point at a time" in str(w.message)]
+
+
+def assert_oracle(out, model, space, coords, *args, tol=1e-9):
+    for k, e in enumerate(oracle_outputs(model, space, coords, *args)):
+        assert rel_err(out[k], e) < tol, k
+
+
+@pytest.fixture
+def state_builds(monkeypatch):
+    """Counts Span.state_at calls (each a full state of the model)."""
+    calls = []
+    original = Span.state_at
+    monkeypatch.setattr(Span, "state_at", lambda self, *a, **k: calls.append(a[0]) or original(self, *a, **k))
+    return calls
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+class CapturesBatch(nn.Module):
+    """Its Python depends on the batch size: on shared rows it mixes the points."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        n = x.shape[0]
+        h = self.fc1(x)
+        return self.fc2(torch.tanh(h.reshape(n, -1, 6)).mean(1))
+
+
+class PlainTensorsOnly(nn.Module):
+    """Raises on anything but a plain tensor input (shared rows are a subclass)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        if type(x) is not torch.Tensor:
+            raise TypeError("plain tensors only")
+        return self.fc(x)
+
+
+class Hooked(nn.Module):
+    """Disagrees whatever the rows: a forward hook on a replaced module."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.fc.register_forward_hook(lambda mod, i, o: o * 2 + 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(x)))
+
+
+class Doubles(nn.Module):
+    """Writes into its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x.mul_(2)
+        return self.fc(x)
+
+
+# ----------------------------------------------------------------------------- sharing rows
+
+
+def test_shared_rows_agreeing_are_kept_and_checked_once(state_builds):
+    a, line = line_of(mlp)
+    coords = torch.linspace(0, 1, 5)
+    fast = mlifast.interpolate(a, line, coords)
+    runs = []
+    run = fast._run
+    fast._run = lambda *args, **kw: runs.append(args[2] if len(args) > 2 else kw["share_rows"]) or run(*args, **kw)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    out, fallback = call(fast, x)
+    assert not fallback and fast.shares_rows is True
+    assert runs == [True]  # one pass, on shared rows: its outputs are the call's
+    assert len(state_builds) == 2  # the model itself at points 0 and 4
+    out, _ = call(fast, x)  # checked: no reference any more
+    assert runs == [True, True] and len(state_builds) == 2
+    assert_oracle(out, a, line, coords, x)
+
+
+def test_batch_size_dependent_model_repeats_its_inputs_without_falling_back(state_builds):
+    a, line = line_of(CapturesBatch)
+    coords = torch.linspace(0, 1, 4)
+    fast = mlifast.interpolate(a, line, coords)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    out, fallback = call(fast, x)
+    assert fallback == [] and not fast.per_point_fallback
+    assert fast.shares_rows is False
+    assert len(state_builds) == 2  # the reference outputs serve both runs
+    call(fast, torch.randn(2, 4, dtype=torch.float64))  # a new shape: repeated straight away
+    assert fast.shares_rows is False and len(state_builds) == 4
+    assert_oracle(out, a, line, coords, x)
+
+
+def test_model_raising_on_shared_rows_repeats_its_inputs():
+    a, line = line_of(PlainTensorsOnly)
+    coords = torch.linspace(0, 1, 3)
+    fast = mlifast.interpolate(a, line, coords)
+    x = torch.randn(4, 4, dtype=torch.float64)
+    out, fallback = call(fast, x)
+    assert fallback == [] and fast.shares_rows is False and not fast.per_point_fallback
+    assert_oracle(out, a, line, coords, x)
+
+
+def test_one_point_decides_nothing_about_sharing():
+    a, line = line_of(CapturesBatch)
+    one = torch.tensor([0.5])
+    fast = mlifast.interpolate(a, line, one)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    out, fallback = call(fast, x)  # one point: the same rows shared or repeated
+    assert fallback == [] and fast.shares_rows is None
+    assert_oracle(out, a, line, one, x)
+    coords = torch.linspace(0, 1, 3)
+    fast.set_coords(line.coords_tensor(coords))
+    out, fallback = call(fast, x)  # three: shared rows mix them; found and repeated
+    assert fallback == [] and fast.shares_rows is False
+    assert_oracle(out, a, line, coords, x)
+
+
+def test_model_that_truly_disagrees_still_falls_back(state_builds):
+    a, line = line_of(Hooked)
+    coords = torch.linspace(0, 1, 3)
+    fast = mlifast.interpolate(a, line, coords)
+    x = torch.randn(4, 4, dtype=torch.float64)
+    out, fallback = call(fast, x)
+    assert len(fallback) == 1 and fast.per_point_fallback
+    assert "at point #0" in str(fallback[0].message)
+    # the check's at point 0 (where both its runs, shared and repeated, disagree), then the 3 points
+    assert len(state_builds) == 1 + 3
+    assert_oracle(out, a, line, coords, x)
+
+
+def test_batch_dim_other_than_zero_never_shares():
+    a, line = line_of(mlp)
+    coords = torch.linspace(0, 1, 3)
+    fast = mlifast.interpolate(a, line, coords, batch_dim=1)
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    out, fallback = call(fast, x)
+    assert fallback == [] and fast.shares_rows is False
+    assert_oracle(out, a, line, coords, x)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def mean_loss(model, line, coords, data):
+    """The mean cross entropy over data of the model itself at each point."""
+    return torch.tensor([sum(F.cross_entropy(oracle_outputs(model, line, torch.tensor([c], dtype=torch.float64), x)[0], y,
+                                             reduction="sum").item() for x, y in data)
+                         / sum(len(y) for _, y in data) for c in coords], dtype=torch.float64)
+
+
+def data_for(model_in=4, classes=3, batches=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(6, model_in, generator=g, dtype=torch.float64), torch.randint(0, classes, (6,), generator=g))
+            for _ in range(batches)]
+
+
+def test_evaluate_builds_two_reference_states_per_call(state_builds):
+    a, line = line_of(mlp)
+    data = data_for()
+    for _ in range(2):  # every evaluate call is a new multi-point model: checked again
+        before = len(state_builds)
+        res = mlifast.evaluate(a, line, data, coords=5, progress=False)
+        assert len(state_builds) - before == 2
+        state_builds.clear()
+        torch.testing.assert_close(res["loss"], mean_loss(a, line, res.alphas.tolist(), data), rtol=1e-9, atol=0)
+
+
+def test_evaluate_with_one_point_builds_one_reference_state(state_builds):
+    a, line = line_of(mlp)
+    mlifast.evaluate(a, line, data_for(), coords=[0.25], progress=False)
+    assert len(state_builds) == 1
+
+
+def test_probe_runs_once_unchecked(state_builds):
+    a, line = line_of(mlp)
+    fast = MultiPointModel(a, line, line.coords_tensor(5))
+    runs = []
+    run = fast._run
+    fast._run = lambda *args, **kw: runs.append(fast.context.num_active) or run(*args, **kw)
+    data = data_for()
+    per_point = chunking.activation_bytes_per_point(fast, data[0], lambda m, b: (m(b[0]), b[1]), torch.device("cpu"))
+    assert per_point > 0
+    assert runs == [1]  # one pass of one point
+    assert state_builds == [] and fast._checked == set() and fast.shares_rows is None
+    assert fast.num_points == 5  # the coordinates are restored
+    out, fallback = call(fast, data[0][0])  # the first real call is still checked
+    assert fallback == [] and len(state_builds) == 2 and len(fast._checked) == 1
+    assert runs == [1, 5]
+    assert_oracle(out, a, line, fast.coords[:, 0], data[0][0])
+
+
+def test_probe_counts_the_bytes_of_every_module_output():
+    a, line = line_of(mlp)
+    fast = MultiPointModel(a, line, line.coords_tensor(3))
+    x = torch.randn(6, 4, dtype=torch.float64)
+    per_point = chunking.activation_bytes_per_point(fast, (x, None), lambda m, b: (m(b[0]), None),
+                                                    torch.device("cpu"))
+    # Linear (6×6), Tanh (6×6), Linear (6×3), the Sequential's output (6×3), in float64
+    assert per_point == 8 * 6 * (6 + 6 + 3 + 3)
+
+
+def test_evaluate_leaves_the_data_alone_when_the_model_writes_into_it():
+    a, line = line_of(Doubles)
+    data = data_for()
+    before = [(x.clone(), y.clone()) for x, y in data]
+    for coords in ([0.5], 4):
+        res = mlifast.evaluate(a, line, data, coords=coords, metrics=(), progress=False)
+        for (x, y), (x0, y0) in zip(data, before):
+            assert torch.equal(x, x0) and torch.equal(y, y0)
+        torch.testing.assert_close(res["loss"], mean_loss(a, line, res.alphas.tolist(), data), rtol=1e-9, atol=0)
+
+
+def test_one_point_model_writing_into_its_input_leaves_the_callers_tensor_alone():
+    a, line = line_of(Doubles)
+    one = torch.tensor([0.3])
+    fast = mlifast.interpolate(a, line, one)
+    fast.shares_rows = False  # repeated inputs: a single point's would be a view of the caller's
+    x = torch.randn(3, 4, dtype=torch.float64)
+    before = x.clone()
+    for _ in range(2):  # checked, then not
+        out = fast(x)
+        assert torch.equal(x, before)
+        assert_oracle(out, a, line, one, before.clone())
+
+
+# ----------------------------------------------------------------------------- reference states
+
+
+def test_reference_reuses_one_state_and_keeps_outputs_that_alias_it():
+    class ReturnsItsWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3))
+
+        def forward(self, x):
+            return self.w.expand(x.shape[0], 3)  # a view of the state
+
+    torch.manual_seed(0)
+    a, b = ReturnsItsWeight().double(), ReturnsItsWeight().double()
+    line = mlifast.Line(a, b)
+    coords = line.coords_tensor([0.0, 0.5, 1.0])
+    x = torch.randn(2, 4, dtype=torch.float64)
+    out = PerPointModel(a, line)(coords, (x,), {})
+    for k, c in enumerate(coords[:, 0].tolist()):
+        expected = line.state_at(c)["w"].expand(2, 3)
+        assert torch.equal(out[k], expected), k
+
+
+def test_reference_outside_reuse_builds_a_fresh_state_each_time(state_builds):
+    a, line = line_of(mlp)
+    ref = PerPointModel(a, line)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    ref.at(torch.tensor([0.5], dtype=torch.float64), (x,), {})
+    assert ref._state is None  # nothing held between calls
+    with ref.reusing_state():
+        ref.at(torch.tensor([0.0], dtype=torch.float64), (x,), {})
+        held = ref._state
+        ref.at(torch.tensor([1.0], dtype=torch.float64), (x,), {})
+        assert all(ref._state[k] is held[k] for k in held)  # the same memory, rewritten
+    assert ref._state is None and len(state_builds) == 3
+
+
+def test_state_at_into_an_earlier_state_equals_a_fresh_one():
+    torch.manual_seed(0)
+    origin = {"w": torch.randn(4, 5), "cl": torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last),
+              "n": torch.tensor(7), "h": torch.randn(6).half()}
+    span = Span(origin, [{k: torch.randn_like(v) for k, v in origin.items() if v.is_floating_point()}
+                         for _ in range(2)])
+    for coord in ([0.0, 0.0], [0.3, -1.25], [1.0, 2.0]):
+        fresh = span.state_at(coord)
+        for k, o in origin.items():  # θ(c) as state_at documents it: directions added one at a time
+            expected = o.clone()
+            if o.is_floating_point():
+                for j, c in enumerate(coord):
+                    expected.add_(span.direction(k)[j], alpha=c)
+            assert torch.equal(fresh[k], expected) and fresh[k].stride() == o.stride(), k
+        buffer = span.state_at([5.0, 5.0])
+        reused = span.state_at(coord, out=buffer)
+        assert all(reused[k] is buffer[k] for k in buffer)
+        assert all(torch.equal(reused[k], fresh[k]) for k in fresh)
+    mismatched = {"w": torch.zeros(5, 4), "h": torch.zeros(6)}  # wrong shape, wrong dtype: allocated anew
+    state = span.state_at([0.3, -1.25], out=mismatched)
+    assert state["w"] is not mismatched["w"] and state["h"] is not mismatched["h"]
+    assert torch.equal(state["w"], span.state_at([0.3, -1.25])["w"]) and state["h"].dtype == torch.float16
+    assert mismatched["w"].abs().sum() == 0
+    before = {k: v.clone() for k, v in span.origin.items()}
+    state = span.state_at([0.3, -1.25], out=span.origin)  # never written into the span's own tensors
+    assert all(torch.equal(span.origin[k], before[k]) for k in before)
+    assert all(torch.equal(state[k], fresh_k) for k, fresh_k in span.state_at([0.3, -1.25]).items())
+
+
+# ----------------------------------------------------------------------------- describe
+
+
+def test_describe_computes_the_norms_once_per_span(monkeypatch):
+    a, line = line_of(mlp)
+    norms = []
+    original = torch.linalg.vector_norm
+    monkeypatch.setattr(torch.linalg, "vector_norm", lambda *args, **kw: norms.append(1) or original(*args, **kw))
+    first = line.describe()
+    counted = len(norms)
+    assert counted > 0
+    assert line.describe() == first and len(norms) == counted
+    mlifast.evaluate(a, line, data_for(), coords=3, progress=False)
+    assert len(norms) == counted  # evaluate's metadata reuses them
+    as32 = line.to(dtype=torch.float32)  # other values: computed anew
+    assert as32.describe()["direction_norms"] == pytest.approx(first["direction_norms"], rel=1e-6)
+    assert len(norms) > counted
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+def test_groups_are_at_least_the_weights_over_one_points_activations(monkeypatch):
+    torch.manual_seed(0)
+    a, b = nn.Linear(64, 64).double(), nn.Linear(64, 64).double()
+    line = mlifast.Line(a, b)
+    fast = MultiPointModel(a, line, line.coords_tensor(1))
+    data = [(torch.randn(2, 64, dtype=torch.float64), None)]
+    forward = lambda m, batch: (m(batch[0]), None)  # noqa: E731
+    per_point = chunking.activation_bytes_per_point(fast, data[0], forward, torch.device("cpu"))
+    assert per_point == 2 * 64 * 8  # the layer's output only
+    weights = chunking.weight_bytes(line)
+    assert weights == (64 * 64 + 64) * 8 * 2  # origin and one direction
+    monkeypatch.setattr(chunking, "CPU_GROUP_BYTES", 1)
+    _, group = chunking.plan(fast, data, forward, torch.device("cpu"))
+    assert group == -(-weights // per_point)  # each group reads the weights again: no fewer points
+    monkeypatch.setattr(chunking, "CPU_GROUP_BYTES", 10 * weights)
+    _, group = chunking.plan(fast, data, forward, torch.device("cpu"))
+    assert group == 10 * weights // per_point
