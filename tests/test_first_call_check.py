@@ -371,3 +371,56 @@ def test_groups_are_at_least_the_weights_over_one_points_activations(monkeypatch
     monkeypatch.setattr(chunking, "CPU_GROUP_BYTES", 10 * weights)
     _, group = chunking.plan(fast, data, forward, torch.device("cpu"))
     assert group == 10 * weights // per_point
+
+
+class BatchNormCapturesBatch(nn.Module):
+    """Batch norm after Python that depends on the batch size (on shared rows the points
+    trade rows, and with them their batch statistics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        n = x.shape[0]  # on shared rows B, not K·B: the flip then reverses the order of the points
+        h = self.fc1(x).reshape(-1, n, 6).flip(0).reshape(-1, 6)
+        return self.fc2(self.bn(torch.tanh(h)))
+
+
+def loop_with_batch_norm(model, line, coords, data, bn):
+    """Per point: the model at that point, update_bn for "recompute", train-mode batch
+    norm for "batch"; the mean cross entropy over data."""
+    from oracle import load_point
+
+    losses = []
+    for c in coords:
+        m = load_point(model, line, c)
+        if bn == "recompute":
+            torch.optim.swa_utils.update_bn(data, m)
+        m.train(bn == "batch")
+        with torch.no_grad():
+            losses.append(sum(F.cross_entropy(m(x), y, reduction="sum").item() for x, y in data)
+                          / sum(len(y) for _, y in data))
+    return torch.tensor(losses, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("bn", ["recompute", "batch"])
+@pytest.mark.parametrize("factory", [
+    lambda: nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)), BatchNormCapturesBatch])
+def test_batch_statistics_policies_are_checked_by_the_pass_itself(monkeypatch, factory, bn):
+    """Under per-point batch statistics the model's batch norms run in train mode for the
+    check, so the checked pass is the call's own: one pass over each batch for "batch",
+    one for gathering and one for evaluating for "recompute" (plus the probe); when shared
+    rows disagree and the points run again, what the abandoned run gathered is undone."""
+    runs = []
+    original = MultiPointModel._run_points
+    monkeypatch.setattr(MultiPointModel, "_run_points",
+                        lambda self, *a, **k: runs.append(a[2] if len(a) > 2 else k["share_rows"]) or original(self, *a, **k))
+    torch.manual_seed(0)
+    a, b = factory().double().eval(), factory().double().eval()
+    line, data = mlifast.Line(a, b), data_for(batches=1)
+    res = mlifast.evaluate(a, line, data, coords=4, bn=bn, progress=False)
+    torch.testing.assert_close(res["loss"], loop_with_batch_norm(a, line, res.alphas.tolist(), data, bn),
+                               rtol=1e-9, atol=0)
+    passes = 1 + (2 if bn == "recompute" else 1)  # the probe, then each pass over the batch
+    assert len(runs) == passes + (factory is BatchNormCapturesBatch)  # (again on repeated inputs)

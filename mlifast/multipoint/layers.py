@@ -243,6 +243,14 @@ class BatchNormRule(_AffineNormRule):
         self._sums = (zeros(), zeros(), torch.zeros(k, dtype=torch.float64, device=device))
         self.recomputed = None
 
+    def gathered(self) -> tuple | None:
+        """A copy of the sums "collect" gathered so far (None when not collecting)."""
+        return None if self._sums is None else tuple(t.clone() for t in self._sums)
+
+    def set_gathered(self, sums: tuple | None) -> None:
+        """Put back sums from `gathered` (undoing a run that is run again)."""
+        self._sums = sums
+
     def finish_collecting(self) -> None:
         mean_sum, var_sum, batches = self._sums
         dtype = self.origins["running_mean"].dtype if "running_mean" in self.origins else mean_sum.dtype

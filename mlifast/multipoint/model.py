@@ -5,7 +5,7 @@ import copy
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -140,10 +140,14 @@ class MultiPointModel(nn.Module):
         return map_tensors(lambda t, path: _split_points(t, k, batch, dim, path), out, "output")
 
     def _disagreement_with_model(self, args: tuple, kwargs: dict) -> tuple[str | None, Any]:
-        """Compare the first and last point against the model itself, with the batch-norm
-        statistics the model holds (running ones, interpolated) whatever the policy.
-        Returns the disagreement (None if none) and, when they were computed under the
-        call's own policy, the outputs (else None).
+        """Compare the first and last point against the model itself. Returns the
+        disagreement (None if none) and, when they were computed under the call's own
+        batch-norm policy, the outputs (else None).
+
+        Under per-point batch statistics ("batch", and "collect", which also gathers them)
+        the model's batch norms run in train mode, so the check is this call itself.
+        Under running statistics the model holds the interpolated ones: recomputed
+        statistics are set aside for the check, whose outputs are then not this call's.
 
         This is also where sharing rows is decided: unless it is known not to agree, the
         points run on shared rows; if that disagrees with the model (a model whose Python
@@ -151,22 +155,21 @@ class MultiPointModel(nn.Module):
         raises, they run again on repeated inputs against the same reference outputs, and
         if those agree the model repeats its inputs from then on."""
         norms = [m for m in self.rules() if hasattr(m, "recomputed")]
-        saved = self.context.bn_mode, [m.recomputed for m in norms]
-        self.context.bn_mode = "running"
+        batch_statistics = self.context.bn_mode in ("batch", "collect")
+        if batch_statistics or all(m.recomputed is None for m in norms):
+            with self.reference.batch_statistics(batch_statistics):
+                return self._checked_outputs(args, kwargs, norms)
+        saved = [m.recomputed for m in norms]
         for m in norms:
             m.recomputed = None
         try:
-            problem, ours = self._checked_outputs(args, kwargs)
+            problem, _ = self._checked_outputs(args, kwargs, norms)
         finally:
-            self.context.bn_mode = saved[0]
-            for m, stats in zip(norms, saved[1]):
+            for m, stats in zip(norms, saved):
                 m.recomputed = stats
-        if problem is not None:
-            return problem, None
-        own_policy = saved[0] == "running" and all(stats is None for stats in saved[1])
-        return None, ours if own_policy else None
+        return problem, None
 
-    def _checked_outputs(self, args: tuple, kwargs: dict) -> tuple[str | None, Any]:
+    def _checked_outputs(self, args: tuple, kwargs: dict, norms: list) -> tuple[str | None, Any]:
         """(disagreement or None, outputs): the points run — on shared rows unless that is
         known not to agree, and on repeated inputs if shared rows disagree with the model
         or raise — compared at the first and last point with the model itself, whose
@@ -182,6 +185,7 @@ class MultiPointModel(nn.Module):
                     return f"at point #{k}, coordinates {self.coords[k].tolist()}: {problem}"
             return None
 
+        undo = self._statistics_undo()
         with self.reference.reusing_state():
             if self.batch_dim == 0 and self.shares_rows is not False:
                 try:  # (a model writing into its inputs runs repeated inside: _run)
@@ -194,6 +198,7 @@ class MultiPointModel(nn.Module):
                         self.shares_rows = True  # (one point cannot tell: the same rows either way)
                     return problem, ours
                 del ours
+                undo()
             ours = self._run_points(args, kwargs, share_rows=False)
             problem = disagreement(ours)
             if problem is None and self.batch_dim == 0 and self.shares_rows is not False:
@@ -227,6 +232,14 @@ class MultiPointModel(nn.Module):
         copy_batch = lambda t, _path: t.clone() if _carries_batch(t, batch, dim) else t  # noqa: E731
         return map_tensors(copy_batch, args, "args"), map_tensors(copy_batch, kwargs, "kwargs")
 
+    def _statistics_undo(self) -> Callable[[], None]:
+        """Undoes what the batch norms gather for "recompute" from now on: for a run that is
+        abandoned and run again (it would otherwise count twice)."""
+        if self.context.bn_mode != "collect":
+            return lambda: None
+        kept = [(m, m.gathered()) for m in self.rules() if hasattr(m, "gathered")]
+        return lambda: [m.set_gathered(sums) for m, sums in kept]
+
     def _run(self, args: tuple, kwargs: dict, share_rows: bool, copied: bool = False):
         """The copied model for the active points on the inputs repeated for each of them
         (or, with share_rows, on SharedRows of B rows); outputs (…, K_active·B, …).
@@ -241,11 +254,13 @@ class MultiPointModel(nn.Module):
                 return SharedRows(t if copied else t.clone(), k)
             return _repeat_points(t, k, dim) if k > 1 else t.clone()  # (one point: a view, else)
 
+        undo = self._statistics_undo() if share_rows else None
         try:
             out = self.model(*map_tensors(lift, args, "args"), **map_tensors(lift, kwargs, "kwargs"))
         except SharedRowsWritten:
             if not share_rows:
                 raise
+            undo()
             self.shares_rows = False  # the model writes into its inputs: repeat them from now on
             return self._run(args, kwargs, share_rows=False)
         return map_tensors(materialize, out, "output")

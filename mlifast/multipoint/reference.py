@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
 from mlifast.multipoint.trees import map_tensors, tensors_in
@@ -45,6 +46,20 @@ class PerPointModel:
     def deterministic(self) -> bool:
         """False when active dropout makes two runs differ."""
         return not any(m.training and m.p > 0 for m in self.module.modules() if isinstance(m, _DropoutNd))
+
+    @contextmanager
+    def batch_statistics(self, on: bool = True) -> Iterator[None]:
+        """Inside (if `on`), the model's batch norms normalise with each batch's own
+        statistics (train mode, as for the "batch" and "recompute" policies); dropout and
+        everything else keep their mode. Running statistics they update are the state's."""
+        norms = [m for m in self.module.modules() if isinstance(m, _BatchNorm) and not m.training] if on else []
+        for m in norms:
+            m.train()
+        try:
+            yield
+        finally:
+            for m in norms:
+                m.eval()
 
     @contextmanager
     def reusing_state(self) -> Iterator[None]:
