@@ -87,3 +87,18 @@ def test_evaluate_language_model_with_custom_forward():
         m = oracle_outputs(a, line, torch.tensor([alpha]), input_ids=ids)[0].logits[:, :-1]
         per_example = token_loss(m, ids[:, 1:]).mean(1)
         assert abs(res["loss"][k].item() - per_example.mean().item()) < 1e-9
+
+
+@pytest.mark.parametrize("factory, vocab", [(gpt2, 50), (bert, 40)], ids=["gpt2", "bert"])
+def test_position_ids_as_long_as_all_rows_stay_fused(factory, vocab):
+    """Position ids of shape (1, T) — broadcast along the batch — are the same for every
+    example even when T is a multiple of K·B (here 1 sequence of 8 tokens at 4 and 8 points)."""
+    a, b = perturbed_pair(factory)
+    ids = torch.randint(1, vocab, (1, 8), generator=torch.Generator().manual_seed(1))
+    line = mlifast.Line(a, b)
+    for coords in (torch.linspace(0, 1, 4), torch.linspace(-0.5, 1.5, 8)):
+        fast = mlifast.interpolate(a, line, coords)
+        out = fast(input_ids=ids)
+        assert not fast.per_point_fallback
+        for k, e in enumerate(oracle_outputs(a, line, coords, input_ids=ids)):
+            assert rel_err(out.logits[k], e.logits) < 1e-9, k

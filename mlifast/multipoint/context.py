@@ -82,10 +82,13 @@ class PointContext:
         `batch_dim` when its size fits; otherwise the one leading dimension (all but the
         last `feature_dims`) whose size is a multiple of K_active·B — a model that
         transposes internally, e.g. an embedding fed tokens.t(). None when no dimension
-        fits: `t` is the same for every example (e.g. position ids of shape (1, T)).
+        fits, or when `t` has size 1 at `batch_dim` (broadcast along the batch): `t` is
+        the same for every example (e.g. position ids of shape (1, T), whatever T).
         Ambiguity is an error.
         """
         rows = self.num_active * self.batch_size
+        if rows > 1 and self.batch_dim < t.dim() - feature_dims and t.shape[self.batch_dim] == 1:
+            return None
         dims = range(t.dim() - feature_dims)
         fits = [d for d in dims if t.shape[d] > 0 and t.shape[d] % rows == 0]
         if self.batch_dim in fits:
