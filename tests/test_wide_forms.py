@@ -16,7 +16,23 @@ from models import ResNet20, vgg_like
 def form(request, monkeypatch):
     if request.param == "wide":
         monkeypatch.setattr(layers, "one_point_per_call", lambda x: False)
+    else:  # every convolution here is small: take the per-point form whatever the size
+        monkeypatch.setattr(layers.ConvRule, "PER_POINT_MIN_POSITIONS", 0)
     return request.param
+
+
+def conv2d_calls(fast, x):
+    """(images, channels-last?) of each F.conv2d call of one call of `fast` after its first."""
+    calls, conv2d = [], torch.nn.functional.conv2d
+
+    def recording(x, w, *args):
+        calls.append((x.shape[0], x.is_contiguous(memory_format=torch.channels_last)))
+        return conv2d(x, w, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "conv2d", recording)
+        fast(x)
+    return calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -54,20 +70,24 @@ def test_which_calls_each_form_makes(form):
                                  torch.float32)
     fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), torch.randn(2, 3, 8, 8),
                                          dtype=torch.float32)
-    calls, conv2d = [], torch.nn.functional.conv2d
-
-    def recording(x, w, *args):
-        calls.append((x.shape[0], x.is_contiguous(memory_format=torch.channels_last)))
-        return conv2d(x, w, *args)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.nn.functional, "conv2d", recording)
-        fast(torch.randn(2, 3, 8, 8))  # the first call's checks are done: only the model's own calls
+    calls = conv2d_calls(fast, torch.randn(2, 3, 8, 8))  # the first call's checks are done: the model's own
     first_layer = [(2, False)] * 2  # J + 1 = 2 calls on the 2 rows shared by every point
     if form == "wide":  # and the second layer too: 2 calls over the rows of all 3 points
         assert calls == first_layer + [(6, False)] * 2
     else:  # the second layer: one call per point on its 2 rows, in channels-last layout
         assert calls == first_layer + [(2, True)] * 3
+
+
+@pytest.mark.parametrize("side, per_point", [(8, False), (32, True)])
+def test_convolutions_take_the_per_point_form_from_enough_positions(side, per_point):
+    """ConvRule.PER_POINT_MIN_POSITIONS: 2 images of 8×8 (128 positions a point) take the
+    stacked form, 2 of 32×32 (2,048) one call per point."""
+    a, b = test_interpolate.pair(lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 4, 1)),
+                                 torch.float32)
+    x = torch.randn(2, 3, side, side)
+    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float32)
+    second_layer = conv2d_calls(fast, x)[2:]
+    assert second_layer == ([(2, True)] * 3 if per_point else [(6, False)] * 2)
 
 
 def test_gauss_length_through_convolutions_and_batch_norm(form):

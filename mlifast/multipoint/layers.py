@@ -126,14 +126,22 @@ class AffineInParamsRule(MultiPointRule):
 
 
 class ConvRule(AffineInParamsRule):
-    """Conv1d/2d/3d: where `one_point_per_call`, each point's rows go through the layer with
-    that point's weight and bias, formed per call (the model's own FLOPs, not J + 1 times
-    them), and 2-d inputs in channels-last layout (oneDNN's fast layout on the CPU: 1.4–3×
-    faster than NCHW for 16–32 channels; later layers keep it). Rows shared by every point
-    (a first layer) take the J + 1 products, computed once for all points of a call."""
+    """Conv1d/2d/3d: where `one_point_per_call` and each point has at least
+    PER_POINT_MIN_POSITIONS input positions (images × spatial size), each point's rows go
+    through the layer with that point's weight and bias, formed per call (the model's own
+    FLOPs, not J + 1 times them), 2-d inputs in channels-last layout (oneDNN's fast layout
+    on the CPU: 1.4–3× faster than NCHW for 16–32 channels; later layers keep it). Smaller
+    calls, and rows shared by every point (a first layer: once for all points of a call),
+    take the J + 1 products."""
+
+    # benchmarks/conv_crossover.py (2 cores, 3×3, 16–64 channels, 4–16 points): from 4,096
+    # positions a point the per-point form is 3.2–4.1× faster, at 1,024 0.5–1.4×, at ≤ 256
+    # mostly slower (0.3–1.4×).
+    PER_POINT_MIN_POSITIONS = 2048
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if isinstance(x, SharedRows) or args or kwargs or not one_point_per_call(x):
+        if isinstance(x, SharedRows) or args or kwargs or not one_point_per_call(x) or (
+                x.numel() // (self.context.num_active * x.shape[1]) < self.PER_POINT_MIN_POSITIONS):
             return super().forward(x, *args, **kwargs)
         if x.dim() == 4 and x.dtype in _ONEDNN_DTYPES:
             x = x.contiguous(memory_format=torch.channels_last)
