@@ -180,6 +180,8 @@ class _AffineNormRule(MultiPointRule):
 
     def scale_and_shift(self, y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         """y: (K, B, …); weight, bias: (K, *param_shape) or None."""
+        if weight is not None and bias is not None:  # one pass
+            return torch.addcmul(self.broadcastable(bias, y), y, self.broadcastable(weight, y))
         if weight is not None:
             y = y * self.broadcastable(weight, y)
         if bias is not None:
