@@ -3,11 +3,11 @@
 
     python benchmarks/conv_crossover.py
 
-For K_g points (a group) of B images each, channels-last float32, one direction, a 3×3
+For K_g points (a group) of B images each, float32, one direction, a 3×3
 convolution: the per-point form (each point's weight W0 + c_k·D, one call per point, as
 `layers.ConvRule`) against the stacked form (the layer at W0 and at D over all rows, then
 the per-point combine, as `layers.AffineInParamsRule`). ConvRule switches forms at
-PER_POINT_MIN_POSITIONS output positions (images × height × width) per point.
+PER_POINT_MIN_POSITIONS input positions (images × height × width) per point.
 """
 import time
 
@@ -30,7 +30,7 @@ def main() -> None:
     for points in (4, 16):
         for images in (1, 4, 16):
             for channels, side in ((16, 8), (16, 32), (64, 8)):
-                x = torch.randn(points * images, channels, side, side).contiguous(memory_format=torch.channels_last)
+                x = torch.randn(points * images, channels, side, side)
                 w0, d = torch.randn(channels, channels, 3, 3), torch.randn(channels, channels, 3, 3)
                 c = torch.rand(points, 1)
 

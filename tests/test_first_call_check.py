@@ -424,3 +424,13 @@ def test_batch_statistics_policies_are_checked_by_the_pass_itself(monkeypatch, f
                                rtol=1e-9, atol=0)
     passes = 1 + (2 if bn == "recompute" else 1)  # the probe, then each pass over the batch
     assert len(runs) == passes + (factory is BatchNormCapturesBatch)  # (again on repeated inputs)
+
+
+def test_coordinates_written_in_place_are_read_afresh():
+    a, line = line_of(mlp)
+    fast = MultiPointModel(a, line, torch.tensor([[0.0], [1.0]]))
+    x = torch.randn(3, 4, dtype=torch.float64)
+    fast(x)
+    fast.context.coeffs.copy_(torch.tensor([[0.25], [0.75]], dtype=torch.float64))
+    fast.coords = fast.context.coeffs.clone()
+    assert_oracle(fast(x), a, line, torch.tensor([0.25, 0.75], dtype=torch.float64), x)

@@ -22,7 +22,8 @@ def form(request, monkeypatch):
 
 
 def conv2d_calls(fast, x):
-    """(images, channels-last?) of each F.conv2d call of one call of `fast` after its first."""
+    """(images, channels-last?) of each F.conv2d call of one call of `fast` after its first
+    (the model's layout is kept: contiguous in, contiguous through)."""
     calls, conv2d = [], torch.nn.functional.conv2d
 
     def recording(x, w, *args):
@@ -74,8 +75,8 @@ def test_which_calls_each_form_makes(form):
     first_layer = [(2, False)] * 2  # J + 1 = 2 calls on the 2 rows shared by every point
     if form == "wide":  # and the second layer too: 2 calls over the rows of all 3 points
         assert calls == first_layer + [(6, False)] * 2
-    else:  # the second layer: one call per point on its 2 rows, in channels-last layout
-        assert calls == first_layer + [(2, True)] * 3
+    else:  # the second layer: one call per point on its 2 rows
+        assert calls == first_layer + [(2, False)] * 3
 
 
 @pytest.mark.parametrize("side, per_point", [(8, False), (32, True)])
@@ -87,7 +88,7 @@ def test_convolutions_take_the_per_point_form_from_enough_positions(side, per_po
     x = torch.randn(2, 3, side, side)
     fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float32)
     second_layer = conv2d_calls(fast, x)[2:]
-    assert second_layer == ([(2, True)] * 3 if per_point else [(6, False)] * 2)
+    assert second_layer == ([(2, False)] * 3 if per_point else [(6, False)] * 2)
 
 
 def test_gauss_length_through_convolutions_and_batch_norm(form):
@@ -125,3 +126,25 @@ def test_gauss_length_through_convolutions_and_batch_norm(form):
     got = gauss_length(a, line, [(x, None)], alphas=alphas)
     assert expected > 0.01
     assert abs(got - expected) < 1e-9 * expected
+
+
+def test_the_models_own_view_after_a_convolution_works():
+    """The per-point form keeps the model's layout: a LeNet-style `x.view(-1, 16 * 5 * 5)`
+    after convolutions and pooling (2 × 16 images of 28×28: per-point form in both layers)."""
+
+    class LeNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = torch.nn.Conv2d(1, 6, 5, padding=2), torch.nn.Conv2d(6, 16, 5)
+            self.fc = torch.nn.Linear(400, 10)
+
+        def forward(self, x):
+            x = torch.nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
+            x = torch.nn.functional.max_pool2d(torch.relu(self.c2(x)), 2)
+            return self.fc(x.view(-1, 16 * 5 * 5))
+
+    a, b = test_interpolate.pair(LeNet, torch.float32)
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float32)
+    assert not fast.per_point_fallback
+    assert conv2d_calls(fast, x)[2:] == [(16, False)] * 3

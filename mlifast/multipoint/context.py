@@ -103,11 +103,13 @@ class PointContext:
 
     def active_coeffs(self) -> Tensor:
         """(K_active, J) coordinates of the points whose rows are in flight (kept while
-        `coeffs` and `active` stay the same objects: every rule of a call reads them)."""
-        kept = self._active_coeffs
-        if kept is None or kept[0] is not self.coeffs or kept[1] is not self.active:
-            kept = self._active_coeffs = (self.coeffs, self.active, self.coeffs.index_select(0, self.active))
-        return kept[2]
+        `coeffs` and `active` stay the same objects and `coeffs` unwritten: every rule of a
+        call reads them)."""
+        kept, version = self._active_coeffs, _version(self.coeffs)
+        if (kept is None or kept[0] is not self.coeffs or kept[1] is not self.active or version is None
+                or kept[2] != version):
+            kept = self._active_coeffs = (self.coeffs, self.active, version, self.coeffs.index_select(0, self.active))
+        return kept[3]
 
     @contextmanager
     def only_point(self, k: int) -> Iterator[None]:
@@ -118,6 +120,14 @@ class PointContext:
             yield
         finally:
             self.active = saved
+
+
+def _version(t: Tensor) -> int | None:
+    """t's version counter (bumped by every in-place write); None where it has none."""
+    try:
+        return t._version
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _identity(t: Tensor) -> tuple | None:

@@ -4,7 +4,8 @@
 - Layers affine in their parameters (convolutions, transposed convolutions, embeddings,
   Hugging Face Conv1D): by linearity f(x; θ0 + Σ c_j d_j) = f(x; θ0) + Σ c_j f(x; d_j),
   J + 1 calls of the layer itself on all rows, then a per-point combine. Convolutions on
-  the CPU instead run each point's rows with that point's weights (`one_point_per_call`).
+  the CPU with enough rows a point instead run each point's rows with that point's
+  weights (`one_point_per_call`, `ConvRule.PER_POINT_MIN_POSITIONS`).
 - Norms (LayerNorm, RMSNorm, GroupNorm): normalise without affine, then each point's
   (K, C) scale and shift.
 - Batch norm: each point's statistics — interpolated running statistics, its own batch
@@ -28,9 +29,10 @@ def one_point_per_call(x: Tensor) -> bool:
     point's own parameters, rather than once over the rows of all points in a wide form.
 
     On the CPU, yes: the points of a call are a cache-sized group (often one point), and
-    oneDNN's convolution and batch norm on one point's rows beat the wide forms, which
-    compute J + 1 convolutions (FLOPs ×(J + 1)) and four element-wise passes for batch
-    norm (W2 in BENCHMARKS.md). On a GPU one launch over all points keeps the device busy.
+    oneDNN's convolution (from enough rows a point) and batch norm with batch statistics
+    on one point's rows beat the wide forms, which compute J + 1 convolutions (FLOPs
+    ×(J + 1)) and a reduction over a strided view for batch norm (W2 in BENCHMARKS.md).
+    On a GPU one launch over all points keeps the device busy.
     """
     return x.device.type == "cpu"
 
@@ -129,30 +131,25 @@ class ConvRule(AffineInParamsRule):
     """Conv1d/2d/3d: where `one_point_per_call` and each point has at least
     PER_POINT_MIN_POSITIONS input positions (images × spatial size), each point's rows go
     through the layer with that point's weight and bias, formed per call (the model's own
-    FLOPs, not J + 1 times them), 2-d inputs in channels-last layout (oneDNN's fast layout
-    on the CPU: 1.4–3× faster than NCHW for 16–32 channels; later layers keep it). Smaller
-    calls, and rows shared by every point (a first layer: once for all points of a call),
-    take the J + 1 products."""
+    FLOPs, not J + 1 times them), in the layout the model gives them (channels-last
+    activations stay so; contiguous ones too, so that the model's own `.view` calls work).
+    Smaller calls, and rows shared by every point (a first layer: once for all points of a
+    call), take the J + 1 products."""
 
-    # benchmarks/conv_crossover.py (2 cores, 3×3, 16–64 channels, 4–16 points): from 4,096
-    # positions a point the per-point form is 3.2–4.1× faster, at 1,024 0.5–1.4×, at ≤ 256
-    # mostly slower (0.3–1.4×).
+    # benchmarks/conv_crossover.py (2 cores, float32 NCHW, 3×3, 16–64 channels, 4–16
+    # points): from 4,096 positions a point the per-point form is 1.9–3.5× faster, at 1,024
+    # 0.4–1.6×, at ≤ 256 mostly slower (0.2–2.4×).
     PER_POINT_MIN_POSITIONS = 2048
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if isinstance(x, SharedRows) or args or kwargs or not one_point_per_call(x) or (
                 x.numel() // (self.context.num_active * x.shape[1]) < self.PER_POINT_MIN_POSITIONS):
             return super().forward(x, *args, **kwargs)
-        if x.dim() == 4 and x.dtype in _ONEDNN_DTYPES:
-            x = x.contiguous(memory_format=torch.channels_last)
         weight, bias = self.per_point("weight"), self.per_point("bias")
         points = fold(x, self.context.num_active)
         outs = [self.inner._conv_forward(rows, weight[k], None if bias is None else bias[k])
                 for k, rows in enumerate(points)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class EmbeddingRule(AffineInParamsRule):

@@ -158,18 +158,18 @@ class MultiPointModel(nn.Module):
         batch_statistics = self.context.bn_mode in ("batch", "collect")
         if batch_statistics or all(m.recomputed is None for m in norms):
             with self.reference.batch_statistics(batch_statistics):
-                return self._checked_outputs(args, kwargs, norms)
+                return self._checked_outputs(args, kwargs)
         saved = [m.recomputed for m in norms]
         for m in norms:
             m.recomputed = None
         try:
-            problem, _ = self._checked_outputs(args, kwargs, norms)
+            problem, _ = self._checked_outputs(args, kwargs)
         finally:
             for m, stats in zip(norms, saved):
                 m.recomputed = stats
         return problem, None
 
-    def _checked_outputs(self, args: tuple, kwargs: dict, norms: list) -> tuple[str | None, Any]:
+    def _checked_outputs(self, args: tuple, kwargs: dict) -> tuple[str | None, Any]:
         """(disagreement or None, outputs): the points run — on shared rows unless that is
         known not to agree, and on repeated inputs if shared rows disagree with the model
         or raise — compared at the first and last point with the model itself, whose
