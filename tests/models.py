@@ -114,3 +114,16 @@ class SignalNet(nn.Module):
         s = self.up(torch.relu(self.bn1(self.conv1(signal)))).flatten(1)
         v = self.bn3(self.conv3(volume)).flatten(1)
         return self.fc(self.norm(torch.cat([s, v], 1)))
+
+
+class CapturesBatch(nn.Module):
+    """Its Python depends on the batch size: on shared rows it mixes the points."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        n = x.shape[0]
+        h = self.fc1(x)
+        return self.fc2(torch.tanh(h.reshape(n, -1, 6)).mean(1))

@@ -14,6 +14,7 @@ from mlifast.engine import chunking
 from mlifast.multipoint import MultiPointModel
 from mlifast.multipoint.reference import PerPointModel
 from mlifast.spaces import Span
+from models import CapturesBatch
 from oracle import oracle_outputs, rel_err
 
 
@@ -47,19 +48,6 @@ def state_builds(monkeypatch):
 
 def mlp():
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-
-
-class CapturesBatch(nn.Module):
-    """Its Python depends on the batch size: on shared rows it mixes the points."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
-
-    def forward(self, x):
-        n = x.shape[0]
-        h = self.fc1(x)
-        return self.fc2(torch.tanh(h.reshape(n, -1, 6)).mean(1))
 
 
 class PlainTensorsOnly(nn.Module):

@@ -7,8 +7,8 @@ from torch import nn
 
 import mlifast
 from mlifast.multipoint.rule import MultiPointRule
-from models import (LayerScaleBlock, LSTMLanguageModel, ReadsChildWeight, ResNet20, mlp, randomize_bn,
-                    vgg_like)
+from models import (CapturesBatch, LayerScaleBlock, LSTMLanguageModel, ReadsChildWeight, ResNet20, mlp,
+                    randomize_bn, vgg_like)
 from oracle import TOL, oracle_outputs, rel_err
 
 
@@ -216,16 +216,6 @@ def test_rows_before_the_first_moving_layer_are_computed_once():
 
 
 def test_model_that_captures_the_batch_size_does_not_share_rows():
-    class CapturesBatch(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
-
-        def forward(self, x):
-            n = x.shape[0]
-            h = self.fc1(x)
-            return self.fc2(torch.tanh(h.reshape(n, -1, 6)).mean(1))
-
     torch.manual_seed(0)
     a, b = CapturesBatch().double(), CapturesBatch().double()
     check = check_parity(a, mlifast.Line(a, b), torch.linspace(0, 1, 4), torch.randn(5, 4, dtype=torch.float64),
