@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from mlifast.engine.batches import Forward, default_forward, to_device
 from mlifast.engine.evaluate import recompute_statistics
 from mlifast.multipoint import MultiPointModel
-from mlifast.multipoint.layers import BatchNormRule
 from mlifast.ops import multipoint_linear_reference
 from mlifast.spaces import Span
 
@@ -79,7 +78,7 @@ def _prepare(model, line, alphas, bn, bn_data, forward, device, dtype, batch_dim
     fast = MultiPointModel(model, line, coords, batch_dim=batch_dim).eval()
     fast.context.linear = multipoint_linear_reference  # differentiable in forward mode
     fast.shares_rows = False
-    norms = [m for m in fast.rules() if isinstance(m, BatchNormRule)]
+    norms = fast.norms
     if bn == "recompute" and norms:
         device = next(iter(line.origin.values())).device
         with torch.no_grad():

@@ -13,7 +13,6 @@ from mlifast.engine.chunking import plan
 from mlifast.engine.metrics import Metric, per_example_loss, resolve_metrics
 from mlifast.engine.results import Results
 from mlifast.multipoint import MultiPointModel
-from mlifast.multipoint.layers import BatchNormRule
 from mlifast.spaces import Span
 
 BN_POLICIES = ("interpolate", "recompute", "batch")
@@ -78,7 +77,7 @@ def evaluate(
     per_example = {"loss": per_example_loss(loss), **resolve_metrics(metrics)}
     fast = MultiPointModel(model, space, all_coords[:1], batch_dim=batch_dim).eval()
     fast.context.bn_mode = "batch" if bn == "batch" else "running"
-    norms = [m for m in fast.rules() if isinstance(m, BatchNormRule)]
+    norms = fast.norms
     if bn == "recompute" and bn_data is None:
         bn_data = data
     chunk, fast.points_per_group = plan(fast, data, forward, device, dtype, max_points_per_pass)

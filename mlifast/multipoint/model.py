@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mlifast.multipoint.context import PointContext
-from mlifast.multipoint.layers import InPlaceActivation
+from mlifast.multipoint.layers import BatchNormRule, InPlaceActivation
 from mlifast.multipoint.reference import PerPointModel, alias_groups, first_disagreement
 from mlifast.multipoint.registry import check_supported, rule_for
 from mlifast.multipoint.shared import SharedRows, SharedRowsWritten, materialize
@@ -50,6 +50,7 @@ class MultiPointModel(nn.Module):
         like = next(t for t in space.origin.values() if t.is_floating_point())
         self.context = PointContext(torch.zeros(1, space.num_directions, dtype=like.dtype, device=like.device))
         self.model = _multipoint_copy(model, space, self.context)
+        self.norms = tuple(m for m in self.rules() if isinstance(m, BatchNormRule))  # (their statistics)
         # Whether inputs travel as SharedRows: decided by the first-call checks (None:
         # undecided, inputs repeated; see _checked_outputs).
         self.shares_rows: bool | None = None
@@ -127,8 +128,7 @@ class MultiPointModel(nn.Module):
     def _check_reference_follows_policy(self) -> None:
         """The one-point-at-a-time fallback runs the model as it is (batch norm from its
         running statistics); it cannot stand in for per-point batch or recomputed ones."""
-        norms = [m for m in self.rules() if hasattr(m, "recomputed")]
-        if norms and (self.context.bn_mode != "running" or any(m.recomputed is not None for m in norms)):
+        if self.norms and (self.context.bn_mode != "running" or any(m.recomputed is not None for m in self.norms)):
             raise NotImplementedError(
                 "mlifast: this model needs the one-point-at-a-time fallback (see the warning), which "
                 "supports only bn='interpolate'; evaluate it with bn='interpolate', or the points one "
@@ -154,18 +154,17 @@ class MultiPointModel(nn.Module):
         depends on the batch size: a captured x.shape[0] reshaping a later activation) or
         raises, they run again on repeated inputs against the same reference outputs, and
         if those agree the model repeats its inputs from then on."""
-        norms = [m for m in self.rules() if hasattr(m, "recomputed")]
         batch_statistics = self.context.bn_mode in ("batch", "collect")
-        if batch_statistics or all(m.recomputed is None for m in norms):
+        if batch_statistics or all(m.recomputed is None for m in self.norms):
             with self.reference.batch_statistics(batch_statistics):
                 return self._checked_outputs(args, kwargs)
-        saved = [m.recomputed for m in norms]
-        for m in norms:
+        saved = [m.recomputed for m in self.norms]
+        for m in self.norms:
             m.recomputed = None
         try:
             problem, _ = self._checked_outputs(args, kwargs)
         finally:
-            for m, stats in zip(norms, saved):
+            for m, stats in zip(self.norms, saved):
                 m.recomputed = stats
         return problem, None
 
@@ -237,7 +236,7 @@ class MultiPointModel(nn.Module):
         abandoned and run again (it would otherwise count twice)."""
         if self.context.bn_mode != "collect":
             return lambda: None
-        kept = [(m, m.gathered()) for m in self.rules() if hasattr(m, "gathered")]
+        kept = [(m, m.gathered()) for m in self.norms]
         return lambda: [m.set_gathered(sums) for m, sums in kept]
 
     def _run(self, args: tuple, kwargs: dict, share_rows: bool, copied: bool = False):
