@@ -20,6 +20,11 @@ subprocess, which reports the growth of its ru_maxrss over the set-up (tracemall
 not see torch's allocations). On CUDA: torch.cuda.max_memory_allocated over that run.
 --quick skips it (subprocess start-ups would not fit in the CI budget).
 
+Every implementation runs under the glibc malloc thresholds that mlifast.evaluate leaves
+(glibc's dynamic maxima), set once at the start: otherwise a baseline timed before
+mlifast's first call would run under this process's earlier, lower thresholds and fault
+fresh pages in for every activation (BENCHMARKS.md, "Page faults").
+
 Workloads (workloads.py): W1 MNIST MLP line, W2 ResNet-20 + BN (bn="recompute"), W3 a
 319M-parameter decoder-only transformer at K = 16 points of a line (1×8 tokens per point
 on the CPU, 4×64 with --device cuda), W4 the fused linear op swept over K×R, W5 a 21×21
@@ -28,6 +33,7 @@ plane on W1's model.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import math
@@ -493,6 +499,18 @@ def op_table(res: dict) -> str:
     return "\n".join(out)
 
 
+def fix_malloc_thresholds() -> None:
+    """glibc's mmap threshold at 32 MiB and trim threshold at 64 MiB, as mlifast.evaluate
+    leaves them (written out here: --mlifast-from may measure a commit before that)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 (glibc only)
+    except (OSError, AttributeError):
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes: the CI correctness smoke test (< 60 s)")
@@ -518,6 +536,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch has no CUDA device here")
+    fix_malloc_thresholds()
     if args._peak:
         peak_child(*args._peak, args.preset, args.device)
         return 0

@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from mlifast.engine.batches import Forward, default_forward, to_device
 from mlifast.engine.evaluate import recompute_statistics
 from mlifast.multipoint import MultiPointModel
-from mlifast.ops import multipoint_linear_reference
 from mlifast.spaces import Span
 
 
@@ -76,7 +75,7 @@ def _prepare(model, line, alphas, bn, bn_data, forward, device, dtype, batch_dim
     line = line.to(device=device, dtype=dtype)
     coords = line.coords_tensor(alphas)
     fast = MultiPointModel(model, line, coords, batch_dim=batch_dim).eval()
-    fast.context.linear = multipoint_linear_reference  # differentiable in forward mode
+    fast.context.forward_mode = True
     fast.shares_rows = False
     norms = fast.norms
     if bn == "recompute" and norms:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mlifast.engine.allocator import freed_memory_kept
 from mlifast.engine.batches import Forward, default_forward, to_device
 from mlifast.engine.chunking import plan
 from mlifast.engine.metrics import Metric, per_example_loss, resolve_metrics
@@ -75,34 +76,35 @@ def evaluate(
     all_coords = space.coords_tensor(coords)
     forward = forward or default_forward
     per_example = {"loss": per_example_loss(loss), **resolve_metrics(metrics)}
-    fast = MultiPointModel(model, space, all_coords[:1], batch_dim=batch_dim).eval()
-    fast.context.bn_mode = "batch" if bn == "batch" else "running"
-    norms = fast.norms
-    if bn == "recompute" and bn_data is None:
-        bn_data = data
-    chunk, fast.points_per_group = plan(fast, data, forward, device, dtype, max_points_per_pass)
+    with freed_memory_kept(device):  # every pass of the call reuses the same pages
+        fast = MultiPointModel(model, space, all_coords[:1], batch_dim=batch_dim).eval()
+        fast.context.bn_mode = "batch" if bn == "batch" else "running"
+        norms = fast.norms
+        if bn == "recompute" and bn_data is None:
+            bn_data = data
+        chunk, fast.points_per_group = plan(fast, data, forward, device, dtype, max_points_per_pass)
 
-    sums = {name: torch.zeros(all_coords.shape[0], dtype=torch.float64) for name in per_example}
-    examples = 0
-    total = _length(data) + (_length(bn_data) if bn == "recompute" and norms else 0)
-    n_chunks = -(-all_coords.shape[0] // chunk)
-    bar = tqdm(total=total * n_chunks if total else None, disable=not progress, desc="mlifast evaluate", unit="batch")
-    with torch.no_grad(), bar:
-        for start in range(0, all_coords.shape[0], chunk):
-            points = slice(start, start + chunk)
-            fast.set_coords(all_coords[points])
-            if bn == "recompute" and norms:
-                recompute_statistics(fast, norms, bn_data, forward, device, bar, dtype)
-            seen = 0
-            for batch in data:
-                output, target = forward(fast, to_device(batch, device, dtype))
-                k = fast.num_points
-                flat_output, flat_target = _flatten_points(output, target, k)
-                for name, fn in per_example.items():
-                    sums[name][points] += fn(flat_output, flat_target).reshape(k, -1).sum(1).cpu()
-                seen += flat_target.shape[0] // k
-                bar.update()
-            examples = seen
+        sums = {name: torch.zeros(all_coords.shape[0], dtype=torch.float64) for name in per_example}
+        examples = 0
+        total = _length(data) + (_length(bn_data) if bn == "recompute" and norms else 0)
+        n_chunks = -(-all_coords.shape[0] // chunk)
+        bar = tqdm(total=total * n_chunks if total else None, disable=not progress, desc="mlifast evaluate", unit="batch")
+        with torch.no_grad(), bar:
+            for start in range(0, all_coords.shape[0], chunk):
+                points = slice(start, start + chunk)
+                fast.set_coords(all_coords[points])
+                if bn == "recompute" and norms:
+                    recompute_statistics(fast, norms, bn_data, forward, device, bar, dtype)
+                seen = 0
+                for batch in data:
+                    output, target = forward(fast, to_device(batch, device, dtype))
+                    k = fast.num_points
+                    flat_output, flat_target = _flatten_points(output, target, k)
+                    for name, fn in per_example.items():
+                        sums[name][points] += fn(flat_output, flat_target).reshape(k, -1).sum(1).cpu()
+                    seen += flat_target.shape[0] // k
+                    bar.update()
+                examples = seen
     if examples == 0:
         raise ValueError("mlifast: the data set is empty; evaluate needs at least one batch with one example")
     values = {name: s / examples for name, s in sums.items()}

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from mlifast.ops import multipoint_linear
+from mlifast.ops import multipoint_linear, multipoint_linear_reference
 
 @dataclass
 class PointContext:
@@ -26,8 +26,8 @@ class PointContext:
     batch_dim: the dimension holding the (K·B) rows for row-wise layers (linear,
         embedding, layer/RMS norm, RNN inputs); channel layers (conv, batch/group norm)
         always have it in dim 0.
-    linear: the multi-point linear operation (the compiled one; its pure-PyTorch
-        reference where forward-mode derivatives are taken, see analysis.geometry).
+    forward_mode: True while the coefficients carry forward-mode tangents
+        (analysis.geometry): rules then keep to operations with forward-mode derivatives.
     grouped: True while one call of the model runs its points in several groups
         (MultiPointModel.points_per_group); rules may then keep what does not depend on
         the points, computed from rows shared by every point, for the next group (`reuse`).
@@ -41,7 +41,7 @@ class PointContext:
     bn_mode: str = "running"
     batch_size: int = 0  # B, examples per point in the current call
     batch_dim: int = 0  # where row-wise layers (linear, embedding, layer norm) find the batch
-    linear: Callable[..., Tensor] = multipoint_linear
+    forward_mode: bool = False
     grouped: bool = False
     _kept: dict = field(default_factory=dict, repr=False)
     _active_coeffs: tuple | None = field(default=None, repr=False)
@@ -71,6 +71,12 @@ class PointContext:
     def forget(self) -> None:
         """Drop what `reuse` kept (at the end of each call of the model)."""
         self._kept.clear()
+
+    @property
+    def linear(self) -> Callable[..., Tensor]:
+        """The multi-point linear operation: the compiled one, or in forward mode its
+        pure-PyTorch reference."""
+        return multipoint_linear_reference if self.forward_mode else multipoint_linear
 
     @property
     def num_active(self) -> int:

@@ -21,7 +21,7 @@ from torch.func import functional_call
 from mlifast.multipoint.context import fold, rows_for_every_example, unfold
 from mlifast.multipoint.rule import MultiPointRule
 from mlifast.multipoint.shared import SharedRows
-from mlifast.ops import multipoint_combine, multipoint_linear
+from mlifast.ops import multipoint_combine
 
 
 def one_point_per_call(x: Tensor) -> bool:
@@ -29,9 +29,10 @@ def one_point_per_call(x: Tensor) -> bool:
     point's own parameters, rather than once over the rows of all points in a wide form.
 
     On the CPU, yes: the points of a call are a cache-sized group (often one point), and
-    oneDNN's convolution (from enough rows a point) and batch norm with batch statistics
-    on one point's rows beat the wide forms, which compute J + 1 convolutions (FLOPs
-    ×(J + 1)) and a reduction over a strided view for batch norm (W2 in BENCHMARKS.md).
+    oneDNN's convolution (from enough rows a point) and ATen's batch norm on one point's
+    rows beat the wide forms, which compute J + 1 convolutions (FLOPs ×(J + 1)), and for
+    batch norm a reduction over a strided view and a broadcast multiply-add (2–3× slower
+    than ATen's kernel on NCHW rows; W2 in BENCHMARKS.md).
     On a GPU one launch over all points keeps the device busy.
     """
     return x.device.type == "cpu"
@@ -51,7 +52,7 @@ def linear_at_points(context, x: Tensor, w: Tensor, b: Tensor | None, w_dirs: Te
         y = y + (bias.unsqueeze(1) if bias.dim() == 2 else bias)
         return y.expand(k, *y.shape[-2:]) if y.dim() == 2 else y
     b_dirs = b_dirs if b is not None else None
-    if x.dim() == 2 and context.grouped and context.linear is multipoint_linear:
+    if x.dim() == 2 and context.grouped and not context.forward_mode:
         # Rows shared by every point, whose points run in groups: x·Wᵀ and x·Dᵀ once per
         # call of the model, then each group's combine (what the op does in one go).
         base, along = context.reuse(lambda: (F.linear(x, w), F.linear(x, w_dirs.flatten(0, 1))), x, w, w_dirs)
@@ -121,7 +122,7 @@ class AffineInParamsRule(MultiPointRule):
         out = base.unsqueeze(0).expand(k, *base.shape) if shared else fold(base, k, dim)
         for j, y_j in enumerate(products):
             y_j = y_j.unsqueeze(0) if shared else fold(y_j, k, dim)
-            out = out + c[:, j].to(y_j.dtype).reshape(k, *([1] * (y_j.dim() - 1))) * y_j
+            out = torch.addcmul(out, c[:, j].to(y_j.dtype).reshape(k, *([1] * (y_j.dim() - 1))), y_j)
         if rows_shared:
             return out.flatten(0, 1)
         return rows_for_every_example(out, self.context.batch_size) if shared else unfold(out, dim)
@@ -287,9 +288,10 @@ class BatchNormRule(_AffineNormRule):
         else:
             stats = None
         weight, bias = self.per_point("weight"), self.per_point("bias")
-        if use_batch and one_point_per_call(xk):
-            y = self._normalize_each_point(xk, stats, weight, bias)
-        else:  # (running statistics: also where they carry forward-mode tangents, analysis.geometry)
+        # (ATen's batch norm has no forward-mode derivative for running statistics)
+        if one_point_per_call(xk) and (use_batch or not self.context.forward_mode):
+            y = self._normalize_each_point(xk, stats, weight, bias, use_batch)
+        else:
             y = unfold(self._normalize_all_points(xk, stats, weight, bias, use_batch))
         if mode == "collect":
             mean_sum, var_sum, batches = self._sums
@@ -299,15 +301,16 @@ class BatchNormRule(_AffineNormRule):
             batches.index_add_(0, active, torch.ones_like(active, dtype=torch.float64))
         return y
 
-    def _normalize_each_point(self, xk: Tensor, stats, weight, bias) -> Tensor:
-        """(K·B, C, …) from ATen's batch norm on each point's (B, C, …) rows with batch
-        statistics. `stats`, if given, receive each point's batch mean and unbiased
-        variance (momentum 1 makes the running statistics exactly those)."""
+    def _normalize_each_point(self, xk: Tensor, stats, weight, bias, use_batch: bool) -> Tensor:
+        """(K·B, C, …) from ATen's batch norm on each point's (B, C, …) rows: with
+        `use_batch`, batch statistics, which `stats`, if given, receive (each point's batch
+        mean and unbiased variance: momentum 1 makes the running statistics exactly
+        those); else the running statistics `stats`."""
         outs = []
         for i, rows in enumerate(xk):
             mean, var = (None, None) if stats is None else (stats[0][i], stats[1][i])
             outs.append(F.batch_norm(rows, mean, var, None if weight is None else weight[i],
-                                     None if bias is None else bias[i], True, 1.0, self.inner.eps))
+                                     None if bias is None else bias[i], use_batch, 1.0, self.inner.eps))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _normalize_all_points(self, xk: Tensor, stats, weight, bias, use_batch: bool) -> Tensor:
