@@ -122,6 +122,21 @@ def test_nan_loss_is_recorded_for_that_point_only():
     torch.testing.assert_close(res["loss"][:2], losses, rtol=1e-9, atol=0)
 
 
+def test_non_finite_values_are_saved_as_strict_json_and_read_back(tmp_path):
+    values = torch.tensor([0.25, float("nan"), float("inf"), float("-inf")], dtype=torch.float64)
+    res = mlifast.Results(torch.linspace(0, 1, 4, dtype=torch.float64).unsqueeze(1), {"loss": values},
+                          {"note": float("inf")})
+    path = tmp_path / "res.json"
+    res.save(path)
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    raw = json.loads(path.read_text(), parse_constant=refuse)
+    assert raw["values"]["loss"] == [0.25, None, "inf", "-inf"] and raw["meta"]["note"] == "inf"
+    torch.testing.assert_close(mlifast.load(path)["loss"], values, rtol=0, atol=0, equal_nan=True)
+
+
 def test_empty_data_and_bad_policy_are_refused():
     torch.manual_seed(0)
     a, b = mlp(), mlp()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ class Results:
         return {
             "format": FORMAT_VERSION,
             "coords": self.coords.tolist(),
-            "values": {k: [None if v != v else v for v in t.tolist()] for k, t in self.values.items()},
+            "values": {k: t.tolist() for k, t in self.values.items()},
             "meta": self.meta,
         }
 
@@ -68,21 +69,43 @@ def load(path: str | os.PathLike) -> Results:
         data = json.load(f)
     if data.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: not an mlifast result file (format {data.get('format')!r})")
-    nan = float("nan")
     return Results(
         coords=torch.tensor(data["coords"], dtype=torch.float64),
-        values={k: torch.tensor([nan if v is None else v for v in vs], dtype=torch.float64)
+        values={k: torch.tensor([float_from_json(v) for v in vs], dtype=torch.float64)
                 for k, vs in data["values"].items()},
         meta=data["meta"],
     )
 
 
+# Strict JSON has no NaN or infinity: NaN is written as null, ±infinity as "inf"/"-inf".
+_NON_FINITE = {"inf": float("inf"), "-inf": float("-inf")}
+
+
+def float_to_json(value: Any) -> Any:
+    """`value` with every non-finite float inside it (lists, tuples, dicts) made strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if value != value else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: float_to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [float_to_json(v) for v in value]
+    return value
+
+
+def float_from_json(value: Any) -> float:
+    """A float written by `float_to_json`: null → NaN, "inf"/"-inf" → ±infinity."""
+    if value is None:
+        return float("nan")
+    return _NON_FINITE[value] if isinstance(value, str) else float(value)
+
+
 def write_json_atomically(path: Path, obj: Any) -> None:
+    """Strict JSON (see float_to_json) through a temporary file renamed over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
+            json.dump(float_to_json(obj), f, indent=1, allow_nan=False)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -99,7 +99,7 @@ def run_one(config: GridConfig, data, dataset: str, optimizer: str, batch_norm: 
     res = evaluate(model, Line(init, final), eval_batches, coords=config.alphas, metrics=(),
                    bn="recompute" if batch_norm else "interpolate", progress=False)
     losses = res["loss"]
-    return {**record, "diverged": False, "losses": [None if math.isnan(v) else v for v in losses.tolist()],
+    return {**record, "diverged": False, "losses": losses.tolist(),
             "final_loss": _finite_or_none(losses[-1].item()), "delta_min": _finite_or_none(delta_min(losses)),
             "distance": weight_distance(init, final), "normalized_distance": weight_distance(init, final, normalized=True),
             "seconds": time.perf_counter() - start}
