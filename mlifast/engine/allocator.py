@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -27,7 +28,8 @@ import torch
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
 MMAP_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
 KEPT_BYTES = 2**31 - 1  # while a call runs: as much as mallopt's int takes
-_depth = 0
+_depth = 0  # blocks open, in every thread
+_lock = threading.Lock()
 
 
 @functools.cache
@@ -43,20 +45,23 @@ def _glibc() -> ctypes.CDLL | None:
 @contextmanager
 def freed_memory_kept(device: torch.device) -> Iterator[None]:
     """Keep memory freed inside the block for reuse (CPU, glibc); trim it on leaving.
-    Nested blocks act as the outermost one."""
+    Nested or concurrent blocks (other threads) act as one, from the first to open to
+    the last to close."""
     global _depth
     libc = _glibc() if device.type == "cpu" else None
     if libc is None:
         yield
         return
-    if _depth == 0:
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        libc.mallopt(M_TRIM_THRESHOLD, KEPT_BYTES)
-    _depth += 1
+    with _lock:
+        if _depth == 0:
+            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+            libc.mallopt(M_TRIM_THRESHOLD, KEPT_BYTES)
+        _depth += 1
     try:
         yield
     finally:
-        _depth -= 1
-        if _depth == 0:
-            libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD)
-            libc.malloc_trim(0)
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD)
+                libc.malloc_trim(0)
