@@ -94,8 +94,35 @@ class ReadsData(nn.Module):
         return self.out(torch.tanh(self.fc(x)) @ self.fc.weight.data)
 
 
-def test_position_ids_whose_length_is_a_multiple_of_the_rows():
-    check(PositionIds, torch.randint(0, 11, (2, 8)))
+@pytest.mark.parametrize("tokens", [8, 4], ids=["twice", "exactly"])
+def test_position_ids_whose_length_is_a_multiple_of_the_rows(tokens):
+    """nanoGPT's torch.arange(T) at 2 points × 2 sequences: T = 8 or 4 could be rows, but
+    they are the same for every example; the check finds it and the points stay fused,
+    at later batch sizes too."""
+    torch.manual_seed(0)
+    a = PositionIds()
+    line, coords = mlifast.Line(a, PositionIds()), torch.tensor([0.0, 1.0])
+    fast = mlifast.interpolate(a, line, coords)
+    for batch in (2, 4, 3):
+        x = torch.randint(0, 11, (batch, tokens))
+        out = fast(x)
+        assert not fast.per_point_fallback, batch
+        for k, e in enumerate(oracle_outputs(a, line, coords, x)):
+            assert rel_err(out[k], e) < 1e-5, (batch, k)
+
+
+def test_label_embeddings_of_one_dimension_stay_per_example():
+    """A 1-D index tensor that does carry one row per example (class labels) is read as
+    rows: no retry turns it into a shared one."""
+    class Labels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(5, 4), nn.Linear(4, 2)
+
+        def forward(self, y):
+            return self.head(self.emb(y))
+
+    check(Labels, torch.tensor([0, 3, 4, 1]), expect_fallback=False)
 
 
 def test_model_writing_into_its_inputs():

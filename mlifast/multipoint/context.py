@@ -28,6 +28,10 @@ class PointContext:
         always have it in dim 0.
     forward_mode: True while the coefficients carry forward-mode tangents
         (analysis.geometry): rules then keep to operations with forward-mode derivatives.
+    flat_indices_shared: True when 1-D index tensors of embeddings are the same for every
+        example whatever their length (nanoGPT's position ids torch.arange(T), with T a
+        multiple of K_active·B); set by the first-call check when reading them as rows
+        disagrees with the model. `flat_indices_read_as_rows` records that a call did so.
     grouped: True while one call of the model runs its points in several groups
         (MultiPointModel.points_per_group); rules may then keep what does not depend on
         the points, computed from rows shared by every point, for the next group (`reuse`).
@@ -42,6 +46,8 @@ class PointContext:
     batch_size: int = 0  # B, examples per point in the current call
     batch_dim: int = 0  # where row-wise layers (linear, embedding, layer norm) find the batch
     forward_mode: bool = False
+    flat_indices_shared: bool = False
+    flat_indices_read_as_rows: bool = False
     grouped: bool = False
     _kept: dict = field(default_factory=dict, repr=False)
     _active_coeffs: tuple | None = field(default=None, repr=False)

@@ -172,7 +172,9 @@ class MultiPointModel(nn.Module):
         """(disagreement or None, outputs): the points run — on shared rows unless that is
         known not to agree, and on repeated inputs if shared rows disagree with the model
         or raise — compared at the first and last point with the model itself, whose
-        outputs are computed once (one reused state, `PerPointModel.reusing_state`)."""
+        outputs are computed once (one reused state, `PerPointModel.reusing_state`).
+        If both disagree and 1-D embedding indices were read as rows, both run again with
+        such indices the same for every example (PointContext.flat_indices_shared)."""
         expected: dict[int, Any] = {}
 
         def disagreement(ours: Any) -> str | None:
@@ -184,25 +186,40 @@ class MultiPointModel(nn.Module):
                     return f"at point #{k}, coordinates {self.coords[k].tolist()}: {problem}"
             return None
 
-        undo = self._statistics_undo()
+        context, undo = self.context, self._statistics_undo()
         with self.reference.reusing_state():
-            if self.batch_dim == 0 and self.shares_rows is not False:
-                try:  # (a model writing into its inputs runs repeated inside: _run)
-                    ours = self._run_points(args, kwargs, share_rows=True)
-                except Exception:  # noqa: BLE001 — any failure on shared rows: try repeated inputs
-                    ours = None
-                problem = None if ours is None else disagreement(ours)
-                if ours is not None and (problem is None or self.shares_rows is False):  # (False: ran repeated)
-                    if problem is None and self.shares_rows is None and self.num_points > 1:
-                        self.shares_rows = True  # (one point cannot tell: the same rows either way)
-                    return problem, ours
+            context.flat_indices_read_as_rows = False
+            problem, ours = self._outputs_agreeing(args, kwargs, disagreement)
+            if problem is not None and context.flat_indices_read_as_rows and not context.flat_indices_shared:
                 del ours
                 undo()
-            ours = self._run_points(args, kwargs, share_rows=False)
-            problem = disagreement(ours)
-            if problem is None and self.batch_dim == 0 and self.shares_rows is not False:
-                self.shares_rows = False  # shared rows disagree or fail: repeat the inputs from now on
+                context.flat_indices_shared = True
+                problem, ours = self._outputs_agreeing(args, kwargs, disagreement)
+                context.flat_indices_shared = problem is None
             return problem, ours
+
+    def _outputs_agreeing(self, args: tuple, kwargs: dict,
+                          disagreement: Callable[[Any], str | None]) -> tuple[str | None, Any]:
+        """(disagreement or None, outputs) of the points on shared rows, then if need be on
+        repeated inputs; decides `shares_rows` (see _checked_outputs)."""
+        undo = self._statistics_undo()
+        if self.batch_dim == 0 and self.shares_rows is not False:
+            try:  # (a model writing into its inputs runs repeated inside: _run)
+                ours = self._run_points(args, kwargs, share_rows=True)
+            except Exception:  # noqa: BLE001 — any failure on shared rows: try repeated inputs
+                ours = None
+            problem = None if ours is None else disagreement(ours)
+            if ours is not None and (problem is None or self.shares_rows is False):  # (False: ran repeated)
+                if problem is None and self.shares_rows is None and self.num_points > 1:
+                    self.shares_rows = True  # (one point cannot tell: the same rows either way)
+                return problem, ours
+            del ours
+            undo()
+        ours = self._run_points(args, kwargs, share_rows=False)
+        problem = disagreement(ours)
+        if problem is None and self.batch_dim == 0 and self.shares_rows is not False:
+            self.shares_rows = False  # shared rows disagree or fail: repeat the inputs from now on
+        return problem, ours
 
     def _run_points(self, args: tuple, kwargs: dict, share_rows: bool) -> Any:
         """Outputs (K, …) for every point: the copied model run on all points at once, or
