@@ -23,7 +23,7 @@ def form(request, monkeypatch):
 
 def conv2d_calls(fast, x):
     """(images, channels-last?) of each F.conv2d call of one call of `fast` after its first
-    (the model's layout is kept: contiguous in, contiguous through)."""
+    (float32 images travel channels-last on the CPU unless the model rejects that layout)."""
     calls, conv2d = [], torch.nn.functional.conv2d
 
     def recording(x, w, *args):
@@ -72,11 +72,11 @@ def test_which_calls_each_form_makes(form):
     fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), torch.randn(2, 3, 8, 8),
                                          dtype=torch.float32)
     calls = conv2d_calls(fast, torch.randn(2, 3, 8, 8))  # the first call's checks are done: the model's own
-    first_layer = [(2, False)] * 2  # J + 1 = 2 calls on the 2 rows shared by every point
+    first_layer = [(2, True)] * 2  # J + 1 = 2 calls on the 2 rows shared by every point
     if form == "wide":  # and the second layer too: 2 calls over the rows of all 3 points
-        assert calls == first_layer + [(6, False)] * 2
+        assert calls == first_layer + [(6, True)] * 2
     else:  # the second layer: one call per point on its 2 rows
-        assert calls == first_layer + [(2, False)] * 3
+        assert calls == first_layer + [(2, True)] * 3
 
 
 @pytest.mark.parametrize("side, per_point", [(8, False), (32, True)])
@@ -88,7 +88,7 @@ def test_convolutions_take_the_per_point_form_from_enough_positions(side, per_po
     x = torch.randn(2, 3, side, side)
     fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float32)
     second_layer = conv2d_calls(fast, x)[2:]
-    assert second_layer == ([(2, False)] * 3 if per_point else [(6, False)] * 2)
+    assert second_layer == ([(2, True)] * 3 if per_point else [(6, True)] * 2)
 
 
 def test_gauss_length_through_convolutions_and_batch_norm(form):
@@ -129,8 +129,9 @@ def test_gauss_length_through_convolutions_and_batch_norm(form):
 
 
 def test_the_models_own_view_after_a_convolution_works():
-    """The per-point form keeps the model's layout: a LeNet-style `x.view(-1, 16 * 5 * 5)`
-    after convolutions and pooling (2 × 16 images of 28×28: per-point form in both layers)."""
+    """A LeNet-style `x.view(-1, 16 * 5 * 5)` after convolutions and pooling raises on
+    channels-last activations: the first call's check runs the images again in the model's
+    own layout, which they keep (2 × 16 images of 28×28: per-point form in both layers)."""
 
     class LeNet(torch.nn.Module):
         def __init__(self):
@@ -146,5 +147,35 @@ def test_the_models_own_view_after_a_convolution_works():
     a, b = test_interpolate.pair(LeNet, torch.float32)
     x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float32)
-    assert not fast.per_point_fallback
+    assert not fast.per_point_fallback and not fast.images_channels_last
     assert conv2d_calls(fast, x)[2:] == [(16, False)] * 3
+
+
+def test_a_model_reading_raw_memory_keeps_its_layout():
+    """Reinterpreting an activation's memory as contiguous gives wrong numbers, silently,
+    on channels-last activations: the check sees the disagreement and the images travel
+    in the model's own layout, still fused."""
+
+    class RawMemory(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4 * 6 * 6, 2)
+
+        def forward(self, x):
+            h = self.conv(x)
+            h = h.as_strided(h.shape, torch.empty(h.shape).stride())  # as if contiguous
+            return self.fc(h.reshape(h.shape[0], -1))
+
+    a, b = test_interpolate.pair(RawMemory, torch.float32)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float32)
+    assert not fast.per_point_fallback and not fast.images_channels_last
+
+
+@pytest.mark.parametrize("dtype, channels_last", [(torch.float32, True), (torch.float64, False)])
+def test_images_travel_channels_last_where_onednn_takes_them(dtype, channels_last):
+    a, b = test_interpolate.pair(lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 2, 3)),
+                                 dtype)
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 1.0]), x, dtype=dtype)
+    assert {layout for _, layout in conv2d_calls(fast, x)} == {channels_last}

@@ -42,6 +42,7 @@ class PointContext:
 
     coeffs: Tensor
     active: Tensor = field(init=False)
+    active_span: tuple[int, int] = field(init=False)  # active == arange(*active_span): set by select_points
     bn_mode: str = "running"
     batch_size: int = 0  # B, examples per point in the current call
     batch_dim: int = 0  # where row-wise layers (linear, embedding, layer norm) find the batch
@@ -51,9 +52,17 @@ class PointContext:
     grouped: bool = False
     _kept: dict = field(default_factory=dict, repr=False)
     _active_coeffs: tuple | None = field(default=None, repr=False)
+    _indices: Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.active = torch.arange(self.coeffs.shape[0], device=self.coeffs.device)
+        self.select_points(0, self.coeffs.shape[0])
+
+    def select_points(self, start: int, stop: int) -> None:
+        """Points [start, stop) of `coeffs` are the active ones from now on."""
+        k, device = self.coeffs.shape[0], self.coeffs.device
+        if self._indices is None or self._indices.shape[0] != k or self._indices.device != device:
+            self._indices = torch.arange(k, device=device)
+        self.active, self.active_span = self._indices[start:stop], (start, stop)
 
     def reuse(self, compute: Callable[[], Any], *tensors: Tensor, owner: Any = None) -> Any:
         """compute(), computed once per call of the model for the same `tensors` (and
@@ -77,6 +86,11 @@ class PointContext:
     def forget(self) -> None:
         """Drop what `reuse` kept (at the end of each call of the model)."""
         self._kept.clear()
+
+    def of_active(self, every: Tensor) -> Tensor:
+        """(K_active, …) view of a (K, …) value at every point: the active points' rows."""
+        start, stop = self.active_span
+        return every[start:stop]
 
     @property
     def linear(self) -> Callable[..., Tensor]:
@@ -115,23 +129,24 @@ class PointContext:
 
     def active_coeffs(self) -> Tensor:
         """(K_active, J) coordinates of the points whose rows are in flight (kept while
-        `coeffs` and `active` stay the same objects and `coeffs` unwritten: every rule of a
+        `coeffs` stays the same object, unwritten, and the same points active: every rule of a
         call reads them)."""
         kept, version = self._active_coeffs, _version(self.coeffs)
-        if (kept is None or kept[0] is not self.coeffs or kept[1] is not self.active or version is None
+        if (kept is None or kept[0] is not self.coeffs or kept[1] != self.active_span or version is None
                 or kept[2] != version):
-            kept = self._active_coeffs = (self.coeffs, self.active, version, self.coeffs.index_select(0, self.active))
+            start, stop = self.active_span
+            kept = self._active_coeffs = (self.coeffs, self.active_span, version, self.coeffs[start:stop].clone())
         return kept[3]
 
     @contextmanager
     def only_point(self, k: int) -> Iterator[None]:
         """Within the block, activations hold the rows of point `active[k]` alone."""
-        saved = self.active
-        self.active = saved[k : k + 1]
+        saved = self.active_span
+        self.select_points(saved[0] + k, saved[0] + k + 1)
         try:
             yield
         finally:
-            self.active = saved
+            self.select_points(*saved)
 
 
 def _version(t: Tensor) -> int | None:

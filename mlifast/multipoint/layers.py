@@ -132,8 +132,8 @@ class ConvRule(AffineInParamsRule):
     """Conv1d/2d/3d: where `one_point_per_call` and each point has at least
     PER_POINT_MIN_POSITIONS input positions (images × spatial size), each point's rows go
     through the layer with that point's weight and bias, formed per call (the model's own
-    FLOPs, not J + 1 times them), in the layout the model gives them (channels-last
-    activations stay so; contiguous ones too, so that the model's own `.view` calls work).
+    FLOPs, not J + 1 times them), in the activations' layout (channels-last where the
+    first-call check found the model agrees: MultiPointModel.images_channels_last).
     Smaller calls, and rows shared by every point (a first layer: once for all points of a
     call), take the J + 1 products."""
 
@@ -285,7 +285,7 @@ class BatchNormRule(_AffineNormRule):
                 f"{xk.shape[1]} example(s) per point"
             )
         if not use_batch and self.recomputed is not None:
-            stats = tuple(s.index_select(0, self.context.active) for s in self.recomputed)
+            stats = tuple(self.context.of_active(s) for s in self.recomputed)
         elif not use_batch:
             stats = (self.per_point("running_mean"), self.per_point("running_var"))
         elif mode == "collect":
