@@ -156,12 +156,11 @@ void per_point_weights(const at::Tensor& input, const at::Tensor& weight, const 
     at::add_out(w_k, w, d[0], c_p[k * s.directions]);
     for (int64_t j = 1; j < s.directions; ++j) w_k.add_(d[j], c_p[k * s.directions + j]);
     at::Tensor y_k = y.select(0, k);
-    const at::Tensor x_k = input.select(0, k);
-    if (bias_k.defined()) {
-      at::addmm_out(y_k, bias_k.select(0, k), x_k, w_k.t());
-    } else {
-      at::mm_out(y_k, x_k, w_k.t());
-    }
+    at::mm_out(y_k, input.select(0, k), w_k.t());
+    // The bias added while y_k is still in cache: addmm would first copy it into all of
+    // y_k and have the GEMM read y_k back (W1's 1000×1024 rows a point: 0.37 vs 0.38 s
+    // for 50 points, on the 2-core CI CPU).
+    if (bias_k.defined()) y_k.add_(bias_k.select(0, k));
   }
 }
 
