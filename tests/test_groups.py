@@ -76,6 +76,34 @@ def test_groups_on_a_plane(dtype):
     same(out, whole, 1e-12 if dtype == torch.float64 else 1e-5)
 
 
+class StructuredOutput(nn.Module):
+    """Returns a dict holding a tensor, a tuple of an integer tensor and a tensor, and a
+    non-tensor value."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return {"y": y, "pair": (y.argmax(-1), torch.tanh(y)), "note": "per example"}
+
+
+def test_groups_keep_the_structure_of_the_outputs():
+    """Each group's outputs are copied into (K, …) outputs allocated at the first group:
+    every tensor of the structure, integer ones too; other values as the model gave them."""
+    a, b = pair(StructuredOutput)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    coords = torch.linspace(0, 1, 5)
+    out, whole = grouped_and_whole(a, mlifast.Line(a, b), coords, x, group=2)
+    assert out["note"] == "per example" and out["pair"][0].dtype == torch.int64
+    same(out["y"], whole["y"])
+    assert torch.equal(out["pair"][0], whole["pair"][0])
+    same(out["pair"][1], whole["pair"][1])
+    for k, e in enumerate(oracle_outputs(a, mlifast.Line(a, b), coords, x)):
+        assert rel_err(out["y"][k], e["y"]) < 1e-12
+
+
 def test_shared_first_layer_is_computed_once_per_call(monkeypatch):
     a, b = pair(mlp)
     fast = mlifast.interpolate(a, mlifast.Line(a, b), torch.linspace(0, 1, 6))
