@@ -128,27 +128,39 @@ def test_gauss_length_through_convolutions_and_batch_norm(form):
     assert abs(got - expected) < 1e-9 * expected
 
 
+class LeNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(3, 6, 5), torch.nn.Conv2d(6, 16, 5)
+        self.fc = torch.nn.Linear(400, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
+        x = torch.nn.functional.max_pool2d(torch.relu(self.c2(x)), 2)
+        return self.fc(x.view(-1, 16 * 5 * 5))
+
+
 def test_the_models_own_view_after_a_convolution_works():
     """A LeNet-style `x.view(-1, 16 * 5 * 5)` after convolutions and pooling raises on
     channels-last activations: the first call's check runs the images again in the model's
-    own layout, which they keep (2 × 16 images of 28×28: per-point form in both layers)."""
-
-    class LeNet(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c1, self.c2 = torch.nn.Conv2d(1, 6, 5, padding=2), torch.nn.Conv2d(6, 16, 5)
-            self.fc = torch.nn.Linear(400, 10)
-
-        def forward(self, x):
-            x = torch.nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
-            x = torch.nn.functional.max_pool2d(torch.relu(self.c2(x)), 2)
-            return self.fc(x.view(-1, 16 * 5 * 5))
-
+    own layout, which they keep (2 × 16 images of 32×32: per-point form in both layers)."""
     a, b = test_interpolate.pair(LeNet, torch.float32)
-    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float32)
-    assert not fast.per_point_fallback and not fast.images_channels_last
+    assert not fast.per_point_fallback and fast.images_channels_last is False
     assert conv2d_calls(fast, x)[2:] == [(16, False)] * 3
+
+
+def test_evaluate_probes_in_the_models_own_layout():
+    """evaluate's probe of activation sizes runs before any check: in the model's own
+    layout, or LeNet's `.view` would raise there."""
+    a, b = test_interpolate.pair(LeNet, torch.float32)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
+    line, alphas = mlifast.Line(a, b), [0.0, 0.5, 1.0]
+    res = mlifast.evaluate(a, line, data, coords=torch.tensor(alphas), progress=False)
+    expected, _ = test_evaluate.loop_evaluate(a, line, data, alphas, "interpolate")
+    torch.testing.assert_close(res["loss"], expected, rtol=1e-5, atol=0)
 
 
 def test_a_model_reading_raw_memory_keeps_its_layout():

@@ -55,10 +55,11 @@ class MultiPointModel(nn.Module):
         # undecided, inputs repeated; see _checked_outputs).
         self.shares_rows: bool | None = None
         # Image batches of a CNN travel channels-last on the CPU (oneDNN's own layout: W2's
-        # convolutions and batch norms 1.2× faster than NCHW) unless a first-call check
-        # found that the model disagrees or raises in that layout (`.view` of a 4-d
-        # activation, an op reading raw memory).
-        self.images_channels_last = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        # convolutions and batch norms 1.2× faster than NCHW) once a first-call check found
+        # that the model agrees in that layout (it may not: a `.view` of a 4-d activation,
+        # an op reading raw memory). None: undecided, the model's own layout meanwhile.
+        has_images = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        self.images_channels_last: bool | None = None if has_images else False
         self._images_converted = False  # (whether the current call converted any)
         self.reference = PerPointModel(model, space)
         self.per_point_fallback = False
@@ -224,7 +225,7 @@ class MultiPointModel(nn.Module):
         each, images channels-last, then in the model's own layout. Sets the flags for
         the next attempt and yields whether it shares rows."""
         context, flat_start = self.context, self.context.flat_indices_shared
-        images_start, seen_flat = self.images_channels_last, False
+        images_start, seen_flat = self.images_channels_last is not False, False
         for flat in (flat_start, True):
             if flat and not flat_start and not seen_flat:
                 return
@@ -282,7 +283,7 @@ class MultiPointModel(nn.Module):
         """The layout an input tensor carrying the batch travels in: channels-last for
         images where `images_channels_last` says so (float32 and bfloat16 on the CPU:
         oneDNN), else contiguous."""
-        if (self.images_channels_last and t.dim() == 4 and t.device.type == "cpu"
+        if (self.images_channels_last is True and t.dim() == 4 and t.device.type == "cpu"
                 and t.dtype in (torch.float32, torch.bfloat16)):
             self._images_converted = True
             return torch.channels_last
