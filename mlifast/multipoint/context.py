@@ -100,7 +100,7 @@ class PointContext:
 
     @property
     def num_active(self) -> int:
-        return self.active.numel()
+        return self.active_span[1] - self.active_span[0]
 
     def rows_dim(self, t: Tensor, feature_dims: int = 1) -> int | None:
         """The dimension of `t` holding the K_active·B folded rows, for row-wise layers.

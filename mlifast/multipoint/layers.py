@@ -35,7 +35,7 @@ def one_point_per_call(x: Tensor) -> bool:
     than ATen's kernel on NCHW rows; W2 in BENCHMARKS.md).
     On a GPU one launch over all points keeps the device busy.
     """
-    return x.device.type == "cpu"
+    return x.is_cpu
 
 
 def linear_at_points(context, x: Tensor, w: Tensor, b: Tensor | None, w_dirs: Tensor | None,
@@ -247,13 +247,13 @@ class BatchNormRule(_AffineNormRule):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.recomputed: tuple[Tensor, Tensor] | None = None
-        self._sums: tuple[Tensor, Tensor, Tensor] | None = None
+        self._sums: tuple[Tensor, Tensor] | None = None  # (2, K, C) means and variances, (K,) batches
 
     def start_collecting(self) -> None:
         k, c = self.context.coeffs.shape[0], self.inner.num_features
         device = self.context.coeffs.device
-        zeros = lambda: torch.zeros(k, c, dtype=torch.float64, device=device)  # noqa: E731
-        self._sums = (zeros(), zeros(), torch.zeros(k, dtype=torch.float64, device=device))
+        self._sums = (torch.zeros(2, k, c, dtype=torch.float64, device=device),
+                      torch.zeros(k, dtype=torch.float64, device=device))
         self.recomputed = None
 
     def gathered(self) -> tuple | None:
@@ -265,7 +265,7 @@ class BatchNormRule(_AffineNormRule):
         self._sums = sums
 
     def finish_collecting(self) -> None:
-        mean_sum, var_sum, batches = self._sums
+        (mean_sum, var_sum), batches = self._sums
         dtype = self.origins["running_mean"].dtype if "running_mean" in self.origins else mean_sum.dtype
         if (batches == 0).any():
             raise RuntimeError(f"mlifast: batch norm '{self.path}' saw no batch while recomputing statistics")
@@ -289,7 +289,7 @@ class BatchNormRule(_AffineNormRule):
         elif not use_batch:
             stats = (self.per_point("running_mean"), self.per_point("running_var"))
         elif mode == "collect":
-            stats = (xk.new_zeros(k, xk.shape[2]), xk.new_zeros(k, xk.shape[2]))  # filled with each point's
+            stats = xk.new_zeros(2, k, xk.shape[2])  # filled with each point's mean and variance
         else:
             stats = None
         weight, bias = self.per_point("weight"), self.per_point("bias")
@@ -299,11 +299,10 @@ class BatchNormRule(_AffineNormRule):
         else:
             y = unfold(self._normalize_all_points(xk, stats, weight, bias, use_batch))
         if mode == "collect":
-            mean_sum, var_sum, batches = self._sums
-            active = self.context.active
-            mean_sum.index_add_(0, active, stats[0].double())
-            var_sum.index_add_(0, active, stats[1].double())
-            batches.index_add_(0, active, torch.ones_like(active, dtype=torch.float64))
+            sums, batches = self._sums
+            start, stop = self.context.active_span
+            sums[:, start:stop] += stats
+            batches[start:stop] += 1
         return y
 
     def _normalize_each_point(self, xk: Tensor, stats, weight, bias, use_batch: bool) -> Tensor:
