@@ -39,6 +39,7 @@ class MultiPointRule(nn.Module):
         self.origins = origins
         self.directions = directions
         self.context = context
+        self._flat: dict[str, tuple[Tensor, Tensor]] = {}  # per_point's (1, N) origins, (J, N) directions
 
     def __getattr__(self, name: str):
         try:
@@ -70,9 +71,14 @@ class MultiPointRule(nn.Module):
         k = self.context.num_active
         if name not in self.directions:
             return origin.unsqueeze(0).expand(k, *origin.shape)
-        d = self.directions[name]
-        c = self.context.active_coeffs().to(d.dtype)
-        return torch.addmm(origin.reshape(1, -1), c, d.reshape(d.shape[0], -1)).reshape(k, *origin.shape)
+        flat = self._flat.get(name)
+        if flat is None:
+            d = self.directions[name]
+            flat = self._flat[name] = (origin.reshape(1, -1), d.reshape(d.shape[0], -1))
+        flat_origin, flat_dirs = flat
+        c = self.context.active_coeffs()
+        c = c if c.dtype == flat_dirs.dtype else c.to(flat_dirs.dtype)
+        return torch.addmm(flat_origin, c, flat_dirs).view(k, *origin.shape)
 
     def point_state(self, k: int) -> dict[str, Tensor]:
         """Every own floating tensor of `inner` at active point k (for functional_call)."""
