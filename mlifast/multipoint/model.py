@@ -283,7 +283,7 @@ class MultiPointModel(nn.Module):
         """The layout an input tensor carrying the batch travels in: channels-last for
         images where `images_channels_last` says so (float32 and bfloat16 on the CPU:
         oneDNN), else contiguous."""
-        if (self.images_channels_last is True and t.dim() == 4 and t.device.type == "cpu"
+        if (self.images_channels_last is True and t.dim() == 4 and t.is_cpu
                 and t.dtype in (torch.float32, torch.bfloat16)):
             self._images_converted = True
             return torch.channels_last
