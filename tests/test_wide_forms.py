@@ -191,3 +191,34 @@ def test_images_travel_channels_last_where_onednn_takes_them(dtype, channels_las
     x = torch.randn(2, 3, 8, 8, dtype=dtype)
     fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 1.0]), x, dtype=dtype)
     assert {layout for _, layout in conv2d_calls(fast, x)} == {channels_last}
+
+
+class ConvBatchNorm(torch.nn.Module):
+    """conv → BN (folded while in eval mode), and a conv whose output is also read
+    elsewhere: BN over it, plus the output itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.c2, self.b2 = torch.nn.Conv2d(4, 4, 3, padding="same", bias=False), torch.nn.BatchNorm2d(4, affine=False)
+
+    def forward(self, x):
+        h = torch.relu(self.b1(self.c1(x)))
+        y = self.c2(h)
+        return (self.b2(y) + y).flatten(1)
+
+
+def test_batch_norm_folds_into_the_convolution_before_it(monkeypatch):
+    """In eval mode, batch norm right after a per-point convolution scales and shifts that
+    convolution's weights instead of running (PendingConvolution); a convolution output
+    read by anything else is computed as it is. Equal to the oracle in float64."""
+    a, b = test_interpolate.pair(ConvBatchNorm, torch.float64)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float64)
+    batch_norm, normalised = torch.nn.functional.batch_norm, []
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", lambda *args: normalised.append(args[0].shape[1])
+                        or batch_norm(*args))
+    with torch.no_grad():
+        fast(x)
+    assert normalised == [4] * 3  # b1 folded into c1; b2, whose input is read twice, once per point
+

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from mlifast.multipoint.context import fold, rows_for_every_example, unfold
+from mlifast.multipoint.pending import PendingConvolution
 from mlifast.multipoint.rule import MultiPointRule
 from mlifast.multipoint.shared import SharedRows
 from mlifast.ops import multipoint_combine
@@ -147,10 +148,11 @@ class ConvRule(AffineInParamsRule):
                 x.numel() // (self.context.num_active * x.shape[1]) < self.PER_POINT_MIN_POSITIONS):
             return super().forward(x, *args, **kwargs)
         weight, bias = self.per_point("weight"), self.per_point("bias")
-        points = fold(x, self.context.num_active)
-        outs = [self.inner._conv_forward(rows, weight[k], None if bias is None else bias[k])
-                for k, rows in enumerate(points)]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        pending = PendingConvolution(self.inner, fold(x, self.context.num_active), weight, bias)
+        if self.context.forward_mode or (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, weight, bias))):
+            return pending.convolved()  # (a pending result would bypass autograd)
+        return pending  # (a batch norm right after it folds into its weights)
 
 
 class EmbeddingRule(AffineInParamsRule):
@@ -276,18 +278,20 @@ class BatchNormRule(_AffineNormRule):
     def forward(self, x: Tensor) -> Tensor:
         inner, mode = self.inner, self.context.bn_mode
         k = self.context.num_active
-        xk = self.split_points(x, 0)  # (K, B, C, …)
         use_batch = mode in ("batch", "collect") or inner.training or self.origin("running_mean") is None
+        if isinstance(x, PendingConvolution):  # a convolution's output, not computed yet
+            if not use_batch:
+                return self._folded_into(x)
+            x = x.materialize()
+        xk = self.split_points(x, 0)  # (K, B, C, …)
         if use_batch and xk.numel() // (k * xk.shape[2]) <= 1:
             raise ValueError(
                 f"mlifast: batch norm '{self.path}' needs more than one value per channel "
                 f"for batch statistics, got input of shape {tuple(x.shape[1:])} with "
                 f"{xk.shape[1]} example(s) per point"
             )
-        if not use_batch and self.recomputed is not None:
-            stats = tuple(self.context.of_active(s) for s in self.recomputed)
-        elif not use_batch:
-            stats = (self.per_point("running_mean"), self.per_point("running_var"))
+        if not use_batch:
+            stats = self._running_statistics()
         elif mode == "collect":
             stats = xk.new_zeros(2, k, xk.shape[2])  # filled with each point's mean and variance
         else:
@@ -304,6 +308,24 @@ class BatchNormRule(_AffineNormRule):
             sums[:, start:stop] += stats
             batches[start:stop] += 1
         return y
+
+    def _running_statistics(self) -> tuple[Tensor, Tensor]:
+        """(K_active, C) means and variances: recomputed ones if a "collect" pass produced
+        them, else the interpolated running statistics."""
+        if self.recomputed is not None:
+            return tuple(self.context.of_active(s) for s in self.recomputed)
+        return self.per_point("running_mean"), self.per_point("running_var")
+
+    def _folded_into(self, conv: PendingConvolution) -> Tensor:
+        """Normalisation by running statistics, an affine map per channel, folded into the
+        convolution that produced `conv`: each point's weight scaled, its bias shifted."""
+        mean, var = self._running_statistics()
+        weight, bias = self.per_point("weight"), self.per_point("bias")
+        scale = torch.rsqrt(var + self.inner.eps)
+        if weight is not None:
+            scale = scale * weight
+        shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1)
+        return conv.convolved(scale, shift)
 
     def _normalize_each_point(self, xk: Tensor, stats, weight, bias, use_batch: bool) -> Tensor:
         """(K·B, C, …) from ATen's batch norm on each point's (B, C, …) rows: with
@@ -351,6 +373,8 @@ class InPlaceActivation(nn.Module):
         self.fn = self.IN_PLACE[type(inner)]
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, PendingConvolution):
+            x = x.materialize()
         if type(x) is not Tensor:  # e.g. shared rows: the module as it is
             return self.inner(x)
         return self.fn(x)
