@@ -222,3 +222,28 @@ def test_batch_norm_folds_into_the_convolution_before_it(monkeypatch):
         fast(x)
     assert normalised == [4] * 3  # b1 folded into c1; b2, whose input is read twice, once per point
 
+
+
+class WritesIntoConvolutions(torch.nn.Module):
+    """In-place writes into convolution outputs, one of them through an alias."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c1 = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3)
+        self.c2, self.bn = torch.nn.Conv2d(4, 4, 3), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.c1(self.c0(x))
+        alias = y
+        y.relu_()  # (the result is not used: `alias` must see the write)
+        z = self.c2(alias)
+        z += 1
+        return self.bn(z).flatten(1)
+
+
+def test_in_place_writes_into_pending_convolutions(monkeypatch):
+    monkeypatch.setattr(layers.ConvRule, "PER_POINT_MIN_POSITIONS", 0)
+    a, b = test_interpolate.pair(WritesIntoConvolutions, torch.float64)
+    x = torch.randn(2, 3, 14, 14, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float64)
+    assert not fast.per_point_fallback

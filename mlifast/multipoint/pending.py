@@ -47,6 +47,11 @@ class PendingConvolution(Tensor):
             outs.append(self._conv._conv_forward(rows, weight, bias))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
+    @property
+    def computed(self) -> bool:
+        """Whether the convolutions ran (anything may have written into the result since)."""
+        return self._value is not None
+
     def materialize(self) -> Tensor:
         if self._value is None:
             self._value = self.convolved()
