@@ -414,6 +414,31 @@ def test_batch_statistics_policies_are_checked_by_the_pass_itself(monkeypatch, f
     assert len(runs) == passes + (factory is BatchNormCapturesBatch)  # (again on repeated inputs)
 
 
+def conv_bn():
+    from models import randomize_bn
+    return randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                                      nn.Flatten(), nn.Linear(4 * 30 * 30, 2)), int(torch.randint(0, 1000, ())))
+
+
+def test_per_point_values_are_kept_between_calls_and_renewed_with_the_coordinates():
+    """Per-point parameter values (the second convolution's weight and bias, from 2,048
+    positions a point; batch norm's) are formed once for all points and kept while the
+    coordinates stay the same; coordinates written in place, or new ones, form them again."""
+    a, line = line_of(conv_bn)
+    x = torch.randn(2, 3, 34, 34, dtype=torch.float64)
+    fast = MultiPointModel(a, line, torch.tensor([[0.0], [0.5], [1.0]], dtype=torch.float64))
+    fast(x)
+    kept = {key: value for key, (_, value) in fast.context._every_point.items()}
+    assert len(kept) == 6  # conv weight and bias, batch norm's weight, bias and statistics
+    assert_oracle(fast(x), a, line, torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64), x)
+    assert all(fast.context._every_point[key][1] is value for key, value in kept.items())
+    fast.context.coeffs.copy_(torch.tensor([[0.25], [0.75], [1.5]], dtype=torch.float64))
+    fast.coords = fast.context.coeffs.clone()
+    assert_oracle(fast(x), a, line, torch.tensor([0.25, 0.75, 1.5], dtype=torch.float64), x)
+    fast.set_coords(torch.tensor([[-0.5], [2.0]], dtype=torch.float64))
+    assert_oracle(fast(x), a, line, torch.tensor([-0.5, 2.0], dtype=torch.float64), x)
+
+
 def test_coordinates_written_in_place_are_read_afresh():
     a, line = line_of(mlp)
     fast = MultiPointModel(a, line, torch.tensor([[0.0], [1.0]]))

@@ -16,6 +16,12 @@ from torch import Tensor
 
 from mlifast.ops import multipoint_linear, multipoint_linear_reference
 
+# Bytes of per-point parameter values (`kept_at_every_point`) kept between calls of the
+# model: every batch and group of a pass reads the same ones. ResNet-20 keeps all of its
+# at 50 points in 54 MB; a larger model keeps what fits and forms the rest per call.
+KEPT_POINT_VALUES_BYTES = 64 << 20
+
+
 @dataclass
 class PointContext:
     """Coordinates of the points in flight and how batch norm behaves.
@@ -53,6 +59,8 @@ class PointContext:
     _kept: dict = field(default_factory=dict, repr=False)
     _active_coeffs: tuple | None = field(default=None, repr=False)
     _indices: Tensor | None = field(default=None, repr=False)
+    _every_point: dict = field(default_factory=dict, repr=False)  # key → (stamp, (K, …) value)
+    _every_point_for: tuple | None = field(default=None, repr=False)  # (coeffs, version, bytes held)
 
     def __post_init__(self) -> None:
         self.select_points(0, self.coeffs.shape[0])
@@ -86,6 +94,32 @@ class PointContext:
     def forget(self) -> None:
         """Drop what `reuse` kept (at the end of each call of the model)."""
         self._kept.clear()
+
+    def kept_at_every_point(self, key: Any, compute: Callable[[Tensor], Tensor], nbytes: int,
+                            *tensors: Tensor) -> Tensor | None:
+        """compute(coeffs): a (K, …) value of `nbytes` bytes at every point, kept while
+        `coeffs` and `tensors` (all it depends on) stay the same objects, unwritten, and
+        the value unwritten, within KEPT_POINT_VALUES_BYTES for all keys. None where it is
+        not kept (over the budget, forward mode, a graph for backward, tensors without
+        version counters): the caller computes it for the active points instead."""
+        version = _version(self.coeffs)
+        if self.forward_mode or version is None or (
+                torch.is_grad_enabled() and any(t.requires_grad for t in (self.coeffs, *tensors))):
+            return None
+        held = self._every_point_for
+        if held is None or held[0] is not self.coeffs or held[1] != version:
+            self._every_point.clear()
+            held = self._every_point_for = (self.coeffs, version, 0)
+        stamp = tuple(_version(t) for t in tensors)
+        kept = self._every_point.get(key)
+        if kept is not None and kept[0] == (*stamp, _version(kept[1])):
+            return kept[1]
+        if kept is not None or None in stamp or held[2] + nbytes > KEPT_POINT_VALUES_BYTES:
+            return None  # (a kept value gone stale stays counted: stale values are rare)
+        value = compute(self.coeffs)
+        self._every_point[key] = ((*stamp, _version(value)), value)
+        self._every_point_for = (self.coeffs, version, held[2] + nbytes)
+        return value
 
     def of_active(self, every: Tensor) -> Tensor:
         """(K_active, …) view of a (K, …) value at every point: the active points' rows."""

@@ -76,9 +76,15 @@ class MultiPointRule(nn.Module):
             d = self.directions[name]
             flat = self._flat[name] = (origin.reshape(1, -1), d.reshape(d.shape[0], -1))
         flat_origin, flat_dirs = flat
-        c = self.context.active_coeffs()
-        c = c if c.dtype == flat_dirs.dtype else c.to(flat_dirs.dtype)
-        return torch.addmm(flat_origin, c, flat_dirs).view(k, *origin.shape)
+
+        def at(c: Tensor) -> Tensor:
+            c = c if c.dtype == flat_dirs.dtype else c.to(flat_dirs.dtype)
+            return torch.addmm(flat_origin, c, flat_dirs).view(c.shape[0], *origin.shape)
+
+        context = self.context
+        nbytes = context.coeffs.shape[0] * flat_dirs.shape[1] * flat_dirs.element_size()
+        every = context.kept_at_every_point((id(self), name), at, nbytes, origin, flat_dirs)
+        return at(context.active_coeffs()) if every is None else context.of_active(every)
 
     def point_state(self, k: int) -> dict[str, Tensor]:
         """Every own floating tensor of `inner` at active point k (for functional_call)."""
