@@ -247,3 +247,25 @@ def test_in_place_writes_into_pending_convolutions(monkeypatch):
     x = torch.randn(2, 3, 14, 14, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float64)
     assert not fast.per_point_fallback
+
+
+class ReadsMemory(torch.nn.Module):
+    """Reads a convolution's output through `data_ptr` and NumPy, which no operator sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c1 = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        y = self.c1(self.c0(x))
+        if y.data_ptr() == 0:
+            raise RuntimeError("no memory behind the convolution's output")
+        return torch.from_numpy(y.detach().numpy() * 2.0).flatten(1)
+
+
+def test_memory_reads_of_pending_convolutions(monkeypatch):
+    monkeypatch.setattr(layers.ConvRule, "PER_POINT_MIN_POSITIONS", 0)
+    a, b = test_interpolate.pair(ReadsMemory, torch.float64)
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float64)
+    assert not fast.per_point_fallback

@@ -58,12 +58,27 @@ class PendingConvolution(Tensor):
             self._points = self._weight = self._bias = None
         return self._value
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """Shape, dtype and device from the wrapper; everything else — operations, and
+        what reads memory without an operator (`data_ptr`, `numpy`) — on the result."""
+        kwargs = kwargs or {}
+        if func in _METADATA or getattr(getattr(func, "__self__", None), "__name__", None) in _PROPERTIES:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        return func(*tree_map(_computed, args), **tree_map(_computed, kwargs))
 
     @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        computed = lambda t: t.materialize() if isinstance(t, PendingConvolution) else t  # noqa: E731
-        return func(*tree_map(computed, args), **tree_map(computed, kwargs or {}))
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # (operators reached from C++)
+        return func(*tree_map(_computed, args), **tree_map(_computed, kwargs or {}))
+
+
+_METADATA = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.element_size, Tensor.is_floating_point, Tensor.__len__}
+_PROPERTIES = {"shape", "dtype", "device", "ndim", "is_cpu", "is_cuda", "requires_grad", "layout", "grad_fn", "is_leaf"}
+
+
+def _computed(value):
+    return value.materialize() if isinstance(value, PendingConvolution) else value
 
 
 def _output_shape(conv: nn.Module, shape: tuple) -> tuple:
