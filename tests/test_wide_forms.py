@@ -241,14 +241,6 @@ class WritesIntoConvolutions(torch.nn.Module):
         return self.bn(z).flatten(1)
 
 
-def test_in_place_writes_into_pending_convolutions(monkeypatch):
-    monkeypatch.setattr(layers.ConvRule, "PER_POINT_MIN_POSITIONS", 0)
-    a, b = test_interpolate.pair(WritesIntoConvolutions, torch.float64)
-    x = torch.randn(2, 3, 14, 14, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float64)
-    assert not fast.per_point_fallback
-
-
 class ReadsMemory(torch.nn.Module):
     """Reads a convolution's output through `data_ptr` and NumPy, which no operator sees."""
 
@@ -263,9 +255,13 @@ class ReadsMemory(torch.nn.Module):
         return torch.from_numpy(y.detach().numpy() * 2.0).flatten(1)
 
 
-def test_memory_reads_of_pending_convolutions(monkeypatch):
+@pytest.mark.parametrize("factory, side", [(WritesIntoConvolutions, 14), (ReadsMemory, 10)],
+                         ids=["in-place writes", "memory reads"])
+def test_pending_convolutions_read_otherwise(monkeypatch, factory, side):
+    """Convolution outputs (pending on the CPU's per-point form) written in place or read
+    without an operator: the oracle's answer, fused."""
     monkeypatch.setattr(layers.ConvRule, "PER_POINT_MIN_POSITIONS", 0)
-    a, b = test_interpolate.pair(ReadsMemory, torch.float64)
-    x = torch.randn(2, 3, 10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    a, b = test_interpolate.pair(factory, torch.float64)
+    x = torch.randn(2, 3, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float64)
     assert not fast.per_point_fallback
