@@ -2,7 +2,7 @@
 
 Batch norm with running statistics right after a convolution is an affine map per
 channel, so it folds into each point's convolution weight and bias: one pass over the
-activations fewer (W2's evaluation pass: 1,050 batch norms of 64 images). A
+activations fewer (W2's evaluation pass: 919 of its 1,050 batch norms, on 64 images). A
 `PendingConvolution` carries what the convolutions need; `BatchNormRule` folds itself in
 and runs them; any other operation runs them first (`materialize`) and then itself.
 """
