@@ -182,18 +182,22 @@ def test_float32_model_evaluated_in_float64():
 
 
 def test_memory_budget_sets_the_points_per_pass(monkeypatch):
+    """On the CPU a pass holds one group's activations and each of its points' outputs:
+    a budget of one point's activations plus two points' outputs takes 2 points a pass."""
     from mlifast.engine import chunking
 
     torch.manual_seed(0)
     a, b = mlp().double().eval(), mlp().double().eval()
     line, data = mlifast.Line(a, b), batches()
-    per_point = chunking.activation_bytes_per_point(mlifast.MultiPointModel(a, line, 1), data[0],
-                                                    lambda m, batch: (m(batch[0]), batch[1]), torch.device("cpu"))
+    point = chunking.bytes_per_point(mlifast.MultiPointModel(a, line, 1), data[0],
+                                     lambda m, batch: (m(batch[0]), batch[1]), torch.device("cpu"))
     passes = []
     original = mlifast.MultiPointModel.set_coords
     monkeypatch.setattr(mlifast.MultiPointModel, "set_coords",
                         lambda self, c: passes.append(len(c)) or original(self, c))
-    monkeypatch.setattr(chunking, "memory_budget", lambda device: 2 * per_point)
+    monkeypatch.setattr(chunking, "CPU_GROUP_BYTES", point.activations)
+    monkeypatch.setattr(chunking, "weight_bytes", lambda space: 0)
+    monkeypatch.setattr(chunking, "memory_budget", lambda device: point.activations + 2 * point.kept)
     res = mlifast.evaluate(a, line, data, coords=5, progress=False)
     assert passes[-3:] == [2, 2, 1]  # 5 points, 2 per pass
     losses, _ = loop_evaluate(a, line, data, res.alphas.tolist(), "interpolate")

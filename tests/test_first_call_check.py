@@ -209,8 +209,8 @@ def test_probe_runs_once_unchecked(state_builds):
     run = fast._run
     fast._run = lambda *args, **kw: runs.append(fast.context.num_active) or run(*args, **kw)
     data = data_for()
-    per_point = chunking.activation_bytes_per_point(fast, data[0], lambda m, b: (m(b[0]), b[1]), torch.device("cpu"))
-    assert per_point > 0
+    per_point = chunking.bytes_per_point(fast, data[0], lambda m, b: (m(b[0]), b[1]), torch.device("cpu"))
+    assert per_point.activations > 0 and per_point.kept > 0
     assert runs == [1]  # one pass of one point
     assert state_builds == [] and fast._checked == set() and fast.shares_rows is None
     assert fast.num_points == 5  # the coordinates are restored
@@ -224,10 +224,10 @@ def test_probe_counts_the_bytes_of_every_module_output():
     a, line = line_of(mlp)
     fast = MultiPointModel(a, line, line.coords_tensor(3))
     x = torch.randn(6, 4, dtype=torch.float64)
-    per_point = chunking.activation_bytes_per_point(fast, (x, None), lambda m, b: (m(b[0]), None),
-                                                    torch.device("cpu"))
+    per_point = chunking.bytes_per_point(fast, (x, None), lambda m, b: (m(b[0]), None), torch.device("cpu"))
     # Linear (6×6), Tanh (6×6), Linear (6×3), the Sequential's output (6×3), in float64
-    assert per_point == 8 * 6 * (6 + 6 + 3 + 3)
+    assert per_point.activations == 8 * 6 * (6 + 6 + 3 + 3)
+    assert per_point.kept == 2 * 8 * 6 * 3  # the output, and the loss's temporaries
 
 
 def test_evaluate_leaves_the_data_alone_when_the_model_writes_into_it():
@@ -349,7 +349,7 @@ def test_groups_are_at_least_the_weights_over_one_points_activations(monkeypatch
     fast = MultiPointModel(a, line, line.coords_tensor(1))
     data = [(torch.randn(2, 64, dtype=torch.float64), None)]
     forward = lambda m, batch: (m(batch[0]), None)  # noqa: E731
-    per_point = chunking.activation_bytes_per_point(fast, data[0], forward, torch.device("cpu"))
+    per_point = chunking.bytes_per_point(fast, data[0], forward, torch.device("cpu")).activations
     assert per_point == 2 * 64 * 8  # the layer's output only
     weights = chunking.weight_bytes(line)
     assert weights == (64 * 64 + 64) * 8 * 2  # origin and one direction

@@ -1,8 +1,9 @@
-"""How many points one pass evaluates (the memory budget over one point's activations), and
-how many of them run through the model together (on the CPU, a cache-sized group)."""
+"""How many points one pass evaluates and how many of them run through the model together
+(on the CPU, a cache-sized group), from the bytes one point takes and a memory budget."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
@@ -36,14 +37,27 @@ def memory_budget(device: torch.device) -> int:
     return int(pages * os.sysconf("SC_PAGE_SIZE") * CPU_BUDGET_FRACTION)
 
 
-def activation_bytes_per_point(fast, batch: Any, forward, device: torch.device, dtype=None) -> int:
-    """Bytes of every module output for one point on `batch` (an upper bound of what a
-    pass holds at once, since no_grad frees activations as it goes)."""
-    total = 0
+@dataclass(frozen=True)
+class PointBytes:
+    """Bytes one point takes on one batch.
 
-    def count(_module, _inputs, output):
-        nonlocal total
-        stack = [output]
+    activations: every module output (an upper bound of what a group holds at once, as
+        no_grad frees activations as it goes); held only while its group runs.
+    kept: what a pass keeps for each of its points whatever its groups: the model's
+        output and the loss's temporaries of the same size until the batch ends, and each
+        batch norm's (2, C) float64 sums and recomputed statistics until the pass ends.
+    """
+
+    activations: int
+    kept: int
+
+
+def bytes_per_point(fast, batch: Any, forward, device: torch.device, dtype=None) -> PointBytes:
+    """PointBytes of `fast` for one point on `batch`, from one unchecked pass."""
+    activations, outputs = 0, 0
+
+    def nbytes(output) -> int:
+        total, stack = 0, [output]
         while stack:
             o = stack.pop()
             if isinstance(o, Tensor):
@@ -52,6 +66,13 @@ def activation_bytes_per_point(fast, batch: Any, forward, device: torch.device, 
                 stack.extend(o)
             elif isinstance(o, dict):
                 stack.extend(o.values())
+        return total
+
+    def count(module, _inputs, output):
+        nonlocal activations, outputs
+        activations += nbytes(output)
+        if module is fast.model:
+            outputs = nbytes(output)
 
     saved = fast.coords
     fast.set_coords(saved[:1])
@@ -66,7 +87,9 @@ def activation_bytes_per_point(fast, batch: Any, forward, device: torch.device, 
         for h in handles:
             h.remove()
         fast.set_coords(saved)
-    return max(total, 1)
+    statistics = sum(m.inner.num_features * (2 * 8 + 2 * m.inner.running_mean.element_size())
+                     for m in fast.norms if m.inner.running_mean is not None)
+    return PointBytes(max(activations, 1), max(2 * outputs + statistics, 1))
 
 
 def weight_bytes(space) -> int:
@@ -84,16 +107,22 @@ def plan(fast, data: Iterable, forward, device: torch.device, dtype=None,
          max_points_per_pass: int | None = None) -> tuple[int, int | None]:
     """(points per pass, points per group within a pass; None: all at once).
 
-    Points per pass: `max_points_per_pass`, else the memory budget over one point's
-    activations. Points per group: on the CPU, CPU_GROUP_BYTES over one point's
-    activations, and at least the weights' bytes over them (each group reads the weights
-    again), at least 1; elsewhere all points at once (a GPU wants wide passes).
+    On a GPU a pass runs all its points at once (a GPU wants wide passes): the memory
+    budget over one point's activations. On the CPU a pass runs them in groups of
+    CPU_GROUP_BYTES over one point's activations, and at least the weights' bytes over
+    them (each group reads the weights again), at most the budget's; a pass holds one
+    group's activations and what it keeps for each of its points (PointBytes.kept), so it
+    takes every point the rest of the budget allows: each pass runs the first-call check
+    of its number of points and reads the data again. `max_points_per_pass` caps it.
     """
     first = next(iter(data), None)
     if first is None or (max_points_per_pass and device.type != "cpu"):
         return max_points_per_pass or 1, None
-    per_point = activation_bytes_per_point(fast, first, forward, device, dtype)
-    per_pass = max_points_per_pass or int(max(1, memory_budget(device) // per_point))
+    point = bytes_per_point(fast, first, forward, device, dtype)
+    budget = memory_budget(device)
     if device.type != "cpu":
-        return per_pass, None
-    return per_pass, int(max(1, CPU_GROUP_BYTES // per_point, -(-weight_bytes(fast.space) // per_point)))
+        return max_points_per_pass or int(max(1, budget // point.activations)), None
+    group = max(1, CPU_GROUP_BYTES // point.activations, -(-weight_bytes(fast.space) // point.activations))
+    group = int(max(1, min(group, budget // point.activations)))
+    per_pass = int(max(1, (budget - group * point.activations) // point.kept))
+    return min(per_pass, max_points_per_pass or per_pass), group
