@@ -8,7 +8,7 @@ import torch
 import mlifast
 import test_evaluate
 import test_interpolate
-from mlifast.multipoint import layers
+from mlifast.multipoint import layers, pending
 from models import ResNet20, vgg_like
 
 
@@ -21,17 +21,32 @@ def form(request, monkeypatch):
     return request.param
 
 
-def conv2d_calls(fast, x):
-    """(images, channels-last?) of each F.conv2d call of one call of `fast` after its first
-    (float32 images travel channels-last on the CPU unless the model rejects that layout)."""
-    calls, conv2d = [], torch.nn.functional.conv2d
+def conv2d_calls(fast, x, post_ops=None):
+    """(images, channels-last?) of each 2-d convolution of one call of `fast` after its
+    first (float32 images travel channels-last on the CPU unless the model rejects that
+    layout): F.conv2d's, and oneDNN's with post-ops (pending.py), whose (addend?, ReLU?)
+    are appended to `post_ops`."""
+    calls, conv2d, pointwise = [], torch.nn.functional.conv2d, pending._ONEDNN_POINTWISE
+    post_ops = [] if post_ops is None else post_ops
 
-    def recording(x, w, *args):
+    def record(x):
         calls.append((x.shape[0], x.is_contiguous(memory_format=torch.channels_last)))
-        return conv2d(x, w, *args)
+
+    class Joined:  # (x, w, b, padding, stride, dilation, groups, unary, …) or .binary(x, addend, w, …, unary, …)
+        def __call__(self, x, *args):
+            record(x)
+            post_ops.append((False, args[6] == "relu"))
+            return pointwise(x, *args)
+
+        def binary(self, x, *args):
+            record(x)
+            post_ops.append((True, args[9] == "relu"))
+            return pointwise.binary(x, *args)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.nn.functional, "conv2d", recording)
+        mp.setattr(torch.nn.functional, "conv2d", lambda x, *args: record(x) or conv2d(x, *args))
+        if pointwise is not None:
+            mp.setattr(pending, "_ONEDNN_POINTWISE", Joined())
         fast(x)
     return calls
 
@@ -265,3 +280,74 @@ def test_pending_convolutions_read_otherwise(monkeypatch, factory, side):
     x = torch.randn(2, 3, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float64)
     assert not fast.per_point_fallback
+
+
+class ResidualBlocks(torch.nn.Module):
+    """A stem conv → BN → ReLU, then two residual blocks: ResNet-20's
+    relu(bn(conv(h)) + h), and torchvision's `out += identity` and an in-place ReLU module."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.b0 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8)
+        self.c1, self.b1 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.c2, self.b2 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.relu, self.fc = torch.nn.ReLU(inplace=True), torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.nn.functional.relu(self.b0(self.stem(x)))
+        h = torch.nn.functional.relu(self.b1(self.c1(h)) + h)
+        out = self.b2(self.c2(h))
+        out += h
+        return self.fc(self.relu(out).mean((2, 3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_residual_additions_and_relus_join_the_convolution(monkeypatch, dtype):
+    """Batch norm folded, then the residual addition and the ReLU run as oneDNN post-ops
+    of each point's convolution (float32), or as separate operations (float64): the
+    oracle's answer either way. (The stem reads rows shared by every point: the J + 1
+    products, not pending.)"""
+    monkeypatch.setattr(layers.ConvRule, "PER_POINT_MIN_POSITIONS", 0)
+    a, b = test_interpolate.pair(ResidualBlocks, dtype)
+    x = torch.randn(2, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(7))
+    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=dtype)
+    batch_norm, normalised, post_ops = torch.nn.functional.batch_norm, [], []
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", lambda *args: normalised.append(1) or batch_norm(*args))
+    with torch.no_grad():
+        calls = conv2d_calls(fast, x, post_ops)
+    assert len(calls) == 2 + 2 * 3 and len(normalised) == 3  # the stem's and b0's; c1 and c2 at each point
+    joined = dtype == torch.float32 and pending._ONEDNN_POINTWISE is not None
+    assert post_ops == ([(True, True)] * 2 * 3 if joined else [])
+
+
+class WritesIntoConvolutionInput(torch.nn.Module):
+    """Writes into an activation after a convolution read it, before anything read the
+    convolution's output: its input rows (`input`) or the addend of a residual addition."""
+
+    def __init__(self, written="input"):
+        super().__init__()
+        self.written = written
+        self.c1, self.c2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.bn, self.fc = torch.nn.BatchNorm2d(8), torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.nn.functional.relu(self.c1(x))
+        y = self.c2(h)
+        if self.written == "input":
+            h.mul_(2)
+        s = self.bn(y) + h
+        if self.written == "addend":
+            h.add_(1)
+        return self.fc((torch.relu(s) + h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("written", ["input", "addend"])
+def test_a_write_into_what_a_pending_convolution_reads_computes_it_at_once(monkeypatch, written, dtype):
+    """The call runs again with convolutions computed at once (their output then reads the
+    rows before the write): the oracle's answer, still fused."""
+    monkeypatch.setattr(layers.ConvRule, "PER_POINT_MIN_POSITIONS", 0)
+    a, b = test_interpolate.pair(lambda: WritesIntoConvolutionInput(written), dtype)
+    x = torch.randn(2, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(8))
+    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=dtype)
+    assert not fast.per_point_fallback and fast.context.defer_convolutions is False

@@ -41,6 +41,9 @@ class PointContext:
     grouped: True while one call of the model runs its points in several groups
         (MultiPointModel.points_per_group); rules may then keep what does not depend on
         the points, computed from rows shared by every point, for the next group (`reuse`).
+    defer_convolutions: whether per-point convolutions on the CPU may return their output
+        pending (multipoint.pending), to join the batch norm, addition and ReLU after them;
+        False once a model wrote into a pending convolution's input.
     bn_mode: "running" — running statistics of each point (interpolated or recomputed);
         "batch" — per-point batch statistics; "collect" — per-point batch statistics,
         also accumulated as running statistics (the "recompute" policy's pass).
@@ -56,6 +59,7 @@ class PointContext:
     flat_indices_shared: bool = False
     flat_indices_read_as_rows: bool = False
     grouped: bool = False
+    defer_convolutions: bool = True
     _kept: dict = field(default_factory=dict, repr=False)
     _active_coeffs: tuple | None = field(default=None, repr=False)
     _indices: Tensor | None = field(default=None, repr=False)

@@ -149,10 +149,10 @@ class ConvRule(AffineInParamsRule):
             return super().forward(x, *args, **kwargs)
         weight, bias = self.per_point("weight"), self.per_point("bias")
         pending = PendingConvolution(self.inner, fold(x, self.context.num_active), weight, bias)
-        if self.context.forward_mode or (torch.is_grad_enabled() and any(
+        if not self.context.defer_convolutions or self.context.forward_mode or (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, weight, bias))):
             return pending.convolved()  # (a pending result would bypass autograd)
-        return pending  # (a batch norm right after it folds into its weights)
+        return pending  # (a batch norm, a residual addition and a ReLU after it join it)
 
 
 class EmbeddingRule(AffineInParamsRule):
@@ -316,7 +316,7 @@ class BatchNormRule(_AffineNormRule):
             return tuple(self.context.of_active(s) for s in self.recomputed)
         return self.per_point("running_mean"), self.per_point("running_var")
 
-    def _folded_into(self, conv: PendingConvolution) -> Tensor:
+    def _folded_into(self, conv: PendingConvolution) -> PendingConvolution:
         """Normalisation by running statistics, an affine map per channel, folded into the
         convolution that produced `conv`: each point's weight scaled, its bias shifted."""
         mean, var = self._running_statistics()
@@ -325,7 +325,7 @@ class BatchNormRule(_AffineNormRule):
         if weight is not None:
             scale = scale * weight
         shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1)
-        return conv.convolved(scale, shift)
+        return conv.folded(scale, shift)
 
     def _normalize_each_point(self, xk: Tensor, stats, weight, bias, use_batch: bool) -> Tensor:
         """(K·B, C, …) from ATen's batch norm on each point's (B, C, …) rows: with
@@ -373,8 +373,6 @@ class InPlaceActivation(nn.Module):
         self.fn = self.IN_PLACE[type(inner)]
 
     def forward(self, x: Tensor) -> Tensor:
-        if isinstance(x, PendingConvolution):
-            x = x.materialize()
-        if type(x) is not Tensor:  # e.g. shared rows: the module as it is
+        if type(x) is not Tensor and not isinstance(x, PendingConvolution):  # e.g. shared rows: the module as it is
             return self.inner(x)
-        return self.fn(x)
+        return self.fn(x)  # (a pending convolution computes itself first, a ReLU within it)

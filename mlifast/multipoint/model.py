@@ -13,6 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mlifast.multipoint.context import PointContext
 from mlifast.multipoint.layers import BatchNormRule, InPlaceActivation
+from mlifast.multipoint.pending import ConvolutionInputWritten
 from mlifast.multipoint.reference import PerPointModel, alias_groups, first_disagreement
 from mlifast.multipoint.registry import check_supported, rule_for
 from mlifast.multipoint.shared import SharedRows, SharedRowsWritten, materialize
@@ -316,7 +317,7 @@ class MultiPointModel(nn.Module):
                 return self._copy(t)
             return _repeat_points(t, k, dim).contiguous(memory_format=self._layout(t))
 
-        undo = self._statistics_undo() if share_rows else None
+        undo = self._statistics_undo()
         try:
             out = self.model(*map_tensors(lift, args, "args"), **map_tensors(lift, kwargs, "kwargs"))
         except SharedRowsWritten:
@@ -324,7 +325,11 @@ class MultiPointModel(nn.Module):
                 raise
             undo()
             self.shares_rows = False  # the model writes into its inputs: repeat them from now on
-            return self._run(args, kwargs, share_rows=False)
+            return self._run(args, kwargs, share_rows=False, copied=copied)
+        except ConvolutionInputWritten:
+            undo()
+            self.context.defer_convolutions = False  # (it writes into activations a convolution read)
+            return self._run(args, kwargs, share_rows, copied=copied)
         return map_tensors(materialize, out, "output")
 
 

@@ -1,22 +1,38 @@
 """A per-point convolution's output, not computed until something reads it.
 
-Batch norm with running statistics right after a convolution is an affine map per
-channel, so it folds into each point's convolution weight and bias: one pass over the
-activations fewer (W2's evaluation pass: 919 of its 1,050 batch norms, on 64 images). A
-`PendingConvolution` carries what the convolutions need; `BatchNormRule` folds itself in
-and runs them; any other operation runs them first (`materialize`) and then itself.
+What the layers after a convolution do to its output can often join the convolution
+itself, saving a pass over the activations each:
+- batch norm with running statistics, an affine map per channel, folds into each point's
+  weight and bias (`BatchNormRule`; W2's evaluation pass: 919 of its 1,050 batch norms);
+- a residual addition of a same-shaped tensor, `conv(x) + shortcut` or `out += identity`,
+  and a ReLU after it run inside oneDNN's convolution as post-ops (float32 on the CPU:
+  the same numbers as the separate operations). ResNets end every block with
+  relu(bn(conv(·)) + shortcut).
+A `PendingConvolution` carries what the convolutions need; any other operation runs them
+first (`materialize`) and then itself.
+
+Its input rows and addend are read when it computes: should the model write into either
+before (a model writing into an activation a convolution has read), it raises
+`ConvolutionInputWritten`, and MultiPointModel runs the call again with convolutions
+computed at once (`PointContext.defer_convolutions`).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 
+class ConvolutionInputWritten(Exception):
+    """The model wrote into a pending convolution's input rows or addend before it ran."""
+
+
 class PendingConvolution(Tensor):
-    """(K_active·B, C_out, …) output of a convolution with each point's own weight.
+    """(K_active·B, C_out, …) output of a convolution with each point's own weight, plus an
+    optional addend of the same shape.
 
     points: (K_active, B, C_in, …) input rows; weight: (K_active, C_out, C_in/groups, …);
     bias: (K_active, C_out) or None; conv: the nn.Conv*d whose `_conv_forward` runs it.
@@ -24,27 +40,37 @@ class PendingConvolution(Tensor):
     """
 
     @staticmethod
-    def __new__(cls, conv: nn.Module, points: Tensor, weight: Tensor, bias: Optional[Tensor]) -> "PendingConvolution":
+    def __new__(cls, conv: nn.Module, points: Tensor, weight: Tensor, bias: Optional[Tensor],
+                addend: Optional[Tensor] = None, versions: tuple = ()) -> "PendingConvolution":
         shape = _output_shape(conv, (points.shape[0] * points.shape[1], *points.shape[2:]))
         layout = torch.channels_last if len(shape) == 4 and _channels_last(points[0]) else torch.contiguous_format
         t = Tensor._make_wrapper_subclass(cls, shape, strides=_strides(shape, layout), dtype=points.dtype,
                                           device=points.device)
-        t._conv, t._points, t._weight, t._bias, t._value = conv, points, weight, bias, None
+        t._conv, t._points, t._weight, t._bias, t._addend, t._value = conv, points, weight, bias, addend, None
+        # (the versions of points and addend as the model made them: they must not change)
+        t._versions = versions or tuple(v._version for v in (points, addend) if v is not None)
         return t
 
-    def __init__(self, *args) -> None:
+    def __init__(self, *args, **kwargs) -> None:
         pass
 
-    def convolved(self, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
-        """The convolutions as a plain tensor; with (K_active, C_out) `scale` and `shift`,
-        each point's output channels scaled and shifted, folded into its weight and bias."""
-        outs = []
+    def folded(self, scale: Tensor, shift: Tensor) -> "PendingConvolution":
+        """Each point's output channels scaled by (K_active, C_out) `scale` and shifted by
+        `shift`, folded into its weight and bias; still pending. Needs no addend."""
+        assert self._addend is None and not self.computed
+        weight = self._weight * scale.reshape(*scale.shape, *([1] * (self._weight.dim() - 2)))
+        bias = shift if self._bias is None else torch.addcmul(shift, self._bias, scale)
+        return PendingConvolution(self._conv, self._points, weight, bias, versions=self._versions)
+
+    def convolved(self, relu: bool = False) -> Tensor:
+        """The convolutions plus the addend, then ReLU if `relu`, as a plain tensor."""
+        if tuple(v._version for v in (self._points, self._addend) if v is not None) != self._versions:
+            raise ConvolutionInputWritten(f"{type(self._conv).__name__}'s input or addend was written in place")
+        outs, batch = [], self._points.shape[1]
         for k, rows in enumerate(self._points):
-            weight, bias = self._weight[k], None if self._bias is None else self._bias[k]
-            if scale is not None:
-                weight = weight * scale[k].reshape(-1, *([1] * (weight.dim() - 1)))
-                bias = shift[k] if bias is None else torch.addcmul(shift[k], bias, scale[k])
-            outs.append(self._conv._conv_forward(rows, weight, bias))
+            bias = None if self._bias is None else self._bias[k]
+            addend = None if self._addend is None else self._addend[k * batch:(k + 1) * batch]
+            outs.append(_convolve(self._conv, rows, self._weight[k], bias, addend, relu))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     @property
@@ -52,20 +78,49 @@ class PendingConvolution(Tensor):
         """Whether the convolutions ran (anything may have written into the result since)."""
         return self._value is not None
 
-    def materialize(self) -> Tensor:
+    def materialize(self, relu: bool = False) -> Tensor:
+        """The result, computed once; `relu` (while not computed yet): ReLU applied."""
         if self._value is None:
-            self._value = self.convolved()
-            self._points = self._weight = self._bias = None
+            self._value = self.convolved(relu)
+            self._points = self._weight = self._bias = self._addend = None
         return self._value
+
+    def _joined(self, func, args: tuple, kwargs: dict) -> Optional[Tensor]:
+        """The result of `func` joined into the convolutions, or None where it cannot be:
+        a ReLU (in place too), or the addition of a plain tensor of the same shape."""
+        if self.computed:
+            return None
+        if func in _RELU and len(args) == 1 and set(kwargs) <= {"inplace"}:
+            return self.materialize(relu=True) if _IN_PLACE.get(func, kwargs.get("inplace", False)) else \
+                self.convolved(relu=True)
+        if func in _ADD and len(args) == 2 and not kwargs and self._addend is None:
+            other = _computed(args[1] if args[0] is self else args[0])
+            if (type(other) is not Tensor or other.shape != self.shape or other.dtype != self.dtype
+                    or other.device != self.device or self.computed):
+                return None
+            if _IN_PLACE[func]:  # (pending += other: self is the sum from now on)
+                if args[0] is not self:
+                    return None
+                self._addend, self._versions = other, (*self._versions, other._version)
+                return self
+            return PendingConvolution(self._conv, self._points, self._weight, self._bias, other,
+                                      (*self._versions, other._version))
+        return None
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        """Shape, dtype and device from the wrapper; everything else — operations, and
-        what reads memory without an operator (`data_ptr`, `numpy`) — on the result."""
+        """Shape, dtype and device from the wrapper; a ReLU or an addition joined into the
+        convolutions; everything else — operations, and what reads memory without an
+        operator (`data_ptr`, `numpy`) — on the result."""
         kwargs = kwargs or {}
         if func in _METADATA or getattr(getattr(func, "__self__", None), "__name__", None) in _PROPERTIES:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
+        if func in _RELU or func in _ADD:
+            pending = next((a for a in args[:2] if isinstance(a, PendingConvolution) and not a.computed), None)
+            joined = None if pending is None else pending._joined(func, args, kwargs)
+            if joined is not None:
+                return joined
         return func(*tree_map(_computed, args), **tree_map(_computed, kwargs))
 
     @classmethod
@@ -75,10 +130,37 @@ class PendingConvolution(Tensor):
 
 _METADATA = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.element_size, Tensor.is_floating_point, Tensor.__len__}
 _PROPERTIES = {"shape", "dtype", "device", "ndim", "is_cpu", "is_cuda", "requires_grad", "layout", "grad_fn", "is_leaf"}
+_RELU = {F.relu, torch.relu, Tensor.relu, torch.relu_, Tensor.relu_}
+_ADD = {Tensor.__add__, Tensor.__radd__, torch.add, Tensor.add, Tensor.__iadd__, Tensor.add_}
+_IN_PLACE = {torch.relu_: True, Tensor.relu_: True, Tensor.__iadd__: True, Tensor.add_: True,
+             Tensor.__add__: False, Tensor.__radd__: False, torch.add: False, Tensor.add: False}
 
 
 def _computed(value):
     return value.materialize() if isinstance(value, PendingConvolution) else value
+
+
+def _convolve(conv: nn.Module, rows: Tensor, weight: Tensor, bias: Optional[Tensor], addend: Optional[Tensor],
+              relu: bool) -> Tensor:
+    """relu?(conv(rows; weight, bias) + addend?): with an addend or a ReLU, on float32 CPU
+    rows of a Conv2d, in one oneDNN primitive with post-ops; else as separate operations."""
+    if (relu or addend is not None) and _ONEDNN_POINTWISE is not None and isinstance(conv, nn.Conv2d) \
+            and rows.dim() == 4 and rows.is_cpu and rows.dtype == torch.float32 and conv.padding_mode == "zeros" \
+            and not isinstance(conv.padding, str):
+        geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        if addend is None:
+            return _ONEDNN_POINTWISE(rows, weight, bias, *geometry, "relu", [], "")
+        return _ONEDNN_POINTWISE.binary(rows, addend, weight, bias, *geometry, "add", None,
+                                        "relu" if relu else None, [], None)
+    y = conv._conv_forward(rows, weight, bias)
+    if addend is not None:
+        y = y.add_(addend)
+    return y.relu_() if relu else y
+
+
+# oneDNN's convolution with post-ops, as Inductor calls it (absent from builds without oneDNN).
+_ONEDNN_POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None) if torch.backends.mkldnn.is_available() \
+    else None
 
 
 def _output_shape(conv: nn.Module, shape: tuple) -> tuple:
