@@ -351,3 +351,18 @@ def test_a_write_into_what_a_pending_convolution_reads_computes_it_at_once(monke
     x = torch.randn(2, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(8))
     fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=dtype)
     assert not fast.per_point_fallback and fast.context.defer_convolutions is False
+
+
+def test_convolutions_under_inference_mode(monkeypatch):
+    """Inference tensors have no version counter to show a write into a pending
+    convolution's input: their convolutions are computed at once. The oracle's answer."""
+    monkeypatch.setattr(layers.ConvRule, "PER_POINT_MIN_POSITIONS", 0)
+    a, b = test_interpolate.pair(ResidualBlocks, torch.float32)
+    line, coords = mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0])
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    fast = mlifast.interpolate(a, line, coords)
+    with torch.inference_mode():
+        out = fast(x)
+    for k, expected in enumerate(test_interpolate.oracle_outputs(a, line, coords, x)):
+        assert test_interpolate.rel_err(out[k], expected) < test_interpolate.TOL[torch.float32]
+    assert not fast.per_point_fallback

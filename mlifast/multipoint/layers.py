@@ -149,9 +149,11 @@ class ConvRule(AffineInParamsRule):
             return super().forward(x, *args, **kwargs)
         weight, bias = self.per_point("weight"), self.per_point("bias")
         pending = PendingConvolution(self.inner, fold(x, self.context.num_active), weight, bias)
-        if not self.context.defer_convolutions or self.context.forward_mode or (torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (x, weight, bias))):
-            return pending.convolved()  # (a pending result would bypass autograd)
+        # Not pending: in forward mode or under autograd (it would bypass them), and for
+        # inference tensors (no version counter shows a write into its input).
+        if not self.context.defer_convolutions or self.context.forward_mode or x.is_inference() or (
+                torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
+            return pending.convolved()
         return pending  # (a batch norm, a residual addition and a ReLU after it join it)
 
 

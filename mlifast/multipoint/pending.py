@@ -48,7 +48,7 @@ class PendingConvolution(Tensor):
                                           device=points.device)
         t._conv, t._points, t._weight, t._bias, t._addend, t._value = conv, points, weight, bias, addend, None
         # (the versions of points and addend as the model made them: they must not change)
-        t._versions = versions or tuple(v._version for v in (points, addend) if v is not None)
+        t._versions = versions or _versions(points, addend)
         return t
 
     def __init__(self, *args, **kwargs) -> None:
@@ -64,7 +64,7 @@ class PendingConvolution(Tensor):
 
     def convolved(self, relu: bool = False) -> Tensor:
         """The convolutions plus the addend, then ReLU if `relu`, as a plain tensor."""
-        if tuple(v._version for v in (self._points, self._addend) if v is not None) != self._versions:
+        if _versions(self._points, self._addend) != self._versions:
             raise ConvolutionInputWritten(f"{type(self._conv).__name__}'s input or addend was written in place")
         outs, batch = [], self._points.shape[1]
         for k, rows in enumerate(self._points):
@@ -96,15 +96,16 @@ class PendingConvolution(Tensor):
         if func in _ADD and len(args) == 2 and not kwargs and self._addend is None:
             other = _computed(args[1] if args[0] is self else args[0])
             if (type(other) is not Tensor or other.shape != self.shape or other.dtype != self.dtype
-                    or other.device != self.device or self.computed):
+                    or other.device != self.device or self.computed or other.is_inference()
+                    or (other.requires_grad and torch.is_grad_enabled())):
                 return None
             if _IN_PLACE[func]:  # (pending += other: self is the sum from now on)
                 if args[0] is not self:
                     return None
-                self._addend, self._versions = other, (*self._versions, other._version)
+                self._addend, self._versions = other, (*self._versions, *_versions(other))
                 return self
             return PendingConvolution(self._conv, self._points, self._weight, self._bias, other,
-                                      (*self._versions, other._version))
+                                      (*self._versions, *_versions(other)))
         return None
 
     @classmethod
@@ -134,6 +135,11 @@ _RELU = {F.relu, torch.relu, Tensor.relu, torch.relu_, Tensor.relu_}
 _ADD = {Tensor.__add__, Tensor.__radd__, torch.add, Tensor.add, Tensor.__iadd__, Tensor.add_}
 _IN_PLACE = {torch.relu_: True, Tensor.relu_: True, Tensor.__iadd__: True, Tensor.add_: True,
              Tensor.__add__: False, Tensor.__radd__: False, torch.add: False, Tensor.add: False}
+
+
+def _versions(*tensors: Optional[Tensor]) -> tuple:
+    """Version counters of `tensors` (None skipped; an inference tensor, which has none: -1)."""
+    return tuple(-1 if t.is_inference() else t._version for t in tensors if t is not None)
 
 
 def _computed(value):
