@@ -7,14 +7,15 @@ TORCH_LIBRARY(mlifast, m) {
   // y[k] = input_k · (weight + Σ_j coeffs[k, j] · weight_dirs[j])ᵀ + (bias + Σ_j coeffs[k, j] · bias_dirs[j])
   // input: (K, R, I) per point, or (R, I) shared by every point; weight: (O, I);
   // bias: (O,); weight_dirs: (J, O, I); bias_dirs: (J, O); coeffs: (K, J) -> (K, R, O).
+  // relu: max(y, 0) instead (the activation after the layer, applied in the same pass).
   m.def(
       "multipoint_linear(Tensor input, Tensor weight, Tensor? bias, Tensor weight_dirs, "
-      "Tensor? bias_dirs, Tensor coeffs) -> Tensor");
+      "Tensor? bias_dirs, Tensor coeffs, bool relu=False) -> Tensor");
   // y[k] = base + (bias + Σ_j coeffs[k, j] · bias_dirs[j]) + Σ_j coeffs[k, j] · along[:, j]
   // base: (R, O) = x·weightᵀ; along: (R, J, O) = x·weight_dirs[j]ᵀ; bias: (O,);
   // bias_dirs: (J, O); coeffs: (K, J) -> (K, R, O). multipoint_linear of a shared input x
-  // is multipoint_combine(x·weightᵀ, x·weight_dirsᵀ, ...).
+  // is multipoint_combine(x·weightᵀ, x·weight_dirsᵀ, ...). relu: as for multipoint_linear.
   m.def(
       "multipoint_combine(Tensor base, Tensor along, Tensor? bias, Tensor? bias_dirs, "
-      "Tensor coeffs) -> Tensor");
+      "Tensor coeffs, bool relu=False) -> Tensor");
 }

@@ -203,7 +203,7 @@ def test_model_writing_into_its_inputs_in_groups():
     assert torch.equal(x, before)
 
 
-def test_activations_after_fused_layers_work_in_place():
+def test_activations_after_fused_layers_join_them_or_work_in_place():
     a, b = pair(vgg_like)
     fast = mlifast.interpolate(a, mlifast.Line(a, b), torch.linspace(0, 1, 3))
     kinds = [type(m).__name__ for m in fast.model]
@@ -211,9 +211,26 @@ def test_activations_after_fused_layers_work_in_place():
     assert kinds[5:7] == ["GroupNorm", "ReLU"]  # equal at both ends: frozen, not a rule
     a, b = pair(mlp)
     fast = mlifast.interpolate(a, mlifast.Line(a, b), torch.linspace(0, 1, 3))
-    assert isinstance(fast.model[2], InPlaceActivation)  # Linear → ReLU
-    assert isinstance(fast.model[5], InPlaceActivation)  # Linear → Tanh
+    assert fast.model[1].relu and isinstance(fast.model[2], nn.Identity)  # Linear → ReLU: in the op
+    assert not fast.model[4].relu and isinstance(fast.model[5], InPlaceActivation)  # Linear → Tanh
     assert isinstance(fast.model[3], nn.Dropout)
+
+
+def test_a_relu_joins_only_the_use_of_a_shared_linear_layer_before_it():
+    """The same Linear twice in the model, once before a ReLU: each place has its own
+    rule, and only that one applies the ReLU. The oracle's answer."""
+    def shared_linear():
+        inner = nn.Linear(8, 8)
+        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), inner, nn.ReLU(), inner, nn.Linear(8, 3))
+
+    a, b = pair(shared_linear)
+    line, coords = mlifast.Line(a, b), torch.linspace(0, 1, 3)
+    fast = mlifast.interpolate(a, line, coords)
+    assert fast.model[2].relu and isinstance(fast.model[3], nn.Identity) and not fast.model[4].relu
+    x = torch.randn(5, 4, dtype=torch.float64)
+    out = fast(x)
+    for k, expected in enumerate(oracle_outputs(a, line, coords, x)):
+        assert rel_err(out[k], expected) < 1e-10
 
 
 def test_activation_with_a_hook_is_not_fused():

@@ -129,3 +129,22 @@ def test_per_point_weight_workspace_in_and_out_of_inference_mode():
     w2 = w.clone().requires_grad_()
     multipoint_linear(x, w2, b, d, db, c).sum().backward()
     assert w2.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_relu_joins_the_combine(dtype):
+    """relu=True: max(y, 0) of multipoint_linear's outputs, NaN kept; gradients through it."""
+    args, linear_args = combine_args(4, 6, 5, 3, 2, "moving", torch.float64)
+    args[0][2, 1] = float("nan")
+    expected = torch.relu(per_point_loop(*linear_args))
+    expected[:, 2, 1] = float("nan")
+    cast = tuple(a.to(dtype) for a in args)
+    for got in (multipoint_combine(*cast, relu=True), multipoint_combine_reference(*cast, relu=True)):
+        assert got.dtype == dtype and torch.equal(got.isnan(), expected.isnan())
+        finite = ~expected.isnan()
+        assert (got[finite] >= 0).all()
+        assert rel_err(got[finite].double(), expected[finite]) < (2e-2 if dtype == torch.bfloat16 else RTOL[dtype])
+    args, _ = combine_args(3, 4, 5, 3, 2, "moving", torch.float64)
+    args = tuple(a.requires_grad_() for a in args)
+    assert torch.autograd.gradcheck(lambda *a: multipoint_combine(*a, relu=True), args)
+    torch.library.opcheck(torch.ops.mlifast.multipoint_combine.default, (*args, True))

@@ -162,3 +162,30 @@ def test_reference_fallback_without_extension():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("R", [3, 70])  # the stacked combine, and the per-point weights' bias pass
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("bias", ["none", "moving"])
+def test_relu_joins_the_layer(dtype, R, shared, bias):
+    """relu=True: max(y, 0) of the loop's outputs, NaN kept (a NaN input row stays NaN)."""
+    args = make_args(4, R, 13, 7, 2, shared, bias, dtype)
+    x = args[0].clone()
+    x[..., 1, 0] = float("nan")
+    args = (x, *args[1:])
+    expected = torch.relu(per_point_loop(*(a.double() if a is not None else None for a in args)))
+    for got in (multipoint_linear(*args, relu=True), multipoint_linear_reference(*args, relu=True)):
+        assert got.dtype == dtype and torch.equal(got.isnan(), expected.isnan())
+        finite = ~expected.isnan()
+        assert (got[finite] >= 0).all()
+        assert rel_err(got[finite].double(), expected[finite]) < (2e-2 if dtype == torch.bfloat16 else RTOL[dtype])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("R", [3, 70])
+def test_gradcheck_through_relu(shared, R):
+    args = make_args(3, R, 5, 4, 2, shared, "moving", torch.float64)
+    args = tuple(a.requires_grad_() for a in args)
+    assert torch.autograd.gradcheck(lambda *a: multipoint_linear(*a, relu=True), args)
+    torch.library.opcheck(torch.ops.mlifast.multipoint_linear.default, (*args, True))

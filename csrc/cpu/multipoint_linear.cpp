@@ -43,12 +43,13 @@ at::Tensor point_biases(const std::optional<at::Tensor>& bias, const std::option
   return b.to(bias->scalar_type()).contiguous();
 }
 
-// out[o] = base[o] (+ bias[o]) + Σ_j c[j]·dirs[j·O + o] in opmath_t, in loops the compiler
+// out[o] = base[o] (+ bias[o]) + Σ_j c[j]·dirs[j·O + o] in opmath_t, then max(·, 0) if
+// `relu` (NaN stays NaN, in the last direction's pass), in branch-free loops the compiler
 // vectorises (restrict: nothing aliases; float and double write the output row directly).
 template <typename scalar_t, typename opmath_t>
 inline void combine_row(const scalar_t* __restrict base, const scalar_t* __restrict bias,
                         const scalar_t* __restrict dirs, const opmath_t* __restrict c, int64_t J, int64_t O,
-                        opmath_t* __restrict out) {
+                        bool relu, opmath_t* __restrict out) {
   if (bias != nullptr) {
 #pragma omp simd
     for (int64_t o = 0; o < O; ++o) out[o] = static_cast<opmath_t>(base[o]) + static_cast<opmath_t>(bias[o]);
@@ -59,8 +60,16 @@ inline void combine_row(const scalar_t* __restrict base, const scalar_t* __restr
   for (int64_t j = 0; j < J; ++j) {
     const opmath_t cj = c[j];
     const scalar_t* __restrict d = dirs + j * O;
+    if (relu && j == J - 1) {
 #pragma omp simd
-    for (int64_t o = 0; o < O; ++o) out[o] += cj * static_cast<opmath_t>(d[o]);
+      for (int64_t o = 0; o < O; ++o) {
+        const opmath_t v = out[o] + cj * static_cast<opmath_t>(d[o]);
+        out[o] = v < opmath_t(0) ? opmath_t(0) : v;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t o = 0; o < O; ++o) out[o] += cj * static_cast<opmath_t>(d[o]);
+    }
   }
 }
 
@@ -70,7 +79,7 @@ inline void combine_row(const scalar_t* __restrict base, const scalar_t* __restr
 // L1: base and dirs are read once per call, not once per point.
 template <typename scalar_t>
 void combine_rows(const at::Tensor& base, const at::Tensor& dirs, const at::Tensor& bias_k,
-                  const at::Tensor& coeffs, at::Tensor& y, const LinearSizes& s) {
+                  const at::Tensor& coeffs, bool relu, at::Tensor& y, const LinearSizes& s) {
   using opmath_t = at::opmath_type<scalar_t>;
   const scalar_t* base_p = base.const_data_ptr<scalar_t>();
   const scalar_t* dirs_p = dirs.const_data_ptr<scalar_t>();
@@ -93,9 +102,9 @@ void combine_rows(const at::Tensor& base, const at::Tensor& dirs, const at::Tens
       const scalar_t* base_row = base_p + row * O;
       const scalar_t* dirs_row = dirs_p + row * J * O;
       if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-        combine_row<scalar_t, opmath_t>(base_row, bias_row, dirs_row, c_p + k * J, J, O, y_row);
+        combine_row<scalar_t, opmath_t>(base_row, bias_row, dirs_row, c_p + k * J, J, O, relu, y_row);
       } else {  // half, bfloat16: accumulate in float, round once
-        combine_row<scalar_t, opmath_t>(base_row, bias_row, dirs_row, c_p + k * J, J, O, acc.data());
+        combine_row<scalar_t, opmath_t>(base_row, bias_row, dirs_row, c_p + k * J, J, O, relu, acc.data());
         for (int64_t o = 0; o < O; ++o) y_row[o] = static_cast<scalar_t>(acc[o]);
       }
     }
@@ -103,18 +112,19 @@ void combine_rows(const at::Tensor& base, const at::Tensor& dirs, const at::Tens
 }
 
 void stacked(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_dirs,
-             const at::Tensor& bias_k, const at::Tensor& coeffs, const LinearSizes& s, at::Tensor& y) {
+             const at::Tensor& bias_k, const at::Tensor& coeffs, bool relu, const LinearSizes& s, at::Tensor& y) {
   const at::Tensor rows = input.reshape({(s.shared_input ? 1 : s.points) * s.rows, s.in_features});
   const at::Tensor base = at::mm(rows, weight.t()).contiguous();
   const at::Tensor dirs =
       at::mm(rows, weight_dirs.reshape({s.directions * s.out_features, s.in_features}).t()).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "multipoint_linear_combine",
-                                  [&] { combine_rows<scalar_t>(base, dirs, bias_k, coeffs, y, s); });
+                                  [&] { combine_rows<scalar_t>(base, dirs, bias_k, coeffs, relu, y, s); });
 }
 
 at::Tensor multipoint_combine_cpu(const at::Tensor& base, const at::Tensor& along,
                                   const std::optional<at::Tensor>& bias,
-                                  const std::optional<at::Tensor>& bias_dirs, const at::Tensor& coeffs) {
+                                  const std::optional<at::Tensor>& bias_dirs, const at::Tensor& coeffs,
+                                  bool relu) {
   const LinearSizes s = check_multipoint_combine(base, along, bias, bias_dirs, coeffs);
   at::Tensor y = at::empty({s.points, s.rows, s.out_features}, base.options());  // first (multipoint_linear_cpu)
   if (y.numel() == 0) return y;
@@ -122,7 +132,7 @@ at::Tensor multipoint_combine_cpu(const at::Tensor& base, const at::Tensor& alon
   const at::Tensor base_c = base.contiguous();
   const at::Tensor along_c = along.contiguous().reshape({s.rows, s.directions * s.out_features});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, base.scalar_type(), "multipoint_combine",
-                                  [&] { combine_rows<scalar_t>(base_c, along_c, bias_k, coeffs, y, s); });
+                                  [&] { combine_rows<scalar_t>(base_c, along_c, bias_k, coeffs, relu, y, s); });
   return y;
 }
 
@@ -144,8 +154,34 @@ at::Tensor weight_workspace(const at::Tensor& like) {
   return kept.narrow(0, 0, like.numel()).view(like.sizes());
 }
 
+// y_k (R, O) = max(y_k + bias, 0) (bias (O,) if given; NaN stays NaN): one pass over each
+// row, in branch-free loops the compiler vectorises.
+template <typename scalar_t>
+void add_bias_relu(at::Tensor& y_k, const at::Tensor& bias) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  scalar_t* y_p = y_k.data_ptr<scalar_t>();
+  const scalar_t* b_p = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+  const int64_t R = y_k.size(0), O = y_k.size(1);
+  at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, O)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* __restrict row = y_p + r * O;
+      if (b_p != nullptr) {
+#pragma omp simd
+        for (int64_t o = 0; o < O; ++o) {
+          const opmath_t v = static_cast<opmath_t>(row[o]) + static_cast<opmath_t>(b_p[o]);
+          row[o] = static_cast<scalar_t>(v < opmath_t(0) ? opmath_t(0) : v);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t o = 0; o < O; ++o) row[o] = row[o] < scalar_t(0) ? scalar_t(0) : row[o];
+      }
+    }
+  });
+}
+
 void per_point_weights(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_dirs,
-                       const at::Tensor& bias_k, const at::Tensor& coeffs, const LinearSizes& s, at::Tensor& y) {
+                       const at::Tensor& bias_k, const at::Tensor& coeffs, bool relu, const LinearSizes& s,
+                       at::Tensor& y) {
   const at::Tensor w = weight.contiguous();
   const at::Tensor d = weight_dirs.contiguous();
   const at::Tensor c = coeffs.to(at::kDouble).cpu();
@@ -157,16 +193,23 @@ void per_point_weights(const at::Tensor& input, const at::Tensor& weight, const 
     for (int64_t j = 1; j < s.directions; ++j) w_k.add_(d[j], c_p[k * s.directions + j]);
     at::Tensor y_k = y.select(0, k);
     at::mm_out(y_k, input.select(0, k), w_k.t());
-    // The bias added while y_k is still in cache: addmm would first copy it into all of
-    // y_k and have the GEMM read y_k back (W1's 1000×1024 rows a point: 0.37 vs 0.38 s
-    // for 50 points, on the 2-core CI CPU).
-    if (bias_k.defined()) y_k.add_(bias_k.select(0, k));
+    // The bias (and ReLU) applied while y_k is still in cache: addmm would first copy the
+    // bias into all of y_k and have the GEMM read y_k back (W1's 1000×1024 rows a point:
+    // 0.37 vs 0.38 s for 50 points, on the 2-core CI CPU).
+    if (relu) {
+      const at::Tensor b = bias_k.defined() ? bias_k.select(0, k) : at::Tensor();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "multipoint_linear_relu",
+                                      [&] { add_bias_relu<scalar_t>(y_k, b); });
+    } else if (bias_k.defined()) {
+      y_k.add_(bias_k.select(0, k));
+    }
   }
 }
 
 at::Tensor multipoint_linear_cpu(const at::Tensor& input, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, const at::Tensor& weight_dirs,
-                                 const std::optional<at::Tensor>& bias_dirs, const at::Tensor& coeffs) {
+                                 const std::optional<at::Tensor>& bias_dirs, const at::Tensor& coeffs,
+                                 bool relu) {
   const LinearSizes s = check_multipoint_linear(input, weight, bias, weight_dirs, bias_dirs, coeffs);
   // The output is allocated before any temporary: glibc then reuses its memory from call to
   // call, where allocated after small temporaries it came back freshly mapped each time (a
@@ -175,9 +218,9 @@ at::Tensor multipoint_linear_cpu(const at::Tensor& input, const at::Tensor& weig
   if (y.numel() == 0) return y;
   const at::Tensor bias_k = point_biases(bias, bias_dirs, coeffs);
   if (!s.shared_input && s.rows >= kPerPointWeightMinRows) {
-    per_point_weights(input, weight, weight_dirs, bias_k, coeffs, s, y);
+    per_point_weights(input, weight, weight_dirs, bias_k, coeffs, relu, s, y);
   } else {
-    stacked(input, weight, weight_dirs, bias_k, coeffs, s, y);
+    stacked(input, weight, weight_dirs, bias_k, coeffs, relu, s, y);
   }
   return y;
 }

@@ -182,17 +182,19 @@ at::Tensor fused_only(const Operands& o, const at::Tensor& coeffs) {
   return fused(o.x, o.w, o.b, o.d, o.db, coeffs, o.s);
 }
 
-// One CUDA operator: checks, the device guard and empty outputs, then `algorithm`.
+// One CUDA operator: checks, the device guard and empty outputs, then `algorithm`, then
+// the ReLU if asked (a separate in-place pass here; on the CPU it joins the bias pass).
 template <at::Tensor (*algorithm)(const Operands&, const at::Tensor&)>
 at::Tensor cuda_op(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    const at::Tensor& weight_dirs, const std::optional<at::Tensor>& bias_dirs,
-                   const at::Tensor& coeffs) {
+                   const at::Tensor& coeffs, bool relu) {
   const c10::cuda::CUDAGuard guard(input.device());
   const Operands o = prepare(input, weight, bias, weight_dirs, bias_dirs, coeffs);
   if (o.s.points * o.s.rows * o.s.out_features == 0) {
     return at::empty({o.s.points, o.s.rows, o.s.out_features}, input.options());
   }
-  return algorithm(o, coeffs);
+  at::Tensor y = algorithm(o, coeffs);
+  return relu ? y.relu_() : y;
 }
 
 }  // namespace
@@ -201,7 +203,7 @@ at::Tensor cuda_op(const at::Tensor& input, const at::Tensor& weight, const std:
 // The fused kernels alone, whatever the cost model says: for benchmarks/cuda_check.py.
 TORCH_LIBRARY_FRAGMENT(mlifast, m) {
   m.def("_multipoint_linear_fused(Tensor input, Tensor weight, Tensor? bias, Tensor weight_dirs, "
-        "Tensor? bias_dirs, Tensor coeffs) -> Tensor");
+        "Tensor? bias_dirs, Tensor coeffs, bool relu=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mlifast, CUDA, m) {

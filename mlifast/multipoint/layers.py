@@ -40,8 +40,8 @@ def one_point_per_call(x: Tensor) -> bool:
 
 
 def linear_at_points(context, x: Tensor, w: Tensor, b: Tensor | None, w_dirs: Tensor | None,
-                     b_dirs: Tensor | None) -> Tensor:
-    """(K, R, O) outputs of a linear layer at the K active points.
+                     b_dirs: Tensor | None, relu: bool = False) -> Tensor:
+    """(K, R, O) outputs of a linear layer at the K active points (through a ReLU if `relu`).
 
     x: (K, R, I) rows of each point, or (R, I) rows shared by every point; w (O, I) and
     b (O,) at the origin; w_dirs (J, O, I), b_dirs (J, O) or None where fixed.
@@ -51,18 +51,20 @@ def linear_at_points(context, x: Tensor, w: Tensor, b: Tensor | None, w_dirs: Te
         y = context.reuse(lambda: F.linear(x, w), x, w) if x.dim() == 2 else F.linear(x, w)
         bias = b if b_dirs is None else b + c @ b_dirs  # (O,) or (K, O)
         y = y + (bias.unsqueeze(1) if bias.dim() == 2 else bias)
+        y = y.relu_() if relu else y
         return y.expand(k, *y.shape[-2:]) if y.dim() == 2 else y
     b_dirs = b_dirs if b is not None else None
     if x.dim() == 2 and context.grouped and not context.forward_mode:
         # Rows shared by every point, whose points run in groups: x·Wᵀ and x·Dᵀ once per
         # call of the model, then each group's combine (what the op does in one go).
         base, along = context.reuse(lambda: (F.linear(x, w), F.linear(x, w_dirs.flatten(0, 1))), x, w, w_dirs)
-        return multipoint_combine(base, along.unflatten(1, w_dirs.shape[:2]), b, b_dirs, c)
-    return context.linear(x, w, b, w_dirs, b_dirs, c)
+        return multipoint_combine(base, along.unflatten(1, w_dirs.shape[:2]), b, b_dirs, c, relu)
+    return context.linear(x, w, b, w_dirs, b_dirs, c, relu)
 
 
 class LinearRule(MultiPointRule):
     fresh_output = True
+    relu = False  # True: a ReLU right after it joins the op (model.fuse_activations)
 
     def weight_and_directions(self) -> tuple[Tensor, Tensor | None]:
         """The (O, I) weight at the origin and its (J, O, I) directions (None if fixed)."""
@@ -76,12 +78,12 @@ class LinearRule(MultiPointRule):
         if shared or dim is None:  # the same rows for every point: computed once
             rows = x.rows() if shared else x
             y = linear_at_points(self.context, rows.reshape(-1, rows.shape[-1]), w, b, w_dirs,
-                                 self.directions.get("bias"))
+                                 self.directions.get("bias"), self.relu)
             y = y.reshape(k, *rows.shape[:-1], w.shape[0])
             return y.flatten(0, 1) if shared else rows_for_every_example(y, self.context.batch_size)
         rows = fold(x, k, dim)
         y = linear_at_points(self.context, rows.reshape(k, -1, rows.shape[-1]), w, b, w_dirs,
-                             self.directions.get("bias"))
+                             self.directions.get("bias"), self.relu)
         return unfold(y.reshape(*rows.shape[:-1], w.shape[0]), dim)
 
 

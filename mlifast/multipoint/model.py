@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mlifast.multipoint.context import PointContext
-from mlifast.multipoint.layers import BatchNormRule, InPlaceActivation
+from mlifast.multipoint.layers import BatchNormRule, InPlaceActivation, LinearRule
 from mlifast.multipoint.pending import ConvolutionInputWritten
 from mlifast.multipoint.reference import PerPointModel, alias_groups, first_disagreement
 from mlifast.multipoint.registry import check_supported, rule_for
@@ -425,17 +425,24 @@ def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn
 
 def fuse_activations(root: nn.Module) -> None:
     """In every nn.Sequential of the copy, an activation (ReLU, Tanh, Sigmoid) that
-    directly follows a rule with a fresh output works in place on that output
-    (InPlaceActivation): in a Sequential nothing else sees the rule's output. Modules
-    with hooks are left as they are."""
+    directly follows a rule with a fresh output works on that output: in a Sequential
+    nothing else sees the rule's output. A ReLU after a linear rule joins its op
+    (`LinearRule.relu`: max(y, 0) in the op's own pass over its output; each place a
+    module appears in the model has its own rule, see _multipoint_copy); any other works
+    in place (InPlaceActivation). Modules with hooks are left as they are."""
     for seq in list(root.modules()):
         if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
             continue
         names = list(seq._modules)
         for before, name in zip(names, names[1:]):
-            act = seq._modules[name]
-            if (getattr(seq._modules[before], "fresh_output", False) and type(act) in InPlaceActivation.IN_PLACE
-                    and not (act._forward_hooks or act._forward_pre_hooks)):
+            rule, act = seq._modules[before], seq._modules[name]
+            if (not getattr(rule, "fresh_output", False) or type(act) not in InPlaceActivation.IN_PLACE
+                    or act._forward_hooks or act._forward_pre_hooks):
+                continue
+            if type(act) is nn.ReLU and isinstance(rule, LinearRule):
+                rule.relu = True
+                seq._modules[name] = nn.Identity()
+            else:
                 seq._modules[name] = InPlaceActivation(act)
 
 

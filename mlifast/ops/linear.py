@@ -4,7 +4,7 @@ For K points of an affine weight space with J directions:
 
     y[k] = input_k · (W + Σ_j c[k, j]·D_j)ᵀ + (b + Σ_j c[k, j]·db_j)
 
-Shapes: input (K, R, I) — R rows per point — or (R, I) when every point sees the same
+and with relu=True max(y[k], 0), the activation applied in the same pass. Shapes: input (K, R, I) — R rows per point — or (R, I) when every point sees the same
 rows; W (O, I); b (O,) or None; D (J, O, I); db (J, O) or None; c (K, J). Output (K, R, O).
 No implementation ever materialises the K weights.
 """
@@ -20,7 +20,7 @@ from mlifast.ops._checks import check_matching, check_tensors, describe
 
 SCHEMA = (
     "multipoint_linear(Tensor input, Tensor weight, Tensor? bias, Tensor weight_dirs, "
-    "Tensor? bias_dirs, Tensor coeffs) -> Tensor"
+    "Tensor? bias_dirs, Tensor coeffs, bool relu=False) -> Tensor"
 )
 
 
@@ -31,6 +31,7 @@ def multipoint_linear_reference(
     weight_dirs: Tensor,
     bias_dirs: Optional[Tensor],
     coeffs: Tensor,
+    relu: bool = False,
 ) -> Tensor:
     """Pure-PyTorch `multipoint_linear` (the oracle of the kernels, and their fallback).
 
@@ -47,27 +48,32 @@ def multipoint_linear_reference(
     if bias is not None:
         point_bias = bias if bias_dirs is None else bias + c @ bias_dirs  # (O,) or (K, O)
         y = y + (point_bias if point_bias.dim() == 1 else point_bias.unsqueeze(1))
-    return y
+    return torch.relu(y) if relu else y
 
 
 register_op("multipoint_linear", SCHEMA, multipoint_linear_reference)
 
 
 @torch.library.register_fake("mlifast::multipoint_linear")
-def _(input, weight, bias, weight_dirs, bias_dirs, coeffs):
+def _(input, weight, bias, weight_dirs, bias_dirs, coeffs, relu=False):
     return input.new_empty((coeffs.shape[0], input.shape[-2], weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in inputs))
+    tensors, ctx.relu = inputs[:6], len(inputs) > 6 and inputs[6]
+    ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in tensors),
+                          output if ctx.relu else torch.empty(0))
     ctx.has_bias = inputs[2] is not None
     ctx.has_bias_dirs = inputs[4] is not None
 
 
 def _backward(ctx, grad):
-    """Gradients of y = x·(W + Σ c D)ᵀ + b + Σ c db, using only activation-sized temporaries."""
-    x, weight, _, weight_dirs, bias_dirs, coeffs = ctx.saved_tensors
+    """Gradients of y = x·(W + Σ c D)ᵀ + b + Σ c db (through max(y, 0) with relu), using
+    only activation-sized temporaries."""
+    x, weight, _, weight_dirs, bias_dirs, coeffs, output = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    if ctx.relu:
+        grad = grad * (output > 0)
     c = coeffs.to(grad.dtype)
     shared = x.dim() == 2
     grad_x = grad_w = grad_b = grad_d = grad_db = grad_c = None
@@ -100,7 +106,7 @@ def _backward(ctx, grad):
         if ctx.has_bias_dirs:
             grad_c = grad_c + grad.sum(1) @ bias_dirs.t()
         grad_c = grad_c.to(coeffs.dtype)
-    return grad_x, grad_w, grad_b, grad_d, grad_db, grad_c
+    return grad_x, grad_w, grad_b, grad_d, grad_db, grad_c, None
 
 
 torch.library.register_autograd("mlifast::multipoint_linear", _backward, setup_context=_setup_context)
@@ -154,6 +160,7 @@ def multipoint_linear(
     weight_dirs: Tensor,
     bias_dirs: Optional[Tensor],
     coeffs: Tensor,
+    relu: bool = False,
 ) -> Tensor:
     """A linear layer evaluated at K points of weight space at once.
 
@@ -164,9 +171,10 @@ def multipoint_linear(
         weight_dirs: (J, O, I) the J directions of the weight.
         bias_dirs: (J, O) the J directions of the bias, or None (bias fixed).
         coeffs: (K, J) coordinates of the K points.
+        relu: return max(y, 0), the ReLU applied in the same pass (NaN stays NaN).
 
     Returns:
         (K, R, O): y[k] = input_k · (W + Σ_j c_kj D_j)ᵀ + b + Σ_j c_kj db_j.
     """
     check_multipoint_linear_args(input, weight, bias, weight_dirs, bias_dirs, coeffs)
-    return torch.ops.mlifast.multipoint_linear(input, weight, bias, weight_dirs, bias_dirs, coeffs)
+    return torch.ops.mlifast.multipoint_linear(input, weight, bias, weight_dirs, bias_dirs, coeffs, relu)
