@@ -366,3 +366,25 @@ def test_convolutions_under_inference_mode(monkeypatch):
     for k, expected in enumerate(test_interpolate.oracle_outputs(a, line, coords, x)):
         assert test_interpolate.rel_err(out[k], expected) < test_interpolate.TOL[torch.float32]
     assert not fast.per_point_fallback
+
+
+class BatchNormAfterResidual(torch.nn.Module):
+    """bn(conv(h) + h): the addition joins the convolution, the batch norm cannot fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.bn, self.fc = torch.nn.BatchNorm2d(8), torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        return self.fc(torch.relu(self.bn(self.c2(h) + h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batch_norm_after_a_joined_addition(monkeypatch, dtype):
+    monkeypatch.setattr(layers.ConvRule, "PER_POINT_MIN_POSITIONS", 0)
+    a, b = test_interpolate.pair(BatchNormAfterResidual, dtype)
+    x = torch.randn(2, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(10))
+    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=dtype)
+    assert not fast.per_point_fallback

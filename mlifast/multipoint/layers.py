@@ -284,7 +284,7 @@ class BatchNormRule(_AffineNormRule):
         k = self.context.num_active
         use_batch = mode in ("batch", "collect") or inner.training or self.origin("running_mean") is None
         if isinstance(x, PendingConvolution):  # a convolution's output, perhaps not computed yet
-            if not use_batch and not x.computed:
+            if not use_batch and x.foldable:
                 return self._folded_into(x)
             x = x.materialize()
         xk = self.split_points(x, 0)  # (K, B, C, …)

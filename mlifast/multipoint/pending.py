@@ -56,8 +56,8 @@ class PendingConvolution(Tensor):
 
     def folded(self, scale: Tensor, shift: Tensor) -> "PendingConvolution":
         """Each point's output channels scaled by (K_active, C_out) `scale` and shifted by
-        `shift`, folded into its weight and bias; still pending. Needs no addend."""
-        assert self._addend is None and not self.computed
+        `shift`, folded into its weight and bias; still pending."""
+        assert self.foldable
         weight = self._weight * scale.reshape(*scale.shape, *([1] * (self._weight.dim() - 2)))
         bias = shift if self._bias is None else torch.addcmul(shift, self._bias, scale)
         return PendingConvolution(self._conv, self._points, weight, bias, versions=self._versions)
@@ -72,6 +72,11 @@ class PendingConvolution(Tensor):
             addend = None if self._addend is None else self._addend[k * batch:(k + 1) * batch]
             outs.append(_convolve(self._conv, rows, self._weight[k], bias, addend, relu))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    @property
+    def foldable(self) -> bool:
+        """Whether a per-channel affine map can fold into the weights: not computed, no addend."""
+        return self._value is None and self._addend is None
 
     @property
     def computed(self) -> bool:
