@@ -96,15 +96,15 @@ class PendingConvolution(Tensor):
         if self.computed:
             return None
         if func in _RELU and len(args) == 1 and set(kwargs) <= {"inplace"}:
-            return self.materialize(relu=True) if _IN_PLACE.get(func, kwargs.get("inplace", False)) else \
-                self.convolved(relu=True)
+            in_place = func in _IN_PLACE or kwargs.get("inplace", False)
+            return self.materialize(relu=True) if in_place else self.convolved(relu=True)
         if func in _ADD and len(args) == 2 and not kwargs and self._addend is None:
             other = _computed(args[1] if args[0] is self else args[0])
             if (type(other) is not Tensor or other.shape != self.shape or other.dtype != self.dtype
                     or other.device != self.device or self.computed or other.is_inference()
                     or (other.requires_grad and torch.is_grad_enabled())):
                 return None
-            if _IN_PLACE[func]:  # (pending += other: self is the sum from now on)
+            if func in _IN_PLACE:  # (pending += other: self is the sum from now on)
                 if args[0] is not self:
                     return None
                 self._addend, self._versions = other, (*self._versions, *_versions(other))
@@ -138,8 +138,7 @@ _METADATA = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.element_size, Tensor.
 _PROPERTIES = {"shape", "dtype", "device", "ndim", "is_cpu", "is_cuda", "requires_grad", "layout", "grad_fn", "is_leaf"}
 _RELU = {F.relu, torch.relu, Tensor.relu, torch.relu_, Tensor.relu_}
 _ADD = {Tensor.__add__, Tensor.__radd__, torch.add, Tensor.add, Tensor.__iadd__, Tensor.add_}
-_IN_PLACE = {torch.relu_: True, Tensor.relu_: True, Tensor.__iadd__: True, Tensor.add_: True,
-             Tensor.__add__: False, Tensor.__radd__: False, torch.add: False, Tensor.add: False}
+_IN_PLACE = {torch.relu_, Tensor.relu_, Tensor.__iadd__, Tensor.add_}
 
 
 def _versions(*tensors: Optional[Tensor]) -> tuple:
