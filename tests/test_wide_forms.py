@@ -2,6 +2,8 @@
 ATen's kernel once per point with that point's parameters (the CPU's form) and one wide
 call over the rows of all points (a GPU's form, forced here on the CPU), each against
 the one-point-at-a-time oracle."""
+import warnings
+
 import pytest
 import torch
 
@@ -388,3 +390,30 @@ def test_batch_norm_after_a_joined_addition(monkeypatch, dtype):
     x = torch.randn(2, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(10))
     fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=dtype)
     assert not fast.per_point_fallback
+
+
+@pytest.mark.parametrize("bn", ["interpolate", "recompute"])
+def test_float32_resnet_evaluation_joins_its_blocks(monkeypatch, bn):
+    """evaluate on a float32 ResNet-20 in the CPU's per-point form (after the recompute
+    pass for "recompute"): batch norms folded, residual additions and ReLUs run as oneDNN
+    post-ops; the loop's losses."""
+    monkeypatch.setattr(layers.ConvRule, "PER_POINT_MIN_POSITIONS", 0)
+    a, b = test_interpolate.pair(lambda: ResNet20(num_classes=5), torch.float32)
+    data = [(x.float(), y) for x, y in test_evaluate.batches(n=12, batch=6, shape=(3, 16, 16))]
+    joined, pointwise = [], pending._ONEDNN_POINTWISE
+    if pointwise is not None:
+        class Counted:
+            def __call__(self, *args):
+                return joined.append(1) or pointwise(*args)
+
+            def binary(self, *args):
+                return joined.append(1) or pointwise.binary(*args)
+
+        monkeypatch.setattr(pending, "_ONEDNN_POINTWISE", Counted())
+    line = mlifast.Line(a, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (no fallback to one point at a time)
+        res = mlifast.evaluate(a, line, data, coords=3, bn=bn, progress=False)
+    losses, _ = test_evaluate.loop_evaluate(a, line, data, res.alphas.tolist(), bn)
+    torch.testing.assert_close(res["loss"], losses, rtol=1e-4, atol=0)
+    assert pointwise is None or len(joined) > 0
