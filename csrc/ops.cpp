@@ -18,4 +18,11 @@ TORCH_LIBRARY(mlifast, m) {
   m.def(
       "multipoint_combine(Tensor base, Tensor along, Tensor? bias, Tensor? bias_dirs, "
       "Tensor coeffs, bool relu=False) -> Tensor");
+  // y[k] = relu(base + coeffs[k]·along) · (weight + coeffs[k]·weight_dir)ᵀ + (bias + coeffs[k]·bias_dir)
+  // base, along: (R, I); weight, weight_dir: (O, I); bias, bias_dir: (O,); coeffs: (K,)
+  // -> (K, R, O): the linear layer after a ReLU whose input is affine along a line (the
+  // second layer of an MLP whose input is the same at every point). relu: as above.
+  m.def(
+      "relu_line_linear(Tensor base, Tensor along, Tensor weight, Tensor weight_dir, Tensor? bias, "
+      "Tensor? bias_dir, Tensor coeffs, bool relu=False) -> Tensor");
 }

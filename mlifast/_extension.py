@@ -51,6 +51,11 @@ def register_op(name: str, schema: str, reference: Callable) -> None:
     _BACKENDS[name] = backends
 
 
+def compiled(name: str, device_type: str) -> bool:
+    """Whether `torch.ops.mlifast.<name>` runs a compiled kernel on `device_type` ("cpu", "cuda")."""
+    return _BACKENDS.get(name, {}).get(device_type) in ("cpp", "cuda")
+
+
 def warn_if_not_compiled() -> None:
     if COMPILED_ERROR:
         warnings.warn(

@@ -2,6 +2,7 @@
 a pure-PyTorch reference (`*_reference`) that is the oracle of the tests."""
 from mlifast.ops.combine import multipoint_combine, multipoint_combine_reference
 from mlifast.ops.linear import multipoint_linear, multipoint_linear_reference
+from mlifast.ops.relu_line import relu_line_linear, relu_line_linear_reference
 
 __all__ = ["multipoint_combine", "multipoint_combine_reference", "multipoint_linear",
-           "multipoint_linear_reference"]
+           "multipoint_linear_reference", "relu_line_linear", "relu_line_linear_reference"]
