@@ -312,7 +312,8 @@ class MultiPointModel(nn.Module):
             if not _carries_batch(t, batch, dim):
                 return t
             # A copy either way: in-place operations of the model never reach the caller's tensor.
-            if share_rows:
+            # (SharedRows is a new leaf: an input that needs gradients is repeated instead.)
+            if share_rows and not (t.requires_grad and torch.is_grad_enabled()):
                 return SharedRows(t if copied else self._copy(t), k)
             if k == 1:
                 return self._copy(t)

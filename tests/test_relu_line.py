@@ -1,0 +1,194 @@
+"""relu_line_linear (the linear layer after a ReLU along a line) and LinearReluLinear,
+which runs an MLP's first two moving layers through it: against the loop."""
+import pytest
+import torch
+from torch import nn
+
+import mlifast
+import mlifast.multipoint.relu_line as relu_line
+from mlifast.multipoint.relu_line import LinearReluLinear
+from mlifast.ops import relu_line_linear, relu_line_linear_reference
+from oracle import TOL, oracle_outputs, rel_err
+from test_evaluate import loop_evaluate
+
+
+def line_operands(rows, inputs, outputs, dtype, seed=0, bias=True, bias_dir=True):
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)  # noqa: E731
+    b = t(outputs) if bias else None
+    return t(rows, inputs), t(rows, inputs), t(outputs, inputs), t(outputs, inputs), b, (
+        t(outputs) if bias and bias_dir else None)
+
+
+def per_point_loop(base, along, weight, weight_dir, bias, bias_dir, coeffs, relu):
+    """y[k] from the weights at c_k, one point at a time, in float64."""
+    out = []
+    for c in coeffs.double().tolist():
+        h = torch.relu(base.double() + c * along.double())
+        y = h @ (weight.double() + c * weight_dir.double()).t()
+        if bias is not None:
+            y = y + bias.double() + (0 if bias_dir is None else c * bias_dir.double())
+        out.append(torch.relu(y) if relu else y)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rows,inputs,outputs", [(40, 96, 80), (7, 13, 37), (3, 5, 1), (16, 64, 256)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_kernel_and_reference_equal_the_loop(dtype, rows, inputs, outputs, relu):
+    """Unsorted points with a repeat, outside [0, 1] too: about half the units switch between
+    the extremes; widths with and without a partial column tile (32 float32, 16 float64)."""
+    operands = line_operands(rows, inputs, outputs, dtype)
+    coeffs = torch.tensor([0.5, -1.0, 2.0, 0.25, 0.5, 0.0, 1.0, -0.3], dtype=dtype)
+    expected = per_point_loop(*operands, coeffs, relu)
+    for op in (relu_line_linear, relu_line_linear_reference):
+        y = op(*operands, coeffs, relu)
+        assert y.shape == (8, rows, outputs) and y.dtype == dtype
+        assert rel_err(y, expected) < (1e-12 if dtype == torch.float64 else 1e-5), op.__name__
+
+
+@pytest.mark.parametrize("bias,bias_dir", [(False, False), (True, False)])
+def test_without_bias_or_its_direction(bias, bias_dir):
+    operands = line_operands(9, 20, 33, torch.float64, bias=bias, bias_dir=bias_dir)
+    coeffs = torch.linspace(0, 1, 6, dtype=torch.float64)
+    assert rel_err(relu_line_linear(*operands, coeffs), per_point_loop(*operands, coeffs, False)) < 1e-12
+
+
+def test_one_point_and_units_that_never_switch():
+    """K = 1; units with along = 0 (never switch), and a unit reaching exactly 0 at a point."""
+    base, along, weight, weight_dir, bias, bias_dir = line_operands(6, 10, 20, torch.float64)
+    along[:, :4] = 0
+    base[0, 5], along[0, 5] = -0.5, 1.0  # zero at c = 0.5
+    for coeffs in (torch.tensor([0.3], dtype=torch.float64), torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)):
+        operands = (base, along, weight, weight_dir, bias, bias_dir)
+        assert rel_err(relu_line_linear(*operands, coeffs, True), per_point_loop(*operands, coeffs, True)) < 1e-12
+
+
+def test_non_finite_inputs_give_what_the_loop_gives():
+    """NaN stays NaN and infinities propagate as in the loop (the kernel then takes the
+    per-point form: a NaN never switches cleanly)."""
+    operands = list(line_operands(5, 12, 40, torch.float32))
+    operands[0][1, 3] = float("nan")
+    operands[1][3, 2] = float("inf")
+    coeffs = torch.tensor([0.0, 0.4, 1.0])
+    y = relu_line_linear(*operands, coeffs, True)
+    expected = relu_line_linear_reference(*operands, coeffs, True)
+    assert torch.equal(y.isnan(), expected.isnan()) and y[:, 1].isnan().all()
+    finite = expected.isfinite()
+    assert torch.equal(y.isfinite(), finite) and rel_err(y[finite], expected[finite]) < 1e-5
+
+
+def test_bad_arguments_are_named():
+    base, along, weight, weight_dir, bias, bias_dir = line_operands(4, 6, 8, torch.float32)
+    c = torch.linspace(0, 1, 3)
+    with pytest.raises(ValueError, match="weight_dir must have shape"):
+        relu_line_linear(base, along, weight, weight_dir[:, :5], bias, bias_dir, c)
+    with pytest.raises(ValueError, match="coeffs"):
+        relu_line_linear(base, along, weight, weight_dir, bias, bias_dir, c[:, None])
+    with pytest.raises(ValueError, match="bias_dir given without bias"):
+        relu_line_linear(base, along, weight, weight_dir, None, bias_dir, c)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        relu_line_linear(*(t.bfloat16() for t in (base, along, weight, weight_dir, bias, bias_dir)), c)
+    with pytest.raises(TypeError, match="along must have base's dtype"):
+        relu_line_linear(base, along.double(), weight, weight_dir, bias, bias_dir, c)
+
+
+# ----------------------------------------------------------------------------- in a model
+
+
+def mlp(hidden=24, depth=2):
+    layers = [nn.Flatten(), nn.Linear(12, hidden), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(hidden, hidden), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(hidden, 5))
+
+
+def endpoints(factory, dtype, seed=0):
+    torch.manual_seed(seed)
+    a = factory().to(dtype).eval()
+    torch.manual_seed(seed + 1)
+    return a, factory().to(dtype).eval()
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """The (K,) coefficients of every relu_line_linear call LinearReluLinear makes."""
+    calls = []
+
+    def counted(*args):
+        calls.append(args[6])
+        return relu_line_linear(*args)
+
+    monkeypatch.setattr(relu_line, "relu_line_linear", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("group", [None, 2])
+def test_mlp_outputs_equal_the_loop(dtype, group, op_calls):
+    """Whole or in groups (one sweep for all points of the call, each group its share)."""
+    a, b = endpoints(lambda: mlp(depth=3), dtype)
+    line, coords = mlifast.Line(a, b), torch.tensor([0.0, 0.9, 0.3, 1.5, -0.5])
+    fast = mlifast.interpolate(a, line, coords)
+    fast.points_per_group = group
+    assert isinstance(fast.model[1], LinearReluLinear)
+    x = torch.randn(11, 3, 4, dtype=dtype)
+    with torch.no_grad():
+        out = fast(x)
+    for k, expected in enumerate(oracle_outputs(a, line, coords, x)):
+        assert rel_err(out[k], expected) < TOL[dtype]
+    # (the first-call check's run is this call's): one sweep for all points
+    assert [c.shape[0] for c in op_calls] == [5]
+
+
+def test_groups_sweep_their_own_points_over_the_byte_limit(monkeypatch, op_calls):
+    monkeypatch.setattr(relu_line, "ALL_POINTS_BYTES", 0)
+    a, b = endpoints(mlp, torch.float64)
+    line, coords = mlifast.Line(a, b), torch.linspace(0, 1, 5)
+    fast = mlifast.interpolate(a, line, coords)
+    fast.points_per_group = 2
+    x = torch.randn(7, 12, dtype=torch.float64)
+    with torch.no_grad():
+        out = fast(x)
+    assert [c.shape[0] for c in op_calls] == [2, 2, 1]
+    for k, expected in enumerate(oracle_outputs(a, line, coords, x)):
+        assert rel_err(out[k], expected) < 1e-12
+
+
+def test_evaluate_losses_equal_the_loop(op_calls):
+    a, b = endpoints(mlp, torch.float64)
+    line = mlifast.Line(a, b)
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(9, 12, generator=g, dtype=torch.float64), torch.randint(0, 5, (9,), generator=g))
+            for _ in range(3)]
+    res = mlifast.evaluate(a, line, data, coords=7, metrics=("accuracy",), progress=False)
+    losses, accs = loop_evaluate(a, line, data, res.alphas.tolist(), "interpolate")
+    assert rel_err(res["loss"], torch.tensor(losses)) < 1e-12
+    assert torch.allclose(res["accuracy"].double(), torch.tensor(accs, dtype=torch.float64))
+    assert op_calls
+
+
+@pytest.mark.parametrize("case", ["plane", "gradients", "first layer frozen"])
+def test_the_two_rules_run_where_it_does_not_apply(case, op_calls):
+    """A plane (two directions), autograd: the loop's outputs, op unused. With the first
+    layer frozen its output is the same at every point: the next two layers join."""
+    a, b = endpoints(lambda: mlp(depth=3), torch.float64)
+    if case == "first layer frozen":
+        b[1].load_state_dict(a[1].state_dict())
+    if case == "plane":
+        _, c = endpoints(lambda: mlp(depth=3), torch.float64, seed=5)
+        space, coords = mlifast.Plane.through(a, b, c), torch.tensor([[0.2, 0.3], [1.0, 0.0], [0.5, 0.5]])
+    else:
+        space, coords = mlifast.Line(a, b), torch.linspace(0, 1, 3)
+    fast = mlifast.interpolate(a, space, coords)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    with torch.set_grad_enabled(case == "gradients"):
+        out = fast(x.requires_grad_(case == "gradients"))
+    for k, expected in enumerate(oracle_outputs(a, space, coords, x)):
+        assert rel_err(out[k], expected) < 1e-12
+    if case == "gradients":
+        out.sum().backward()
+        x_ref = x.detach().clone().requires_grad_()
+        sum(o.sum() for o in oracle_outputs(a, space, coords, x_ref)).backward()
+        assert rel_err(x.grad, x_ref.grad) < 1e-12
+    assert len(op_calls) == (case == "first layer frozen")
