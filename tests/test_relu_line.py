@@ -33,11 +33,15 @@ def per_point_loop(base, along, weight, weight_dir, bias, bias_dir, coeffs, relu
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("rows,inputs,outputs", [(40, 96, 80), (7, 13, 37), (3, 5, 1), (16, 64, 256)])
+@pytest.mark.parametrize("rows,inputs,outputs", [(40, 96, 80), (7, 13, 37), (3, 5, 1), (16, 64, 300)])
 @pytest.mark.parametrize("relu", [False, True])
-def test_kernel_and_reference_equal_the_loop(dtype, rows, inputs, outputs, relu):
+@pytest.mark.parametrize("vector_bytes", [None, "32", "16"])
+def test_kernel_and_reference_equal_the_loop(dtype, rows, inputs, outputs, relu, vector_bytes, monkeypatch):
     """Unsorted points with a repeat, outside [0, 1] too: about half the units switch between
-    the extremes; widths with and without a partial column tile (32 float32, 16 float64)."""
+    the extremes; widths with and without a partial column tile (4 vectors of 16 to 64
+    bytes), in each vector width the CPU has (the widest unless told)."""
+    if vector_bytes:
+        monkeypatch.setenv("MLIFAST_SWEEP_VECTOR_BYTES", vector_bytes)
     operands = line_operands(rows, inputs, outputs, dtype)
     coeffs = torch.tensor([0.5, -1.0, 2.0, 0.25, 0.5, 0.0, 1.0, -0.3], dtype=dtype)
     expected = per_point_loop(*operands, coeffs, relu)

@@ -27,6 +27,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -144,7 +146,7 @@ Switches<scalar_t> switches_from_first_point(const scalar_t* a, const scalar_t* 
 // switch); the last O mod T columns are read from w_t, d_t (I, O) instead.
 template <typename scalar_t>
 struct Sweep {
-  const scalar_t* uvz;  // (2R, 2O): [U | V] in row r, Z at row R + r, columns [O, 2O)
+  const scalar_t *u, *v, *z;  // (R, O) each, at the first point
   const Switch<scalar_t>* items;
   const int64_t* offsets;
   const scalar_t *packed, *w_t, *d_t;
@@ -153,23 +155,30 @@ struct Sweep {
   const int64_t* order;    // (K,) sorted point → its index in the output
   int64_t K, R, I, O;
   bool relu;
-  scalar_t* out;  // (K, R, O)
+  int vector_bytes;  // 16, 32 or 64 (vector_bytes())
+  scalar_t* out;     // (K, R, O)
 };
 
-// Steps 2 and 3 for row `row` and the T = N·L columns of tile `tile` (L lanes a vector),
-// with U, V, Z in N vectors each.
-template <typename scalar_t, int N>
+// U, V and Z of a tile take kVectorsPerTile vectors each: 12 of AVX2's 16 registers
+// (of AVX-512's 32).
+constexpr int kVectorsPerTile = 4;
+
+// Columns a tile has with vectors of `bytes` bytes.
+template <typename scalar_t>
+constexpr int64_t tile_columns(int bytes) { return kVectorsPerTile * bytes / int64_t(sizeof(scalar_t)); }
+
+// Steps 2 and 3 for row `row` and the T columns of tile `tile`, with U, V, Z in
+// kVectorsPerTile vectors of B bytes each.
+template <typename scalar_t, int B>
 __attribute__((always_inline)) inline void sweep_row_tile(const Sweep<scalar_t>& s, int64_t row, int64_t tile) {
-  typedef scalar_t vec __attribute__((vector_size(32)));
-  constexpr int L = 32 / sizeof(scalar_t), T = N * L;
+  typedef scalar_t vec __attribute__((vector_size(B)));
+  constexpr int N = kVectorsPerTile, L = B / sizeof(scalar_t), T = N * L;
   const int64_t col = tile * T, O = s.O;
   vec u[N], v[N], z[N];
-  const scalar_t* uv0 = s.uvz + row * 2 * O + col;
-  const scalar_t* z0 = s.uvz + (s.R + row) * 2 * O + O + col;
   for (int n = 0; n < N; ++n) {
-    std::memcpy(&u[n], uv0 + n * L, sizeof(vec));
-    std::memcpy(&v[n], uv0 + O + n * L, sizeof(vec));
-    std::memcpy(&z[n], z0 + n * L, sizeof(vec));
+    std::memcpy(&u[n], s.u + row * O + col + n * L, sizeof(vec));
+    std::memcpy(&v[n], s.v + row * O + col + n * L, sizeof(vec));
+    std::memcpy(&z[n], s.z + row * O + col + n * L, sizeof(vec));
   }
   const scalar_t* __restrict packed = s.packed + tile * s.I * 2 * T;
   const int64_t* offsets = s.offsets + row * (s.K + 1);
@@ -206,7 +215,7 @@ __attribute__((always_inline)) inline void sweep_row_tile(const Sweep<scalar_t>&
 template <typename scalar_t>
 void sweep_row_column(const Sweep<scalar_t>& s, int64_t row, int64_t col) {
   const int64_t O = s.O;
-  scalar_t u = s.uvz[row * 2 * O + col], v = s.uvz[row * 2 * O + O + col], z = s.uvz[(s.R + row) * 2 * O + O + col];
+  scalar_t u = s.u[row * O + col], v = s.v[row * O + col], z = s.z[row * O + col];
   const int64_t* offsets = s.offsets + row * (s.K + 1);
   for (int64_t k = 0; k < s.K; ++k) {
     for (int64_t m = offsets[k]; m < offsets[k + 1]; ++m) {
@@ -221,47 +230,60 @@ void sweep_row_column(const Sweep<scalar_t>& s, int64_t row, int64_t col) {
   }
 }
 
-// Four 32-byte vectors each for U, V and Z: 12 of AVX2's 16 registers.
-constexpr int kVectorsPerTile = 4;
-template <typename scalar_t>
-constexpr int64_t kTileColumns = kVectorsPerTile * 32 / sizeof(scalar_t);
 // Rows go through a few tiles at a time, whose packed columns (this many bytes) stay in L2
 // meanwhile; a row's outputs are written a few tiles' width at a time (each (point, row)
 // of O = 1024 float32 outputs is its own page: tile after tile over all rows, every store
 // missed the TLB).
 constexpr int64_t kPackedBytesPerPass = int64_t{1} << 20;
 
-// Rows [begin, end) through the tiles [tile_begin, tile_end), row by row.
-template <typename scalar_t>
+// Rows [begin, end) through the tiles [tile_begin, tile_end), row by row; one copy per
+// instruction set (the extension itself is built for baseline x86-64), chosen at run time.
+template <typename scalar_t, int B>
 __attribute__((always_inline)) inline void sweep_rows(const Sweep<scalar_t>& s, int64_t begin, int64_t end,
                                                       int64_t tile_begin, int64_t tile_end) {
   for (int64_t r = begin; r < end; ++r) {
-    for (int64_t tile = tile_begin; tile < tile_end; ++tile) sweep_row_tile<scalar_t, kVectorsPerTile>(s, r, tile);
+    for (int64_t tile = tile_begin; tile < tile_end; ++tile) sweep_row_tile<scalar_t, B>(s, r, tile);
   }
+}
+
+template <typename scalar_t>
+__attribute__((target("avx512f,avx2,fma"))) void sweep_rows_avx512(const Sweep<scalar_t>& s, int64_t begin,
+                                                                    int64_t end, int64_t tile_begin, int64_t tile_end) {
+  sweep_rows<scalar_t, 64>(s, begin, end, tile_begin, tile_end);
 }
 
 template <typename scalar_t>
 __attribute__((target("avx2,fma"))) void sweep_rows_avx2(const Sweep<scalar_t>& s, int64_t begin, int64_t end,
                                                           int64_t tile_begin, int64_t tile_end) {
-  sweep_rows<scalar_t>(s, begin, end, tile_begin, tile_end);
+  sweep_rows<scalar_t, 32>(s, begin, end, tile_begin, tile_end);
 }
 
 template <typename scalar_t>
 void sweep_rows_baseline(const Sweep<scalar_t>& s, int64_t begin, int64_t end, int64_t tile_begin,
                          int64_t tile_end) {
-  sweep_rows<scalar_t>(s, begin, end, tile_begin, tile_end);
+  sweep_rows<scalar_t, 16>(s, begin, end, tile_begin, tile_end);
+}
+
+// The vector width the sweep runs with, in bytes: the widest this CPU has, or a narrower
+// one named by MLIFAST_SWEEP_VECTOR_BYTES (16, 32; the tests run every variant).
+int vector_bytes() {
+  static const int widest = __builtin_cpu_supports("avx512f") ? 64
+                            : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 32 : 16;
+  const char* asked = std::getenv("MLIFAST_SWEEP_VECTOR_BYTES");
+  const int bytes = asked == nullptr ? widest : std::atoi(asked);
+  return bytes == 16 || bytes == 32 || bytes == 64 ? std::min(bytes, widest) : widest;
 }
 
 template <typename scalar_t>
 void sweep(const Sweep<scalar_t>& s) {
-  constexpr int64_t T = kTileColumns<scalar_t>;
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const int64_t tiles = s.O / T;
+  const int bytes = s.vector_bytes;
+  const int64_t T = tile_columns<scalar_t>(bytes), tiles = s.O / T;
   const int64_t tiles_per_pass = std::max<int64_t>(1, kPackedBytesPerPass / (s.I * 2 * T * int64_t(sizeof(scalar_t))));
   at::parallel_for(0, s.R, 8, [&](int64_t begin, int64_t end) {
     for (int64_t first = 0; first < tiles; first += tiles_per_pass) {
       const int64_t last = std::min(tiles, first + tiles_per_pass);
-      if (avx2) sweep_rows_avx2<scalar_t>(s, begin, end, first, last);
+      if (bytes == 64) sweep_rows_avx512<scalar_t>(s, begin, end, first, last);
+      else if (bytes == 32) sweep_rows_avx2<scalar_t>(s, begin, end, first, last);
       else sweep_rows_baseline<scalar_t>(s, begin, end, first, last);
     }
     for (int64_t r = begin; r < end; ++r) {
@@ -274,26 +296,36 @@ template <typename scalar_t>
 void switching_units(const at::Tensor& base, const at::Tensor& along, const at::Tensor& weight,
                      const at::Tensor& weight_dir, const at::Tensor& bias_k, const at::Tensor& sorted,
                      const at::Tensor& order, bool relu, const LineSizes& s, at::Tensor& out) {
-  const int64_t R = s.rows, I = s.in_features, O = s.out_features, T = kTileColumns<scalar_t>, tiles = O / T;
+  const int64_t R = s.rows, I = s.in_features, O = s.out_features;
+  const int bytes = vector_bytes();
+  const int64_t T = tile_columns<scalar_t>(bytes), tiles = O / T;
   at::Tensor masked = at::empty({2 * R, I}, base.options());
   const Switches<scalar_t> switches = switches_from_first_point<scalar_t>(
       base.const_data_ptr<scalar_t>(), along.const_data_ptr<scalar_t>(), sorted.const_data_ptr<scalar_t>(), s,
       masked.data_ptr<scalar_t>());
   // [U | a·Dᵀ; e·Wᵀ | Z] at the first point, then V = a·Dᵀ + e·Wᵀ in place of a·Dᵀ.
-  at::Tensor uvz = at::mm(masked, at::cat({weight, weight_dir}).t());
-  uvz.narrow(0, 0, R).narrow(1, O, O).add_(uvz.narrow(0, R, R).narrow(1, 0, O));
+  at::Tensor products = at::empty({2, 2 * R, O}, base.options());  // [a; e]·Wᵀ, [a; e]·Dᵀ
+  at::Tensor by_w = products.select(0, 0), by_d = products.select(0, 1);
+  at::mm_out(by_w, masked, weight.t());
+  at::mm_out(by_d, masked, weight_dir.t());
+  by_d.narrow(0, 0, R).add_(by_w.narrow(0, R, R));  // V = a·Dᵀ + e·Wᵀ
   const at::Tensor w_t = weight.t(), d_t = weight_dir.t();
   const at::Tensor packed = at::stack({w_t.narrow(1, 0, tiles * T).reshape({I, tiles, T}),
                                        d_t.narrow(1, 0, tiles * T).reshape({I, tiles, T})}, 2)
                                 .permute({1, 0, 2, 3}).contiguous();
   const bool rest = tiles * T < O;
   const at::Tensor w_rest = rest ? w_t.contiguous() : at::Tensor(), d_rest = rest ? d_t.contiguous() : at::Tensor();
-  sweep<scalar_t>({uvz.const_data_ptr<scalar_t>(), switches.items.data(), switches.offsets.data(),
+  sweep<scalar_t>({by_w.const_data_ptr<scalar_t>(), by_d.const_data_ptr<scalar_t>(),
+                   by_d.const_data_ptr<scalar_t>() + R * O, switches.items.data(), switches.offsets.data(),
                    packed.const_data_ptr<scalar_t>(), rest ? w_rest.const_data_ptr<scalar_t>() : nullptr,
                    rest ? d_rest.const_data_ptr<scalar_t>() : nullptr,
                    bias_k.defined() ? bias_k.const_data_ptr<scalar_t>() : nullptr, sorted.const_data_ptr<scalar_t>(),
-                   order.const_data_ptr<int64_t>(), s.points, R, I, O, relu, out.data_ptr<scalar_t>()});
+                   order.const_data_ptr<int64_t>(), s.points, R, I, O, relu, bytes, out.data_ptr<scalar_t>()});
 }
+
+// Whether every element is finite, from one vectorised pass: a NaN or an infinity makes
+// the sum non-finite (a finite sum overflowing only sends the call to the per-point form).
+bool all_finite(const at::Tensor& t) { return std::isfinite(t.sum().item<double>()); }
 
 // The per-point form, for non-finite inputs: h_k = relu(a + c_k e), y_k = h_k·W_kᵀ + b_k.
 void per_point(const at::Tensor& base, const at::Tensor& along, const at::Tensor& weight,
@@ -322,10 +354,7 @@ at::Tensor relu_line_linear_cpu(const at::Tensor& base, const at::Tensor& along,
   }
   const at::Tensor a = base.contiguous(), e = along.contiguous(), w = weight.contiguous(),
                    d = weight_dir.contiguous();
-  const bool finite = at::isfinite(a).all().item<bool>() && at::isfinite(e).all().item<bool>() &&
-                      at::isfinite(w).all().item<bool>() && at::isfinite(d).all().item<bool>() &&
-                      at::isfinite(coeffs).all().item<bool>();
-  if (!finite) {
+  if (!(all_finite(a) && all_finite(e) && all_finite(w) && all_finite(d) && all_finite(coeffs))) {
     per_point(a, e, w, d, bias_k.defined() ? bias_k.index_select(0, at::argsort(order)) : bias_k, coeffs, relu, out);
     return out;
   }
