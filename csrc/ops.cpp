@@ -25,4 +25,8 @@ TORCH_LIBRARY(mlifast, m) {
   m.def(
       "relu_line_linear(Tensor base, Tensor along, Tensor weight, Tensor weight_dir, Tensor? bias, "
       "Tensor? bias_dir, Tensor coeffs, bool relu=False) -> Tensor");
+  // The same into a contiguous (K, R, O) `out` (a caller reusing its output's memory).
+  m.def(
+      "relu_line_linear.out(Tensor base, Tensor along, Tensor weight, Tensor weight_dir, Tensor? bias, "
+      "Tensor? bias_dir, Tensor coeffs, bool relu=False, *, Tensor(a!) out) -> Tensor(a!)");
 }

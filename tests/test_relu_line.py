@@ -196,3 +196,28 @@ def test_the_two_rules_run_where_it_does_not_apply(case, op_calls):
         sum(o.sum() for o in oracle_outputs(a, space, coords, x_ref)).backward()
         assert rel_err(x.grad, x_ref.grad) < 1e-12
     assert len(op_calls) == (case == "first layer frozen")
+
+
+def test_output_memory_is_reused_only_where_nothing_else_holds_it():
+    """An MLP ending at the second layer returns (views of) the op's output: the caller's
+    results of one call survive the next. Behind a further layer, the memory is reused."""
+    shallow = lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5))  # noqa: E731
+    a, b = endpoints(shallow, torch.float64)
+    line, coords = mlifast.Line(a, b), torch.linspace(0, 1, 4)
+    fast = mlifast.interpolate(a, line, coords)
+    x1, x2 = torch.randn(6, 12, dtype=torch.float64), torch.randn(6, 12, dtype=torch.float64)
+    with torch.no_grad():
+        out1 = fast(x1)
+        kept = out1.clone()
+        out2 = fast(x2)
+    assert torch.equal(out1, kept)
+    for k, (e1, e2) in enumerate(zip(oracle_outputs(a, line, coords, x1), oracle_outputs(a, line, coords, x2))):
+        assert rel_err(out1[k], e1) < 1e-12 and rel_err(out2[k], e2) < 1e-12
+
+    a, b = endpoints(mlp, torch.float64)
+    fast = mlifast.interpolate(a, mlifast.Line(a, b), coords)
+    with torch.no_grad():
+        fast(x1)
+        memory = fast.model[1]._output.data_ptr()
+        fast(x2)
+    assert fast.model[1]._output.data_ptr() == memory

@@ -340,11 +340,15 @@ void per_point(const at::Tensor& base, const at::Tensor& along, const at::Tensor
   }
 }
 
-at::Tensor relu_line_linear_cpu(const at::Tensor& base, const at::Tensor& along, const at::Tensor& weight,
-                                const at::Tensor& weight_dir, const std::optional<at::Tensor>& bias,
-                                const std::optional<at::Tensor>& bias_dir, const at::Tensor& coeffs, bool relu) {
+at::Tensor& relu_line_linear_out_cpu(const at::Tensor& base, const at::Tensor& along, const at::Tensor& weight,
+                                     const at::Tensor& weight_dir, const std::optional<at::Tensor>& bias,
+                                     const std::optional<at::Tensor>& bias_dir, const at::Tensor& coeffs, bool relu,
+                                     at::Tensor& out) {
   const LineSizes s = check_relu_line_linear(base, along, weight, weight_dir, bias, bias_dir, coeffs);
-  at::Tensor out = at::empty({s.points, s.rows, s.out_features}, weight.options());
+  TORCH_CHECK(out.sizes() == at::IntArrayRef({s.points, s.rows, s.out_features}) &&
+                  out.scalar_type() == weight.scalar_type() && out.device().is_cpu() && out.is_contiguous(),
+              kOp, "expected a contiguous CPU out of shape (", s.points, ", ", s.rows, ", ", s.out_features, ") in ",
+              weight.scalar_type(), ", got ", out.sizes(), " ", out.scalar_type(), " on ", out.device());
   if (out.numel() == 0) return out;
   auto [sorted, order] = coeffs.sort();
   at::Tensor bias_k;  // (K, O) each sorted point's bias
@@ -364,8 +368,19 @@ at::Tensor relu_line_linear_cpu(const at::Tensor& base, const at::Tensor& along,
   return out;
 }
 
+at::Tensor relu_line_linear_cpu(const at::Tensor& base, const at::Tensor& along, const at::Tensor& weight,
+                                const at::Tensor& weight_dir, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& bias_dir, const at::Tensor& coeffs, bool relu) {
+  const LineSizes s = check_relu_line_linear(base, along, weight, weight_dir, bias, bias_dir, coeffs);
+  at::Tensor out = at::empty({s.points, s.rows, s.out_features}, weight.options());
+  return relu_line_linear_out_cpu(base, along, weight, weight_dir, bias, bias_dir, coeffs, relu, out);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mlifast, CPU, m) { m.impl("relu_line_linear", &relu_line_linear_cpu); }
+TORCH_LIBRARY_IMPL(mlifast, CPU, m) {
+  m.impl("relu_line_linear", &relu_line_linear_cpu);
+  m.impl("relu_line_linear.out", &relu_line_linear_out_cpu);
+}
 
 }  // namespace mlifast

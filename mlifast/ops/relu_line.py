@@ -28,6 +28,10 @@ SCHEMA = (
     "relu_line_linear(Tensor base, Tensor along, Tensor weight, Tensor weight_dir, Tensor? bias, "
     "Tensor? bias_dir, Tensor coeffs, bool relu=False) -> Tensor"
 )
+OUT_SCHEMA = (
+    "relu_line_linear.out(Tensor base, Tensor along, Tensor weight, Tensor weight_dir, Tensor? bias, "
+    "Tensor? bias_dir, Tensor coeffs, bool relu=False, *, Tensor(a!) out) -> Tensor(a!)"
+)
 
 
 def relu_line_linear_reference(
@@ -51,12 +55,22 @@ def relu_line_linear_reference(
     return y
 
 
+def _relu_line_linear_out_reference(base, along, weight, weight_dir, bias, bias_dir, coeffs, relu=False, *, out):
+    return out.copy_(relu_line_linear_reference(base, along, weight, weight_dir, bias, bias_dir, coeffs, relu))
+
+
 register_op("relu_line_linear", SCHEMA, relu_line_linear_reference)
+register_op("relu_line_linear.out", OUT_SCHEMA, _relu_line_linear_out_reference)
 
 
 @torch.library.register_fake("mlifast::relu_line_linear")
 def _(base, along, weight, weight_dir, bias, bias_dir, coeffs, relu=False):
     return base.new_empty((coeffs.shape[0], base.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("mlifast::relu_line_linear.out")
+def _(base, along, weight, weight_dir, bias, bias_dir, coeffs, relu=False, *, out):
+    return out
 
 
 def relu_line_linear(
@@ -68,6 +82,7 @@ def relu_line_linear(
     bias_dir: Optional[Tensor],
     coeffs: Tensor,
     relu: bool = False,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
     """The K points' outputs of a linear layer after a ReLU whose input is affine along a line.
 
@@ -78,9 +93,11 @@ def relu_line_linear(
         bias, bias_dir: (O,) its bias and the bias's direction, or None.
         coeffs: (K,) the points' coordinates c_k on the line.
         relu: return max(y, 0), the ReLU after the layer (NaN stays NaN).
+        out: a contiguous (K, R, O) tensor to write the result into, or None.
 
     Returns:
-        (K, R, O): y[k] = relu(base + c_k·along)·(weight + c_k·weight_dir)ᵀ + bias + c_k·bias_dir.
+        (K, R, O): y[k] = relu(base + c_k·along)·(weight + c_k·weight_dir)ᵀ + bias + c_k·bias_dir
+        (`out` where given).
     """
     named = {"base": base, "along": along, "weight": weight, "weight_dir": weight_dir, "bias": bias,
              "bias_dir": bias_dir, "coeffs": coeffs}
@@ -98,5 +115,10 @@ def relu_line_linear(
     if bias_dir is not None and bias is None:
         raise ValueError("relu_line_linear: bias_dir given without bias; pass bias (zeros if none)")
     check_matching("relu_line_linear", named, shapes, like="base")
-    return torch.ops.mlifast.relu_line_linear(base, along, weight, weight_dir, bias, bias_dir,
-                                              coeffs.to(base.dtype), relu)
+    args = (base, along, weight, weight_dir, bias, bias_dir, coeffs.to(base.dtype), relu)
+    if out is None:
+        return torch.ops.mlifast.relu_line_linear(*args)
+    expected = (coeffs.shape[0], rows, outputs)
+    if tuple(out.shape) != expected or out.dtype != base.dtype or out.device != base.device or not out.is_contiguous():
+        raise ValueError(f"relu_line_linear: out must be a contiguous {expected} tensor like base, got {describe(out)}")
+    return torch.ops.mlifast.relu_line_linear.out(*args, out=out)
