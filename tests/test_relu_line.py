@@ -132,7 +132,7 @@ def op_calls(monkeypatch):
 def test_mlp_outputs_equal_the_loop(dtype, group, op_calls):
     """Whole or in groups (one sweep for all points of the call, each group its share)."""
     a, b = endpoints(lambda: mlp(depth=3), dtype)
-    line, coords = mlifast.Line(a, b), torch.tensor([0.0, 0.9, 0.3, 1.5, -0.5])
+    line, coords = mlifast.Line(a, b), torch.tensor([0.0, 0.9, 0.3, 1.5, -0.5, 0.6, 0.1, 1.0])
     fast = mlifast.interpolate(a, line, coords)
     fast.points_per_group = group
     assert isinstance(fast.model[1], LinearReluLinear)
@@ -142,19 +142,44 @@ def test_mlp_outputs_equal_the_loop(dtype, group, op_calls):
     for k, expected in enumerate(oracle_outputs(a, line, coords, x)):
         assert rel_err(out[k], expected) < TOL[dtype]
     # (the first-call check's run is this call's): one sweep for all points
-    assert [c.shape[0] for c in op_calls] == [5]
+    assert [c.shape[0] for c in op_calls] == [8]
 
 
-def test_groups_sweep_their_own_points_over_the_byte_limit(monkeypatch, op_calls):
-    monkeypatch.setattr(relu_line, "ALL_POINTS_BYTES", 0)
+@pytest.mark.parametrize("order", ["rows", "snake", "columns"])
+@pytest.mark.parametrize("group", [None, 4])
+def test_plane_grid_runs_as_lines(order, group, op_calls):
+    """A 3 × 9 grid of a plane: three lines of 9 points along the second direction. In
+    row-major or snake order (loss-landscapes') each line's points are a run; in
+    column-major order they are not, which groups of points cannot follow (two rules)."""
     a, b = endpoints(mlp, torch.float64)
-    line, coords = mlifast.Line(a, b), torch.linspace(0, 1, 5)
+    _, c = endpoints(mlp, torch.float64, seed=5)
+    plane = mlifast.Plane.through(a, b, c)
+    grid = [[(u, v) for v in torch.linspace(-0.2, 1.2, 9).tolist()] for u in (0.0, 0.5, 1.25)]
+    if order == "snake":
+        grid[1].reverse()
+    points = [p for line in grid for p in line] if order != "columns" else [p for ps in zip(*grid) for p in ps]
+    coords = torch.tensor(points)
+    fast = mlifast.interpolate(a, plane, coords)
+    fast.points_per_group = group
+    x = torch.randn(5, 12, dtype=torch.float64)
+    with torch.no_grad():
+        out = fast(x)
+    for k, expected in enumerate(oracle_outputs(a, plane, coords, x)):
+        assert rel_err(out[k], expected) < 1e-12
+    joined = order != "columns" or group is None
+    assert [len(c) for c in op_calls] == ([9, 9, 9] if joined else [])
+
+
+@pytest.mark.parametrize("limit", ["MIN_POINTS_PER_LINE", "LINE_BYTES"])
+def test_the_two_rules_run_for_short_or_large_lines(limit, monkeypatch, op_calls):
+    monkeypatch.setattr(relu_line, limit, 100 if limit == "MIN_POINTS_PER_LINE" else 0)
+    a, b = endpoints(mlp, torch.float64)
+    line, coords = mlifast.Line(a, b), torch.linspace(0, 1, 9)
     fast = mlifast.interpolate(a, line, coords)
-    fast.points_per_group = 2
     x = torch.randn(7, 12, dtype=torch.float64)
     with torch.no_grad():
         out = fast(x)
-    assert [c.shape[0] for c in op_calls] == [2, 2, 1]
+    assert not op_calls
     for k, expected in enumerate(oracle_outputs(a, line, coords, x)):
         assert rel_err(out[k], expected) < 1e-12
 
@@ -165,7 +190,7 @@ def test_evaluate_losses_equal_the_loop(op_calls):
     g = torch.Generator().manual_seed(3)
     data = [(torch.randn(9, 12, generator=g, dtype=torch.float64), torch.randint(0, 5, (9,), generator=g))
             for _ in range(3)]
-    res = mlifast.evaluate(a, line, data, coords=7, metrics=("accuracy",), progress=False)
+    res = mlifast.evaluate(a, line, data, coords=9, metrics=("accuracy",), progress=False)
     losses, accs = loop_evaluate(a, line, data, res.alphas.tolist(), "interpolate")
     assert rel_err(res["loss"], torch.tensor(losses)) < 1e-12
     assert torch.allclose(res["accuracy"].double(), torch.tensor(accs, dtype=torch.float64))
@@ -174,16 +199,16 @@ def test_evaluate_losses_equal_the_loop(op_calls):
 
 @pytest.mark.parametrize("case", ["plane", "gradients", "first layer frozen"])
 def test_the_two_rules_run_where_it_does_not_apply(case, op_calls):
-    """A plane (two directions), autograd: the loop's outputs, op unused. With the first
-    layer frozen its output is the same at every point: the next two layers join."""
+    """Points of a plane off any common line, autograd: the loop's outputs, op unused. With
+    the first layer frozen its output is the same at every point: the next two layers join."""
     a, b = endpoints(lambda: mlp(depth=3), torch.float64)
     if case == "first layer frozen":
         b[1].load_state_dict(a[1].state_dict())
     if case == "plane":
         _, c = endpoints(lambda: mlp(depth=3), torch.float64, seed=5)
-        space, coords = mlifast.Plane.through(a, b, c), torch.tensor([[0.2, 0.3], [1.0, 0.0], [0.5, 0.5]])
+        space, coords = mlifast.Plane.through(a, b, c), torch.rand(8, 2, generator=torch.Generator().manual_seed(0))
     else:
-        space, coords = mlifast.Line(a, b), torch.linspace(0, 1, 3)
+        space, coords = mlifast.Line(a, b), torch.linspace(0, 1, 8)
     fast = mlifast.interpolate(a, space, coords)
     x = torch.randn(4, 12, dtype=torch.float64)
     with torch.set_grad_enabled(case == "gradients"):
@@ -203,7 +228,7 @@ def test_output_memory_is_reused_only_where_nothing_else_holds_it():
     results of one call survive the next. Behind a further layer, the memory is reused."""
     shallow = lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5))  # noqa: E731
     a, b = endpoints(shallow, torch.float64)
-    line, coords = mlifast.Line(a, b), torch.linspace(0, 1, 4)
+    line, coords = mlifast.Line(a, b), torch.linspace(0, 1, 8)
     fast = mlifast.interpolate(a, line, coords)
     x1, x2 = torch.randn(6, 12, dtype=torch.float64), torch.randn(6, 12, dtype=torch.float64)
     with torch.no_grad():
@@ -218,6 +243,6 @@ def test_output_memory_is_reused_only_where_nothing_else_holds_it():
     fast = mlifast.interpolate(a, mlifast.Line(a, b), coords)
     with torch.no_grad():
         fast(x1)
-        memory = fast.model[1]._output.data_ptr()
+        memory = [t.data_ptr() for t in fast.model[1]._memory]
         fast(x2)
-    assert fast.model[1]._output.data_ptr() == memory
+    assert [t.data_ptr() for t in fast.model[1]._memory] == memory and len(memory) == 1

@@ -24,6 +24,8 @@
 // per-point form instead: h_k = relu(a + c_k e), then one GEMM per point.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -87,26 +89,47 @@ struct Switches {
   std::vector<int64_t> offsets;
 };
 
-// Index of the first sorted point where unit (a, e) is not as at point 0, or K if none.
+// Index of the first sorted point where unit (a, e) is not as at point 0, or K if none:
+// a branch-free binary search (the switch points are unpredictable).
 template <typename scalar_t>
 inline int64_t first_switch(scalar_t a, scalar_t e, bool on_first, const scalar_t* c, int64_t K) {
   if (e == scalar_t(0) || (e > scalar_t(0)) == on_first) return K;  // never switches within [c_0, c_K-1]
-  int64_t lo = 1, hi = K;  // the answer is in [lo, hi]
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) / 2;
-    if ((a + c[mid] * e > scalar_t(0)) != on_first) hi = mid; else lo = mid + 1;
+  int64_t base = 0, n = K;  // the answer is in (base, base + n], point K standing for "never"
+  while (n > 1) {
+    const int64_t half = n / 2;
+    base = ((a + c[base + half] * e > scalar_t(0)) != on_first) ? base : base + half;
+    n -= half;
   }
-  return lo;
+  return base + 1;
+}
+
+// Scratch memory of the calling thread, kept between calls up to kKeptScratchBytes a
+// slot: fresh, it is mapped anew by glibc on every call, and the page faults of touching
+// it cost about as much as the work done in it (W5: 21 lines of 500 rows a call).
+constexpr int64_t kKeptScratchBytes = int64_t{64} << 20;
+enum ScratchSlot { kMasked, kProducts, kPacked, kScratchSlots };
+
+at::Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  static thread_local at::Tensor kept[kScratchSlots];
+  const int64_t numel = c10::multiply_integers(sizes);
+  if (numel * int64_t(options.dtype().itemsize()) > kKeptScratchBytes) return at::empty(sizes, options);
+  at::Tensor& t = kept[slot];
+  if (!t.defined() || t.numel() < numel || t.dtype() != options.dtype()) {
+    c10::InferenceMode normal(false);  // a normal tensor: written in place in and outside inference mode
+    t = at::empty({numel}, options);
+  }
+  return t.narrow(0, 0, numel).view(sizes);
 }
 
 // masked (2R, I): rows [0, R) the a of units active at the first point, [R, 2R) their e
-// (zero elsewhere); returns every switch after it.
+// (zero elsewhere); `out`: every switch after it (its vectors are the thread's, kept).
 template <typename scalar_t>
-Switches<scalar_t> switches_from_first_point(const scalar_t* a, const scalar_t* e, const scalar_t* c,
-                                             const LineSizes& s, scalar_t* masked) {
+void switches_from_first_point(const scalar_t* a, const scalar_t* e, const scalar_t* c, const LineSizes& s,
+                               scalar_t* masked, Switches<scalar_t>& out) {
   const int64_t R = s.rows, I = s.in_features, K = s.points;
-  std::vector<int32_t> reached(R * I);  // the sorted point each unit switches at (K: never)
-  Switches<scalar_t> out;
+  static thread_local std::vector<int32_t> kept;
+  std::vector<int32_t>& reached = kept;  // the sorted point each unit switches at (K: never); (a
+  reached.resize(R * I);                 // reference: the workers below must see this thread's)
   // Counted at offsets[r·(K+1) + k + 1], then summed: slot r·(K+1) + K + 1 (k = K, never)
   // stays empty, so one row's items end where the next row's start.
   out.offsets.assign(R * (K + 1) + 1, 0);
@@ -125,7 +148,7 @@ Switches<scalar_t> switches_from_first_point(const scalar_t* a, const scalar_t* 
     }
   });
   for (size_t n = 1; n < out.offsets.size(); ++n) out.offsets[n] += out.offsets[n - 1];
-  out.items.resize(out.offsets.back());
+  out.items.resize(out.offsets.back());  // (no need to shrink: only [0, offsets.back()) is read)
   at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       std::vector<int64_t> next(out.offsets.begin() + r * (K + 1), out.offsets.begin() + (r + 1) * (K + 1));
@@ -137,7 +160,6 @@ Switches<scalar_t> switches_from_first_point(const scalar_t* a, const scalar_t* 
       }
     }
   });
-  return out;
 }
 
 // What steps 2 and 3 read and write. `packed` holds W and D transposed, tile by tile:
@@ -299,20 +321,20 @@ void switching_units(const at::Tensor& base, const at::Tensor& along, const at::
   const int64_t R = s.rows, I = s.in_features, O = s.out_features;
   const int bytes = vector_bytes();
   const int64_t T = tile_columns<scalar_t>(bytes), tiles = O / T;
-  at::Tensor masked = at::empty({2 * R, I}, base.options());
-  const Switches<scalar_t> switches = switches_from_first_point<scalar_t>(
-      base.const_data_ptr<scalar_t>(), along.const_data_ptr<scalar_t>(), sorted.const_data_ptr<scalar_t>(), s,
-      masked.data_ptr<scalar_t>());
+  at::Tensor masked = scratch(kMasked, {2 * R, I}, base.options());
+  static thread_local Switches<scalar_t> switches;
+  switches_from_first_point<scalar_t>(base.const_data_ptr<scalar_t>(), along.const_data_ptr<scalar_t>(),
+                                      sorted.const_data_ptr<scalar_t>(), s, masked.data_ptr<scalar_t>(), switches);
   // [U | a·Dᵀ; e·Wᵀ | Z] at the first point, then V = a·Dᵀ + e·Wᵀ in place of a·Dᵀ.
-  at::Tensor products = at::empty({2, 2 * R, O}, base.options());  // [a; e]·Wᵀ, [a; e]·Dᵀ
+  at::Tensor products = scratch(kProducts, {2, 2 * R, O}, base.options());  // [a; e]·Wᵀ, [a; e]·Dᵀ
   at::Tensor by_w = products.select(0, 0), by_d = products.select(0, 1);
   at::mm_out(by_w, masked, weight.t());
   at::mm_out(by_d, masked, weight_dir.t());
   by_d.narrow(0, 0, R).add_(by_w.narrow(0, R, R));  // V = a·Dᵀ + e·Wᵀ
   const at::Tensor w_t = weight.t(), d_t = weight_dir.t();
-  const at::Tensor packed = at::stack({w_t.narrow(1, 0, tiles * T).reshape({I, tiles, T}),
-                                       d_t.narrow(1, 0, tiles * T).reshape({I, tiles, T})}, 2)
-                                .permute({1, 0, 2, 3}).contiguous();
+  at::Tensor packed = scratch(kPacked, {tiles, I, 2, T}, base.options());
+  packed.select(2, 0).copy_(w_t.narrow(1, 0, tiles * T).reshape({I, tiles, T}).permute({1, 0, 2}));
+  packed.select(2, 1).copy_(d_t.narrow(1, 0, tiles * T).reshape({I, tiles, T}).permute({1, 0, 2}));
   const bool rest = tiles * T < O;
   const at::Tensor w_rest = rest ? w_t.contiguous() : at::Tensor(), d_rest = rest ? d_t.contiguous() : at::Tensor();
   sweep<scalar_t>({by_w.const_data_ptr<scalar_t>(), by_d.const_data_ptr<scalar_t>(),

@@ -21,10 +21,15 @@ from mlifast.multipoint.layers import LinearRule
 from mlifast.multipoint.shared import SharedRows
 from mlifast.ops import relu_line_linear
 
-# The outputs of all the points of a call (K × rows × outputs) are computed at once when
-# the points run in groups (each group then takes its share): one sweep along the line
-# instead of one per group. Above this many bytes, each group computes its own.
-ALL_POINTS_BYTES = 512 << 20
+# A line's outputs are computed at once, from its first point's GEMMs: 4 times the FLOPs
+# of one point's. Below this many points a line is not worth it (the two rules run): on
+# the 2-core CI CPU (float32, 1024 → 1024, 64 and 1000 rows) the op took the two rules'
+# time at 6 points, 0.8× at 8 and 0.5× at 12.
+MIN_POINTS_PER_LINE = 8
+# Nor above this many bytes of a line's outputs (K × rows × outputs).
+LINE_BYTES = 512 << 20
+# Output memories kept for reuse between calls (see _output_memory).
+KEPT_OUTPUTS = 4
 
 
 def _storage_uses(t: Tensor) -> int | None:
@@ -43,8 +48,33 @@ def _sole_holder(t: Tensor) -> bool:
     return uses is not None and uses == _SOLE_HOLDER_USES
 
 
+class Lines:
+    """The points of one call (K, J) split into lines along the last direction: points with
+    the same first J − 1 coordinates (a line: all of them; a plane's grid: its columns),
+    and the lines' outputs computed so far."""
+
+    def __init__(self, coeffs: Tensor) -> None:
+        self.coeffs = coeffs
+        members: dict[tuple, list[int]] = {}
+        for k, key in enumerate(map(tuple, coeffs[:, :-1].tolist())):
+            members.setdefault(key, []).append(k)
+        self.members = [torch.tensor(m) for m in members.values()]
+        # each line's points a run [start, stop) of the call's points, or None
+        self.runs = [(int(m[0]), int(m[-1]) + 1) if int(m[-1]) - int(m[0]) + 1 == len(m) else None
+                     for m in self.members]
+        self.outputs: dict[int, Tensor] = {}
+
+    @property
+    def shortest(self) -> int:
+        return min(len(m) for m in self.members)
+
+
 class LinearReluLinear(nn.Module):
-    """`second(relu(first(x)))` for two LinearRules, `first.relu` set; see the module doc."""
+    """`second(relu(first(x)))` for two LinearRules, `first.relu` set; see the module doc.
+
+    The points of a call are split into `Lines`, each computed by one relu_line_linear.
+    Where the points run in groups (PointContext.grouped), each line is computed when a
+    group first needs it, kept for the call, and dropped once the groups are past it."""
 
     fresh_output = True
 
@@ -52,50 +82,95 @@ class LinearReluLinear(nn.Module):
         super().__init__()
         assert first.relu, "the first linear rule must end in the ReLU"
         self.first, self.second = first, second
-        self._output: Tensor | None = None  # see _output_memory
+        self._memory: list[Tensor] = []  # see _output_memory
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._applies(x):
+        lines = self._lines(x) if self._applies(x) else None
+        if lines is None:
             return self.second(self.first(x))
         context, rows = self.first.context, x.rows()
         flat = rows.reshape(-1, rows.shape[-1])
-        (w1, d1), (w2, d2) = self.first.weight_and_directions(), self.second.weight_and_directions()
-        b1, db1 = self.first.origin("bias"), self.first.directions.get("bias")
-        b2, db2 = self.second.origin("bias"), self.second.directions.get("bias")
-        db2 = db2[0] if db2 is not None and b2 is not None else None
-        a, e = context.reuse(lambda: (F.linear(flat, w1, b1), F.linear(flat, d1[0], None if b1 is None or db1 is None else db1[0])),
-                             flat, w1, d1, owner=self)
-
-        def at(coeffs: Tensor) -> Tensor:
-            out = self._output_memory((coeffs.shape[0], flat.shape[0], w2.shape[0]), flat)
-            return relu_line_linear(a, e, w2, d2[0], b2, db2, coeffs[:, 0], self.second.relu, out)
-
-        k, outputs = context.num_active, w2.shape[0]
-        everyone = context.coeffs.shape[0] * flat.shape[0] * outputs * flat.element_size()
-        if context.grouped and everyone <= ALL_POINTS_BYTES:
-            y = context.of_active(context.reuse(lambda: at(context.coeffs), flat, w1, d1, w2, d2, owner=self.second))
+        w1, d1 = self.first.weight_and_directions()
+        first = context.reuse(lambda: self._first_layer(flat), flat, w1, d1, owner=self.first)
+        start, stop = context.active_span if context.grouped else (0, lines.coeffs.shape[0])
+        if context.grouped:  # the runs of the lines overlapping [start, stop), in order
+            pieces = []
+            for i, (begin, end) in enumerate(lines.runs):
+                if begin < stop and end > start:
+                    y = lines.outputs.get(i)
+                    if y is None:
+                        y = lines.outputs[i] = self._line(lines, i, first, flat)
+                    pieces.append(y[max(start, begin) - begin : min(stop, end) - begin])
+                    if end <= stop:
+                        del lines.outputs[i]
+            y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        elif len(lines.members) == 1:
+            y = self._line(lines, 0, first, flat)
         else:
-            y = at(context.active_coeffs())
-        return y.reshape(k, *rows.shape[:-1], outputs).flatten(0, 1)
+            y = flat.new_empty((stop, flat.shape[0], self.second.weight_and_directions()[0].shape[0]))
+            for i, members in enumerate(lines.members):
+                y.index_copy_(0, members, self._line(lines, i, first, flat))
+        return y.reshape(stop - start, *rows.shape[:-1], y.shape[-1]).flatten(0, 1)
+
+    def _first_layer(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """(R, H) the first layer's output at the origin, (R, J, H) along each direction."""
+        (w, d), b, db = self.first.weight_and_directions(), self.first.origin("bias"), self.first.directions.get("bias")
+        along = F.linear(flat, d.flatten(0, 1)).unflatten(1, d.shape[:2])
+        if b is not None and db is not None:
+            along = along + db
+        return F.linear(flat, w, b), along
+
+    def _line(self, lines: Lines, i: int, first: tuple[Tensor, Tensor], flat: Tensor) -> Tensor:
+        """(K_i, R, O) outputs of line i: its origin is the first J − 1 coordinates of its
+        points, its direction the last."""
+        coeffs = lines.coeffs[lines.members[i]]
+        base, along = first
+        (w, d), b, db = self.second.weight_and_directions(), self.second.origin("bias"), self.second.directions.get("bias")
+        db = db if b is not None else None
+        if coeffs.shape[1] > 1:  # the line's origin θ0 + Σ_j<J−1 c_j·d_j
+            shift = coeffs[0, :-1].to(base.dtype)
+            base = base + torch.einsum("j,rjh->rh", shift, along[:, :-1])
+            w = w + torch.einsum("j,joi->oi", shift, d[:-1])
+            b = b if db is None else b + shift @ db[:-1]
+        out = self._output_memory((coeffs.shape[0], flat.shape[0], w.shape[0]), flat)
+        y = relu_line_linear(base, along[:, -1], w, d[-1], b, None if db is None else db[-1], coeffs[:, -1],
+                             self.second.relu, out)
+        return y[:]  # (a view: while it lives, _output_memory sees its memory held)
 
     def _output_memory(self, shape: tuple, like: Tensor) -> Tensor:
-        """Memory for the op's output: the last call's, where nothing else still holds any of
-        it. Outputs of hundreds of megabytes (W1: 50 points × 1000 rows × 1024) are mapped
-        fresh by glibc on every call, and touching each new page cost more than writing it
-        (W1: 55 against 15 ms a batch)."""
-        kept = self._output
-        if (kept is None or tuple(kept.shape) != shape or kept.dtype != like.dtype or kept.device != like.device
-                or not _sole_holder(kept)):
-            kept = self._output = like.new_empty(shape)
+        """Memory for a line's outputs: one of the last calls', where nothing else still holds
+        any of it. Outputs of hundreds of megabytes (W1: 50 points × 1000 rows × 1024) are
+        mapped fresh by glibc on every call, and touching each new page cost more than writing
+        it (W1: 55 against 15 ms a batch)."""
+        for kept in self._memory:
+            if (tuple(kept.shape) == shape and kept.dtype == like.dtype and kept.device == like.device
+                    and _sole_holder(kept)):
+                return kept
+        kept = like.new_empty(shape)
+        self._memory = [kept, *self._memory][:KEPT_OUTPUTS]
         return kept
 
+    def _lines(self, x: Tensor) -> Lines | None:
+        """The call's lines where each has MIN_POINTS_PER_LINE points and at most LINE_BYTES of
+        outputs, and where the points run in groups, each line's points are a run."""
+        context, rows = self.first.context, x.rows()
+        if context.grouped:
+            lines = context.reuse(lambda: Lines(context.coeffs), context.coeffs, owner=self)
+        else:
+            lines = Lines(context.active_coeffs())
+        outputs = self.second.weight_and_directions()[0].shape[0]
+        line_bytes = max(len(m) for m in lines.members) * (rows.numel() // rows.shape[-1]) * outputs * rows.element_size()
+        if (lines.shortest < MIN_POINTS_PER_LINE or line_bytes > LINE_BYTES
+                or (context.grouped and None in lines.runs)):
+            return None
+        return lines
+
     def _applies(self, x: Tensor) -> bool:
-        """Rows shared by every point of a line, float32/64 on the CPU with the compiled
-        kernel, both weights moving, outside autograd and forward mode."""
+        """Rows shared by every point, float32/64 on the CPU with the compiled kernel, both
+        weights moving, outside autograd and forward mode."""
         context = self.first.context
         weights = (*self.first.weight_and_directions(), *self.second.weight_and_directions())
         return (isinstance(x, SharedRows) and x.is_cpu and x.dtype in (torch.float32, torch.float64)
-                and all(w is None or w.dtype == x.dtype for w in weights)
-                and context.coeffs.shape[1] == 1 and not context.forward_mode
-                and compiled("relu_line_linear", "cpu") and all(w is not None for w in weights)
+                and all(w is not None and w.dtype == x.dtype for w in weights) and not context.forward_mode
+                and compiled("relu_line_linear", "cpu")
                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, context.coeffs, *weights))))
