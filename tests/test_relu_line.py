@@ -145,19 +145,23 @@ def test_mlp_outputs_equal_the_loop(dtype, group, op_calls):
     assert [c.shape[0] for c in op_calls] == [8]
 
 
-@pytest.mark.parametrize("order", ["rows", "snake", "columns"])
+@pytest.mark.parametrize("order", ["rows", "snake", "columns", "two lines"])
 @pytest.mark.parametrize("group", [None, 4])
-def test_plane_grid_runs_as_lines(order, group, op_calls):
-    """A 3 × 9 grid of a plane: three lines of 9 points along the second direction. In
-    row-major or snake order (loss-landscapes') each line's points are a run; in
-    column-major order they are not, which groups of points cannot follow (two rules)."""
+def test_plane_points_run_as_lines(order, group, op_calls):
+    """A 9 × 9 grid of a plane, row by row, in loss-landscapes' snake order, or column by
+    column: nine runs of 9 points along one direction. `make demo`'s two lines from θ0,
+    (α, 0) then (0, α): two runs."""
     a, b = endpoints(mlp, torch.float64)
     _, c = endpoints(mlp, torch.float64, seed=5)
     plane = mlifast.Plane.through(a, b, c)
-    grid = [[(u, v) for v in torch.linspace(-0.2, 1.2, 9).tolist()] for u in (0.0, 0.5, 1.25)]
-    if order == "snake":
-        grid[1].reverse()
-    points = [p for line in grid for p in line] if order != "columns" else [p for ps in zip(*grid) for p in ps]
+    ticks = torch.linspace(-0.2, 1.2, 9).tolist()
+    if order == "two lines":
+        points = [(t, 0.0) for t in ticks] + [(0.0, t) for t in ticks]
+    else:
+        grid = [[(u, v) for v in ticks] for u in ticks]
+        if order == "snake":
+            grid = [line[::-1] if i % 2 else line for i, line in enumerate(grid)]
+        points = [p for line in (grid if order != "columns" else zip(*grid)) for p in line]
     coords = torch.tensor(points)
     fast = mlifast.interpolate(a, plane, coords)
     fast.points_per_group = group
@@ -166,8 +170,7 @@ def test_plane_grid_runs_as_lines(order, group, op_calls):
         out = fast(x)
     for k, expected in enumerate(oracle_outputs(a, plane, coords, x)):
         assert rel_err(out[k], expected) < 1e-12
-    joined = order != "columns" or group is None
-    assert [len(c) for c in op_calls] == ([9, 9, 9] if joined else [])
+    assert [len(c) for c in op_calls] == [9] * (2 if order == "two lines" else 9)
 
 
 @pytest.mark.parametrize("limit", ["MIN_POINTS_PER_LINE", "LINE_BYTES"])

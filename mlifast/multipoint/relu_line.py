@@ -49,32 +49,39 @@ def _sole_holder(t: Tensor) -> bool:
 
 
 class Lines:
-    """The points of one call (K, J) split into lines along the last direction: points with
-    the same first J − 1 coordinates (a line: all of them; a plane's grid: its columns),
-    and the lines' outputs computed so far."""
+    """The points of one call (K, J) as runs of consecutive points that differ in one
+    coordinate only, `runs` [(start, stop, axis)]: each run lies on a line of weight space
+    along direction `axis`. A line is one run; a plane's grid its rows or its columns (in
+    either order, snake included); `make demo`'s two lines from θ0, (α, 0) then (0, α),
+    one run each. And the runs' outputs computed so far (`outputs`)."""
 
     def __init__(self, coeffs: Tensor) -> None:
         self.coeffs = coeffs
-        members: dict[tuple, list[int]] = {}
-        for k, key in enumerate(map(tuple, coeffs[:, :-1].tolist())):
-            members.setdefault(key, []).append(k)
-        self.members = [torch.tensor(m) for m in members.values()]
-        # each line's points a run [start, stop) of the call's points, or None
-        self.runs = [(int(m[0]), int(m[-1]) + 1) if int(m[-1]) - int(m[0]) + 1 == len(m) else None
-                     for m in self.members]
+        points, self.runs = coeffs.tolist(), []
+        start = 0
+        while start < len(points):
+            stop, axis = start + 1, None
+            while stop < len(points):
+                differ = [j for j, (u, v) in enumerate(zip(points[start], points[stop])) if u != v]
+                if len(differ) > 1 or (differ and axis is not None and differ[0] != axis):
+                    break
+                axis = differ[0] if differ else axis
+                stop += 1
+            self.runs.append((start, stop, axis or 0))
+            start = stop
         self.outputs: dict[int, Tensor] = {}
 
     @property
     def shortest(self) -> int:
-        return min(len(m) for m in self.members)
+        return min(stop - start for start, stop, _ in self.runs)
 
 
 class LinearReluLinear(nn.Module):
     """`second(relu(first(x)))` for two LinearRules, `first.relu` set; see the module doc.
 
-    The points of a call are split into `Lines`, each computed by one relu_line_linear.
-    Where the points run in groups (PointContext.grouped), each line is computed when a
-    group first needs it, kept for the call, and dropped once the groups are past it."""
+    The points of a call are split into `Lines`, each run computed by one relu_line_linear.
+    Where the points run in groups (PointContext.grouped), a run is computed when a group
+    first needs it, kept for the call, and dropped once the groups are past it."""
 
     fresh_output = True
 
@@ -93,23 +100,16 @@ class LinearReluLinear(nn.Module):
         w1, d1 = self.first.weight_and_directions()
         first = context.reuse(lambda: self._first_layer(flat), flat, w1, d1, owner=self.first)
         start, stop = context.active_span if context.grouped else (0, lines.coeffs.shape[0])
-        if context.grouped:  # the runs of the lines overlapping [start, stop), in order
-            pieces = []
-            for i, (begin, end) in enumerate(lines.runs):
-                if begin < stop and end > start:
-                    y = lines.outputs.get(i)
-                    if y is None:
-                        y = lines.outputs[i] = self._line(lines, i, first, flat)
-                    pieces.append(y[max(start, begin) - begin : min(stop, end) - begin])
-                    if end <= stop:
-                        del lines.outputs[i]
-            y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        elif len(lines.members) == 1:
-            y = self._line(lines, 0, first, flat)
-        else:
-            y = flat.new_empty((stop, flat.shape[0], self.second.weight_and_directions()[0].shape[0]))
-            for i, members in enumerate(lines.members):
-                y.index_copy_(0, members, self._line(lines, i, first, flat))
+        pieces = []  # the parts of the runs overlapping [start, stop), in order
+        for i, (begin, end, _) in enumerate(lines.runs):
+            if begin < stop and end > start:
+                y = lines.outputs.get(i)
+                if y is None:
+                    y = lines.outputs[i] = self._line(lines, i, first, flat)
+                pieces.append(y[max(start, begin) - begin : min(stop, end) - begin])
+                if end <= stop:  # (the groups are past it)
+                    del lines.outputs[i]
+        y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         return y.reshape(stop - start, *rows.shape[:-1], y.shape[-1]).flatten(0, 1)
 
     def _first_layer(self, flat: Tensor) -> tuple[Tensor, Tensor]:
@@ -121,19 +121,21 @@ class LinearReluLinear(nn.Module):
         return F.linear(flat, w, b), along
 
     def _line(self, lines: Lines, i: int, first: tuple[Tensor, Tensor], flat: Tensor) -> Tensor:
-        """(K_i, R, O) outputs of line i: its origin is the first J − 1 coordinates of its
-        points, its direction the last."""
-        coeffs = lines.coeffs[lines.members[i]]
+        """(K_i, R, O) outputs of run i: along direction `axis` from the point of its line
+        whose `axis` coordinate is 0, θ0 + Σ_j≠axis c_j·d_j."""
+        begin, end, axis = lines.runs[i]
+        coeffs = lines.coeffs[begin:end]
         base, along = first
         (w, d), b, db = self.second.weight_and_directions(), self.second.origin("bias"), self.second.directions.get("bias")
         db = db if b is not None else None
-        if coeffs.shape[1] > 1:  # the line's origin θ0 + Σ_j<J−1 c_j·d_j
-            shift = coeffs[0, :-1].to(base.dtype)
-            base = base + torch.einsum("j,rjh->rh", shift, along[:, :-1])
-            w = w + torch.einsum("j,joi->oi", shift, d[:-1])
-            b = b if db is None else b + shift @ db[:-1]
-        out = self._output_memory((coeffs.shape[0], flat.shape[0], w.shape[0]), flat)
-        y = relu_line_linear(base, along[:, -1], w, d[-1], b, None if db is None else db[-1], coeffs[:, -1],
+        shift = coeffs[0].to(base.dtype).clone()
+        shift[axis] = 0
+        if shift.any():
+            base = base + torch.einsum("j,rjh->rh", shift, along)
+            w = w + torch.einsum("j,joi->oi", shift, d)
+            b = b if db is None else b + shift @ db
+        out = self._output_memory((end - begin, flat.shape[0], w.shape[0]), flat)
+        y = relu_line_linear(base, along[:, axis], w, d[axis], b, None if db is None else db[axis], coeffs[:, axis],
                              self.second.relu, out)
         return y[:]  # (a view: while it lives, _output_memory sees its memory held)
 
@@ -151,17 +153,17 @@ class LinearReluLinear(nn.Module):
         return kept
 
     def _lines(self, x: Tensor) -> Lines | None:
-        """The call's lines where each has MIN_POINTS_PER_LINE points and at most LINE_BYTES of
-        outputs, and where the points run in groups, each line's points are a run."""
+        """The call's lines where each has MIN_POINTS_PER_LINE points and at most LINE_BYTES
+        of outputs."""
         context, rows = self.first.context, x.rows()
         if context.grouped:
             lines = context.reuse(lambda: Lines(context.coeffs), context.coeffs, owner=self)
         else:
             lines = Lines(context.active_coeffs())
+        longest = max(stop - start for start, stop, _ in lines.runs)
         outputs = self.second.weight_and_directions()[0].shape[0]
-        line_bytes = max(len(m) for m in lines.members) * (rows.numel() // rows.shape[-1]) * outputs * rows.element_size()
-        if (lines.shortest < MIN_POINTS_PER_LINE or line_bytes > LINE_BYTES
-                or (context.grouped and None in lines.runs)):
+        if (lines.shortest < MIN_POINTS_PER_LINE
+                or longest * (rows.numel() // rows.shape[-1]) * outputs * rows.element_size() > LINE_BYTES):
             return None
         return lines
 
