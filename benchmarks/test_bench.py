@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import mlifast  # noqa: E402
 import workloads as W  # noqa: E402
 
 PRESET = os.environ.get("MLIFAST_BENCH_PRESET", "tiny")  # or "quick", "full"
@@ -59,3 +60,28 @@ def test_multipoint_linear(benchmark, impl, points, rows):
     if impl != "dense-1W":  # not a multi-point computation: nothing to compare
         ref = W.op_reference(case)
         assert float((y.double() - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("impl", ["relu_line_linear", "per-point GEMMs"])
+@pytest.mark.parametrize("points,rows", OP_SHAPES, ids=[f"K{k}-R{r}" for k, r in OP_SHAPES])
+def test_relu_line_linear(benchmark, impl, points, rows):
+    """The layer after an MLP's first ReLU along a line: the switching-unit op against the
+    ReLU'd combine + per-point GEMMs it replaces (benchmarks/relu_line_crossover.py)."""
+    features = W.SIZES[PRESET]["W4"]["features"]
+    g = torch.Generator().manual_seed(0)
+    a, e = torch.randn(rows, features, generator=g), torch.randn(rows, features, generator=g)
+    w, d = torch.randn(2, features, features, generator=g) / features**0.5
+    b, db = torch.randn(2, features, generator=g)
+    c = torch.linspace(0, 1, points)
+    benchmark.group = f"relu_line_linear K={points} R={rows} {features}×{features}"
+
+    def run():
+        if impl == "relu_line_linear":
+            return mlifast.ops.relu_line_linear(a, e, w, d, b, db, c, True)
+        h = mlifast.ops.multipoint_combine(a, e.unsqueeze(1), None, None, c[:, None], True)
+        return mlifast.ops.multipoint_linear(h, w, b, d[None], db[None], c[:, None], True)
+
+    y = benchmark(run)
+    ref = mlifast.ops.relu_line_linear_reference(a.double(), e.double(), w.double(), d.double(), b.double(),
+                                                 db.double(), c.double(), True)
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) <= 1e-5

@@ -249,3 +249,18 @@ def test_output_memory_is_reused_only_where_nothing_else_holds_it():
         memory = [t.data_ptr() for t in fast.model[1]._memory]
         fast(x2)
     assert [t.data_ptr() for t in fast.model[1]._memory] == memory and len(memory) == 1
+
+
+def test_output_memory_made_in_inference_mode_is_not_written_outside_it():
+    """(A Tanh after the second layer works in place on its output: an inference tensor
+    reused outside inference mode would raise there.)"""
+    a, b = endpoints(lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(),
+                                           nn.Linear(16, 5)), torch.float32)
+    line, coords = mlifast.Line(a, b), torch.linspace(0, 1, 8)
+    fast = mlifast.interpolate(a, line, coords)
+    x = torch.randn(6, 12)
+    with torch.inference_mode():
+        first = fast(x)
+    with torch.no_grad():
+        second = fast(x)
+    assert torch.equal(first, second)

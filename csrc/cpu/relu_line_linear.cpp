@@ -10,17 +10,17 @@
 // so each row of y_k is U + c_k·V + c_k²·Z, with U, V, Z summed over the active units. As c
 // grows a + c·e is monotone: each unit switches on or off at most once along the line.
 // With the points sorted by c:
-//   1. the units active at the first point give U, V, Z by one GEMM of the masked rows
-//      [a; e] (2R × I) against [W; D]ᵀ (I × 2O): 4 of the K per-point GEMMs' FLOPs;
+//   1. the units active at the first point give U, V, Z by two GEMMs of the masked rows
+//      [a; e] (2R × I), one against Wᵀ and one against Dᵀ: 4 of the K per-point GEMMs' FLOPs;
 //   2. going to the next point adds or removes the units switching between the two:
 //      4 multiply-adds per output column and switch;
 //   3. each point's row is U + c_k(V + c_k Z) + its bias: 3 multiply-adds per output.
 // FLOPs 2·(4·R·I·O + 4·O·switches + 3·K·R·O) instead of 2·K·R·I·O: on W1 (K = 50, R = 1000,
 // I = O = 1024, half the units switching) about 14% of the per-point GEMMs'.
 //
-// Step 2 runs over column tiles of W and D transposed (each tile's I × T columns stay in
-// L2 while every row's switches go through it), with the tile's U, V, Z in registers.
-// Non-finite inputs (NaN must stay NaN, an infinite unit never switches cleanly) take the
+// Steps 2 and 3 run row by row through a few column tiles of W and D at a time (packed tile
+// by tile, they stay in L2 while every row's switches go through them), with the tile's
+// U, V, Z in registers. Non-finite inputs (NaN must stay NaN, an infinite unit never switches cleanly) take the
 // per-point form instead: h_k = relu(a + c_k e), then one GEMM per point.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

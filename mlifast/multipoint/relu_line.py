@@ -23,8 +23,8 @@ from mlifast.ops import relu_line_linear
 
 # A line's outputs are computed at once, from its first point's GEMMs: 4 times the FLOPs
 # of one point's. Below this many points a line is not worth it (the two rules run): on
-# the 2-core CI CPU (float32, 1024 → 1024, 64 and 1000 rows) the op took the two rules'
-# time at 6 points, 0.8× at 8 and 0.5× at 12.
+# the 2-core CI CPU (benchmarks/relu_line_crossover.py: float32, 1024 → 1024, 64 and 1000
+# rows) the op took the two rules' time at 6 points, 0.8× at 8 and 0.5× at 12.
 MIN_POINTS_PER_LINE = 8
 # Nor above this many bytes of a line's outputs (K × rows × outputs).
 LINE_BYTES = 512 << 20
@@ -114,7 +114,8 @@ class LinearReluLinear(nn.Module):
 
     def _first_layer(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """(R, H) the first layer's output at the origin, (R, J, H) along each direction."""
-        (w, d), b, db = self.first.weight_and_directions(), self.first.origin("bias"), self.first.directions.get("bias")
+        (w, d), b = self.first.weight_and_directions(), self.first.origin("bias")
+        db = self.first.directions.get("bias")
         along = F.linear(flat, d.flatten(0, 1)).unflatten(1, d.shape[:2])
         if b is not None and db is not None:
             along = along + db
@@ -126,8 +127,8 @@ class LinearReluLinear(nn.Module):
         begin, end, axis = lines.runs[i]
         coeffs = lines.coeffs[begin:end]
         base, along = first
-        (w, d), b, db = self.second.weight_and_directions(), self.second.origin("bias"), self.second.directions.get("bias")
-        db = db if b is not None else None
+        (w, d), b = self.second.weight_and_directions(), self.second.origin("bias")
+        db = self.second.directions.get("bias") if b is not None else None
         shift = coeffs[0].to(base.dtype).clone()
         shift[axis] = 0
         if shift.any():
@@ -146,7 +147,7 @@ class LinearReluLinear(nn.Module):
         it (W1: 55 against 15 ms a batch)."""
         for kept in self._memory:
             if (tuple(kept.shape) == shape and kept.dtype == like.dtype and kept.device == like.device
-                    and _sole_holder(kept)):
+                    and _sole_holder(kept) and (torch.is_inference_mode_enabled() or not kept.is_inference())):
                 return kept
         kept = like.new_empty(shape)
         self._memory = [kept, *self._memory][:KEPT_OUTPUTS]
