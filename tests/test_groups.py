@@ -8,7 +8,6 @@ from torch import nn
 import mlifast
 from mlifast.multipoint.context import PointContext
 from mlifast.multipoint.layers import InPlaceActivation
-from mlifast.multipoint.relu_line import LinearReluLinear
 from models import (LayerScaleBlock, LSTMLanguageModel, ResNet20, SignalNet, TransformerClassifier, mlp,
                     randomize_bn, vgg_like)
 from oracle import load_point, oracle_outputs, rel_err
@@ -227,9 +226,7 @@ def test_a_relu_joins_only_the_use_of_a_shared_linear_layer_before_it():
     a, b = pair(shared_linear)
     line, coords = mlifast.Line(a, b), torch.linspace(0, 1, 3)
     fast = mlifast.interpolate(a, line, coords)
-    joined = fast.model[2]  # (its input is per point: the two rules run as before)
-    assert isinstance(joined, LinearReluLinear) and isinstance(fast.model[4], nn.Identity)
-    assert joined.first.relu and isinstance(fast.model[3], nn.Identity) and not joined.second.relu
+    assert fast.model[2].relu and isinstance(fast.model[3], nn.Identity) and not fast.model[4].relu
     x = torch.randn(5, 4, dtype=torch.float64)
     out = fast(x)
     for k, expected in enumerate(oracle_outputs(a, line, coords, x)):

@@ -1,12 +1,12 @@
-"""relu_line_linear (the linear layer after a ReLU along a line) and LinearReluLinear,
-which runs an MLP's first two moving layers through it: against the loop."""
+"""relu_line_linear (the linear layer after a ReLU along a line) and PendingLine, which
+runs an MLP's first two moving layers through it: against the loop."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import mlifast
 import mlifast.multipoint.relu_line as relu_line
-from mlifast.multipoint.relu_line import LinearReluLinear
 from mlifast.ops import relu_line_linear, relu_line_linear_reference
 from oracle import TOL, oracle_outputs, rel_err
 from test_evaluate import loop_evaluate
@@ -116,7 +116,7 @@ def endpoints(factory, dtype, seed=0):
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """The (K,) coefficients of every relu_line_linear call LinearReluLinear makes."""
+    """The (K,) coefficients of every relu_line_linear call the multi-point model makes."""
     calls = []
 
     def counted(*args):
@@ -135,7 +135,6 @@ def test_mlp_outputs_equal_the_loop(dtype, group, op_calls):
     line, coords = mlifast.Line(a, b), torch.tensor([0.0, 0.9, 0.3, 1.5, -0.5, 0.6, 0.1, 1.0])
     fast = mlifast.interpolate(a, line, coords)
     fast.points_per_group = group
-    assert isinstance(fast.model[1], LinearReluLinear)
     x = torch.randn(11, 3, 4, dtype=dtype)
     with torch.no_grad():
         out = fast(x)
@@ -246,9 +245,9 @@ def test_output_memory_is_reused_only_where_nothing_else_holds_it():
     fast = mlifast.interpolate(a, mlifast.Line(a, b), coords)
     with torch.no_grad():
         fast(x1)
-        memory = [t.data_ptr() for t in fast.model[1]._memory]
+        memory = [t.data_ptr() for t in fast.model[3].line_outputs]
         fast(x2)
-    assert [t.data_ptr() for t in fast.model[1]._memory] == memory and len(memory) == 1
+    assert [t.data_ptr() for t in fast.model[3].line_outputs] == memory and len(memory) == 1
 
 
 def test_output_memory_made_in_inference_mode_is_not_written_outside_it():
@@ -264,3 +263,67 @@ def test_output_memory_made_in_inference_mode_is_not_written_outside_it():
     with torch.no_grad():
         second = fast(x)
     assert torch.equal(first, second)
+
+
+class OwnForward(nn.Module):
+    """An MLP written with its own forward, functional ReLUs of every kind and dropout."""
+
+    def __init__(self, relu: str):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(12, 24), nn.Linear(24, 24), nn.Linear(24, 5)
+        self.drop, self.relu = nn.Dropout(0.3), relu
+
+    def forward(self, x):
+        h = self.fc1(x.flatten(1))
+        if self.relu == "F.relu":
+            h = F.relu(h)
+        elif self.relu == "method":
+            h = h.relu()
+        elif self.relu == "in place":
+            h.relu_()
+        elif self.relu == "module in place":
+            h = nn.ReLU(inplace=True)(h)
+        h = self.fc2(self.drop(h))
+        return self.fc3(torch.tanh(h))
+
+
+@pytest.mark.parametrize("relu", ["F.relu", "method", "in place", "module in place", "none"])
+def test_models_with_their_own_forward(relu, op_calls):
+    """Not an nn.Sequential: the first layer's output waits as a PendingLine; a ReLU of any
+    kind and dropout in eval mode keep it pending, the second layer computes from it.
+    Without a ReLU, the second layer reads it as it is."""
+    a, b = endpoints(lambda: OwnForward(relu), torch.float64)
+    line, coords = mlifast.Line(a, b), torch.linspace(-0.5, 1.5, 9)
+    fast = mlifast.interpolate(a, line, coords)
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        out = fast(x)
+    for k, expected in enumerate(oracle_outputs(a, line, coords, x)):
+        assert rel_err(out[k], expected) < 1e-12
+    assert len(op_calls) == (relu != "none")
+
+
+def test_an_output_read_twice_and_written_in_place(op_calls):
+    """h = relu(fc1(x)) feeds fc2, is summed, then written in place and fed to fc2 again:
+    every reader sees what the loop does."""
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(12, 24), nn.Linear(24, 5)
+
+        def forward(self, x):
+            h = F.relu(self.fc1(x))
+            y = self.fc2(h)
+            total = h.sum(1, keepdim=True)
+            h.mul_(2)
+            return y + total + self.fc2(h)
+
+    a, b = endpoints(Branches, torch.float64)
+    line, coords = mlifast.Line(a, b), torch.linspace(0, 1, 9)
+    fast = mlifast.interpolate(a, line, coords)
+    x = torch.randn(6, 12, dtype=torch.float64)
+    with torch.no_grad():
+        out = fast(x)
+    for k, expected in enumerate(oracle_outputs(a, line, coords, x)):
+        assert rel_err(out[k], expected) < 1e-12
+    assert len(op_calls) == 1  # (the second fc2 reads h as written)

@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from mlifast.multipoint.context import fold, rows_for_every_example, unfold
 from mlifast.multipoint.pending import PendingConvolution
+from mlifast.multipoint.relu_line import PendingLine
 from mlifast.multipoint.rule import MultiPointRule
 from mlifast.multipoint.shared import SharedRows
 from mlifast.ops import multipoint_combine
@@ -63,18 +64,37 @@ def linear_at_points(context, x: Tensor, w: Tensor, b: Tensor | None, w_dirs: Te
 
 
 class LinearRule(MultiPointRule):
+    """`multipoint_linear`. On rows shared by every point, the output is a `PendingLine`
+    where it applies (the products kept; a following ReLU and linear rule compute from them
+    with relu_line_linear, multipoint/relu_line.py)."""
+
     fresh_output = True
     relu = False  # True: a ReLU right after it joins the op (model.fuse_activations)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.line_outputs: list[Tensor] = []  # relu_line_linear's output memory, kept (relu_line._output_memory)
 
     def weight_and_directions(self) -> tuple[Tensor, Tensor | None]:
         """The (O, I) weight at the origin and its (J, O, I) directions (None if fixed)."""
         return self.origin("weight"), self.directions.get("weight")
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, PendingLine):
+            y = x.linear_after(self)
+            if y is not None:
+                return y
+            x = x.materialize()
         (w, w_dirs), b = self.weight_and_directions(), self.origin("bias")
         k = self.context.num_active
         shared = isinstance(x, SharedRows)
         dim = 0 if shared else self.context.rows_dim(x)
+        if shared and PendingLine.applies(self, x):
+            rows = x.rows()
+            flat = rows.reshape(-1, rows.shape[-1])
+            products = self.context.reuse(lambda: (F.linear(flat, w), F.linear(flat, w_dirs.flatten(0, 1))), flat, w,
+                                          w_dirs)
+            return PendingLine(self, tuple(rows.shape), products, self.relu)
         if shared or dim is None:  # the same rows for every point: computed once
             rows = x.rows() if shared else x
             y = linear_at_points(self.context, rows.reshape(-1, rows.shape[-1]), w, b, w_dirs,
@@ -377,6 +397,6 @@ class InPlaceActivation(nn.Module):
         self.fn = self.IN_PLACE[type(inner)]
 
     def forward(self, x: Tensor) -> Tensor:
-        if type(x) is not Tensor and not isinstance(x, PendingConvolution):  # e.g. shared rows: the module as it is
+        if type(x) is not Tensor and not isinstance(x, (PendingConvolution, PendingLine)):  # e.g. shared rows: as it is
             return self.inner(x)
         return self.fn(x)  # (a pending convolution computes itself first, a ReLU within it)

@@ -14,7 +14,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mlifast.multipoint.context import PointContext
 from mlifast.multipoint.layers import BatchNormRule, InPlaceActivation, LinearRule
 from mlifast.multipoint.pending import ConvolutionInputWritten
-from mlifast.multipoint.relu_line import LinearReluLinear
 from mlifast.multipoint.reference import PerPointModel, alias_groups, first_disagreement
 from mlifast.multipoint.registry import check_supported, rule_for
 from mlifast.multipoint.shared import SharedRows, SharedRowsWritten, materialize
@@ -431,8 +430,7 @@ def fuse_activations(root: nn.Module) -> None:
     nothing else sees the rule's output. A ReLU after a linear rule joins its op
     (`LinearRule.relu`: max(y, 0) in the op's own pass over its output; each place a
     module appears in the model has its own rule, see _multipoint_copy); any other works
-    in place (InPlaceActivation). Modules with hooks are left as they are. A linear rule
-    whose ReLU joined it, then the linear rule after it, become one `LinearReluLinear`."""
+    in place (InPlaceActivation). Modules with hooks are left as they are."""
     for seq in list(root.modules()):
         if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
             continue
@@ -447,12 +445,6 @@ def fuse_activations(root: nn.Module) -> None:
                 seq._modules[name] = nn.Identity()
             else:
                 seq._modules[name] = InPlaceActivation(act)
-        for first, identity, second in zip(names, names[1:], names[2:]):
-            modules = seq._modules[first], seq._modules[identity], seq._modules[second]
-            if (isinstance(modules[0], LinearRule) and modules[0].relu and type(modules[1]) is nn.Identity
-                    and isinstance(modules[2], LinearRule)):
-                seq._modules[first] = LinearReluLinear(modules[0], modules[2])
-                seq._modules[second] = nn.Identity()
 
 
 def _batch_size(args: tuple, kwargs: dict, dim: int) -> int:

@@ -1,4 +1,5 @@
-"""Linear → ReLU → Linear on rows shared by every point of a line, as one operation.
+"""A linear layer's output on rows shared by every point, kept as its products until read;
+the linear layer after its ReLU then computes from them along each line of points.
 
 On a line θ0 + c·d the first moving linear layer of an MLP sees the same rows x at every
 point, so its output is affine in c: a + c·e, with a and e computed once for all points.
@@ -7,19 +8,23 @@ The linear layer after its ReLU then needs, at each point, relu(a + c_k·e)·(W 
 units that switch on or off between consecutive points, not K GEMMs (W1: the MLI paper's
 MNIST MLP, whose 1024×1024 second layer is most of its FLOPs).
 
-`fuse_activations` puts a `LinearReluLinear` in place of such a pair in an nn.Sequential;
-it falls back to the two rules wherever the operation does not apply.
+`LinearRule` returns a `PendingLine` for rows shared by every point; a ReLU (function,
+method or module, in place or not) and dropout in eval mode keep it pending; the next
+`LinearRule` computes from it with `relu_line_linear` (`linear_after`); anything else
+combines the products into the layer's output first (`materialize`), as before. So it
+takes any model written with Linear and ReLU, nn.Sequential or its own forward.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+from torch.utils._pytree import tree_map
 
 from mlifast._extension import compiled
-from mlifast.multipoint.layers import LinearRule
-from mlifast.multipoint.shared import SharedRows
-from mlifast.ops import relu_line_linear
+from mlifast.ops import multipoint_combine, relu_line_linear
 
 # A line's outputs are computed at once, from its first point's GEMMs: 4 times the FLOPs
 # of one point's. Below this many points a line is not worth it (the two rules run): on
@@ -76,104 +81,171 @@ class Lines:
         return min(stop - start for start, stop, _ in self.runs)
 
 
-class LinearReluLinear(nn.Module):
-    """`second(relu(first(x)))` for two LinearRules, `first.relu` set; see the module doc.
+class PendingLine(Tensor):
+    """(K_active·B, …, O) output of a linear rule on rows shared by every point: its
+    products with the origin's weight (R, O) and with the J directions (R, J·O), combined
+    for the active points only when read (R = B·…, rows (B, …, I)).
 
-    The points of a call are split into `Lines`, each run computed by one relu_line_linear.
-    Where the points run in groups (PointContext.grouped), a run is computed when a group
-    first needs it, kept for the call, and dropped once the groups are past it."""
+    Made by `LinearRule` outside autograd and forward mode, on float32/64 CPU rows with
+    the compiled relu_line_linear; `relu`: a ReLU follows (joined by fuse_activations or
+    applied to it since).
+    """
 
-    fresh_output = True
+    @staticmethod
+    def __new__(cls, rule, rows_shape: tuple, products: tuple[Tensor, Tensor], relu: bool) -> "PendingLine":
+        base = products[0]
+        k = rule.context.num_active
+        shape = (k * rows_shape[0], *rows_shape[1:-1], base.shape[-1])
+        t = Tensor._make_wrapper_subclass(cls, shape, dtype=base.dtype, device=base.device)
+        t._rule, t._rows_shape, t._products, t._relu, t._value = rule, rows_shape, products, relu, None
+        t._coeffs = rule.context.active_coeffs()
+        return t
 
-    def __init__(self, first: LinearRule, second: LinearRule) -> None:
-        super().__init__()
-        assert first.relu, "the first linear rule must end in the ReLU"
-        self.first, self.second = first, second
-        self._memory: list[Tensor] = []  # see _output_memory
+    def __init__(self, *args, **kwargs) -> None:
+        pass
 
-    def forward(self, x: Tensor) -> Tensor:
-        lines = self._lines(x) if self._applies(x) else None
-        if lines is None:
-            return self.second(self.first(x))
-        context, rows = self.first.context, x.rows()
-        flat = rows.reshape(-1, rows.shape[-1])
-        w1, d1 = self.first.weight_and_directions()
-        first = context.reuse(lambda: self._first_layer(flat), flat, w1, d1, owner=self.first)
-        start, stop = context.active_span if context.grouped else (0, lines.coeffs.shape[0])
-        pieces = []  # the parts of the runs overlapping [start, stop), in order
-        for i, (begin, end, _) in enumerate(lines.runs):
-            if begin < stop and end > start:
-                y = lines.outputs.get(i)
-                if y is None:
-                    y = lines.outputs[i] = self._line(lines, i, first, flat)
-                pieces.append(y[max(start, begin) - begin : min(stop, end) - begin])
-                if end <= stop:  # (the groups are past it)
-                    del lines.outputs[i]
-        y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        return y.reshape(stop - start, *rows.shape[:-1], y.shape[-1]).flatten(0, 1)
+    @staticmethod
+    def applies(rule, rows: Tensor) -> bool:
+        """Whether `rule` (a LinearRule) returns a PendingLine for these shared rows."""
+        context, (w, d) = rule.context, rule.weight_and_directions()
+        return (d is not None and rows.is_cpu and rows.dtype in (torch.float32, torch.float64) and w.dtype == rows.dtype
+                and not context.forward_mode and compiled("relu_line_linear", "cpu")
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in (rows, w, d, context.coeffs))))
 
-    def _first_layer(self, flat: Tensor) -> tuple[Tensor, Tensor]:
-        """(R, H) the first layer's output at the origin, (R, J, H) along each direction."""
-        (w, d), b = self.first.weight_and_directions(), self.first.origin("bias")
-        db = self.first.directions.get("bias")
-        along = F.linear(flat, d.flatten(0, 1)).unflatten(1, d.shape[:2])
-        if b is not None and db is not None:
-            along = along + db
-        return F.linear(flat, w, b), along
+    @property
+    def computed(self) -> bool:
+        return self._value is not None
 
-    def _line(self, lines: Lines, i: int, first: tuple[Tensor, Tensor], flat: Tensor) -> Tensor:
-        """(K_i, R, O) outputs of run i: along direction `axis` from the point of its line
-        whose `axis` coordinate is 0, θ0 + Σ_j≠axis c_j·d_j."""
-        begin, end, axis = lines.runs[i]
-        coeffs = lines.coeffs[begin:end]
-        base, along = first
-        (w, d), b = self.second.weight_and_directions(), self.second.origin("bias")
-        db = self.second.directions.get("bias") if b is not None else None
-        shift = coeffs[0].to(base.dtype).clone()
-        shift[axis] = 0
-        if shift.any():
-            base = base + torch.einsum("j,rjh->rh", shift, along)
-            w = w + torch.einsum("j,joi->oi", shift, d)
-            b = b if db is None else b + shift @ db
-        out = self._output_memory((end - begin, flat.shape[0], w.shape[0]), flat)
-        y = relu_line_linear(base, along[:, axis], w, d[axis], b, None if db is None else db[axis], coeffs[:, axis],
-                             self.second.relu, out)
-        return y[:]  # (a view: while it lives, _output_memory sees its memory held)
+    def with_relu(self) -> "PendingLine":
+        return PendingLine(self._rule, self._rows_shape, self._products, True) if not self._relu else self
 
-    def _output_memory(self, shape: tuple, like: Tensor) -> Tensor:
-        """Memory for a line's outputs: one of the last calls', where nothing else still holds
-        any of it. Outputs of hundreds of megabytes (W1: 50 points × 1000 rows × 1024) are
-        mapped fresh by glibc on every call, and touching each new page cost more than writing
-        it (W1: 55 against 15 ms a batch)."""
-        for kept in self._memory:
-            if (tuple(kept.shape) == shape and kept.dtype == like.dtype and kept.device == like.device
-                    and _sole_holder(kept) and (torch.is_inference_mode_enabled() or not kept.is_inference())):
-                return kept
-        kept = like.new_empty(shape)
-        self._memory = [kept, *self._memory][:KEPT_OUTPUTS]
-        return kept
+    def materialize(self) -> Tensor:
+        """The layer's output (through the ReLU where one joined), computed once."""
+        if self._value is None:
+            (w, d), b = self._rule.weight_and_directions(), self._rule.origin("bias")
+            db = self._rule.directions.get("bias") if b is not None else None
+            base, along = self._products
+            y = multipoint_combine(base, along.unflatten(1, d.shape[:2]), b, db, self._coeffs.to(base.dtype), self._relu)
+            self._value = y.reshape(y.shape[0], *self._rows_shape[:-1], y.shape[-1]).flatten(0, 1)
+            self._products = None
+        return self._value
 
-    def _lines(self, x: Tensor) -> Lines | None:
-        """The call's lines where each has MIN_POINTS_PER_LINE points and at most LINE_BYTES
-        of outputs."""
-        context, rows = self.first.context, x.rows()
-        if context.grouped:
-            lines = context.reuse(lambda: Lines(context.coeffs), context.coeffs, owner=self)
-        else:
-            lines = Lines(context.active_coeffs())
-        longest = max(stop - start for start, stop, _ in lines.runs)
-        outputs = self.second.weight_and_directions()[0].shape[0]
-        if (lines.shortest < MIN_POINTS_PER_LINE
-                or longest * (rows.numel() // rows.shape[-1]) * outputs * rows.element_size() > LINE_BYTES):
+    def linear_after(self, rule) -> Optional[Tensor]:
+        """`rule` (a LinearRule) applied to this output, from relu_line_linear along each line
+        of the call's points (`Lines`); None where that does not apply: not through a ReLU,
+        already computed, a weight that does not move or another dtype, lines too short."""
+        w, d = rule.weight_and_directions()
+        if not self._relu or self.computed or d is None or w.dtype != self.dtype:
             return None
-        return lines
+        return _linear_along_lines(self, rule)
 
-    def _applies(self, x: Tensor) -> bool:
-        """Rows shared by every point, float32/64 on the CPU with the compiled kernel, both
-        weights moving, outside autograd and forward mode."""
-        context = self.first.context
-        weights = (*self.first.weight_and_directions(), *self.second.weight_and_directions())
-        return (isinstance(x, SharedRows) and x.is_cpu and x.dtype in (torch.float32, torch.float64)
-                and all(w is not None and w.dtype == x.dtype for w in weights) and not context.forward_mode
-                and compiled("relu_line_linear", "cpu")
-                and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, context.coeffs, *weights))))
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """Shape, dtype and device from the wrapper; a ReLU and dropout in eval mode keep it
+        pending; everything else (and what reads memory without an operator) on the output."""
+        kwargs = kwargs or {}
+        if func in _METADATA or getattr(getattr(func, "__self__", None), "__name__", None) in _PROPERTIES:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        pending = args[0] if args and isinstance(args[0], PendingLine) and not args[0].computed else None
+        if pending is not None and func in _RELU and len(args) == 1 and set(kwargs) <= {"inplace"}:
+            if func in _IN_PLACE or kwargs.get("inplace", False):  # (self is the ReLU's output from now on)
+                pending._relu = True
+                return pending
+            return pending.with_relu()
+        if pending is not None and func is F.dropout and not _dropout_training(args, kwargs):
+            return pending
+        return func(*tree_map(_computed, args), **tree_map(_computed, kwargs))
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # (operators reached from C++)
+        return func(*tree_map(_computed, args), **tree_map(_computed, kwargs or {}))
+
+
+_METADATA = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.element_size, Tensor.is_floating_point, Tensor.__len__}
+_PROPERTIES = {"shape", "dtype", "device", "ndim", "is_cpu", "is_cuda", "requires_grad", "layout", "grad_fn", "is_leaf"}
+_RELU = {F.relu, torch.relu, Tensor.relu, torch.relu_, Tensor.relu_}
+_IN_PLACE = {torch.relu_, Tensor.relu_}
+
+
+def _dropout_training(args: tuple, kwargs: dict) -> bool:
+    """F.dropout(input, p=0.5, training=True, inplace=False)'s `training`."""
+    return bool(args[2] if len(args) > 2 else kwargs.get("training", True))
+
+
+def _computed(value):
+    return value.materialize() if isinstance(value, PendingLine) else value
+
+
+def _linear_along_lines(pending: PendingLine, rule) -> Optional[Tensor]:
+    """(K_active·B, …, O) outputs of `rule` on relu(pending): each run of the call's `Lines`
+    by one relu_line_linear. Where the points run in groups (PointContext.grouped), a run is
+    computed when a group first needs it, kept for the call, and dropped once the groups
+    are past it. None where a run is shorter than MIN_POINTS_PER_LINE or its outputs take
+    more than LINE_BYTES."""
+    context, first = rule.context, pending._rule
+    rows = 1
+    for size in pending._rows_shape[:-1]:
+        rows *= size
+    outputs = rule.weight_and_directions()[0].shape[0]
+    if context.grouped:
+        lines = context.reuse(lambda: Lines(context.coeffs), context.coeffs, owner=rule)
+    else:
+        lines = Lines(pending._coeffs)
+    longest = max(stop - start for start, stop, _ in lines.runs)
+    if lines.shortest < MIN_POINTS_PER_LINE or longest * rows * outputs * pending.element_size() > LINE_BYTES:
+        return None
+    base, along = pending._products
+    (_, d1), b1 = first.weight_and_directions(), first.origin("bias")
+    db1 = first.directions.get("bias") if b1 is not None else None
+    # the first layer's output at the origin (R, H) and along each direction (R, J, H)
+    a_e = context.reuse(lambda: (base if b1 is None else base + b1,
+                                 along.unflatten(1, d1.shape[:2]) + (0 if db1 is None else db1)),
+                        base, along, owner=first)
+    start, stop = context.active_span if context.grouped else (0, lines.coeffs.shape[0])
+    pieces = []  # the parts of the runs overlapping [start, stop), in order
+    for i, (begin, end, _) in enumerate(lines.runs):
+        if begin < stop and end > start:
+            y = lines.outputs.get(i)
+            if y is None:
+                y = lines.outputs[i] = _run_outputs(rule, lines, i, a_e)
+            pieces.append(y[max(start, begin) - begin : min(stop, end) - begin])
+            if end <= stop:  # (the groups are past it)
+                del lines.outputs[i]
+    y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return y.reshape(stop - start, *pending._rows_shape[:-1], y.shape[-1]).flatten(0, 1)
+
+
+def _run_outputs(rule, lines: Lines, i: int, first: tuple[Tensor, Tensor]) -> Tensor:
+    """(K_i, R, O) outputs of `rule` on run i of `lines`: along direction `axis` from the
+    point of its line whose `axis` coordinate is 0, θ0 + Σ_j≠axis c_j·d_j. `first`: the
+    ReLU's input at the origin (R, H) and along each direction (R, J, H)."""
+    begin, end, axis = lines.runs[i]
+    coeffs = lines.coeffs[begin:end]
+    base, along = first
+    (w, d), b = rule.weight_and_directions(), rule.origin("bias")
+    db = rule.directions.get("bias") if b is not None else None
+    shift = coeffs[0].to(base.dtype).clone()
+    shift[axis] = 0
+    if shift.any():
+        base = base + torch.einsum("j,rjh->rh", shift, along)
+        w = w + torch.einsum("j,joi->oi", shift, d)
+        b = b if db is None else b + shift @ db
+    out = _output_memory(rule, (end - begin, base.shape[0], w.shape[0]), base)
+    y = relu_line_linear(base, along[:, axis], w, d[axis], b, None if db is None else db[axis], coeffs[:, axis],
+                         rule.relu, out)
+    return y[:]  # (a view: while it lives, _output_memory sees its memory held)
+
+
+def _output_memory(rule, shape: tuple, like: Tensor) -> Tensor:
+    """Memory for a run's outputs: one of the last calls' (kept on the rule, `line_outputs`),
+    where nothing else still holds any of it. Outputs of hundreds of megabytes (W1: 50
+    points × 1000 rows × 1024) are mapped fresh by glibc on every call, and touching each
+    new page cost more than writing it (W1: 55 against 15 ms a batch)."""
+    for kept in rule.line_outputs:
+        if (tuple(kept.shape) == shape and kept.dtype == like.dtype and kept.device == like.device
+                and _sole_holder(kept) and (torch.is_inference_mode_enabled() or not kept.is_inference())):
+            return kept
+    kept = like.new_empty(shape)
+    rule.line_outputs = [kept, *rule.line_outputs][:KEPT_OUTPUTS]
+    return kept
