@@ -5,7 +5,7 @@
 Times the layer after an MLP's first ReLU at K points of a line, float32, best of 3:
 mlifast.ops.relu_line_linear (one GEMM at the first point plus the units that switch)
 against the previous path (the ReLU'd combine of the first layer's products, then
-multipoint_linear's per-point GEMMs). LinearReluLinear uses the op from
+multipoint_linear's per-point GEMMs). The multi-point model uses the op from
 MIN_POINTS_PER_LINE points a line (mlifast/multipoint/relu_line.py).
 """
 from __future__ import annotations
