@@ -16,7 +16,7 @@
 //      4 multiply-adds per output column and switch;
 //   3. each point's row is U + c_k(V + c_k Z) + its bias: 3 multiply-adds per output.
 // FLOPs 2·(4·R·I·O + 4·O·switches + 3·K·R·O) instead of 2·K·R·I·O: on W1 (K = 50, R = 1000,
-// I = O = 1024, half the units switching) about 14% of the per-point GEMMs'.
+// I = O = 1024, half the units switching) about 12% of the per-point GEMMs'.
 //
 // Steps 2 and 3 run row by row through a few column tiles of W and D at a time (packed tile
 // by tile, they stay in L2 while every row's switches go through them), with the tile's
