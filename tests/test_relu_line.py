@@ -59,10 +59,9 @@ def test_without_bias_or_its_direction(bias, bias_dir):
 
 
 def test_one_point_and_units_that_never_switch():
-    """K = 1; units with along = 0 (never switch), and a unit reaching exactly 0 at a point."""
+    """K = 1; units with along = 0, which never switch."""
     base, along, weight, weight_dir, bias, bias_dir = line_operands(6, 10, 20, torch.float64)
     along[:, :4] = 0
-    base[0, 5], along[0, 5] = -0.5, 1.0  # zero at c = 0.5
     for coeffs in (torch.tensor([0.3], dtype=torch.float64), torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)):
         operands = (base, along, weight, weight_dir, bias, bias_dir)
         assert rel_err(relu_line_linear(*operands, coeffs, True), per_point_loop(*operands, coeffs, True)) < 1e-12
@@ -74,7 +73,7 @@ def test_non_finite_inputs_give_what_the_loop_gives():
     operands = list(line_operands(5, 12, 40, torch.float32))
     operands[0][1, 3] = float("nan")
     operands[1][3, 2] = float("inf")
-    coeffs = torch.tensor([0.0, 0.4, 1.0])
+    coeffs = torch.tensor([0.4, 1.0, -0.2, 0.0])  # (unsorted: each point's bias must follow it)
     y = relu_line_linear(*operands, coeffs, True)
     expected = relu_line_linear_reference(*operands, coeffs, True)
     assert torch.equal(y.isnan(), expected.isnan()) and y[:, 1].isnan().all()
@@ -95,6 +94,14 @@ def test_bad_arguments_are_named():
         relu_line_linear(*(t.bfloat16() for t in (base, along, weight, weight_dir, bias, bias_dir)), c)
     with pytest.raises(TypeError, match="along must have base's dtype"):
         relu_line_linear(base, along.double(), weight, weight_dir, bias, bias_dir, c)
+    with pytest.raises(ValueError, match=r"out must be a contiguous \(3, 4, 8\) tensor"):
+        relu_line_linear(base, along, weight, weight_dir, bias, bias_dir, c, out=torch.empty(3, 8, 4).mT)
+    memory = torch.randn(96)  # an out sharing memory with base
+    with pytest.raises(RuntimeError, match="unsupported operation"):
+        torch.ops.mlifast.relu_line_linear.out(memory[:24].view(4, 6), along, weight, weight_dir, bias, bias_dir, c,
+                                               out=memory.view(3, 4, 8))
+    with pytest.raises(RuntimeError, match="no autograd"):
+        relu_line_linear(base, along, weight.requires_grad_(), weight_dir, bias, bias_dir, c)
 
 
 # ----------------------------------------------------------------------------- in a model
@@ -327,3 +334,38 @@ def test_an_output_read_twice_and_written_in_place(op_calls):
     for k, expected in enumerate(oracle_outputs(a, line, coords, x)):
         assert rel_err(out[k], expected) < 1e-12
     assert len(op_calls) == 1  # (the second fc2 reads h as written)
+
+
+class Twice(nn.Module):
+    """The same two layers on two inputs, and a layer applied twice to the same output,
+    one result then written in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(12, 24), nn.Linear(24, 5)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        y1, y2 = self.fc2(h), self.fc2(h)
+        y1.mul_(2)
+        return y1 + y2 - self.fc2(F.relu(self.fc1(2 * x)))
+
+
+def test_groups_keep_each_input_and_each_reader_apart(op_calls):
+    """In groups, the runs kept for the call belong to one rule and one input (not the
+    other input's), and a second reader of the same part gets its own copy (not the first
+    reader's, written in place). Groups set after the first call: its check would otherwise
+    catch a disagreement and stop sharing rows."""
+    a, b = endpoints(Twice, torch.float64)
+    line, coords = mlifast.Line(a, b), torch.linspace(0, 1, 12)
+    fast = mlifast.interpolate(a, line, coords)
+    x = torch.randn(6, 12, dtype=torch.float64)
+    expected = oracle_outputs(a, line, coords, x)
+    with torch.no_grad():
+        fast(x)
+        fast.points_per_group = 5
+        out = fast(x)
+    assert fast.shares_rows and not fast.per_point_fallback
+    for k in range(len(coords)):
+        assert rel_err(out[k], expected[k]) < 1e-12
+    assert len(op_calls) > 3  # (the whole call's 3, then the grouped call's)

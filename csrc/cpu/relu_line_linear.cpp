@@ -23,6 +23,7 @@
 // U, V, Z in registers. Non-finite inputs (NaN must stay NaN, an infinite unit never switches cleanly) take the
 // per-point form instead: h_k = relu(a + c_k e), then one GEMM per point.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/accumulate.h>
@@ -372,6 +373,7 @@ at::Tensor& relu_line_linear_out_cpu(const at::Tensor& base, const at::Tensor& a
               kOp, "expected a contiguous CPU out of shape (", s.points, ", ", s.rows, ", ", s.out_features, ") in ",
               weight.scalar_type(), ", got ", out.sizes(), " ", out.scalar_type(), " on ", out.device());
   if (out.numel() == 0) return out;
+  for (const at::Tensor* t : {&base, &along, &weight, &weight_dir, &coeffs}) at::assert_no_overlap(out, *t);
   auto [sorted, order] = coeffs.sort();
   at::Tensor bias_k;  // (K, O) each sorted point's bias
   if (bias.has_value()) {

@@ -58,7 +58,8 @@ class Lines:
     coordinate only, `runs` [(start, stop, axis)]: each run lies on a line of weight space
     along direction `axis`. A line is one run; a plane's grid its rows or its columns (in
     either order, snake included); `make demo`'s two lines from θ0, (α, 0) then (0, α),
-    one run each. And the runs' outputs computed so far (`outputs`)."""
+    one run each. And the runs' outputs computed so far (`outputs`) and which parts of them
+    went to which group (`handed`)."""
 
     def __init__(self, coeffs: Tensor) -> None:
         self.coeffs = coeffs
@@ -75,6 +76,7 @@ class Lines:
             self.runs.append((start, stop, axis or 0))
             start = stop
         self.outputs: dict[int, Tensor] = {}
+        self.handed: set[tuple[int, int]] = set()  # (run, group start) of parts handed out
 
     @property
     def shortest(self) -> int:
@@ -188,8 +190,8 @@ def _linear_along_lines(pending: PendingLine, rule) -> Optional[Tensor]:
     for size in pending._rows_shape[:-1]:
         rows *= size
     outputs = rule.weight_and_directions()[0].shape[0]
-    if context.grouped:
-        lines = context.reuse(lambda: Lines(context.coeffs), context.coeffs, owner=rule)
+    if context.grouped:  # (one Lines per rule and input for the call: the same products every group)
+        lines = context.reuse(lambda: Lines(context.coeffs), context.coeffs, *pending._products, owner=rule)
     else:
         lines = Lines(pending._coeffs)
     longest = max(stop - start for start, stop, _ in lines.runs)
@@ -209,7 +211,11 @@ def _linear_along_lines(pending: PendingLine, rule) -> Optional[Tensor]:
             y = lines.outputs.get(i)
             if y is None:
                 y = lines.outputs[i] = _run_outputs(rule, lines, i, a_e)
-            pieces.append(y[max(start, begin) - begin : min(stop, end) - begin])
+            piece = y[max(start, begin) - begin : min(stop, end) - begin]
+            # (a second reader of the same part, the rule applied to the same input twice,
+            # gets its own copy: each caller may write into its output)
+            pieces.append(piece.clone() if (i, start) in lines.handed else piece)
+            lines.handed.add((i, start))
             if end <= stop:  # (the groups are past it)
                 del lines.outputs[i]
     y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
