@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from mlifast.multipoint.context import fold, rows_for_every_example, unfold
-from mlifast.multipoint.pending import PendingConvolution
+from mlifast.multipoint.pending import Pending, PendingConvolution
 from mlifast.multipoint.relu_line import PendingLine
 from mlifast.multipoint.rule import MultiPointRule
 from mlifast.multipoint.shared import SharedRows
@@ -397,6 +397,6 @@ class InPlaceActivation(nn.Module):
         self.fn = self.IN_PLACE[type(inner)]
 
     def forward(self, x: Tensor) -> Tensor:
-        if type(x) is not Tensor and not isinstance(x, (PendingConvolution, PendingLine)):  # e.g. shared rows: as it is
+        if type(x) is not Tensor and not isinstance(x, Pending):  # e.g. shared rows: as it is
             return self.inner(x)
         return self.fn(x)  # (a pending convolution computes itself first, a ReLU within it)

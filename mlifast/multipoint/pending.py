@@ -1,4 +1,5 @@
-"""A per-point convolution's output, not computed until something reads it.
+"""Results not computed until something reads them (`Pending`); here a per-point
+convolution's output (`PendingConvolution`; `relu_line.PendingLine` is the other).
 
 What the layers after a convolution do to its output can often join the convolution
 itself, saving a pass over the activations each:
@@ -30,7 +31,38 @@ class ConvolutionInputWritten(Exception):
     """The model wrote into a pending convolution's input rows or addend before it ran."""
 
 
-class PendingConvolution(Tensor):
+class Pending(Tensor):
+    """A result (a wrapper tensor of its shape, dtype and device) not computed until
+    something reads it. Subclasses compute it in `materialize()` and say in `_join` which
+    operations on it join the computation instead (None: it is read)."""
+
+    def materialize(self) -> Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def _join(cls, func, args: tuple, kwargs: dict) -> Optional[Tensor]:
+        return None
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """Shape, dtype and device from the wrapper; what joins it (`_join`); everything
+        else — operations, and what reads memory without an operator (`data_ptr`, `numpy`)
+        — on the result."""
+        kwargs = kwargs or {}
+        if func in _METADATA or getattr(getattr(func, "__self__", None), "__name__", None) in _PROPERTIES:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        joined = cls._join(func, args, kwargs)
+        if joined is not None:
+            return joined
+        return func(*tree_map(_computed, args), **tree_map(_computed, kwargs))
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # (operators reached from C++)
+        return func(*tree_map(_computed, args), **tree_map(_computed, kwargs or {}))
+
+
+class PendingConvolution(Pending):
     """(K_active·B, C_out, …) output of a convolution with each point's own weight, plus an
     optional addend of the same shape.
 
@@ -95,7 +127,7 @@ class PendingConvolution(Tensor):
         a ReLU (in place too), or the addition of a plain tensor of the same shape."""
         if self.computed:
             return None
-        if func in _RELU and len(args) == 1 and set(kwargs) <= {"inplace"}:
+        if func in RELU and len(args) == 1 and set(kwargs) <= {"inplace"}:
             in_place = func in _IN_PLACE or kwargs.get("inplace", False)
             return self.materialize(relu=True) if in_place else self.convolved(relu=True)
         if func in _ADD and len(args) == 2 and not kwargs and self._addend is None:
@@ -114,31 +146,20 @@ class PendingConvolution(Tensor):
         return None
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        """Shape, dtype and device from the wrapper; a ReLU or an addition joined into the
-        convolutions; everything else — operations, and what reads memory without an
-        operator (`data_ptr`, `numpy`) — on the result."""
-        kwargs = kwargs or {}
-        if func in _METADATA or getattr(getattr(func, "__self__", None), "__name__", None) in _PROPERTIES:
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
-        if func in _RELU or func in _ADD:
+    def _join(cls, func, args: tuple, kwargs: dict) -> Optional[Tensor]:
+        """A ReLU or an addition joined into the convolutions (`_joined`)."""
+        if func in RELU or func in _ADD:
             pending = next((a for a in args[:2] if isinstance(a, PendingConvolution) and not a.computed), None)
-            joined = None if pending is None else pending._joined(func, args, kwargs)
-            if joined is not None:
-                return joined
-        return func(*tree_map(_computed, args), **tree_map(_computed, kwargs))
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # (operators reached from C++)
-        return func(*tree_map(_computed, args), **tree_map(_computed, kwargs or {}))
+            return None if pending is None else pending._joined(func, args, kwargs)
+        return None
 
 
 _METADATA = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.element_size, Tensor.is_floating_point, Tensor.__len__}
 _PROPERTIES = {"shape", "dtype", "device", "ndim", "is_cpu", "is_cuda", "requires_grad", "layout", "grad_fn", "is_leaf"}
-_RELU = {F.relu, torch.relu, Tensor.relu, torch.relu_, Tensor.relu_}
+RELU = {F.relu, torch.relu, Tensor.relu, torch.relu_, Tensor.relu_}
+RELU_IN_PLACE = {torch.relu_, Tensor.relu_}
 _ADD = {Tensor.__add__, Tensor.__radd__, torch.add, Tensor.add, Tensor.__iadd__, Tensor.add_}
-_IN_PLACE = {torch.relu_, Tensor.relu_, Tensor.__iadd__, Tensor.add_}
+_IN_PLACE = RELU_IN_PLACE | {Tensor.__iadd__, Tensor.add_}
 
 
 def _versions(*tensors: Optional[Tensor]) -> tuple:
@@ -147,7 +168,7 @@ def _versions(*tensors: Optional[Tensor]) -> tuple:
 
 
 def _computed(value):
-    return value.materialize() if isinstance(value, PendingConvolution) else value
+    return value.materialize() if isinstance(value, Pending) else value
 
 
 def _convolve(conv: nn.Module, rows: Tensor, weight: Tensor, bias: Optional[Tensor], addend: Optional[Tensor],

@@ -21,9 +21,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._pytree import tree_map
 
 from mlifast._extension import compiled
+from mlifast.multipoint.pending import RELU, RELU_IN_PLACE, Pending
 from mlifast.ops import multipoint_combine, relu_line_linear
 
 # A line's outputs are computed at once, from its first point's GEMMs: 4 times the FLOPs
@@ -83,7 +83,7 @@ class Lines:
         return min(stop - start for start, stop, _ in self.runs)
 
 
-class PendingLine(Tensor):
+class PendingLine(Pending):
     """(K_active·B, …, O) output of a linear rule on rows shared by every point: its
     products with the origin's weight (R, O) and with the J directions (R, J·O), combined
     for the active points only when read (R = B·…, rows (B, …, I)).
@@ -142,41 +142,22 @@ class PendingLine(Tensor):
         return _linear_along_lines(self, rule)
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        """Shape, dtype and device from the wrapper; a ReLU and dropout in eval mode keep it
-        pending; everything else (and what reads memory without an operator) on the output."""
-        kwargs = kwargs or {}
-        if func in _METADATA or getattr(getattr(func, "__self__", None), "__name__", None) in _PROPERTIES:
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
+    def _join(cls, func, args: tuple, kwargs: dict) -> Optional[Tensor]:
+        """A ReLU and dropout in eval mode keep it pending."""
         pending = args[0] if args and isinstance(args[0], PendingLine) and not args[0].computed else None
-        if pending is not None and func in _RELU and len(args) == 1 and set(kwargs) <= {"inplace"}:
-            if func in _IN_PLACE or kwargs.get("inplace", False):  # (self is the ReLU's output from now on)
+        if pending is not None and func in RELU and len(args) == 1 and set(kwargs) <= {"inplace"}:
+            if func in RELU_IN_PLACE or kwargs.get("inplace", False):  # (self is the ReLU's output from now on)
                 pending._relu = True
                 return pending
             return pending.with_relu()
         if pending is not None and func is F.dropout and not _dropout_training(args, kwargs):
             return pending
-        return func(*tree_map(_computed, args), **tree_map(_computed, kwargs))
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # (operators reached from C++)
-        return func(*tree_map(_computed, args), **tree_map(_computed, kwargs or {}))
-
-
-_METADATA = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.element_size, Tensor.is_floating_point, Tensor.__len__}
-_PROPERTIES = {"shape", "dtype", "device", "ndim", "is_cpu", "is_cuda", "requires_grad", "layout", "grad_fn", "is_leaf"}
-_RELU = {F.relu, torch.relu, Tensor.relu, torch.relu_, Tensor.relu_}
-_IN_PLACE = {torch.relu_, Tensor.relu_}
+        return None
 
 
 def _dropout_training(args: tuple, kwargs: dict) -> bool:
     """F.dropout(input, p=0.5, training=True, inplace=False)'s `training`."""
     return bool(args[2] if len(args) > 2 else kwargs.get("training", True))
-
-
-def _computed(value):
-    return value.materialize() if isinstance(value, PendingLine) else value
 
 
 def _linear_along_lines(pending: PendingLine, rule) -> Optional[Tensor]:
