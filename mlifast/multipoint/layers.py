@@ -58,9 +58,15 @@ def linear_at_points(context, x: Tensor, w: Tensor, b: Tensor | None, w_dirs: Te
     if x.dim() == 2 and context.grouped and not context.forward_mode:
         # Rows shared by every point, whose points run in groups: x·Wᵀ and x·Dᵀ once per
         # call of the model, then each group's combine (what the op does in one go).
-        base, along = context.reuse(lambda: (F.linear(x, w), F.linear(x, w_dirs.flatten(0, 1))), x, w, w_dirs)
+        base, along = shared_products(context, x, w, w_dirs)
         return multipoint_combine(base, along.unflatten(1, w_dirs.shape[:2]), b, b_dirs, c, relu)
     return context.linear(x, w, b, w_dirs, b_dirs, c, relu)
+
+
+def shared_products(context, x: Tensor, w: Tensor, w_dirs: Tensor) -> tuple[Tensor, Tensor]:
+    """x·Wᵀ (R, O) and x·Dᵀ (R, J·O) of rows x (R, I) shared by every point, computed once
+    per call of the model (PointContext.reuse)."""
+    return context.reuse(lambda: (F.linear(x, w), F.linear(x, w_dirs.flatten(0, 1))), x, w, w_dirs)
 
 
 class LinearRule(MultiPointRule):
@@ -91,9 +97,7 @@ class LinearRule(MultiPointRule):
         dim = 0 if shared else self.context.rows_dim(x)
         if shared and PendingLine.applies(self, x):
             rows = x.rows()
-            flat = rows.reshape(-1, rows.shape[-1])
-            products = self.context.reuse(lambda: (F.linear(flat, w), F.linear(flat, w_dirs.flatten(0, 1))), flat, w,
-                                          w_dirs)
+            products = shared_products(self.context, rows.reshape(-1, rows.shape[-1]), w, w_dirs)
             return PendingLine(self, tuple(rows.shape), products, self.relu)
         if shared or dim is None:  # the same rows for every point: computed once
             rows = x.rows() if shared else x
@@ -399,4 +403,4 @@ class InPlaceActivation(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if type(x) is not Tensor and not isinstance(x, Pending):  # e.g. shared rows: as it is
             return self.inner(x)
-        return self.fn(x)  # (a pending convolution computes itself first, a ReLU within it)
+        return self.fn(x)  # (a pending result computes itself first, or a ReLU joins it)

@@ -8,7 +8,7 @@ each of the K points,
 
 and with relu=True max(y[k], 0). Each row of y[k] is quadratic in c_k over the units
 active at c_k, and each unit switches on or off at most once along the line, so the CPU
-kernel (csrc/cpu/relu_line_linear.cpp) computes all K points from one GEMM at the
+kernel (csrc/cpu/relu_line_linear.cpp) computes all K points from two GEMMs at the
 smallest c plus the units that switch, not K GEMMs.
 
 Shapes: base, along (R, I); W, D (O, I); b, db (O,) or None; c (K,). Output (K, R, O).
