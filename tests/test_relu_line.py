@@ -369,3 +369,22 @@ def test_groups_keep_each_input_and_each_reader_apart(op_calls):
     for k in range(len(coords)):
         assert rel_err(out[k], expected[k]) < 1e-12
     assert len(op_calls) > 3  # (the whole call's 3, then the grouped call's)
+
+
+@pytest.mark.parametrize("limit,kept", [(None, 2), (0, 1)])
+def test_kept_output_memory_is_bounded(limit, kept, monkeypatch):
+    """Two runs of a plane's grid, held at once by the two groups between them: both kept
+    for the next call, unless that is over KEPT_OUTPUT_BYTES (then only the newest)."""
+    if limit is not None:
+        monkeypatch.setattr(relu_line, "KEPT_OUTPUT_BYTES", limit)
+    a, b = endpoints(mlp, torch.float64)
+    _, c = endpoints(mlp, torch.float64, seed=5)
+    plane = mlifast.Plane.through(a, b, c)
+    coords = torch.tensor([(u, v) for u in (0.0, 1.0) for v in torch.linspace(0, 1, 9).tolist()])
+    fast = mlifast.interpolate(a, plane, coords)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    with torch.no_grad():
+        fast(x)
+        fast.points_per_group = 6
+        fast(x)
+    assert len(fast.model[3].line_outputs) == kept

@@ -33,8 +33,9 @@ from mlifast.ops import multipoint_combine, relu_line_linear
 MIN_POINTS_PER_LINE = 8
 # Nor above this many bytes of a line's outputs (K × rows × outputs).
 LINE_BYTES = 512 << 20
-# Output memories kept for reuse between calls (see _output_memory).
-KEPT_OUTPUTS = 4
+# Output memory kept on each rule for reuse between calls, newest first (_output_memory):
+# up to 4 runs' outputs (a plane's grid: a group may need two runs), and this many bytes.
+KEPT_OUTPUTS, KEPT_OUTPUT_BYTES = 4, 512 << 20
 
 
 def _storage_uses(t: Tensor) -> int | None:
@@ -229,10 +230,16 @@ def _output_memory(rule, shape: tuple, like: Tensor) -> Tensor:
     where nothing else still holds any of it. Outputs of hundreds of megabytes (W1: 50
     points × 1000 rows × 1024) are mapped fresh by glibc on every call, and touching each
     new page cost more than writing it (W1: 55 against 15 ms a batch)."""
-    for kept in rule.line_outputs:
+    kept_outputs = rule.line_outputs
+    for kept in kept_outputs:
         if (tuple(kept.shape) == shape and kept.dtype == like.dtype and kept.device == like.device
                 and _sole_holder(kept) and (torch.is_inference_mode_enabled() or not kept.is_inference())):
             return kept
     kept = like.new_empty(shape)
-    rule.line_outputs = [kept, *rule.line_outputs][:KEPT_OUTPUTS]
+    rule.line_outputs, total = [kept], kept.numel() * kept.element_size()
+    for older in kept_outputs[: KEPT_OUTPUTS - 1]:
+        total += older.numel() * older.element_size()
+        if total > KEPT_OUTPUT_BYTES:
+            break
+        rule.line_outputs.append(older)
     return kept
