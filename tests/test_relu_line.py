@@ -338,7 +338,7 @@ def test_an_output_read_twice_and_written_in_place(op_calls):
 
 class Twice(nn.Module):
     """The same two layers on two inputs, and a layer applied twice to the same output,
-    one result then written in place."""
+    one result written in place before and one after the second read."""
 
     def __init__(self):
         super().__init__()
@@ -348,7 +348,8 @@ class Twice(nn.Module):
         h = F.relu(self.fc1(x))
         y1, y2 = self.fc2(h), self.fc2(h)
         y1.mul_(2)
-        return y1 + y2 - self.fc2(F.relu(self.fc1(2 * x)))
+        y3 = self.fc2(h)
+        return y1 + y2 + y3 - self.fc2(F.relu(self.fc1(2 * x)))
 
 
 def test_groups_keep_each_input_and_each_reader_apart(op_calls):

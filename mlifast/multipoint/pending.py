@@ -52,9 +52,10 @@ class Pending(Tensor):
         if func in _METADATA or getattr(getattr(func, "__self__", None), "__name__", None) in _PROPERTIES:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
-        joined = cls._join(func, args, kwargs)
-        if joined is not None:
-            return joined
+        for kind in dict.fromkeys(t for t in types if issubclass(t, Pending)):  # (each kind in the args)
+            joined = kind._join(func, args, kwargs)
+            if joined is not None:
+                return joined
         return func(*tree_map(_computed, args), **tree_map(_computed, kwargs))
 
     @classmethod

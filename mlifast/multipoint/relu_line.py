@@ -193,11 +193,12 @@ def _linear_along_lines(pending: PendingLine, rule) -> Optional[Tensor]:
             y = lines.outputs.get(i)
             if y is None:
                 y = lines.outputs[i] = _run_outputs(rule, lines, i, a_e)
-            piece = y[max(start, begin) - begin : min(stop, end) - begin]
-            # (a second reader of the same part, the rule applied to the same input twice,
-            # gets its own copy: each caller may write into its output)
-            pieces.append(piece.clone() if (i, start) in lines.handed else piece)
+            elif (i, start) in lines.handed:
+                # a second reader of the same part (the rule applied to the same input twice)
+                # gets its own: the first may have written into its part already
+                y = _run_outputs(rule, lines, i, a_e)
             lines.handed.add((i, start))
+            pieces.append(y[max(start, begin) - begin : min(stop, end) - begin])
             if end <= stop:  # (the groups are past it)
                 del lines.outputs[i]
     y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
