@@ -122,6 +122,12 @@ at::Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes, const at::TensorOpti
   return t.narrow(0, 0, numel).view(sizes);
 }
 
+// The thread's kept vectors, like its scratch tensors, stay allocated up to kKeptScratchBytes.
+template <typename T>
+void release_if_large(std::vector<T>& v) {
+  if (int64_t(v.capacity() * sizeof(T)) > kKeptScratchBytes) std::vector<T>().swap(v);
+}
+
 // masked (2R, I): rows [0, R) the a of units active at the first point, [R, 2R) their e
 // (zero elsewhere); `out`: every switch after it (its vectors are the thread's, kept).
 template <typename scalar_t>
@@ -161,6 +167,7 @@ void switches_from_first_point(const scalar_t* a, const scalar_t* e, const scala
       }
     }
   });
+  release_if_large(reached);
 }
 
 // What steps 2 and 3 read and write. `packed` holds W and D transposed, tile by tile:
@@ -344,6 +351,8 @@ void switching_units(const at::Tensor& base, const at::Tensor& along, const at::
                    rest ? d_rest.const_data_ptr<scalar_t>() : nullptr,
                    bias_k.defined() ? bias_k.const_data_ptr<scalar_t>() : nullptr, sorted.const_data_ptr<scalar_t>(),
                    order.const_data_ptr<int64_t>(), s.points, R, I, O, relu, bytes, out.data_ptr<scalar_t>()});
+  release_if_large(switches.items);
+  release_if_large(switches.offsets);
 }
 
 // Whether every element is finite, from one vectorised pass: a NaN or an infinity makes
