@@ -10,7 +10,7 @@
    fused kernels alone (mlifast::_multipoint_linear_fused: tensor cores, SIMT) at every
    size; the error is max |y - y_ref| / max |y_ref|. Then gradcheck on CUDA in float64.
    Exits non-zero on any failure, after printing every case.
-2. Sweep: O = I = 4096, one direction, K × R points × rows, float32 and bfloat16, mlifast
+2. Sweep: O = I = 4096 and 1024, one direction, K × R points × rows, float32 and bfloat16, mlifast
    against the two-GEMM form, a loop materialising each W_k (both cuBLAS), and one plain
    GEMM with a single weight, and the fused kernels alone; with the card's measured copy bandwidth and GEMM rates, so
    each time is also read as a fraction of the memory-bound floor (W and D once, x and y)
@@ -78,7 +78,9 @@ def correctness(seed: int) -> bool:
     fixed = [(4, 16, 64, 64, 1, False), (70, 3, 33, 65, 2, False), (5, 300, 200, 130, 1, False),
              (9, 40, 96, 64, 3, True), (2, 40, 96, 64, 1, True), (1, 1, 1, 1, 1, False),
              (3, 17, 8, 100, 2, False), (2, 900, 64, 48, 1, False), (0, 5, 8, 8, 1, False), (3, 0, 8, 8, 1, False),
-             (3, 5, 0, 8, 1, False), (3, 5, 8, 0, 1, False)]
+             (3, 5, 0, 8, 1, False), (3, 5, 8, 0, 1, False),
+             # per-point weights over several batched GEMMs, the last one partial
+             (70, 300, 40, 300, 1, False), (70, 260, 40, 280, 2, False), (40, 1000, 32, 256, 1, False)]
     for _ in range(24):
         fixed.append((int(torch.randint(1, 70, (1,), generator=g)), int(torch.randint(1, 300, (1,), generator=g)),
                       int(torch.randint(1, 400, (1,), generator=g)), int(torch.randint(1, 300, (1,), generator=g)),
@@ -192,7 +194,7 @@ def sweep(features: int, ceil: dict, points: list, rows_per_point: list) -> list
                        "compute_fraction": flops / t / 1e12 / rate,
                        "best_other_over_mlifast": min(v for n, v in times.items() if n not in ("mlifast", "fused", "dense-1W")) / t}
                 rows.append(row)
-                print(f"{dname:9s} K={k:3d} R={r:5d}  " + "  ".join(f"{n} {v * 1e6:9.1f}us" for n, v in times.items())
+                print(f"{dname:9s} O=I={f} K={k:3d} R={r:5d}  " + "  ".join(f"{n} {v * 1e6:9.1f}us" for n, v in times.items())
                       + f"  | {row['mlifast_GBps']:7.0f} GB/s ({row['bandwidth_fraction']:.0%} of copy)"
                       f"  {row['mlifast_TFLOPs']:6.1f} TFLOP/s ({row['compute_fraction']:.0%} of GEMM)"
                       f"  best other / mlifast {row['best_other_over_mlifast']:.2f}", flush=True)
@@ -207,11 +209,11 @@ def markdown(path: str) -> str:
         res = json.load(f)
     names = ("mlifast", "fused", "two-GEMM", "loop-materialise", "dense-1W")
     out = [f"{res['device']}, torch {res['torch']}; ceilings: " + ", ".join(f"{k} {v:.0f}" for k, v in res["ceilings"].items()),
-           "", "| dtype | K | R | " + " | ".join(f"{n} µs" for n in names)
+           "", "| dtype | O = I | K | R | " + " | ".join(f"{n} µs" for n in names)
            + " | best cuBLAS form / mlifast | mlifast GB/s (% of copy) | mlifast TFLOP/s (% of GEMM) |",
-           "|---|---:|---:|" + "---:|" * (len(names) + 3)]
+           "|---|---:|---:|---:|" + "---:|" * (len(names) + 3)]
     for r in res["sweep"]:
-        out.append(f"| {r['dtype']} | {r['K']} | {r['R']} | " + " | ".join(f"{r[n + '_us']:.0f}" for n in names)
+        out.append(f"| {r['dtype']} | {r['features']} | {r['K']} | {r['R']} | " + " | ".join(f"{r[n + '_us']:.0f}" for n in names)
                    + f" | {r['best_other_over_mlifast']:.2f} | {r['mlifast_GBps']:.0f} ({r['bandwidth_fraction']:.0%})"
                    f" | {r['mlifast_TFLOPs']:.1f} ({r['compute_fraction']:.0%}) |")
     return "\n".join(out)
@@ -221,10 +223,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", help="write the ceilings and the sweep here")
     p.add_argument("--markdown", metavar="JSON", help="only print the sweep of an earlier --json as a table")
-    p.add_argument("--features", type=int, default=4096)
+    p.add_argument("--features", default="4096,1024", help="O = I values of the sweep")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--points", default="4,16,64", help="K values of the sweep")
-    p.add_argument("--rows", default="1,4,16,64,256,1024", help="R values (rows per point) of the sweep")
+    p.add_argument("--rows", default="1,16,256,1024", help="R values (rows per point) of the sweep")
     args = p.parse_args()
     if args.markdown:
         print(markdown(args.markdown))
@@ -239,8 +241,9 @@ def main() -> int:
     ok = correctness(args.seed)
     ceil = ceilings()
     print("ceilings:", {k: round(v, 1) for k, v in ceil.items()})
-    rows = sweep(args.features, ceil, [int(v) for v in args.points.split(",")],
-                 [int(v) for v in args.rows.split(",")])
+    rows = [row for f in args.features.split(",")
+            for row in sweep(int(f), ceil, [int(v) for v in args.points.split(",")],
+                             [int(v) for v in args.rows.split(",")])]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -11,9 +11,10 @@
 //    per-point combine: (J+1)·R rows of GEMM instead of K·R.
 //  * stacked: two cuBLAS GEMMs over all K·R rows (against W and against the J directions),
 //    then the combine. (J+1)× the FLOPs, W and D read once.
-//  * per-point weights: for each point W_k = W + Σ_j c_kj·D_j in one reused buffer, then a
-//    cuBLAS GEMM on its rows. 1× the FLOPs, (J+2) weight-sized passes per point. It wins
-//    over stacked when the saved GEMM time beats the weight passes:
+//  * per-point weights: W_k = W + Σ_j c_kj·D_j for a group of points in one reused buffer,
+//    then one batched cuBLAS GEMM of the group's rows against them (points_per_gemm). 1× the
+//    FLOPs, (J+2) weight-sized passes per point. It wins over stacked when the saved GEMM
+//    time beats the weight passes:
 //        2·J·R / F  >  (J+2)·e / BW   ⇔   R > (J+2)·e·(F/BW) / (2·J)
 //    with F the card's GEMM rate for the dtype, BW its memory bandwidth, e the element size.
 //    H100 (cuda_check.py): F/BW = 267 FLOP/byte for bf16/fp16, 135 for TF32, 17 for float32:
@@ -26,6 +27,7 @@
 // mlifast::_multipoint_linear_fused, which benchmarks/cuda_check.py checks against the
 // oracle and times against the cuBLAS forms on every GPU run.
 // Compiled only against a CUDA build of torch.
+#include <algorithm>
 #include <optional>
 
 #include <ATen/ATen.h>
@@ -105,20 +107,42 @@ at::Tensor stacked(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d
   return combine(base, along, bias_k, c, s);
 }
 
+// Points per batched GEMM of the per-point form. One point's GEMM has ceil(R/128)·ceil(O/128)
+// output tiles; W1's 1000 × 1024 gives 64 and a transformer's 256 × 1024 gives 16, far too few
+// blocks for 132 multiprocessors. So points go to cuBLAS in groups of enough tiles for
+// TILE_WAVES waves, their weights formed together in a buffer of at most WEIGHT_GROUP_BYTES.
+constexpr int64_t TILE_WAVES = 4;
+constexpr int64_t WEIGHT_GROUP_BYTES = int64_t{256} << 20;
+
+int64_t points_per_gemm(const at::Tensor& x, const LinearSizes& s) {
+  const int64_t tiles = ((s.rows + 127) / 128) * ((s.out_features + 127) / 128);
+  const int64_t blocks = TILE_WAVES * at::cuda::getDeviceProperties(x.get_device())->multiProcessorCount;
+  const int64_t weight_bytes = s.out_features * s.in_features * x.element_size();
+  const int64_t group = std::min((blocks + tiles - 1) / tiles, WEIGHT_GROUP_BYTES / std::max<int64_t>(weight_bytes, 1));
+  return std::clamp<int64_t>(group, 1, s.points);
+}
+
 at::Tensor per_point_weights(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d,
                              const at::Tensor& bias_k, const at::Tensor& c, const LinearSizes& s) {
-  at::Tensor w_k = at::empty_like(w);
+  const int64_t group = points_per_gemm(x, s);
+  const at::Tensor w_group = at::empty({group, s.out_features, s.in_features}, w.options());
   at::Tensor y = at::empty({s.points, s.rows, s.out_features}, x.options());
-  for (int64_t k = 0; k < s.points; ++k) {
-    // W_k = W + Σ_j c_kj·D_j, element-wise with c_kj read on the device (no host sync).
-    const at::Tensor c_k = c.select(0, k);
-    at::addcmul_out(w_k, w, d.select(0, 0), c_k.select(0, 0));
-    for (int64_t j = 1; j < s.directions; ++j) w_k.addcmul_(d.select(0, j), c_k.select(0, j));
-    at::Tensor y_k = y.select(0, k);
+  for (int64_t first = 0; first < s.points; first += group) {
+    const int64_t n = std::min(group, s.points - first);
+    // W_k = W + Σ_j c_kj·D_j for the group's points, element-wise with the coefficients read
+    // on the device (no host sync).
+    const at::Tensor c_n = c.narrow(0, first, n);
+    at::Tensor w_n = w_group.narrow(0, 0, n);
+    at::addcmul_out(w_n, w.unsqueeze(0), d.select(0, 0).unsqueeze(0), c_n.select(1, 0).view({n, 1, 1}));
+    for (int64_t j = 1; j < s.directions; ++j) {
+      w_n.addcmul_(d.select(0, j).unsqueeze(0), c_n.select(1, j).view({n, 1, 1}));
+    }
+    at::Tensor y_n = y.narrow(0, first, n);
+    const at::Tensor x_n = x.narrow(0, first, n);
     if (bias_k.defined()) {
-      at::addmm_out(y_k, bias_k.select(0, k), x.select(0, k), w_k.t());
+      at::baddbmm_out(y_n, bias_k.narrow(0, first, n).unsqueeze(1), x_n, w_n.transpose(1, 2));
     } else {
-      at::mm_out(y_k, x.select(0, k), w_k.t());
+      at::bmm_out(y_n, x_n, w_n.transpose(1, 2));
     }
   }
   return y;
