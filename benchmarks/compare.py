@@ -562,13 +562,17 @@ def main(argv=None) -> int:
           f"{ceil_start['copy_gbs']:.1f} GB/s (memory), {ceil_start['cache_copy_gbs']:.1f} GB/s (cache), "
           f"others' CPU {ceil_start['others']:.0%}", flush=True)
 
-    model_results, op_results = [], []
+    model_results, op_results, failures = [], [], {}
     for name in chosen:
-        if name == "W4":
-            op_results.append(run_op_sweep(args))
-            op_results.append(run_op_sweep(args, shared=True))
-        else:
-            model_results.append(run_model_workload(name, args))
+        try:  # a failing workload is reported, and the others still run
+            if name == "W4":
+                op_results.append(run_op_sweep(args))
+                op_results.append(run_op_sweep(args, shared=True))
+            else:
+                model_results.append(run_model_workload(name, args))
+        except (SystemExit, Exception) as e:  # noqa: BLE001
+            failures[name] = str(e) if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
+            print(failures[name], flush=True)
     ceil_end = ceiling(args.device, args.quick, args.quiet_wait)
     ceil = best_ceiling(ceil_start, ceil_end)
     add_floors(model_results, op_results, ceil)
@@ -607,12 +611,16 @@ def main(argv=None) -> int:
               + "median per call; GFLOP/s count K·R rows; floor = max(fused FLOPs / GEMM rate, "
               "(W0 + D + x + y) bytes / cache copy rate)\n")
         print(op_table(res))
-    print(f"\ncompare.py: all checks passed; {elapsed:.0f} s in all")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "args": vars(args),
                        "ceiling": {"start": ceil_start, "end": ceil_end, "best": ceil},
-                       "models": model_results, "ops": op_results, "elapsed_s": elapsed}, f, indent=1)
+                       "models": model_results, "ops": op_results, "failures": failures,
+                       "elapsed_s": elapsed}, f, indent=1)
+    if failures:
+        print(f"\ncompare.py: FAILED {', '.join(failures)} (above); the rest ran; {elapsed:.0f} s in all")
+        return 1
+    print(f"\ncompare.py: all checks passed; {elapsed:.0f} s in all")
     return 0
 
 

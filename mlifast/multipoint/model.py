@@ -220,28 +220,31 @@ class MultiPointModel(nn.Module):
 
     def _readings(self) -> Iterator[bool]:
         """The ways to read the inputs, most efficient first, each tried only where the
-        previous attempt showed it could matter: 1-d embedding indices as rows, then the
-        same for every example (PointContext.flat_indices_shared); within each, rows
-        shared by every point (SharedRows), then inputs repeated for each point; within
-        each, images channels-last, then in the model's own layout. Sets the flags for
-        the next attempt and yields whether it shares rows."""
+        previous attempt showed it could matter: rows shared by every point (SharedRows),
+        then inputs repeated for each point; within each, 1-d embedding indices as rows,
+        then the same for every example (PointContext.flat_indices_shared); within each,
+        images channels-last, then in the model's own layout. Sets the flags for the next
+        attempt and yields whether it shares rows.
+
+        Indices shared come before inputs repeated: indices read as rows are a guess from
+        a length that is a multiple of K·B (nanoGPT's position ids), the likelier culprit
+        of a disagreement than a model that depends on its batch size; a whole pass at
+        every point is saved where they are (W3 on a GPU)."""
         context, flat_start = self.context, self.context.flat_indices_shared
         images_start, seen_flat = self.images_channels_last is not False, False
-        for flat in (flat_start, True):
-            if flat and not flat_start and not seen_flat:
-                return
-            context.flat_indices_shared = flat
-            for share in (True, False):
-                if share and (self.batch_dim != 0 or self.shares_rows is False):
-                    continue
+        for share in (True, False):
+            if share and (self.batch_dim != 0 or self.shares_rows is False):
+                continue
+            for flat in (True,) if flat_start else (False, True):
+                if flat and not flat_start and not seen_flat:
+                    break  # (no indices were read as rows: sharing them is the same again)
+                context.flat_indices_shared = flat
                 for images in (True, False) if images_start else (False,):
                     if not images and images_start and not self._images_converted:
                         break  # (no image went channels-last: the same again)
                     self.images_channels_last = images
                     yield share
                     seen_flat = seen_flat or context.flat_indices_read_as_rows
-            if flat_start:
-                return
 
     def _run_points(self, args: tuple, kwargs: dict, share_rows: bool) -> Any:
         """Outputs (K, …) for every point: the copied model run on all points at once, or
