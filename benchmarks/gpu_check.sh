@@ -10,7 +10,7 @@
 #    gradcheck, the card's copy and GEMM ceilings, and the op sweep;
 # 3. benchmarks/compare.py --device cuda --quick: every workload against the loop.
 # 4. with GPU_CHECK_FULL=1, compare.py --device cuda at full sizes (the model workloads).
-# 5. with GPU_CHECK_PROFILE=W1 (any model workload), where its time goes on the GPU.
+# 5. with GPU_CHECK_PROFILE=W1,W3 (model workloads), where their time goes on the GPU.
 # Each stage has a time limit; stages 1-3 take about 5 minutes on an H100.
 set -uo pipefail
 OUT=${OUT:-build/gpu-check}
@@ -47,12 +47,12 @@ timeout 200 "$PY" benchmarks/compare.py --device cuda --quick --json "$OUT/compa
 if [ "${GPU_CHECK_FULL:-0}" = 1 ]; then
   echo "== compare --device cuda (full sizes)"
   models=$(cd benchmarks && "$PY" -c "import compare; print(','.join(w for w in compare.ALL_WORKLOADS if w != 'W4'))")
-  timeout "${GPU_CHECK_FULL_S:-180}" "$PY" benchmarks/compare.py --device cuda --workloads "$models" --repeats 2 \
+  timeout "${GPU_CHECK_FULL_S:-180}" "$PY" benchmarks/compare.py --device cuda --workloads "$models" --repeats 3 \
     --quiet-wait 0 --json "$OUT/compare_full.json" 2>&1 | tee "$OUT/compare_full.log" || status=1
 fi
-if [ -n "${GPU_CHECK_PROFILE:-}" ]; then
-  echo "== profile $GPU_CHECK_PROFILE --device cuda"
-  timeout 120 "$PY" benchmarks/profile_workload.py "$GPU_CHECK_PROFILE" --device cuda 2>&1 \
-    | tee "$OUT/profile.log" || status=1
-fi
+for workload in ${GPU_CHECK_PROFILE//,/ }; do
+  echo "== profile $workload --device cuda"
+  timeout 120 "$PY" benchmarks/profile_workload.py "$workload" --device cuda 2>&1 \
+    | tee "$OUT/profile_$workload.log" || status=1
+done
 exit $status
