@@ -116,6 +116,26 @@ def test_position_ids_whose_length_is_a_multiple_of_the_rows(tokens):
             assert rel_err(out[k], e) < 1e-5, (batch, k)
 
 
+def test_a_later_interpolation_of_the_same_model_starts_from_the_readings_found():
+    """Each `evaluate` call makes a new MultiPointModel. One of a model seen before tries the
+    readings found for it first (position ids shared): one pass at the first shape, not two,
+    still checked against the model."""
+    torch.manual_seed(0)
+    a = PositionIds()
+    line, coords = mlifast.Line(a, PositionIds()), torch.tensor([0.0, 1.0])
+    x = torch.randint(0, 11, (2, 4))
+    passes = []
+    for attempt in range(2):
+        fast = mlifast.interpolate(a, line, coords)
+        run = fast._run
+        fast._run = lambda *args, _run=run, _attempt=attempt, **kw: passes.append(_attempt) or _run(*args, **kw)
+        out = fast(x)
+        assert not fast.per_point_fallback
+        for k, e in enumerate(oracle_outputs(a, line, coords, x)):
+            assert rel_err(out[k], e) < 1e-5, (attempt, k)
+    assert passes == [0, 0, 1]
+
+
 def test_label_embeddings_of_one_dimension_stay_per_example():
     """A 1-D index tensor that does carry one row per example (class labels) is read as
     rows: no retry turns it into a shared one."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -20,6 +21,14 @@ from mlifast.multipoint.shared import SharedRows, SharedRowsWritten, materialize
 from mlifast.multipoint.trees import map_tensors, tensors_in
 from mlifast.multipoint.unhandled import UnhandledTensor
 from mlifast.spaces import Span
+
+
+# How each user model was found to read its inputs (shares_rows, images_channels_last,
+# flat_indices_shared, by batch_dim): a later MultiPointModel of the same model (the next
+# `evaluate` call) tries those readings first, as one MultiPointModel does from call to call.
+# Every new input shape is still checked; only the order of the attempts changes. W3 on a GPU
+# (position ids whose length is K·B) took two passes a call without it, one with it.
+_READINGS_FOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class NotPerExampleOutputError(ValueError):
@@ -71,6 +80,10 @@ class MultiPointModel(nn.Module):
         self.points_per_group: int | None = None
         self._checked: set = set()
         self._unchecked = False  # see unchecked()
+        self._user_model = weakref.ref(model)
+        found = _READINGS_FOUND.get(model, {}).get(batch_dim)
+        if found is not None:
+            self.shares_rows, self.images_channels_last, self.context.flat_indices_shared = found
         self.set_coords(space.coords_tensor(11 if coords is None else coords))
 
     def set_coords(self, coords: Tensor) -> None:
@@ -211,12 +224,19 @@ class MultiPointModel(nn.Module):
                         self.shares_rows = True  # (one point cannot tell: the same rows either way)
                     elif not share and self.batch_dim == 0:
                         self.shares_rows = False  # shared rows disagree or fail: repeat inputs from now on
+                    self._remember_readings()
                     return None, ours
                 del ours
                 undo()
         if error is not None:
             raise error
         return problem, None
+
+    def _remember_readings(self) -> None:
+        model = self._user_model()
+        if model is not None:
+            _READINGS_FOUND.setdefault(model, {})[self.batch_dim] = (
+                self.shares_rows, self.images_channels_last, self.context.flat_indices_shared)
 
     def _readings(self) -> Iterator[bool]:
         """The ways to read the inputs, most efficient first, each tried only where the
