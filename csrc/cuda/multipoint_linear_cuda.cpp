@@ -19,7 +19,8 @@
 //    with F the card's GEMM rate for the dtype, BW its memory bandwidth, e the element size.
 //    H100 (cuda_check.py): F/BW = 267 FLOP/byte for bf16/fp16, 135 for TF32, 17 for float32:
 //    the switch is near 800 rows per point for bf16 and TF32 and 100 for float32 (J = 1),
-//    which is where the measured crossover lies.
+//    where the H100's crossover lay for float32 and TF32; for bf16 the stacked form was
+//    still as fast at 1024 rows on the H100 and the H200 (BENCHMARKS.md).
 // The fused kernels — tensor cores (multipoint_linear_mma.cu: W and D read once per block,
 // every point's weight tile formed on chip, the input dimension split over blocks) and SIMT
 // (multipoint_linear_kernel.cu) — are not dispatched: on the H100 the cuBLAS forms beat them
