@@ -11,7 +11,8 @@
 # 3. benchmarks/compare.py --device cuda --quick: every workload against the loop.
 # 4. with GPU_CHECK_FULL=1, compare.py --device cuda at full sizes (the model workloads).
 # 5. with GPU_CHECK_PROFILE=W1,W3 (model workloads), where their time goes on the GPU.
-# Each stage has a time limit; stages 1-3 take about 5 minutes on an H100.
+# Each stage has a time limit. With GPU_CHECK_FULL=1 and two profiles the whole script took
+# 211–220 s on an H200 (BENCHMARKS.md); stages 1-3 alone about 2 minutes.
 set -uo pipefail
 OUT=${OUT:-build/gpu-check}
 PY=${PYTHON:-python3}
