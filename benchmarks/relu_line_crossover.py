@@ -43,7 +43,7 @@ def main() -> None:
         for k in map(int, args.points.split(",")):
             c = torch.linspace(0, 1, k)
             out = torch.empty(k, rows, f)
-            line = best_ms(lambda: relu_line_linear(a, e, w, d, b, db, c, True, out))
+            line = best_ms(lambda: relu_line_linear(a, e, w, d, b, db, c, True, out=out))
 
             def per_point():
                 h = multipoint_combine(a, e.unsqueeze(1), None, None, c[:, None], True)

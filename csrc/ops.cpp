@@ -21,12 +21,13 @@ TORCH_LIBRARY(mlifast, m) {
   // y[k] = relu(base + coeffs[k]·along) · (weight + coeffs[k]·weight_dir)ᵀ + (bias + coeffs[k]·bias_dir)
   // base, along: (R, I); weight, weight_dir: (O, I); bias, bias_dir: (O,); coeffs: (K,)
   // -> (K, R, O): the linear layer after a ReLU whose input is affine along a line (the
-  // second layer of an MLP whose input is the same at every point). relu: as above.
+  // second layer of an MLP whose input is the same at every point). relu: as above;
+  // negative_slope: a LeakyReLU's in place of the first relu (0: a ReLU).
   m.def(
       "relu_line_linear(Tensor base, Tensor along, Tensor weight, Tensor weight_dir, Tensor? bias, "
-      "Tensor? bias_dir, Tensor coeffs, bool relu=False) -> Tensor");
+      "Tensor? bias_dir, Tensor coeffs, bool relu=False, float negative_slope=0.) -> Tensor");
   // The same into a contiguous (K, R, O) `out` (a caller reusing its output's memory).
   m.def(
       "relu_line_linear.out(Tensor base, Tensor along, Tensor weight, Tensor weight_dir, Tensor? bias, "
-      "Tensor? bias_dir, Tensor coeffs, bool relu=False, *, Tensor(a!) out) -> Tensor(a!)");
+      "Tensor? bias_dir, Tensor coeffs, bool relu=False, float negative_slope=0., *, Tensor(a!) out) -> Tensor(a!)");
 }

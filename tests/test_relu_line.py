@@ -20,11 +20,12 @@ def line_operands(rows, inputs, outputs, dtype, seed=0, bias=True, bias_dir=True
         t(outputs) if bias and bias_dir else None)
 
 
-def per_point_loop(base, along, weight, weight_dir, bias, bias_dir, coeffs, relu):
-    """y[k] from the weights at c_k, one point at a time, in float64."""
+def per_point_loop(base, along, weight, weight_dir, bias, bias_dir, coeffs, relu, slope=0.0):
+    """y[k] from the weights at c_k, one point at a time, in float64; `slope`: the first
+    activation's below 0 (a LeakyReLU's)."""
     out = []
     for c in coeffs.double().tolist():
-        h = torch.relu(base.double() + c * along.double())
+        h = F.leaky_relu(base.double() + c * along.double(), slope)
         y = h @ (weight.double() + c * weight_dir.double()).t()
         if bias is not None:
             y = y + bias.double() + (0 if bias_dir is None else c * bias_dir.double())
@@ -36,17 +37,19 @@ def per_point_loop(base, along, weight, weight_dir, bias, bias_dir, coeffs, relu
 @pytest.mark.parametrize("rows,inputs,outputs", [(40, 96, 80), (7, 13, 37), (3, 5, 1), (16, 64, 300)])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("vector_bytes", [None, "32", "16"])
-def test_kernel_and_reference_equal_the_loop(dtype, rows, inputs, outputs, relu, vector_bytes, monkeypatch):
+@pytest.mark.parametrize("slope", [0.0, 0.1, -0.5])
+def test_kernel_and_reference_equal_the_loop(dtype, rows, inputs, outputs, relu, vector_bytes, slope, monkeypatch):
     """Unsorted points with a repeat, outside [0, 1] too: about half the units switch between
     the extremes; widths with and without a partial column tile (4 vectors of 16 to 64
-    bytes), in each vector width the CPU has (the widest unless told)."""
+    bytes), in each vector width the CPU has (the widest unless told); after a ReLU or a
+    LeakyReLU (of either sign)."""
     if vector_bytes:
         monkeypatch.setenv("MLIFAST_SWEEP_VECTOR_BYTES", vector_bytes)
     operands = line_operands(rows, inputs, outputs, dtype)
     coeffs = torch.tensor([0.5, -1.0, 2.0, 0.25, 0.5, 0.0, 1.0, -0.3], dtype=dtype)
-    expected = per_point_loop(*operands, coeffs, relu)
+    expected = per_point_loop(*operands, coeffs, relu, slope)
     for op in (relu_line_linear, relu_line_linear_reference):
-        y = op(*operands, coeffs, relu)
+        y = op(*operands, coeffs, relu, slope)
         assert y.shape == (8, rows, outputs) and y.dtype == dtype
         assert rel_err(y, expected) < (1e-12 if dtype == torch.float64 else 1e-5), op.__name__
 
@@ -74,11 +77,12 @@ def test_non_finite_inputs_give_what_the_loop_gives():
     operands[0][1, 3] = float("nan")
     operands[1][3, 2] = float("inf")
     coeffs = torch.tensor([0.4, 1.0, -0.2, 0.0])  # (unsorted: each point's bias must follow it)
-    y = relu_line_linear(*operands, coeffs, True)
-    expected = relu_line_linear_reference(*operands, coeffs, True)
-    assert torch.equal(y.isnan(), expected.isnan()) and y[:, 1].isnan().all()
-    finite = expected.isfinite()
-    assert torch.equal(y.isfinite(), finite) and rel_err(y[finite], expected[finite]) < 1e-5
+    for slope in (0.0, 0.2):
+        y = relu_line_linear(*operands, coeffs, True, slope)
+        expected = relu_line_linear_reference(*operands, coeffs, True, slope)
+        assert torch.equal(y.isnan(), expected.isnan()) and y[:, 1].isnan().all()
+        finite = expected.isfinite()
+        assert torch.equal(y.isfinite(), finite) and rel_err(y[finite], expected[finite]) < 1e-5
 
 
 def test_bad_arguments_are_named():
@@ -107,10 +111,10 @@ def test_bad_arguments_are_named():
 # ----------------------------------------------------------------------------- in a model
 
 
-def mlp(hidden=24, depth=2):
-    layers = [nn.Flatten(), nn.Linear(12, hidden), nn.ReLU()]
+def mlp(hidden=24, depth=2, activation=nn.ReLU):
+    layers = [nn.Flatten(), nn.Linear(12, hidden), activation()]
     for _ in range(depth - 1):
-        layers += [nn.Linear(hidden, hidden), nn.ReLU()]
+        layers += [nn.Linear(hidden, hidden), activation()]
     return nn.Sequential(*layers, nn.Linear(hidden, 5))
 
 
@@ -126,9 +130,9 @@ def op_calls(monkeypatch):
     """The (K,) coefficients of every relu_line_linear call the multi-point model makes."""
     calls = []
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         calls.append(args[6])
-        return relu_line_linear(*args)
+        return relu_line_linear(*args, **kwargs)
 
     monkeypatch.setattr(relu_line, "relu_line_linear", counted)
     return calls
@@ -136,9 +140,10 @@ def op_calls(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("group", [None, 2])
-def test_mlp_outputs_equal_the_loop(dtype, group, op_calls):
+@pytest.mark.parametrize("activation", [nn.ReLU, lambda: nn.LeakyReLU(0.1)], ids=["ReLU", "LeakyReLU"])
+def test_mlp_outputs_equal_the_loop(dtype, group, activation, op_calls):
     """Whole or in groups (one sweep for all points of the call, each group its share)."""
-    a, b = endpoints(lambda: mlp(depth=3), dtype)
+    a, b = endpoints(lambda: mlp(depth=3, activation=activation), dtype)
     line, coords = mlifast.Line(a, b), torch.tensor([0.0, 0.9, 0.3, 1.5, -0.5, 0.6, 0.1, 1.0])
     fast = mlifast.interpolate(a, line, coords)
     fast.points_per_group = group
@@ -148,7 +153,7 @@ def test_mlp_outputs_equal_the_loop(dtype, group, op_calls):
     for k, expected in enumerate(oracle_outputs(a, line, coords, x)):
         assert rel_err(out[k], expected) < TOL[dtype]
     # (the first-call check's run is this call's): one sweep for all points
-    assert [c.shape[0] for c in op_calls] == [8]
+    assert [c.shape[0] for c in op_calls] == [8] and fast.shares_rows
 
 
 @pytest.mark.parametrize("order", ["rows", "snake", "columns", "two lines"])
@@ -180,9 +185,10 @@ def test_plane_points_run_as_lines(order, group, op_calls):
 
 
 @pytest.mark.parametrize("limit", ["MIN_POINTS_PER_LINE", "LINE_BYTES"])
-def test_the_two_rules_run_for_short_or_large_lines(limit, monkeypatch, op_calls):
+@pytest.mark.parametrize("activation", [nn.ReLU, lambda: nn.LeakyReLU(0.1)], ids=["ReLU", "LeakyReLU"])
+def test_the_two_rules_run_for_short_or_large_lines(limit, activation, monkeypatch, op_calls):
     monkeypatch.setattr(relu_line, limit, 100 if limit == "MIN_POINTS_PER_LINE" else 0)
-    a, b = endpoints(mlp, torch.float64)
+    a, b = endpoints(lambda: mlp(activation=activation), torch.float64)
     line, coords = mlifast.Line(a, b), torch.linspace(0, 1, 9)
     fast = mlifast.interpolate(a, line, coords)
     x = torch.randn(7, 12, dtype=torch.float64)
@@ -290,15 +296,25 @@ class OwnForward(nn.Module):
             h.relu_()
         elif self.relu == "module in place":
             h = nn.ReLU(inplace=True)(h)
+        elif self.relu == "leaky":
+            h = F.leaky_relu(h, 0.1)
+        elif self.relu == "leaky module in place":
+            h = nn.LeakyReLU(0.2, inplace=True)(h)
+        elif self.relu == "leaky, negative slope":
+            h = F.leaky_relu(h, negative_slope=-0.3)
+        elif self.relu == "leaky twice":
+            h = F.leaky_relu(F.leaky_relu(h, 0.1), 0.2)
         h = self.fc2(self.drop(h))
         return self.fc3(torch.tanh(h))
 
 
-@pytest.mark.parametrize("relu", ["F.relu", "method", "in place", "module in place", "none"])
+@pytest.mark.parametrize("relu", ["F.relu", "method", "in place", "module in place", "none", "leaky",
+                                  "leaky module in place", "leaky, negative slope", "leaky twice"])
 def test_models_with_their_own_forward(relu, op_calls):
-    """Not an nn.Sequential: the first layer's output waits as a PendingLine; a ReLU of any
-    kind and dropout in eval mode keep it pending, the second layer computes from it.
-    Without a ReLU, the second layer reads it as it is."""
+    """Not an nn.Sequential: the first layer's output waits as a PendingLine; a ReLU or a
+    LeakyReLU of any kind and dropout in eval mode keep it pending, the second layer
+    computes from it. Without one, or after two LeakyReLUs, the second layer reads it as it
+    is."""
     a, b = endpoints(lambda: OwnForward(relu), torch.float64)
     line, coords = mlifast.Line(a, b), torch.linspace(-0.5, 1.5, 9)
     fast = mlifast.interpolate(a, line, coords)
@@ -307,7 +323,8 @@ def test_models_with_their_own_forward(relu, op_calls):
         out = fast(x)
     for k, expected in enumerate(oracle_outputs(a, line, coords, x)):
         assert rel_err(out[k], expected) < 1e-12
-    assert len(op_calls) == (relu != "none")
+    assert len(op_calls) == (relu not in ("none", "leaky twice"))
+    assert fast.shares_rows  # (the first-call check agreed with the shared rows' outputs)
 
 
 def test_an_output_read_twice_and_written_in_place(op_calls):

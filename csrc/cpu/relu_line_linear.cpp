@@ -1,5 +1,7 @@
 // CPU kernel of mlifast::relu_line_linear (schema in csrc/ops.cpp): the linear layer after
 // a ReLU, at K points of a line, when the ReLU's input is itself affine along the line.
+// A LeakyReLU of slope α too: below, an inactive unit then counts α times, and a switch
+// adds or removes (1 − α) times its terms.
 //
 // The first two layers of an MLP on a line θ0 + c·d see the same input x at every point,
 // so the first layer's output is affine in c: z_k = a + c_k·e (a = x·W1ᵀ + b1 at the
@@ -20,8 +22,9 @@
 //
 // Steps 2 and 3 run row by row through a few column tiles of W and D at a time (packed tile
 // by tile, they stay in L2 while every row's switches go through them), with the tile's
-// U, V, Z in registers. Non-finite inputs (NaN must stay NaN, an infinite unit never switches cleanly) take the
-// per-point form instead: h_k = relu(a + c_k e), then one GEMM per point.
+// U, V, Z in registers. Non-finite inputs (NaN must stay NaN, an infinite unit never
+// switches cleanly) take the per-point form instead: h_k = relu(a + c_k e), then one GEMM
+// per point.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
@@ -129,10 +132,11 @@ void release_if_large(std::vector<T>& v) {
 }
 
 // masked (2R, I): rows [0, R) the a of units active at the first point, [R, 2R) their e
-// (zero elsewhere); `out`: every switch after it (its vectors are the thread's, kept).
+// (`slope` times them elsewhere); `out`: every switch after it (its vectors are the
+// thread's, kept).
 template <typename scalar_t>
-void switches_from_first_point(const scalar_t* a, const scalar_t* e, const scalar_t* c, const LineSizes& s,
-                               scalar_t* masked, Switches<scalar_t>& out) {
+void switches_from_first_point(const scalar_t* a, const scalar_t* e, const scalar_t* c, scalar_t slope,
+                               const LineSizes& s, scalar_t* masked, Switches<scalar_t>& out) {
   const int64_t R = s.rows, I = s.in_features, K = s.points;
   static thread_local std::vector<int32_t> kept;
   std::vector<int32_t>& reached = kept;  // the sorted point each unit switches at (K: never); (a
@@ -146,8 +150,8 @@ void switches_from_first_point(const scalar_t* a, const scalar_t* e, const scala
       for (int64_t i = 0; i < I; ++i) {
         const scalar_t a_i = a[r * I + i], e_i = e[r * I + i];
         const bool on = a_i + c[0] * e_i > scalar_t(0);
-        masked[r * I + i] = on ? a_i : scalar_t(0);
-        masked[(R + r) * I + i] = on ? e_i : scalar_t(0);
+        masked[r * I + i] = on ? a_i : slope * a_i;
+        masked[(R + r) * I + i] = on ? e_i : slope * e_i;
         const int64_t k = first_switch(a_i, e_i, on, c, K);
         reached[r * I + i] = static_cast<int32_t>(k);
         if (k < K) ++count[k];
@@ -162,7 +166,8 @@ void switches_from_first_point(const scalar_t* a, const scalar_t* e, const scala
       for (int64_t i = 0; i < I; ++i) {
         const int64_t k = reached[r * I + i];
         if (k == K) continue;
-        const scalar_t sign = a[r * I + i] + c[0] * e[r * I + i] > scalar_t(0) ? scalar_t(-1) : scalar_t(1);
+        const scalar_t sign = (a[r * I + i] + c[0] * e[r * I + i] > scalar_t(0) ? scalar_t(-1) : scalar_t(1)) *
+                              (scalar_t(1) - slope);
         out.items[next[k]++] = {sign * a[r * I + i], sign * e[r * I + i], i};
       }
     }
@@ -325,14 +330,15 @@ void sweep(const Sweep<scalar_t>& s) {
 template <typename scalar_t>
 void switching_units(const at::Tensor& base, const at::Tensor& along, const at::Tensor& weight,
                      const at::Tensor& weight_dir, const at::Tensor& bias_k, const at::Tensor& sorted,
-                     const at::Tensor& order, bool relu, const LineSizes& s, at::Tensor& out) {
+                     const at::Tensor& order, double slope, bool relu, const LineSizes& s, at::Tensor& out) {
   const int64_t R = s.rows, I = s.in_features, O = s.out_features;
   const int bytes = vector_bytes();
   const int64_t T = tile_columns<scalar_t>(bytes), tiles = O / T;
   at::Tensor masked = scratch(kMasked, {2 * R, I}, base.options());
   static thread_local Switches<scalar_t> switches;
   switches_from_first_point<scalar_t>(base.const_data_ptr<scalar_t>(), along.const_data_ptr<scalar_t>(),
-                                      sorted.const_data_ptr<scalar_t>(), s, masked.data_ptr<scalar_t>(), switches);
+                                      sorted.const_data_ptr<scalar_t>(), static_cast<scalar_t>(slope), s,
+                                      masked.data_ptr<scalar_t>(), switches);
   // [U | a·Dᵀ; e·Wᵀ | Z] at the first point, then V = a·Dᵀ + e·Wᵀ in place of a·Dᵀ.
   at::Tensor products = scratch(kProducts, {2, 2 * R, O}, base.options());  // [a; e]·Wᵀ, [a; e]·Dᵀ
   at::Tensor by_w = products.select(0, 0), by_d = products.select(0, 1);
@@ -359,14 +365,15 @@ void switching_units(const at::Tensor& base, const at::Tensor& along, const at::
 // the sum non-finite (a finite sum overflowing only sends the call to the per-point form).
 bool all_finite(const at::Tensor& t) { return std::isfinite(t.sum().item<double>()); }
 
-// The per-point form, for non-finite inputs: h_k = relu(a + c_k e), y_k = h_k·W_kᵀ + b_k.
+// The per-point form, for non-finite inputs: h_k = leaky_relu(a + c_k e, slope),
+// y_k = h_k·W_kᵀ + b_k.
 void per_point(const at::Tensor& base, const at::Tensor& along, const at::Tensor& weight,
-               const at::Tensor& weight_dir, const at::Tensor& bias_k, const at::Tensor& coeffs, bool relu,
-               at::Tensor& out) {
+               const at::Tensor& weight_dir, const at::Tensor& bias_k, const at::Tensor& coeffs, double slope,
+               bool relu, at::Tensor& out) {
   for (int64_t k = 0; k < coeffs.size(0); ++k) {
     const at::Tensor c_k = coeffs[k];
     at::Tensor y_k = out.select(0, k);
-    at::mm_out(y_k, at::relu(base + c_k * along), (weight + c_k * weight_dir).t());
+    at::mm_out(y_k, at::leaky_relu(base + c_k * along, slope), (weight + c_k * weight_dir).t());
     if (bias_k.defined()) y_k.add_(bias_k.select(0, k));
     if (relu) y_k.relu_();
   }
@@ -375,7 +382,7 @@ void per_point(const at::Tensor& base, const at::Tensor& along, const at::Tensor
 at::Tensor& relu_line_linear_out_cpu(const at::Tensor& base, const at::Tensor& along, const at::Tensor& weight,
                                      const at::Tensor& weight_dir, const std::optional<at::Tensor>& bias,
                                      const std::optional<at::Tensor>& bias_dir, const at::Tensor& coeffs, bool relu,
-                                     at::Tensor& out) {
+                                     double negative_slope, at::Tensor& out) {
   const LineSizes s = check_relu_line_linear(base, along, weight, weight_dir, bias, bias_dir, coeffs);
   TORCH_CHECK(out.sizes() == at::IntArrayRef({s.points, s.rows, s.out_features}) &&
                   out.scalar_type() == weight.scalar_type() && out.device().is_cpu() && out.is_contiguous(),
@@ -392,21 +399,24 @@ at::Tensor& relu_line_linear_out_cpu(const at::Tensor& base, const at::Tensor& a
   const at::Tensor a = base.contiguous(), e = along.contiguous(), w = weight.contiguous(),
                    d = weight_dir.contiguous();
   if (!(all_finite(a) && all_finite(e) && all_finite(w) && all_finite(d) && all_finite(coeffs))) {
-    per_point(a, e, w, d, bias_k.defined() ? bias_k.index_select(0, at::argsort(order)) : bias_k, coeffs, relu, out);
+    per_point(a, e, w, d, bias_k.defined() ? bias_k.index_select(0, at::argsort(order)) : bias_k, coeffs,
+              negative_slope, relu, out);
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "relu_line_linear", [&] {
-    switching_units<scalar_t>(a, e, w, d, bias_k, sorted.contiguous(), order.contiguous(), relu, s, out);
+    switching_units<scalar_t>(a, e, w, d, bias_k, sorted.contiguous(), order.contiguous(), negative_slope, relu, s,
+                              out);
   });
   return out;
 }
 
 at::Tensor relu_line_linear_cpu(const at::Tensor& base, const at::Tensor& along, const at::Tensor& weight,
                                 const at::Tensor& weight_dir, const std::optional<at::Tensor>& bias,
-                                const std::optional<at::Tensor>& bias_dir, const at::Tensor& coeffs, bool relu) {
+                                const std::optional<at::Tensor>& bias_dir, const at::Tensor& coeffs, bool relu,
+                                double negative_slope) {
   const LineSizes s = check_relu_line_linear(base, along, weight, weight_dir, bias, bias_dir, coeffs);
   at::Tensor out = at::empty({s.points, s.rows, s.out_features}, weight.options());
-  return relu_line_linear_out_cpu(base, along, weight, weight_dir, bias, bias_dir, coeffs, relu, out);
+  return relu_line_linear_out_cpu(base, along, weight, weight_dir, bias, bias_dir, coeffs, relu, negative_slope, out);
 }
 
 }  // namespace

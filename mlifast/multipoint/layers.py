@@ -98,7 +98,7 @@ class LinearRule(MultiPointRule):
         if shared and PendingLine.applies(self, x):
             rows = x.rows()
             products = shared_products(self.context, rows.reshape(-1, rows.shape[-1]), w, w_dirs)
-            return PendingLine(self, tuple(rows.shape), products, self.relu)
+            return PendingLine(self, tuple(rows.shape), products, 0.0 if self.relu else None)
         if shared or dim is None:  # the same rows for every point: computed once
             rows = x.rows() if shared else x
             y = linear_at_points(self.context, rows.reshape(-1, rows.shape[-1]), w, b, w_dirs,

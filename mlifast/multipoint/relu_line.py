@@ -9,11 +9,10 @@ units that switch on or off between consecutive points, not K GEMMs (W1: the MLI
 MNIST MLP, whose 1024×1024 second layer is most of its FLOPs).
 
 `LinearRule` returns a `PendingLine` for rows shared by every point; a ReLU (function,
-method or module, in place or not) and dropout in eval mode keep it pending; the next
-`LinearRule` computes from it with `relu_line_linear` (`linear_after`); anything else
-combines the products into the layer's output first (`materialize`), as before. So it
-takes any model written with Linear and ReLU, nn.Sequential or its own forward.
-"""
+method or module, in place or not), a LeakyReLU and dropout in eval mode keep it pending;
+the next `LinearRule` computes from it with `relu_line_linear` (`linear_after`); anything
+else combines the products into the layer's output first (`materialize`), as before. So
+it takes any model written with Linear and (Leaky)ReLU, nn.Sequential or its own forward."""
 from __future__ import annotations
 
 from typing import Optional
@@ -92,17 +91,18 @@ class PendingLine(Pending):
     for the active points only when read (R = B·…, rows (B, …, I)).
 
     Made by `LinearRule` outside autograd and forward mode, on float32/64 CPU rows with
-    the compiled relu_line_linear; `relu`: a ReLU follows (joined by fuse_activations or
-    applied to it since).
+    the compiled relu_line_linear; `slope`: the activation applied to it (joined by
+    fuse_activations or applied since), None for none, 0.0 for a ReLU, α for a LeakyReLU.
     """
 
     @staticmethod
-    def __new__(cls, rule, rows_shape: tuple, products: tuple[Tensor, Tensor], relu: bool) -> "PendingLine":
+    def __new__(cls, rule, rows_shape: tuple, products: tuple[Tensor, Tensor],
+                slope: Optional[float]) -> "PendingLine":
         base = products[0]
         k = rule.context.num_active
         shape = (k * rows_shape[0], *rows_shape[1:-1], base.shape[-1])
         t = Tensor._make_wrapper_subclass(cls, shape, dtype=base.dtype, device=base.device)
-        t._rule, t._rows_shape, t._products, t._relu, t._value = rule, rows_shape, products, relu, None
+        t._rule, t._rows_shape, t._products, t._slope, t._value = rule, rows_shape, products, slope, None
         t._coeffs = rule.context.active_coeffs()
         return t
 
@@ -121,41 +121,56 @@ class PendingLine(Pending):
     def computed(self) -> bool:
         return self._value is not None
 
-    def with_relu(self) -> "PendingLine":
-        return PendingLine(self._rule, self._rows_shape, self._products, True) if not self._relu else self
-
     def materialize(self) -> Tensor:
-        """The layer's output (through the ReLU where one joined), computed once."""
+        """The layer's output (through the activation where one joined), computed once."""
         if self._value is None:
             (w, d), b = self._rule.weight_and_directions(), self._rule.origin("bias")
             db = self._rule.directions.get("bias") if b is not None else None
             base, along = self._products
-            y = multipoint_combine(base, along.unflatten(1, d.shape[:2]), b, db, self._coeffs.to(base.dtype), self._relu)
+            y = multipoint_combine(base, along.unflatten(1, d.shape[:2]), b, db, self._coeffs.to(base.dtype),
+                                   self._slope == 0.0)
+            if self._slope:
+                y = F.leaky_relu(y, self._slope, inplace=True)
             self._value = y.reshape(y.shape[0], *self._rows_shape[:-1], y.shape[-1]).flatten(0, 1)
             self._products = None
         return self._value
 
     def linear_after(self, rule) -> Optional[Tensor]:
         """`rule` (a LinearRule) applied to this output, from relu_line_linear along each line
-        of the call's points (`Lines`); None where that does not apply: not through a ReLU,
-        already computed, a weight that does not move or another dtype, lines too short."""
+        of the call's points (`Lines`); None where that does not apply: not through a
+        (Leaky)ReLU, already computed, a weight that does not move or another dtype, lines
+        too short."""
         w, d = rule.weight_and_directions()
-        if not self._relu or self.computed or d is None or w.dtype != self.dtype:
+        if self._slope is None or self.computed or d is None or w.dtype != self.dtype:
             return None
         return _linear_along_lines(self, rule)
 
     @classmethod
     def _join(cls, func, args: tuple, kwargs: dict) -> Optional[Tensor]:
-        """A ReLU and dropout in eval mode keep it pending."""
+        """A ReLU, a LeakyReLU and dropout in eval mode keep it pending."""
         pending = args[0] if args and isinstance(args[0], PendingLine) and not args[0].computed else None
-        if pending is not None and func in RELU and len(args) == 1 and set(kwargs) <= {"inplace"}:
-            if func in RELU_IN_PLACE or kwargs.get("inplace", False):  # (self is the ReLU's output from now on)
-                pending._relu = True
+        if pending is None:
+            return None
+        slope, in_place = _activation_slope(func, args, kwargs)
+        if slope is not None and (pending._slope is None or pending._slope == slope == 0.0):
+            if in_place:  # (self is the activation's output from now on)
+                pending._slope = slope
                 return pending
-            return pending.with_relu()
-        if pending is not None and func is F.dropout and not _dropout_training(args, kwargs):
+            return PendingLine(pending._rule, pending._rows_shape, pending._products, slope)
+        if func is F.dropout and not _dropout_training(args, kwargs):
             return pending
         return None
+
+
+def _activation_slope(func, args: tuple, kwargs: dict) -> tuple[Optional[float], bool]:
+    """(negative slope, in place) of a ReLU (0.0) or LeakyReLU call; (None, False) for
+    anything else."""
+    if func in RELU and len(args) == 1 and set(kwargs) <= {"inplace"}:
+        return 0.0, func in RELU_IN_PLACE or bool(kwargs.get("inplace", False))
+    if func is F.leaky_relu and len(args) <= 3 and set(kwargs) <= {"negative_slope", "inplace"}:
+        slope = args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01)
+        return float(slope), bool(args[2] if len(args) > 2 else kwargs.get("inplace", False))
+    return None, False
 
 
 def _dropout_training(args: tuple, kwargs: dict) -> bool:
@@ -194,11 +209,11 @@ def _linear_along_lines(pending: PendingLine, rule) -> Optional[Tensor]:
         if begin < stop and end > start:
             y = lines.outputs.get(i)
             if y is None:
-                y = lines.outputs[i] = _run_outputs(rule, lines, i, a_e)
+                y = lines.outputs[i] = _run_outputs(rule, lines, i, a_e, pending._slope)
             elif (i, start) in lines.handed:
                 # a second reader of the same part (the rule applied to the same input twice)
                 # gets its own: the first may have written into its part already
-                y = _run_outputs(rule, lines, i, a_e)
+                y = _run_outputs(rule, lines, i, a_e, pending._slope)
             lines.handed.add((i, start))
             pieces.append(y[max(start, begin) - begin : min(stop, end) - begin])
             if end <= stop:  # (the groups are past it)
@@ -207,10 +222,11 @@ def _linear_along_lines(pending: PendingLine, rule) -> Optional[Tensor]:
     return y.reshape(stop - start, *pending._rows_shape[:-1], y.shape[-1]).flatten(0, 1)
 
 
-def _run_outputs(rule, lines: Lines, i: int, first: tuple[Tensor, Tensor]) -> Tensor:
+def _run_outputs(rule, lines: Lines, i: int, first: tuple[Tensor, Tensor], slope: float) -> Tensor:
     """(K_i, R, O) outputs of `rule` on run i of `lines`: along direction `axis` from the
     point of its line whose `axis` coordinate is 0, θ0 + Σ_j≠axis c_j·d_j. `first`: the
-    ReLU's input at the origin (R, H) and along each direction (R, J, H)."""
+    activation's input at the origin (R, H) and along each direction (R, J, H); `slope`:
+    the activation's negative slope (0.0: a ReLU)."""
     begin, end, axis = lines.runs[i]
     coeffs = lines.coeffs[begin:end]
     base, along = first
@@ -224,7 +240,7 @@ def _run_outputs(rule, lines: Lines, i: int, first: tuple[Tensor, Tensor]) -> Te
         b = b if db is None else b + shift @ db
     out = _output_memory(rule, (end - begin, base.shape[0], w.shape[0]), base)
     y = relu_line_linear(base, along[:, axis], w, d[axis], b, None if db is None else db[axis], coeffs[:, axis],
-                         rule.relu, out)
+                         rule.relu, slope, out=out)
     return y[:]  # (a view: while it lives, _output_memory sees its memory held)
 
 

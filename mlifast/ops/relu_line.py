@@ -6,7 +6,8 @@ each of the K points,
 
     y[k] = relu(a + c_k·e) · (W + c_k·D)ᵀ + (b + c_k·db)
 
-and with relu=True max(y[k], 0). Each row of y[k] is quadratic in c_k over the units
+and with relu=True max(y[k], 0); with negative_slope=α the first relu is a LeakyReLU
+(h for h > 0, else α·h). Each row of y[k] is quadratic in c_k over the units
 active at c_k, and each unit switches on or off at most once along the line, so the CPU
 kernel (csrc/cpu/relu_line_linear.cpp) computes all K points from two GEMMs at the
 smallest c plus the units that switch, not K GEMMs.
@@ -20,6 +21,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mlifast._extension import register_op
@@ -27,11 +29,11 @@ from mlifast.ops._checks import check_matching, check_tensors, describe
 
 SCHEMA = (
     "relu_line_linear(Tensor base, Tensor along, Tensor weight, Tensor weight_dir, Tensor? bias, "
-    "Tensor? bias_dir, Tensor coeffs, bool relu=False) -> Tensor"
+    "Tensor? bias_dir, Tensor coeffs, bool relu=False, float negative_slope=0.) -> Tensor"
 )
 OUT_SCHEMA = (
     "relu_line_linear.out(Tensor base, Tensor along, Tensor weight, Tensor weight_dir, Tensor? bias, "
-    "Tensor? bias_dir, Tensor coeffs, bool relu=False, *, Tensor(a!) out) -> Tensor(a!)"
+    "Tensor? bias_dir, Tensor coeffs, bool relu=False, float negative_slope=0., *, Tensor(a!) out) -> Tensor(a!)"
 )
 
 
@@ -44,20 +46,23 @@ def relu_line_linear_reference(
     bias_dir: Optional[Tensor],
     coeffs: Tensor,
     relu: bool = False,
+    negative_slope: float = 0.0,
 ) -> Tensor:
     """Pure-PyTorch `relu_line_linear`, one point at a time (the oracle of the kernel)."""
     c = coeffs.to(weight.dtype)
     y = base.new_empty((c.shape[0], base.shape[0], weight.shape[0]))
     for k, c_k in enumerate(c):
-        y_k = torch.relu(base + c_k * along) @ (weight + c_k * weight_dir).t()
+        y_k = F.leaky_relu(base + c_k * along, negative_slope) @ (weight + c_k * weight_dir).t()
         if bias is not None:
             y_k = y_k + (bias if bias_dir is None else bias + c_k * bias_dir)
         y[k] = torch.relu(y_k) if relu else y_k
     return y
 
 
-def _relu_line_linear_out_reference(base, along, weight, weight_dir, bias, bias_dir, coeffs, relu=False, *, out):
-    return out.copy_(relu_line_linear_reference(base, along, weight, weight_dir, bias, bias_dir, coeffs, relu))
+def _relu_line_linear_out_reference(base, along, weight, weight_dir, bias, bias_dir, coeffs, relu=False,
+                                    negative_slope=0.0, *, out):
+    return out.copy_(relu_line_linear_reference(base, along, weight, weight_dir, bias, bias_dir, coeffs, relu,
+                                                negative_slope))
 
 
 register_op("relu_line_linear", SCHEMA, relu_line_linear_reference)
@@ -65,12 +70,12 @@ register_op("relu_line_linear.out", OUT_SCHEMA, _relu_line_linear_out_reference)
 
 
 @torch.library.register_fake("mlifast::relu_line_linear")
-def _(base, along, weight, weight_dir, bias, bias_dir, coeffs, relu=False):
+def _(base, along, weight, weight_dir, bias, bias_dir, coeffs, relu=False, negative_slope=0.0):
     return base.new_empty((coeffs.shape[0], base.shape[0], weight.shape[0]))
 
 
 @torch.library.register_fake("mlifast::relu_line_linear.out")
-def _(base, along, weight, weight_dir, bias, bias_dir, coeffs, relu=False, *, out):
+def _(base, along, weight, weight_dir, bias, bias_dir, coeffs, relu=False, negative_slope=0.0, *, out):
     return out
 
 
@@ -83,9 +88,11 @@ def relu_line_linear(
     bias_dir: Optional[Tensor],
     coeffs: Tensor,
     relu: bool = False,
+    negative_slope: float = 0.0,
     out: Optional[Tensor] = None,
 ) -> Tensor:
-    """The K points' outputs of a linear layer after a ReLU whose input is affine along a line.
+    """The K points' outputs of a linear layer after a (Leaky)ReLU whose input is affine
+    along a line.
 
     Args:
         base: (R, I) the ReLU's input at c = 0.
@@ -94,10 +101,13 @@ def relu_line_linear(
         bias, bias_dir: (O,) its bias and the bias's direction, or None.
         coeffs: (K,) the points' coordinates c_k on the line.
         relu: return max(y, 0), the ReLU after the layer (NaN stays NaN).
+        negative_slope: the slope of the activation before the layer below 0: 0 for a
+            ReLU, α for a LeakyReLU(α).
         out: a contiguous (K, R, O) tensor to write the result into, or None.
 
     Returns:
-        (K, R, O): y[k] = relu(base + c_k·along)·(weight + c_k·weight_dir)ᵀ + bias + c_k·bias_dir
+        (K, R, O): y[k] = leaky_relu(base + c_k·along, negative_slope)·(weight + c_k·weight_dir)ᵀ
+        + bias + c_k·bias_dir
         (`out` where given).
     """
     named = {"base": base, "along": along, "weight": weight, "weight_dir": weight_dir, "bias": bias,
@@ -119,7 +129,7 @@ def relu_line_linear(
     if bias_dir is not None and bias is None:
         raise ValueError("relu_line_linear: bias_dir given without bias; pass bias (zeros if none)")
     check_matching("relu_line_linear", named, shapes, like="base")
-    args = (base, along, weight, weight_dir, bias, bias_dir, coeffs.to(base.dtype), relu)
+    args = (base, along, weight, weight_dir, bias, bias_dir, coeffs.to(base.dtype), relu, float(negative_slope))
     if out is None:
         return torch.ops.mlifast.relu_line_linear(*args)
     expected = (coeffs.shape[0], rows, outputs)
