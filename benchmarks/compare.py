@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -571,7 +572,7 @@ def main(argv=None) -> int:
             else:
                 model_results.append(run_model_workload(name, args))
         except (SystemExit, Exception) as e:  # noqa: BLE001
-            failures[name] = str(e) if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
+            failures[name] = str(e) if isinstance(e, SystemExit) else traceback.format_exc()
             print(failures[name], flush=True)
     ceil_end = ceiling(args.device, args.quick, args.quiet_wait)
     ceil = best_ceiling(ceil_start, ceil_end)

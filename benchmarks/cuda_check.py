@@ -80,7 +80,8 @@ def correctness(seed: int) -> bool:
              (3, 17, 8, 100, 2, False), (2, 900, 64, 48, 1, False), (0, 5, 8, 8, 1, False), (3, 0, 8, 8, 1, False),
              (3, 5, 0, 8, 1, False), (3, 5, 8, 0, 1, False),
              # per-point weights over several batched GEMMs, the last one partial
-             (70, 300, 40, 300, 1, False), (70, 260, 40, 280, 2, False), (40, 1000, 32, 256, 1, False)]
+             (70, 300, 40, 300, 1, False), (70, 260, 40, 280, 2, False), (40, 1000, 32, 256, 1, False),
+             (3, 300, 0, 8, 1, False)]
     for _ in range(24):
         fixed.append((int(torch.randint(1, 70, (1,), generator=g)), int(torch.randint(1, 300, (1,), generator=g)),
                       int(torch.randint(1, 400, (1,), generator=g)), int(torch.randint(1, 300, (1,), generator=g)),

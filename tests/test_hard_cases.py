@@ -116,24 +116,77 @@ def test_position_ids_whose_length_is_a_multiple_of_the_rows(tokens):
             assert rel_err(out[k], e) < 1e-5, (batch, k)
 
 
-def test_a_later_interpolation_of_the_same_model_starts_from_the_readings_found():
-    """Each `evaluate` call makes a new MultiPointModel. One of a model seen before tries the
-    readings found for it first (position ids shared): one pass at the first shape, not two,
-    still checked against the model."""
+class PositionsWhenSequences(nn.Module):
+    """Position ids for sequences (B, T); 1-d indices (B,) are labels. Flattens each
+    example's outputs with a captured batch size: shared rows disagree, inputs repeat."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(11, 4), nn.Embedding(16, 4), nn.Linear(4, 3)
+
+    def forward(self, idx):
+        h = self.tok(idx)
+        if idx.dim() == 2:
+            h = h + self.pos(torch.arange(idx.shape[1]))
+        return self.head(h).reshape(idx.shape[0], -1)
+
+
+def square_loss(out, target):
+    return out.pow(2).mean(1)
+
+
+def loop_losses(model, line, coords, x):
+    return torch.stack([square_loss(out, None).mean() for out in oracle_outputs(model, line, coords, x)]).double()
+
+
+@pytest.fixture
+def readings_tried(monkeypatch):
+    """Per reading the first-call checks try: whether 1-d indices were the same for every
+    example (PointContext.flat_indices_shared)."""
+    from mlifast.multipoint import MultiPointModel
+    tried, readings = [], MultiPointModel._readings
+
+    def recorded(self):
+        for share in readings(self):
+            tried.append((share, self.context.flat_indices_shared))
+            yield share
+
+    monkeypatch.setattr(MultiPointModel, "_readings", recorded)
+    return tried
+
+
+def evaluate_without_fallback(model, line, coords, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a fallback warns)
+        res = mlifast.evaluate(model, line, [(x, torch.zeros(len(x)))], coords=coords, loss=square_loss,
+                               metrics=(), progress=False)
+    assert rel_err(res["loss"], loop_losses(model, line, coords, x)) < 1e-5
+
+
+def test_a_later_evaluate_of_the_same_model_tries_the_indices_shared_first(readings_tried):
+    """nanoGPT's position ids at 2 points × 2 sequences of 4 tokens (T = K·B), in a model
+    that needs its inputs repeated: the first evaluate call reads them as rows, then shared;
+    the next call of the same model tries them shared first, saving two passes."""
     torch.manual_seed(0)
-    a = PositionIds()
-    line, coords = mlifast.Line(a, PositionIds()), torch.tensor([0.0, 1.0])
+    a = PositionsWhenSequences()
+    line, coords = mlifast.Line(a, PositionsWhenSequences()), torch.tensor([0.0, 1.0])
     x = torch.randint(0, 11, (2, 4))
-    passes = []
-    for attempt in range(2):
-        fast = mlifast.interpolate(a, line, coords)
-        run = fast._run
-        fast._run = lambda *args, _run=run, _attempt=attempt, **kw: passes.append(_attempt) or _run(*args, **kw)
-        out = fast(x)
-        assert not fast.per_point_fallback
-        for k, e in enumerate(oracle_outputs(a, line, coords, x)):
-            assert rel_err(out[k], e) < 1e-5, (attempt, k)
-    assert passes == [0, 0, 1]
+    evaluate_without_fallback(a, line, coords, x)
+    assert readings_tried == [(True, False), (True, True), (False, False), (False, True)]
+    evaluate_without_fallback(a, line, coords, x)
+    assert readings_tried[4:] == [(True, True), (True, False), (False, True)]
+
+
+def test_the_hint_orders_the_readings_and_never_rules_one_out(readings_tried):
+    """After the hint (position ids shared), the same model on 1-d indices that are labels,
+    one per example (repeated for the points: K·B of them): shared, they disagree; then
+    read as rows, they agree. No fallback."""
+    torch.manual_seed(0)
+    a = PositionsWhenSequences()
+    line, coords = mlifast.Line(a, PositionsWhenSequences()), torch.tensor([0.0, 1.0])
+    evaluate_without_fallback(a, line, coords, torch.randint(0, 11, (2, 4)))
+    evaluate_without_fallback(a, line, coords, torch.randint(0, 11, (4,)))
+    assert readings_tried[4:] == [(True, True), (True, False), (False, True), (False, False)]
 
 
 def test_label_embeddings_of_one_dimension_stay_per_example():

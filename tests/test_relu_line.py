@@ -61,6 +61,15 @@ def test_without_bias_or_its_direction(bias, bias_dir):
     assert rel_err(relu_line_linear(*operands, coeffs), per_point_loop(*operands, coeffs, False)) < 1e-12
 
 
+def test_no_inputs_gives_the_bias():
+    """I = 0: each point's output is its bias (through the ReLU), as in the loop."""
+    operands = line_operands(3, 0, 4, torch.float64)
+    coeffs = torch.tensor([0.0, -2.0, 1.0, 0.5, 3.0], dtype=torch.float64)
+    for slope in (0.0, 0.1):
+        y = relu_line_linear(*operands, coeffs, True, slope)
+        assert rel_err(y, per_point_loop(*operands, coeffs, True, slope)) < 1e-12 and y.abs().sum() > 0
+
+
 def test_one_point_and_units_that_never_switch():
     """K = 1; units with along = 0, which never switch."""
     base, along, weight, weight_dir, bias, bias_dir = line_operands(6, 10, 20, torch.float64)

@@ -365,7 +365,7 @@ void switching_units(const at::Tensor& base, const at::Tensor& along, const at::
 // the sum non-finite (a finite sum overflowing only sends the call to the per-point form).
 bool all_finite(const at::Tensor& t) { return std::isfinite(t.sum().item<double>()); }
 
-// The per-point form, for non-finite inputs: h_k = leaky_relu(a + c_k e, slope),
+// The per-point form, for non-finite inputs or none: h_k = leaky_relu(a + c_k e, slope),
 // y_k = h_k·W_kᵀ + b_k.
 void per_point(const at::Tensor& base, const at::Tensor& along, const at::Tensor& weight,
                const at::Tensor& weight_dir, const at::Tensor& bias_k, const at::Tensor& coeffs, double slope,
@@ -398,7 +398,9 @@ at::Tensor& relu_line_linear_out_cpu(const at::Tensor& base, const at::Tensor& a
   }
   const at::Tensor a = base.contiguous(), e = along.contiguous(), w = weight.contiguous(),
                    d = weight_dir.contiguous();
-  if (!(all_finite(a) && all_finite(e) && all_finite(w) && all_finite(d) && all_finite(coeffs))) {
+  // (no inputs: nothing switches, and the tiles would be empty)
+  if (s.in_features == 0 ||
+      !(all_finite(a) && all_finite(e) && all_finite(w) && all_finite(d) && all_finite(coeffs))) {
     per_point(a, e, w, d, bias_k.defined() ? bias_k.index_select(0, at::argsort(order)) : bias_k, coeffs,
               negative_slope, relu, out);
     return out;

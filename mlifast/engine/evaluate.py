@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
@@ -78,6 +79,7 @@ def evaluate(
     per_example = {"loss": per_example_loss(loss), **resolve_metrics(metrics)}
     with freed_memory_kept(device):  # every pass of the call reuses the same pages
         fast = MultiPointModel(model, space, all_coords[:1], batch_dim=batch_dim).eval()
+        fast.indices_shared_first = _indices_found_shared(model)
         fast.context.bn_mode = "batch" if bn == "batch" else "running"
         norms = fast.norms
         if bn == "recompute" and bn_data is None:
@@ -105,6 +107,8 @@ def evaluate(
                     seen += flat_target.shape[0] // k
                     bar.update()
                 examples = seen
+    if fast.context.flat_indices_shared and not fast.per_point_fallback:
+        _remember_indices_shared(model)
     if examples == 0:
         raise ValueError("mlifast: the data set is empty; evaluate needs at least one batch with one example")
     values = {name: s / examples for name, s in sums.items()}
@@ -169,3 +173,25 @@ def _versions() -> dict:
     from mlifast import __version__
 
     return {"mlifast": __version__, "torch": torch.__version__}
+
+
+# Models whose first-call check found 1-d indices the same for every example (nanoGPT's
+# position ids of a length that is a multiple of K·B): the next evaluate call of the same
+# model tries that reading first, which saves it a pass of the model at every point (W3 on a
+# GPU: two passes a call without it, one with it). A hint only: every call is still checked,
+# and the other readings still follow.
+_INDICES_SHARED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _indices_found_shared(model: nn.Module) -> bool:
+    try:
+        return model in _INDICES_SHARED
+    except TypeError:  # (a module made unhashable by its own __eq__)
+        return False
+
+
+def _remember_indices_shared(model: nn.Module) -> None:
+    try:
+        _INDICES_SHARED.add(model)
+    except TypeError:
+        pass

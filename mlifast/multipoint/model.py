@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -11,24 +10,17 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 
 from mlifast.multipoint.context import PointContext
 from mlifast.multipoint.layers import BatchNormRule, InPlaceActivation, LinearRule
 from mlifast.multipoint.pending import ConvolutionInputWritten
-from mlifast.multipoint.reference import PerPointModel, alias_groups, first_disagreement
+from mlifast.multipoint.reference import PerPointModel, alias_groups, first_disagreement, rounds_float32_to_tf32
 from mlifast.multipoint.registry import check_supported, rule_for
 from mlifast.multipoint.shared import SharedRows, SharedRowsWritten, materialize
 from mlifast.multipoint.trees import map_tensors, tensors_in
 from mlifast.multipoint.unhandled import UnhandledTensor
 from mlifast.spaces import Span
-
-
-# How each user model was found to read its inputs (shares_rows, images_channels_last,
-# flat_indices_shared, by batch_dim): a later MultiPointModel of the same model (the next
-# `evaluate` call) tries those readings first, as one MultiPointModel does from call to call.
-# Every new input shape is still checked; only the order of the attempts changes. W3 on a GPU
-# (position ids whose length is K·B) took two passes a call without it, one with it.
-_READINGS_FOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class NotPerExampleOutputError(ValueError):
@@ -69,6 +61,7 @@ class MultiPointModel(nn.Module):
         # that the model agrees in that layout (it may not: a `.view` of a 4-d activation,
         # an op reading raw memory). None: undecided, the model's own layout meanwhile.
         has_images = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        self._has_convolutions = any(isinstance(m, _ConvNd) for m in model.modules())  # (the check's tolerance)
         self.images_channels_last: bool | None = None if has_images else False
         self._images_converted = False  # (whether the current call converted any)
         self.reference = PerPointModel(model, space)
@@ -80,10 +73,9 @@ class MultiPointModel(nn.Module):
         self.points_per_group: int | None = None
         self._checked: set = set()
         self._unchecked = False  # see unchecked()
-        self._user_model = weakref.ref(model)
-        found = _READINGS_FOUND.get(model, {}).get(batch_dim)
-        if found is not None:
-            self.shares_rows, self.images_channels_last, self.context.flat_indices_shared = found
+        # Try 1-d indices the same for every example before reading them as rows (a hint,
+        # e.g. from an earlier evaluate call of the same model: it orders the attempts only).
+        self.indices_shared_first = False
         self.set_coords(space.coords_tensor(11 if coords is None else coords))
 
     def set_coords(self, coords: Tensor) -> None:
@@ -198,11 +190,13 @@ class MultiPointModel(nn.Module):
         disagreement is returned (or the last exception raised)."""
         expected: dict[int, Any] = {}
 
+        tf32 = rounds_float32_to_tf32(self._has_convolutions)
+
         def disagreement(ours: Any) -> str | None:
             for k in sorted({0, self.num_points - 1}):
                 if k not in expected:
                     expected[k] = self.reference.at(self.coords[k], args, kwargs)
-                problem = first_disagreement(ours, expected[k], k)
+                problem = first_disagreement(ours, expected[k], k, tf32)
                 if problem is not None:
                     return f"at point #{k}, coordinates {self.coords[k].tolist()}: {problem}"
             return None
@@ -224,7 +218,6 @@ class MultiPointModel(nn.Module):
                         self.shares_rows = True  # (one point cannot tell: the same rows either way)
                     elif not share and self.batch_dim == 0:
                         self.shares_rows = False  # shared rows disagree or fail: repeat inputs from now on
-                    self._remember_readings()
                     return None, ours
                 del ours
                 undo()
@@ -232,31 +225,26 @@ class MultiPointModel(nn.Module):
             raise error
         return problem, None
 
-    def _remember_readings(self) -> None:
-        model = self._user_model()
-        if model is not None:
-            _READINGS_FOUND.setdefault(model, {})[self.batch_dim] = (
-                self.shares_rows, self.images_channels_last, self.context.flat_indices_shared)
-
     def _readings(self) -> Iterator[bool]:
         """The ways to read the inputs, most efficient first, each tried only where the
         previous attempt showed it could matter: rows shared by every point (SharedRows),
         then inputs repeated for each point; within each, 1-d embedding indices as rows,
-        then the same for every example (PointContext.flat_indices_shared); within each,
-        images channels-last, then in the model's own layout. Sets the flags for the next
-        attempt and yields whether it shares rows.
+        then the same for every example (PointContext.flat_indices_shared; the other way
+        round with `indices_shared_first`, and only the latter once a check found it);
+        within each, images channels-last, then in the model's own layout. Sets the flags
+        for the next attempt and yields whether it shares rows.
 
         Indices shared come before inputs repeated: indices read as rows are a guess from
         a length that is a multiple of K·B (nanoGPT's position ids), the likelier culprit
-        of a disagreement than a model that depends on its batch size; a whole pass at
-        every point is saved where they are (W3 on a GPU)."""
+        of a disagreement than a model that depends on its batch size."""
         context, flat_start = self.context, self.context.flat_indices_shared
         images_start, seen_flat = self.images_channels_last is not False, False
+        flats = (True,) if flat_start else (True, False) if self.indices_shared_first else (False, True)
         for share in (True, False):
             if share and (self.batch_dim != 0 or self.shares_rows is False):
                 continue
-            for flat in (True,) if flat_start else (False, True):
-                if flat and not flat_start and not seen_flat:
+            for flat in flats:
+                if flats == (False, True) and flat and not seen_flat:
                     break  # (no indices were read as rows: sharing them is the same again)
                 context.flat_indices_shared = flat
                 for images in (True, False) if images_start else (False,):

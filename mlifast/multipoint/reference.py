@@ -125,9 +125,9 @@ def alias_groups(model: nn.Module) -> dict[str, str]:
     return groups
 
 
-def first_disagreement(ours: Any, reference: Any, point: int) -> str | None:
+def first_disagreement(ours: Any, reference: Any, point: int, tf32: bool = False) -> str | None:
     """Where ours[point] (the multi-point output) differs from the reference output
-    beyond rounding, or None when they agree."""
+    beyond rounding (`tf32`: see close), or None when they agree."""
     mine, theirs = list(tensors_in(ours)), list(tensors_in(reference))
     if len(mine) != len(theirs):
         return f"the output has {len(mine)} tensors, the model's {len(theirs)}"
@@ -135,30 +135,46 @@ def first_disagreement(ours: Any, reference: Any, point: int) -> str | None:
         a = a[point]
         if a.shape != b.shape:
             return f"output tensor #{i} has shape {tuple(a.shape)}, the model's {tuple(b.shape)}"
-        if not close(a, b):
+        if not close(a, b, tf32):
             scale = b.abs().max().clamp_min(1e-30) if b.numel() else 1.0
             return f"output tensor #{i} differs by {((a - b).abs().max() / scale).item():.3g} (relative)"
     return None
 
 
-def relative_tolerance(dtype: torch.dtype, on_gpu: bool) -> float:
+def rounds_float32_to_tf32(convolutions: bool) -> bool:
+    """Whether a GPU may round float32 to TF32 (a 10-bit mantissa, like float16): in matmuls
+    where the user allowed it, and, for a model with convolutions, in cuDNN's ones, which
+    PyTorch allows by default. Reads PyTorch's fp32_precision settings (torch ≥ 2.9, where
+    the old flags raise once those are set), else the allow_tf32 flags."""
+    backends = torch.backends
+    if not hasattr(backends.cuda.matmul, "fp32_precision"):
+        return backends.cuda.matmul.allow_tf32 or (convolutions and backends.cudnn.allow_tf32)
+
+    def precision(*levels) -> str:  # the first level that is set, leaf first ("none": inherit)
+        return next((level.fp32_precision for level in levels if level.fp32_precision != "none"), "ieee")
+
+    matmul = precision(backends.cuda.matmul, backends) == "tf32"
+    conv = precision(getattr(backends.cudnn, "conv", backends.cudnn), backends.cudnn, backends) == "tf32"
+    return matmul or (convolutions and conv)
+
+
+def relative_tolerance(dtype: torch.dtype, tf32: bool) -> float:
     """How far (relative to the largest value) two computations of the same outputs in
-    `dtype` may differ by rounding alone. float32 on a GPU rounds to TF32 (a 10-bit
-    mantissa, like float16) in cuDNN's convolutions by PyTorch's default, and in matmuls
-    where allowed: W2's ResNet-20 differed by 1.25e-3 between two such computations."""
-    tf32 = on_gpu and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
-    if dtype == torch.float32 and not tf32:
-        return 1e-3
-    return {torch.float64: 1e-7, torch.float32: 1e-2}.get(dtype, 5e-2)
+    `dtype` may differ by rounding alone; `tf32`: float32 computed on a GPU that may round
+    it to TF32 (W2's ResNet-20 and itself differed by 1.25e-3 on an H200)."""
+    if dtype == torch.float32:
+        return 1e-2 if tf32 else 1e-3
+    return {torch.float64: 1e-7}.get(dtype, 5e-2)
 
 
-def close(a: Tensor, b: Tensor) -> bool:
-    """Equal up to the rounding of a different summation order (never a row mix-up)."""
+def close(a: Tensor, b: Tensor, tf32: bool = False) -> bool:
+    """Equal up to the rounding of a different summation order (never a row mix-up); `tf32`:
+    on a GPU, float32 may have been rounded to TF32 (rounds_float32_to_tf32)."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
     if not a.is_floating_point():
         return torch.equal(a, b)
-    tol = relative_tolerance(a.dtype, a.is_cuda)
+    tol = relative_tolerance(a.dtype, tf32 and a.is_cuda)
     finite = torch.isfinite(b)
     scale = b[finite].abs().max().clamp_min(1e-30) if finite.any() else 1.0
     same = ((a - b).abs() <= tol * scale) | (a.isnan() & b.isnan()) | (a == b)

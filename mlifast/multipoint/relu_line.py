@@ -28,7 +28,8 @@ from mlifast.ops import multipoint_combine, relu_line_linear
 # A line's outputs are computed at once, from its first point's GEMMs: 4 times the FLOPs
 # of one point's. Below this many points a line is not worth it (the two rules run): on
 # the 2-core CI CPU (benchmarks/relu_line_crossover.py: float32, 1024 → 1024, 64 and 1000
-# rows) the op took the two rules' time at 6 points, 0.8× at 8 and 0.5× at 12.
+# rows) the op took the two rules' time at 6 points, 0.8× at 8 (1.1× in another run) and
+# 0.5–0.6× at 12.
 MIN_POINTS_PER_LINE = 8
 # Nor above this many bytes of a line's outputs (K × rows × outputs).
 LINE_BYTES = 512 << 20

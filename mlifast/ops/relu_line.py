@@ -89,6 +89,7 @@ def relu_line_linear(
     coeffs: Tensor,
     relu: bool = False,
     negative_slope: float = 0.0,
+    *,
     out: Optional[Tensor] = None,
 ) -> Tensor:
     """The K points' outputs of a linear layer after a (Leaky)ReLU whose input is affine
