@@ -489,6 +489,7 @@ def test_float32_on_a_gpu_rounding_to_tf32_is_checked_at_tf32s_rounding(fp32_pre
     assert close(a * 1.002, a) is False and close(a * 1.002, a, tf32=True) is False  # (a CPU tensor)
     fp32_precision(conv=True, matmul=False)  # PyTorch's defaults
     assert rounds_float32_to_tf32(convolutions=True) and not rounds_float32_to_tf32(convolutions=False)
+    assert rounds_float32_to_tf32(convolutions=False, recurrent=True)  # (cuDNN's RNNs)
     fp32_precision(conv=False, matmul=False)  # (the old flags raise here on torch >= 2.9)
     assert not rounds_float32_to_tf32(convolutions=True)
     fp32_precision(conv=False, matmul=True)

@@ -155,12 +155,13 @@ def readings_tried(monkeypatch):
     return tried
 
 
-def evaluate_without_fallback(model, line, coords, x):
+def evaluate_without_fallback(model, line, coords, *batches):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # (a fallback warns)
-        res = mlifast.evaluate(model, line, [(x, torch.zeros(len(x)))], coords=coords, loss=square_loss,
-                               metrics=(), progress=False)
-    assert rel_err(res["loss"], loop_losses(model, line, coords, x)) < 1e-5
+        res = mlifast.evaluate(model, line, [(x, torch.zeros(len(x))) for x in batches], coords=coords,
+                               loss=square_loss, metrics=(), progress=False)
+    expected = sum(loop_losses(model, line, coords, x) * len(x) for x in batches) / sum(len(x) for x in batches)
+    assert rel_err(res["loss"], expected) < 1e-5
 
 
 def test_a_later_evaluate_of_the_same_model_tries_the_indices_shared_first(readings_tried):
@@ -180,13 +181,22 @@ def test_a_later_evaluate_of_the_same_model_tries_the_indices_shared_first(readi
 def test_the_hint_orders_the_readings_and_never_rules_one_out(readings_tried):
     """After the hint (position ids shared), the same model on 1-d indices that are labels,
     one per example (repeated for the points: K·B of them): shared, they disagree; then
-    read as rows, they agree. No fallback."""
+    read as rows, they agree. No fallback, also where a first batch of other sequences (T
+    not a multiple of K·B) agreed with the hinted reading, which decided nothing there. A
+    call that ends with the indices read as rows drops the hint."""
     torch.manual_seed(0)
     a = PositionsWhenSequences()
     line, coords = mlifast.Line(a, PositionsWhenSequences()), torch.tensor([0.0, 1.0])
     evaluate_without_fallback(a, line, coords, torch.randint(0, 11, (2, 4)))
     evaluate_without_fallback(a, line, coords, torch.randint(0, 11, (4,)))
     assert readings_tried[4:] == [(True, True), (True, False), (False, True), (False, False)]
+    evaluate_without_fallback(a, line, coords, torch.randint(0, 11, (2, 4)))  # (the hint again)
+    del readings_tried[:]
+    evaluate_without_fallback(a, line, coords, torch.randint(0, 11, (2, 3)), torch.randint(0, 11, (4,)))
+    assert readings_tried[-2:] == [(False, True), (False, False)]
+    del readings_tried[:]
+    evaluate_without_fallback(a, line, coords, torch.randint(0, 11, (4,)))
+    assert readings_tried == [(True, False), (False, False)]
 
 
 def test_label_embeddings_of_one_dimension_stay_per_example():

@@ -107,8 +107,8 @@ def evaluate(
                     seen += flat_target.shape[0] // k
                     bar.update()
                 examples = seen
-    if fast.context.flat_indices_shared and not fast.per_point_fallback:
-        _remember_indices_shared(model)
+    if not fast.per_point_fallback:
+        _remember_indices_shared(model, fast.context.flat_indices_shared)
     if examples == 0:
         raise ValueError("mlifast: the data set is empty; evaluate needs at least one batch with one example")
     values = {name: s / examples for name, s in sums.items()}
@@ -190,8 +190,11 @@ def _indices_found_shared(model: nn.Module) -> bool:
         return False
 
 
-def _remember_indices_shared(model: nn.Module) -> None:
+def _remember_indices_shared(model: nn.Module, shared: bool) -> None:
     try:
-        _INDICES_SHARED.add(model)
+        if shared:
+            _INDICES_SHARED.add(model)
+        else:
+            _INDICES_SHARED.discard(model)
     except TypeError:
         pass

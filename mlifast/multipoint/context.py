@@ -37,7 +37,8 @@ class PointContext:
     flat_indices_shared: True when 1-D index tensors of embeddings are the same for every
         example whatever their length (nanoGPT's position ids torch.arange(T), with T a
         multiple of K_active·B); set by the first-call check when reading them as rows
-        disagrees with the model. `flat_indices_read_as_rows` records that a call did so.
+        disagrees with the model. `flat_indices_fit_rows` records that a call met such a
+        tensor whose length fits the rows (read as rows, or shared where it would have been).
     grouped: True while one call of the model runs its points in several groups
         (MultiPointModel.points_per_group); rules may then keep what does not depend on
         the points, computed from rows shared by every point, for the next group (`reuse`).
@@ -57,7 +58,7 @@ class PointContext:
     batch_dim: int = 0  # where row-wise layers (linear, embedding, layer norm) find the batch
     forward_mode: bool = False
     flat_indices_shared: bool = False
-    flat_indices_read_as_rows: bool = False
+    flat_indices_fit_rows: bool = False
     grouped: bool = False
     defer_convolutions: bool = True
     _kept: dict = field(default_factory=dict, repr=False)

@@ -187,11 +187,11 @@ class EmbeddingRule(AffineInParamsRule):
     """Gathers rows of the origin and of each direction, then combines (row-wise layer)."""
 
     def batch_dim(self, x: Tensor) -> int | None:
-        if x.dim() == 1 and self.context.flat_indices_shared:
-            return None
         dim = self.context.rows_dim(x, feature_dims=0)
         if x.dim() == 1 and dim is not None:
-            self.context.flat_indices_read_as_rows = True
+            self.context.flat_indices_fit_rows = True
+            if self.context.flat_indices_shared:
+                return None
         return dim
 
 

@@ -61,7 +61,9 @@ class MultiPointModel(nn.Module):
         # that the model agrees in that layout (it may not: a `.view` of a 4-d activation,
         # an op reading raw memory). None: undecided, the model's own layout meanwhile.
         has_images = any(isinstance(m, nn.Conv2d) for m in model.modules())
-        self._has_convolutions = any(isinstance(m, _ConvNd) for m in model.modules())  # (the check's tolerance)
+        # (the check's tolerance: cuDNN may round them to TF32)
+        self._cudnn_layers = (any(isinstance(m, _ConvNd) for m in model.modules()),
+                              any(isinstance(m, nn.RNNBase) for m in model.modules()))
         self.images_channels_last: bool | None = None if has_images else False
         self._images_converted = False  # (whether the current call converted any)
         self.reference = PerPointModel(model, space)
@@ -190,7 +192,7 @@ class MultiPointModel(nn.Module):
         disagreement is returned (or the last exception raised)."""
         expected: dict[int, Any] = {}
 
-        tf32 = rounds_float32_to_tf32(self._has_convolutions)
+        tf32 = rounds_float32_to_tf32(*self._cudnn_layers)
 
         def disagreement(ours: Any) -> str | None:
             for k in sorted({0, self.num_points - 1}):
@@ -202,10 +204,10 @@ class MultiPointModel(nn.Module):
             return None
 
         undo, context = self._statistics_undo(), self.context
-        problem, error = None, None
+        problem, error, flat_start = None, None, self.context.flat_indices_shared
         with self.reference.reusing_state():
             for share in self._readings():
-                context.flat_indices_read_as_rows = self._images_converted = False
+                context.flat_indices_fit_rows = self._images_converted = False
                 try:
                     ours = self._run_points(args, kwargs, share_rows=share)
                 except Exception as e:  # noqa: BLE001 — the next reading may not raise
@@ -218,6 +220,8 @@ class MultiPointModel(nn.Module):
                         self.shares_rows = True  # (one point cannot tell: the same rows either way)
                     elif not share and self.batch_dim == 0:
                         self.shares_rows = False  # shared rows disagree or fail: repeat inputs from now on
+                    if context.flat_indices_shared and not flat_start and not context.flat_indices_fit_rows:
+                        context.flat_indices_shared = False  # (no 1-d indices fit the rows: nothing decided)
                     return None, ours
                 del ours
                 undo()
@@ -252,7 +256,7 @@ class MultiPointModel(nn.Module):
                         break  # (no image went channels-last: the same again)
                     self.images_channels_last = images
                     yield share
-                    seen_flat = seen_flat or context.flat_indices_read_as_rows
+                    seen_flat = seen_flat or context.flat_indices_fit_rows
 
     def _run_points(self, args: tuple, kwargs: dict, share_rows: bool) -> Any:
         """Outputs (K, …) for every point: the copied model run on all points at once, or

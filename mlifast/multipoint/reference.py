@@ -141,21 +141,24 @@ def first_disagreement(ours: Any, reference: Any, point: int, tf32: bool = False
     return None
 
 
-def rounds_float32_to_tf32(convolutions: bool) -> bool:
+def rounds_float32_to_tf32(convolutions: bool, recurrent: bool = False) -> bool:
     """Whether a GPU may round float32 to TF32 (a 10-bit mantissa, like float16): in matmuls
-    where the user allowed it, and, for a model with convolutions, in cuDNN's ones, which
-    PyTorch allows by default. Reads PyTorch's fp32_precision settings (torch ≥ 2.9, where
-    the old flags raise once those are set), else the allow_tf32 flags."""
+    where the user allowed it, and in cuDNN's convolutions and recurrent layers, which
+    PyTorch allows by default, for a model that has them. Reads PyTorch's fp32_precision
+    settings (torch ≥ 2.9, where the old flags raise once those are set), else the
+    allow_tf32 flags."""
     backends = torch.backends
     if not hasattr(backends.cuda.matmul, "fp32_precision"):
-        return backends.cuda.matmul.allow_tf32 or (convolutions and backends.cudnn.allow_tf32)
+        return backends.cuda.matmul.allow_tf32 or ((convolutions or recurrent) and backends.cudnn.allow_tf32)
 
-    def precision(*levels) -> str:  # the first level that is set, leaf first ("none": inherit)
-        return next((level.fp32_precision for level in levels if level.fp32_precision != "none"), "ieee")
+    def tf32(*levels) -> bool:  # the first level that is set, leaf first ("none": inherit)
+        values = (getattr(level, "fp32_precision", "none") for level in levels)
+        return next((value for value in values if value != "none"), "ieee") == "tf32"
 
-    matmul = precision(backends.cuda.matmul, backends) == "tf32"
-    conv = precision(getattr(backends.cudnn, "conv", backends.cudnn), backends.cudnn, backends) == "tf32"
-    return matmul or (convolutions and conv)
+    cudnn = backends.cudnn
+    return (tf32(backends.cuda.matmul, backends)
+            or (convolutions and tf32(getattr(cudnn, "conv", cudnn), cudnn, backends))
+            or (recurrent and tf32(getattr(cudnn, "rnn", cudnn), cudnn, backends)))
 
 
 def relative_tolerance(dtype: torch.dtype, tf32: bool) -> float:
