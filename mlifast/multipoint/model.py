@@ -61,11 +61,12 @@ class MultiPointModel(nn.Module):
         # that the model agrees in that layout (it may not: a `.view` of a 4-d activation,
         # an op reading raw memory). None: undecided, the model's own layout meanwhile.
         has_images = any(isinstance(m, nn.Conv2d) for m in model.modules())
-        # (the check's tolerance: cuDNN may round them to TF32)
-        self._cudnn_layers = (any(isinstance(m, _ConvNd) for m in model.modules()),
-                              any(isinstance(m, nn.RNNBase) for m in model.modules()))
         self.images_channels_last: bool | None = None if has_images else False
         self._images_converted = False  # (whether the current call converted any)
+        # Whether it has convolutions and recurrent layers, which cuDNN may compute in TF32
+        # (the first-call check's tolerance).
+        self._cudnn_layers = (any(isinstance(m, _ConvNd) for m in model.modules()),
+                              any(isinstance(m, nn.RNNBase) for m in model.modules()))
         self.reference = PerPointModel(model, space)
         self.per_point_fallback = False
         # Points run through the model together; None: all. Each call then runs the model
