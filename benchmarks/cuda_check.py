@@ -11,7 +11,8 @@
    size; the error is max |y - y_ref| / max |y_ref|. Then gradcheck on CUDA in float64.
    Exits non-zero on any failure, after printing every case.
 2. Sweep: O = I = 4096 and 1024, one direction, K × R points × rows, float32 and bfloat16, mlifast
-   against the two-GEMM form, a loop materialising each W_k (both cuBLAS), and one plain
+   against the two-GEMM form, a loop materialising each W_k (both cuBLAS), the op's
+   grouped per-point form with each weight formed by a same-shape add, and one plain
    GEMM with a single weight, and the fused kernels alone; with the card's measured copy bandwidth and GEMM rates, so
    each time is also read as a fraction of the memory-bound floor (W and D once, x and y)
    or of the compute rate.
@@ -159,9 +160,30 @@ def ceilings() -> dict:
     return out
 
 
+def grouped_add(c: W.OpCase, sm_count: int) -> torch.Tensor:
+    """The CUDA op's per-point form (points in groups of points_per_gemm, one baddbmm a
+    group), each point's weight formed as `loop-materialise` forms it (a same-shape add
+    with a host scalar, vectorised) instead of by one broadcasting addcmul for the group:
+    the candidate where the op loses to `loop-materialise` (1024 rows a point,
+    BENCHMARKS.md)."""
+    tiles = -(-c.rows // 128) * -(-c.features // 128)
+    group = max(1, min(-(-4 * sm_count // tiles), (256 << 20) // (c.features**2 * c.weight.element_size()), c.points))
+    weights = c.weight.new_empty(group, c.features, c.features)
+    y = c.weight.new_empty(c.points, c.rows, c.features)
+    bias = c.bias + c.coeffs.to(c.bias.dtype) @ c.bias_dirs  # (K, O)
+    for first in range(0, c.points, group):
+        n = min(group, c.points - first)
+        for i, ck in enumerate(c.coeffs[first:first + n, 0].tolist()):
+            torch.add(c.weight, c.dirs[0], alpha=ck, out=weights[i])
+        torch.baddbmm(bias[first:first + n].unsqueeze(1), c.x[first:first + n], weights[:n].transpose(1, 2),
+                      out=y[first:first + n])
+    return y
+
+
 def sweep(features: int, ceil: dict, points: list, rows_per_point: list) -> list:
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     for dname in ("bfloat16", "float32", "tf32"):
         dtype = DTYPES[dname]
         torch.backends.cuda.matmul.allow_tf32 = dname == "tf32"
@@ -181,6 +203,7 @@ def sweep(features: int, ceil: dict, points: list, rows_per_point: list) -> list
                          "fused": lambda: torch.ops.mlifast._multipoint_linear_fused(*fused_args),
                          "two-GEMM": lambda: W.op_two_gemm(case),
                          "loop-materialise": lambda: W.op_loop_materialise(case),
+                         "grouped-add": lambda: grouped_add(case, sm_count),
                          "dense-1W": lambda: W.op_dense_one_weight(case)}
                 times = {name: time_call(fn) for name, fn in impls.items()}
                 floor_bytes = esize * (2 * f * f + 2 * k * r * f)
@@ -193,7 +216,7 @@ def sweep(features: int, ceil: dict, points: list, rows_per_point: list) -> list
                        "bandwidth_fraction": floor_bytes / t / 1e9 / ceil["copy_GBps"],
                        "mlifast_TFLOPs": flops / t / 1e12,
                        "compute_fraction": flops / t / 1e12 / rate,
-                       "best_other_over_mlifast": min(v for n, v in times.items() if n not in ("mlifast", "fused", "dense-1W")) / t}
+                       "best_other_over_mlifast": min(v for n, v in times.items() if n not in ("mlifast", "fused", "grouped-add", "dense-1W")) / t}
                 rows.append(row)
                 print(f"{dname:9s} O=I={f} K={k:3d} R={r:5d}  " + "  ".join(f"{n} {v * 1e6:9.1f}us" for n, v in times.items())
                       + f"  | {row['mlifast_GBps']:7.0f} GB/s ({row['bandwidth_fraction']:.0%} of copy)"
@@ -208,7 +231,8 @@ def markdown(path: str) -> str:
     """The sweep of a --json file as a BENCHMARKS.md table."""
     with open(path) as f:
         res = json.load(f)
-    names = ("mlifast", "fused", "two-GEMM", "loop-materialise", "dense-1W")
+    names = [n for n in ("mlifast", "fused", "two-GEMM", "loop-materialise", "grouped-add", "dense-1W")
+             if f"{n}_us" in res["sweep"][0]]
     out = [f"{res['device']}, torch {res['torch']}; ceilings: " + ", ".join(f"{k} {v:.0f}" for k, v in res["ceilings"].items()),
            "", "| dtype | O = I | K | R | " + " | ".join(f"{n} µs" for n in names)
            + " | best cuBLAS form / mlifast | mlifast GB/s (% of copy) | mlifast TFLOP/s (% of GEMM) |",
