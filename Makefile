@@ -12,7 +12,7 @@ EXTENSION_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.
 CUDA_ARCHS ?= 80 90
 NVCC ?= nvcc
 
-.PHONY: demo test cuda-check bench install clean data
+.PHONY: demo test cuda-check bench bench-quick gpu-wheels install clean data
 
 demo: $(BUILD_STAMP) data
 	$(PY) -m mlifast demo
@@ -61,8 +61,25 @@ cuda-check: $(DEPS_STAMP)
 	done
 	@echo "cuda-check: every .cu file compiles for sm_$(subst $() $(),/sm_,$(CUDA_ARCHS)), and the glue against torch's headers"
 
-bench: $(BUILD_STAMP)
+# The benchmarks' third-party baseline (benchmarks/compare.py): loss-landscapes'
+# linear_interpolation, in the benchmark environment only (numpy is its one dependency).
+LOSS_LANDSCAPES := loss-landscapes==3.0.6
+BENCH_STAMP := $(VENV)/.bench-deps-installed
+$(BENCH_STAMP): $(DEPS_STAMP)
+	$(PY) -m pip install -q --no-deps "$(LOSS_LANDSCAPES)"
+	touch $@
+
+bench: $(BUILD_STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/compare.py
+
+# Every workload against every baseline at tiny sizes, results checked against the loop (CI).
+bench-quick: $(BUILD_STAMP) $(BENCH_STAMP)
+	$(PY) benchmarks/compare.py --quick
+
+# The same baseline for a GPU machine without a package registry: carry .whl there, and
+# benchmarks/gpu_check.sh installs it.
+gpu-wheels: $(DEPS_STAMP)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl "$(LOSS_LANDSCAPES)"
 
 clean:
 	rm -rf build $(VENV) *.egg-info

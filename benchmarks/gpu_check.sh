@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, one call on a machine with an NVIDIA GPU, a CUDA build of torch (>= 2.5)
-# and nvcc; installs nothing and needs no network. From the repository root:
+# and nvcc; needs no network, and installs only the wheels carried in .whl (make gpu-wheels,
+# then name .whl in the device tool's carry). From the repository root:
 #
 #   bash benchmarks/gpu_check.sh            # logs and JSON into $OUT (default build/gpu-check)
 #
@@ -26,6 +27,12 @@ status=0
   nvcc --version | tail -2
   nproc
 } 2>&1 | tee "$OUT/machine.txt"
+
+# Wheels carried to a machine without a package registry (`make gpu-wheels`: loss-landscapes).
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu-check-site .whl/*.whl \
+    && export PYTHONPATH="/tmp/gpu-check-site:$PYTHONPATH"
+fi
 
 arch=$("$PY" -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))")
 echo "== build (sm_$arch)"
