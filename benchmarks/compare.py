@@ -67,7 +67,10 @@ import torch  # noqa: E402
 import mlifast  # noqa: E402
 import workloads as W  # noqa: E402
 
-LOSS_RTOL = 1e-4  # mlifast vs the loop, float32 forward, float64 sums
+# mlifast vs the loop, float64 sums of a forward in float32 (or, with --dtype, bfloat16: an
+# 8-bit mantissa, and the loop rounds each point's weights to it where mlifast does not)
+LOSS_RTOL = {"float32": 1e-4, "bfloat16": 3e-2}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 OP_RTOL = 1e-4  # fused op vs the float64 oracle, relative to max |y|
 ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
 
@@ -207,15 +210,15 @@ def machine(device: str) -> dict:
     return info
 
 
-def ceiling(device: str, quick: bool, quiet_wait: float) -> dict:
-    """float32 GEMM GFLOP/s (2048² matmul) and copy bandwidth GB/s (read + write bytes),
+def ceiling(device: str, quick: bool, quiet_wait: float, dtype: torch.dtype = torch.float32) -> dict:
+    """GEMM GFLOP/s in `dtype` (2048² matmul) and copy bandwidth GB/s (read + write bytes),
     from memory (256 MiB buffers) and from cache (8 MiB buffers: this machine's weights of
     1024² layers stay cache-resident between calls)."""
     waited = wait_for_quiet(quiet_wait)
     n = 2048
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    c = torch.empty(n, n, device=device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
     reps = 5 if quick else 15
     for _ in range(2):
         torch.mm(a, b, out=c)
@@ -244,7 +247,7 @@ def best_ceiling(*measured: dict) -> dict:
 
 def peak_subprocess(workload: str, impl: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_peak", workload, impl, "--preset", args.preset,
-           "--device", args.device, "--threads", str(torch.get_num_threads())]
+           "--device", args.device, "--dtype", args.dtype, "--threads", str(torch.get_num_threads())]
     if args.mlifast_from:
         cmd += ["--mlifast-from", args.mlifast_from]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -274,13 +277,13 @@ def _release_free_heap() -> None:
         pass
 
 
-def peak_child(workload: str, impl: str, preset: str, device: str) -> None:
+def peak_child(workload: str, impl: str, preset: str, device: str, dtype: str) -> None:
     """One checking run of one implementation; prints {peak_mb, seconds, losses} as JSON.
 
     CPU peak: VmHWM (the resident high-water mark of this process's address space, which
     starts fresh at exec — ru_maxrss does not: it carries the forking parent's peak), reset
     to the current RSS after set-up through /proc/self/clear_refs, minus that RSS."""
-    wl = W.make_workload(workload, preset, device)
+    wl = W.make_workload(workload, preset, device, DTYPES[dtype])
     fn = W.impls_for(wl)[impl]
     gc.collect()
     _release_free_heap()
@@ -310,12 +313,13 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_model_workload(name: str, args) -> dict:
-    wl = W.make_workload(name, args.preset, args.device)
+    wl = W.make_workload(name, args.preset, args.device, DTYPES[args.dtype])
     impls = W.impls_for(wl)
     names = list(impls)
     useful, fused = W.model_flops(wl)
     floor_bytes = W.model_bytes(wl)
-    print(f"\n== {name}: {wl.title} ({wl.size_note}); implementations: {', '.join(names)}", flush=True)
+    dtype_note = "" if args.dtype == "float32" else f", {args.dtype}"
+    print(f"\n== {name}: {wl.title} ({wl.size_note}{dtype_note}); implementations: {', '.join(names)}", flush=True)
     for skipped, why in wl.skipped.items():
         print(f"   skipped {skipped}: {why}")
 
@@ -332,15 +336,16 @@ def run_model_workload(name: str, args) -> dict:
         print(f"   check run {impl:16s} {note}", flush=True)
     ref = first[W.REFERENCE_IMPL]
     errors = {impl: rel_err(first[impl], ref) for impl in names}
-    if not errors["mlifast"] <= LOSS_RTOL:
+    rtol = LOSS_RTOL[args.dtype]
+    if not errors["mlifast"] <= rtol:
         worst = int((first["mlifast"] - ref).abs().argmax())
         raise SystemExit(
             f"compare.py: FAIL {name}: mlifast's losses differ from the loop's by {errors['mlifast']:.3g} "
-            f"relative (tolerance {LOSS_RTOL}); worst at coords {wl.coords[worst].tolist()}: "
+            f"relative (tolerance {rtol}); worst at coords {wl.coords[worst].tolist()}: "
             f"mlifast {float(first['mlifast'][worst]):.6f} vs loop {float(ref[worst]):.6f}"
         )
     for impl, err in errors.items():
-        flag = "" if err <= LOSS_RTOL else "  (above 1e-4: see notes)"
+        flag = "" if err <= rtol else f"  (above {rtol:g}: see notes)"
         print(f"   {impl:16s} max rel. err vs loop {err:.2e}{flag}")
 
     # 2. timed rounds, interleaved, order rotating
@@ -516,6 +521,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes: the CI correctness smoke test (< 60 s)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="the model workloads' models, spaces and inputs, and the GEMM ceiling (W4 is float32 "
+                        "only, and not run otherwise)")
     p.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma-separated subset of W1,W2,W3,W4,W5")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per model workload (default 3)")
     mem = p.add_mutually_exclusive_group()
@@ -539,7 +547,7 @@ def main(argv=None) -> int:
         p.error("--device cuda: torch has no CUDA device here")
     fix_malloc_thresholds()
     if args._peak:
-        peak_child(*args._peak, args.preset, args.device)
+        peak_child(*args._peak, args.preset, args.device, args.dtype)
         return 0
     if args.memory is None:
         args.memory = not args.quick
@@ -551,15 +559,18 @@ def main(argv=None) -> int:
     unknown = [w for w in chosen if w not in ALL_WORKLOADS]
     if unknown:
         p.error(f"unknown workload(s) {unknown}; choose from {ALL_WORKLOADS}")
+    if args.dtype != "float32" and "W4" in chosen:
+        print(f"W4 not run: the op sweep is float32, its floor the float32 GEMM rate (--dtype {args.dtype})")
+        chosen.remove("W4")
 
     started = time.perf_counter()
     info = machine(args.device)
     print(f"mlifast {info['mlifast']} · torch {info['torch']} · {info['cpu']} · {info['cores']} cores "
           f"({info['torch_threads']} torch threads, {info['cpu_capability']}) · device {args.device}"
-          + (f" ({info['gpu']})" if args.device == "cuda" else "") + f" · preset {args.preset}")
+          + (f" ({info['gpu']})" if args.device == "cuda" else "") + f" · preset {args.preset} · {args.dtype}")
     print(f"mlifast from {info['mlifast_source']}; ops: {json.dumps(info['mlifast_ops'])}")
-    ceil_start = ceiling(args.device, args.quick, args.quiet_wait)
-    print(f"ceiling: GEMM {ceil_start['gemm_gflops']:.0f} GFLOP/s (float32 2048²), copy "
+    ceil_start = ceiling(args.device, args.quick, args.quiet_wait, DTYPES[args.dtype])
+    print(f"ceiling: GEMM {ceil_start['gemm_gflops']:.0f} GFLOP/s ({args.dtype} 2048²), copy "
           f"{ceil_start['copy_gbs']:.1f} GB/s (memory), {ceil_start['cache_copy_gbs']:.1f} GB/s (cache), "
           f"others' CPU {ceil_start['others']:.0%}", flush=True)
 
@@ -574,13 +585,13 @@ def main(argv=None) -> int:
         except (SystemExit, Exception) as e:  # noqa: BLE001
             failures[name] = str(e) if isinstance(e, SystemExit) else traceback.format_exc()
             print(failures[name], flush=True)
-    ceil_end = ceiling(args.device, args.quick, args.quiet_wait)
+    ceil_end = ceiling(args.device, args.quick, args.quiet_wait, DTYPES[args.dtype])
     ceil = best_ceiling(ceil_start, ceil_end)
     add_floors(model_results, op_results, ceil)
     elapsed = time.perf_counter() - started
 
     print("\n## Machine ceiling (measured at start and end of this run; floors use the best)\n")
-    print("| | GEMM GFLOP/s (fp32 2048²) | copy GB/s, memory (256 MiB) | copy GB/s, cache (8 MiB) | others' CPU |\n"
+    print(f"| | GEMM GFLOP/s ({args.dtype} 2048²) | copy GB/s, memory (256 MiB) | copy GB/s, cache (8 MiB) | others' CPU |\n"
           "|---|---:|---:|---:|---:|")
     for label, c in (("start", ceil_start), ("end", ceil_end)):
         print(f"| {label} | {c['gemm_gflops']:.0f} | {c['copy_gbs']:.1f} | {c['cache_copy_gbs']:.1f} | {c['others']:.0%} |")

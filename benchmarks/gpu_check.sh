@@ -11,7 +11,8 @@
 #    gradcheck, the card's copy and GEMM ceilings, and the op sweep;
 # 3. benchmarks/compare.py --device cuda --quick: every workload against the loop.
 # 4. with GPU_CHECK_FULL=1, compare.py --device cuda at full sizes (the model workloads).
-# 5. with GPU_CHECK_PROFILE=W1,W3 (model workloads), where their time goes on the GPU.
+# 5. with GPU_CHECK_BF16=W3 (model workloads), compare.py --dtype bfloat16 at full sizes.
+# 6. with GPU_CHECK_PROFILE=W1,W3 (model workloads), where their time goes on the GPU.
 # Each stage has a time limit. With GPU_CHECK_FULL=1 and two profiles the whole script took
 # 211–220 s on an H200 (BENCHMARKS.md); stages 1-3 alone about 2 minutes.
 set -uo pipefail
@@ -57,6 +58,12 @@ if [ "${GPU_CHECK_FULL:-0}" = 1 ]; then
   models=$(cd benchmarks && "$PY" -c "import compare; print(','.join(w for w in compare.ALL_WORKLOADS if w != 'W4'))")
   timeout "${GPU_CHECK_FULL_S:-180}" "$PY" benchmarks/compare.py --device cuda --workloads "$models" --repeats 3 \
     --quiet-wait 0 --json "$OUT/compare_full.json" 2>&1 | tee "$OUT/compare_full.log" || status=1
+fi
+if [ -n "${GPU_CHECK_BF16:-}" ]; then  # e.g. GPU_CHECK_BF16=W3: the memory-bound regime
+  echo "== compare --device cuda --dtype bfloat16 (full sizes: $GPU_CHECK_BF16)"
+  timeout "${GPU_CHECK_FULL_S:-180}" "$PY" benchmarks/compare.py --device cuda --dtype bfloat16 \
+    --workloads "$GPU_CHECK_BF16" --repeats 3 --quiet-wait 0 --json "$OUT/compare_bf16.json" 2>&1 \
+    | tee "$OUT/compare_bf16.log" || status=1
 fi
 for workload in ${GPU_CHECK_PROFILE//,/ }; do
   echo "== profile $workload --device cuda"

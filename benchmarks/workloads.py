@@ -325,22 +325,25 @@ def _vmap_memory_skip(wl: ModelWorkload) -> Optional[str]:
 MODEL_WORKLOADS = {"W1": make_w1, "W2": make_w2, "W3": make_w3, "W5": make_w5}
 
 
-def make_workload(name: str, preset: str = "full", device: str = "cpu") -> ModelWorkload:
-    """Workload `name` at `preset`, with its models, space and data on `device`."""
-    return to_device(MODEL_WORKLOADS[name](preset, device=device), device)
+def make_workload(name: str, preset: str = "full", device: str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> ModelWorkload:
+    """Workload `name` at `preset`, with its models, space and data on `device`, their
+    floating tensors in `dtype`."""
+    return to_device(MODEL_WORKLOADS[name](preset, device=device), device, dtype)
 
 
-def to_device(wl: ModelWorkload, device: str) -> ModelWorkload:
-    """The workload with its models, space and data on `device` (coords stay on the CPU);
-    a workload whose batch shape depends on the device (W3) gets that device's batches."""
+def to_device(wl: ModelWorkload, device: str, dtype: torch.dtype = torch.float32) -> ModelWorkload:
+    """The workload with its models, space and data on `device` and in `dtype` (coords
+    stay on the CPU); a workload whose batch shape depends on the device (W3) gets that
+    device's batches."""
     if wl.batches_for is not None:
         wl.data, wl.size_note = wl.batches_for(device)
-    if device == "cpu":
+    if device == "cpu" and dtype == torch.float32:
         return wl
-    wl.model = wl.model.to(device)
-    wl.endpoints = tuple(m.to(device) for m in wl.endpoints)
-    wl.space = wl.space.to(device=device)
-    wl.data = [(x.to(device), y.to(device)) for x, y in wl.data]
+    wl.model = wl.model.to(device, dtype)
+    wl.endpoints = tuple(m.to(device, dtype) for m in wl.endpoints)
+    wl.space = wl.space.to(device=device, dtype=dtype)
+    wl.data = [(x.to(device, dtype) if x.is_floating_point() else x.to(device), y.to(device)) for x, y in wl.data]
     return wl
 
 
@@ -427,7 +430,7 @@ def run_vmap(wl: ModelWorkload) -> Tensor:
             for k, o in origin.items():
                 if o.is_floating_point():
                     d = wl.space.direction(k)
-                    state[k] = (c @ d.reshape(d.shape[0], -1)).reshape(c.shape[0], *o.shape).add_(o)
+                    state[k] = (c.to(d.dtype) @ d.reshape(d.shape[0], -1)).reshape(c.shape[0], *o.shape).add_(o)
                     dims[k] = 0
                 else:
                     state[k], dims[k] = o.clone(), None
