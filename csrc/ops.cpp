@@ -30,4 +30,10 @@ TORCH_LIBRARY(mlifast, m) {
   m.def(
       "relu_line_linear.out(Tensor base, Tensor along, Tensor weight, Tensor weight_dir, Tensor? bias, "
       "Tensor? bias_dir, Tensor coeffs, bool relu=False, float negative_slope=0., *, Tensor(a!) out) -> Tensor(a!)");
+  // Each point's per-channel mean and biased variance, accumulated in float64: input
+  // (K·B, C, …) holds K points' B entries each, point-major -> mean (K, C), var (K, C).
+  m.def("channel_moments(Tensor input, int points) -> (Tensor, Tensor)");
+  // y = input·scale[k, c] + shift[k, c] (+ addend), then ReLU if relu, on point k's entries
+  // of input (K·B, C, …); scale, shift: (K, C); addend: input's shape -> y in input's layout.
+  m.def("channel_affine(Tensor input, Tensor scale, Tensor shift, Tensor? addend, bool relu=False) -> Tensor");
 }

@@ -44,7 +44,7 @@ def test_kernel_and_reference_equal_the_loop(dtype, rows, inputs, outputs, relu,
     bytes), in each vector width the CPU has (the widest unless told); after a ReLU or a
     LeakyReLU (of either sign)."""
     if vector_bytes:
-        monkeypatch.setenv("MLIFAST_SWEEP_VECTOR_BYTES", vector_bytes)
+        monkeypatch.setenv("MLIFAST_VECTOR_BYTES", vector_bytes)
     operands = line_operands(rows, inputs, outputs, dtype)
     coeffs = torch.tensor([0.5, -1.0, 2.0, 0.25, 0.5, 0.0, 1.0, -0.3], dtype=dtype)
     expected = per_point_loop(*operands, coeffs, relu, slope)

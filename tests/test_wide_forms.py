@@ -232,12 +232,12 @@ def test_batch_norm_folds_into_the_convolution_before_it(monkeypatch):
     a, b = test_interpolate.pair(ConvBatchNorm, torch.float64)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float64)
-    batch_norm, normalised = torch.nn.functional.batch_norm, []
-    monkeypatch.setattr(torch.nn.functional, "batch_norm", lambda *args: normalised.append(args[0].shape[1])
-                        or batch_norm(*args))
+    normalise, normalised = layers.BatchNormRule._pending_affine, []
+    monkeypatch.setattr(layers.BatchNormRule, "_pending_affine",
+                        lambda self, rows, *args: normalised.append(tuple(rows.shape[:2])) or normalise(self, rows, *args))
     with torch.no_grad():
         fast(x)
-    assert normalised == [4] * 3  # b1 folded into c1; b2, whose input is read twice, once per point
+    assert normalised == [(3 * 2, 4)]  # b1 folded into c1; b2, whose input is read twice, in one pass of every point
 
 
 
@@ -308,18 +308,68 @@ def test_residual_additions_and_relus_join_the_convolution(monkeypatch, dtype):
     """Batch norm folded, then the residual addition and the ReLU run as oneDNN post-ops
     of each point's convolution (float32), or as separate operations (float64): the
     oracle's answer either way. (The stem reads rows shared by every point: the J + 1
-    products, not pending.)"""
+    products, not pending; its batch norm and ReLU after it are one pass.)"""
     monkeypatch.setattr(layers.ConvRule, "PER_POINT_MIN_POSITIONS", 0)
     a, b = test_interpolate.pair(ResidualBlocks, dtype)
     x = torch.randn(2, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(7))
     fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=dtype)
-    batch_norm, normalised, post_ops = torch.nn.functional.batch_norm, [], []
-    monkeypatch.setattr(torch.nn.functional, "batch_norm", lambda *args: normalised.append(1) or batch_norm(*args))
+    affine, applied, post_ops = pending.channel_affine, [], []
+    monkeypatch.setattr(pending, "channel_affine", lambda rows, scale, shift, addend, relu: applied.append(
+        (rows.shape[0], addend is not None, relu)) or affine(rows, scale, shift, addend, relu))
     with torch.no_grad():
         calls = conv2d_calls(fast, x, post_ops)
-    assert len(calls) == 2 + 2 * 3 and len(normalised) == 3  # the stem's and b0's; c1 and c2 at each point
+    assert len(calls) == 2 + 2 * 3  # the stem's products; c1 and c2 at each point
+    assert applied == [(3 * 2, False, True)]  # b0 and the ReLU after it, in one pass of every point
     joined = dtype == torch.float32 and pending._ONEDNN_POINTWISE is not None
     assert post_ops == ([(True, True)] * 2 * 3 if joined else [])
+
+
+@pytest.mark.parametrize("bn", ["recompute", "batch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batch_statistics_residual_additions_and_relus_are_one_pass(monkeypatch, dtype, bn):
+    """Under batch statistics (the recompute policy's pass, or bn="batch") a batch norm
+    reads its input once for the statistics (channel_moments) and once more to apply
+    them, with the residual addition and the ReLU after it (channel_affine, pending);
+    the loop's losses."""
+    monkeypatch.setattr(layers.ConvRule, "PER_POINT_MIN_POSITIONS", 0)
+    a, b = test_interpolate.pair(ResidualBlocks, dtype)
+    data = [(x.to(dtype), y.remainder(2)) for x, y in test_evaluate.batches(n=8, batch=4, shape=(3, 8, 8))]
+    affine, applied = pending.channel_affine, []
+    monkeypatch.setattr(pending, "channel_affine", lambda rows, scale, shift, addend, relu: applied.append(
+        (addend is not None, relu)) or affine(rows, scale, shift, addend, relu))
+    line = mlifast.Line(a, b)
+    res = mlifast.evaluate(a, line, data, coords=3, bn=bn, progress=False)
+    losses, _ = test_evaluate.loop_evaluate(a, line, data, res.alphas.tolist(), bn)
+    torch.testing.assert_close(res["loss"], losses, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=0)
+    # Per call of the model under batch statistics: b0 and its ReLU; b1, the shortcut and
+    # the ReLU; b2, `+= h` and the in-place ReLU module. Then for "recompute" each batch's
+    # evaluation with the recomputed statistics: b0 and its ReLU (b1, b2 fold into c1, c2).
+    statistics_calls = applied.count((True, True)) // 2
+    assert statistics_calls >= len(data) and set(applied) == {(False, True), (True, True)}
+    assert applied.count((False, True)) == statistics_calls + (len(data) if bn == "recompute" else 0)
+
+
+class WritesIntoBatchNormInput(torch.nn.Module):
+    """Writes into a batch norm's input after the batch norm, before its output is read."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        y = self.bn(h)
+        h.mul_(2)
+        return self.fc((torch.relu(y) + h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_write_into_what_a_pending_batch_norm_reads_computes_it_at_once(monkeypatch, dtype):
+    monkeypatch.setattr(layers.ConvRule, "PER_POINT_MIN_POSITIONS", 0)
+    a, b = test_interpolate.pair(WritesIntoBatchNormInput, dtype)
+    x = torch.randn(2, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(8))
+    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=dtype)
+    assert not fast.per_point_fallback and fast.context.defer_pending is False
 
 
 class WritesIntoConvolutionInput(torch.nn.Module):
@@ -352,7 +402,7 @@ def test_a_write_into_what_a_pending_convolution_reads_computes_it_at_once(monke
     a, b = test_interpolate.pair(lambda: WritesIntoConvolutionInput(written), dtype)
     x = torch.randn(2, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(8))
     fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=dtype)
-    assert not fast.per_point_fallback and fast.context.defer_convolutions is False
+    assert not fast.per_point_fallback and fast.context.defer_pending is False
 
 
 def test_convolutions_under_inference_mode(monkeypatch):

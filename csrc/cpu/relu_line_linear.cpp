@@ -32,6 +32,8 @@
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
+#include "vector_width.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -297,16 +299,6 @@ template <typename scalar_t>
 void sweep_rows_baseline(const Sweep<scalar_t>& s, int64_t begin, int64_t end, int64_t tile_begin,
                          int64_t tile_end) {
   sweep_rows<scalar_t, 16>(s, begin, end, tile_begin, tile_end);
-}
-
-// The vector width the sweep runs with, in bytes: the widest this CPU has, or a narrower
-// one named by MLIFAST_SWEEP_VECTOR_BYTES (16, 32; the tests run every variant).
-int vector_bytes() {
-  static const int widest = __builtin_cpu_supports("avx512f") ? 64
-                            : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 32 : 16;
-  const char* asked = std::getenv("MLIFAST_SWEEP_VECTOR_BYTES");
-  const int bytes = asked == nullptr ? widest : std::atoi(asked);
-  return bytes == 16 || bytes == 32 || bytes == 64 ? std::min(bytes, widest) : widest;
 }
 
 template <typename scalar_t>

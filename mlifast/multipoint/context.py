@@ -42,9 +42,9 @@ class PointContext:
     grouped: True while one call of the model runs its points in several groups
         (MultiPointModel.points_per_group); rules may then keep what does not depend on
         the points, computed from rows shared by every point, for the next group (`reuse`).
-    defer_convolutions: whether per-point convolutions on the CPU may return their output
-        pending (multipoint.pending), to join the batch norm, addition and ReLU after them;
-        False once a model wrote into a pending convolution's input.
+    defer_pending: whether per-point convolutions and batch norms on the CPU may return
+        their output pending (multipoint.pending), to join the batch norm, addition and
+        ReLU after them; False once a model wrote into a pending result's input.
     bn_mode: "running" — running statistics of each point (interpolated or recomputed);
         "batch" — per-point batch statistics; "collect" — per-point batch statistics,
         also accumulated as running statistics (the "recompute" policy's pass).
@@ -60,7 +60,7 @@ class PointContext:
     flat_indices_shared: bool = False
     flat_indices_fit_rows: bool = False
     grouped: bool = False
-    defer_convolutions: bool = True
+    defer_pending: bool = True
     _kept: dict = field(default_factory=dict, repr=False)
     _active_coeffs: tuple | None = field(default=None, repr=False)
     _indices: Tensor | None = field(default=None, repr=False)
@@ -125,6 +125,15 @@ class PointContext:
         self._every_point[key] = ((*stamp, _version(value)), value)
         self._every_point_for = (self.coeffs, version, held[2] + nbytes)
         return value
+
+    def may_defer(self, *tensors: Tensor | None) -> bool:
+        """Whether a result computed from `tensors` may stay pending (multipoint.pending):
+        not in forward mode or under autograd (it would bypass them), nor for inference
+        tensors (no version counter shows a write into its input), nor once the model wrote
+        into a pending result's input (`defer_pending`)."""
+        present = [t for t in tensors if t is not None]
+        return self.defer_pending and not self.forward_mode and not any(t.is_inference() for t in present) and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in present))
 
     def of_active(self, every: Tensor) -> Tensor:
         """(K_active, …) view of a (K, …) value at every point: the active points' rows."""

@@ -19,11 +19,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from mlifast.multipoint.context import fold, rows_for_every_example, unfold
-from mlifast.multipoint.pending import Pending, PendingConvolution
+from mlifast.multipoint.pending import Pending, PendingAffine, PendingConvolution
 from mlifast.multipoint.relu_line import PendingLine
 from mlifast.multipoint.rule import MultiPointRule
 from mlifast.multipoint.shared import SharedRows
-from mlifast.ops import multipoint_combine
+from mlifast.ops import channel_moments, multipoint_combine
 
 
 def one_point_per_call(x: Tensor) -> bool:
@@ -175,12 +175,8 @@ class ConvRule(AffineInParamsRule):
             return super().forward(x, *args, **kwargs)
         weight, bias = self.per_point("weight"), self.per_point("bias")
         pending = PendingConvolution(self.inner, fold(x, self.context.num_active), weight, bias)
-        # Not pending: in forward mode or under autograd (it would bypass them), and for
-        # inference tensors (no version counter shows a write into its input).
-        if not self.context.defer_convolutions or self.context.forward_mode or x.is_inference() or (
-                torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
-            return pending.convolved()
-        return pending  # (a batch norm, a residual addition and a ReLU after it join it)
+        # (a batch norm, a residual addition and a ReLU after it join it)
+        return pending if self.context.may_defer(x, weight, bias) else pending.result()
 
 
 class EmbeddingRule(AffineInParamsRule):
@@ -307,8 +303,8 @@ class BatchNormRule(_AffineNormRule):
         inner, mode = self.inner, self.context.bn_mode
         k = self.context.num_active
         use_batch = mode in ("batch", "collect") or inner.training or self.origin("running_mean") is None
-        if isinstance(x, PendingConvolution):  # a convolution's output, perhaps not computed yet
-            if not use_batch and x.foldable:
+        if isinstance(x, Pending):  # e.g. a convolution's output, perhaps not computed yet
+            if not use_batch and isinstance(x, PendingConvolution) and x.foldable:
                 return self._folded_into(x)
             x = x.materialize()
         xk = self.split_points(x, 0)  # (K, B, C, …)
@@ -325,8 +321,11 @@ class BatchNormRule(_AffineNormRule):
         else:
             stats = None
         weight, bias = self.per_point("weight"), self.per_point("bias")
+        if self._channel_passes_apply(x, weight, bias, *(stats if isinstance(stats, tuple) else ())):
+            y = self._pending_affine(x, stats, weight, bias, use_batch)
+            y = y if self.context.may_defer(x) else y.result()
         # (ATen's batch norm has no forward-mode derivative for running statistics)
-        if one_point_per_call(xk) and (use_batch or not self.context.forward_mode):
+        elif one_point_per_call(xk) and (use_batch or not self.context.forward_mode):
             y = self._normalize_each_point(xk, stats, weight, bias, use_batch)
         else:
             y = unfold(self._normalize_all_points(xk, stats, weight, bias, use_batch))
@@ -336,6 +335,39 @@ class BatchNormRule(_AffineNormRule):
             sums[:, start:stop] += stats
             batches[start:stop] += 1
         return y
+
+    def _channel_passes_apply(self, x: Tensor, *tensors: Tensor | None) -> bool:
+        """Whether `_pending_affine` normalises x: CPU float32/64 rows of every point
+        (not shared ones), outside forward mode and autograd (the ops have neither)."""
+        return type(x) is Tensor and one_point_per_call(x) and x.dtype in (torch.float32, torch.float64) and not (
+            self.context.forward_mode or (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, *tensors))))
+
+    def _pending_affine(self, x: Tensor, stats, weight, bias, use_batch: bool) -> PendingAffine:
+        """(K·B, C, …) rows x normalised, pending: with `use_batch` by each point's batch
+        statistics (`channel_moments`), which `stats`, if given, receive as mean and
+        unbiased variance; else by the running statistics `stats`. A residual addition and
+        a ReLU after it join the pass that applies them (`channel_affine`)."""
+        k = self.context.num_active
+        if use_batch:
+            mean, var = channel_moments(x, k)
+            if stats is not None:
+                count = x.numel() // (k * x.shape[1])
+                stats[0].copy_(mean)
+                stats[1].copy_(var * (count / (count - 1)))
+        else:
+            mean, var = stats
+        scale, shift = self._scale_and_shift(mean, var, weight, bias)
+        return PendingAffine(x, scale.to(x.dtype), shift.to(x.dtype))
+
+    def _scale_and_shift(self, mean: Tensor, var: Tensor, weight, bias) -> tuple[Tensor, Tensor]:
+        """(K, C) scale and shift of each point's normalisation by `mean` and `var`, with
+        its `weight` and `bias` (or None): y = x·scale + shift."""
+        scale = torch.rsqrt(var + self.inner.eps)
+        if weight is not None:
+            scale = scale * weight
+        shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1)
+        return scale, shift
 
     def _running_statistics(self) -> tuple[Tensor, Tensor]:
         """(K_active, C) means and variances: recomputed ones if a "collect" pass produced
@@ -347,12 +379,8 @@ class BatchNormRule(_AffineNormRule):
     def _folded_into(self, conv: PendingConvolution) -> PendingConvolution:
         """Normalisation by running statistics, an affine map per channel, folded into the
         convolution that produced `conv`: each point's weight scaled, its bias shifted."""
-        mean, var = self._running_statistics()
-        weight, bias = self.per_point("weight"), self.per_point("bias")
-        scale = torch.rsqrt(var + self.inner.eps)
-        if weight is not None:
-            scale = scale * weight
-        shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1)
+        scale, shift = self._scale_and_shift(*self._running_statistics(), self.per_point("weight"),
+                                             self.per_point("bias"))
         return conv.folded(scale, shift)
 
     def _normalize_each_point(self, xk: Tensor, stats, weight, bias, use_batch: bool) -> Tensor:

@@ -14,7 +14,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from mlifast.multipoint.context import PointContext
 from mlifast.multipoint.layers import BatchNormRule, InPlaceActivation, LinearRule
-from mlifast.multipoint.pending import ConvolutionInputWritten
+from mlifast.multipoint.pending import PendingInputWritten
 from mlifast.multipoint.reference import PerPointModel, alias_groups, first_disagreement, rounds_float32_to_tf32
 from mlifast.multipoint.registry import check_supported, rule_for
 from mlifast.multipoint.shared import SharedRows, SharedRowsWritten, materialize
@@ -343,9 +343,9 @@ class MultiPointModel(nn.Module):
             undo()
             self.shares_rows = False  # the model writes into its inputs: repeat them from now on
             return self._run(args, kwargs, share_rows=False, copied=copied)
-        except ConvolutionInputWritten:
+        except PendingInputWritten:
             undo()
-            self.context.defer_convolutions = False  # (it writes into activations a convolution read)
+            self.context.defer_pending = False  # (it writes into activations a pending result read)
             return self._run(args, kwargs, share_rows, copied=copied)
         return map_tensors(materialize, out, "output")
 

@@ -1,21 +1,25 @@
-"""Results not computed until something reads them (`Pending`); here a per-point
-convolution's output (`PendingConvolution`; `relu_line.PendingLine` is the other).
+"""Results not computed until something reads them (`Pending`); here the per-point
+channel results whose post-ops join them (`PendingPostOps`): a convolution's output
+(`PendingConvolution`) and a batch norm's (`PendingAffine`). `relu_line.PendingLine` is
+the other kind.
 
-What the layers after a convolution do to its output can often join the convolution
-itself, saving a pass over the activations each:
+What the layers after a convolution or a batch norm do to its output can often join it,
+saving a pass over the activations each:
 - batch norm with running statistics, an affine map per channel, folds into each point's
-  weight and bias (`BatchNormRule`; W2's evaluation pass: 919 of its 1,050 batch norms);
+  convolution weight and bias (`BatchNormRule`; W2's evaluation pass: 919 of its 1,050
+  batch norms);
 - a residual addition of a same-shaped tensor, `conv(x) + shortcut` or `out += identity`,
   and a ReLU after it run inside oneDNN's convolution as post-ops (float32 on the CPU:
-  the same numbers as the separate operations). ResNets end every block with
+  the same numbers as the separate operations), or in the pass that applies a batch
+  norm's statistics (`mlifast.ops.channel_affine`). ResNets end every block with
   relu(bn(conv(·)) + shortcut).
-A `PendingConvolution` carries what the convolutions need; any other operation runs them
-first (`materialize`) and then itself.
+A pending result carries what it needs; any other operation computes it first
+(`materialize`) and then runs itself.
 
-Its input rows and addend are read when it computes: should the model write into either
+Its inputs and addend are read when it computes: should the model write into either
 before (a model writing into an activation a convolution has read), it raises
-`ConvolutionInputWritten`, and MultiPointModel runs the call again with convolutions
-computed at once (`PointContext.defer_convolutions`).
+`PendingInputWritten`, and MultiPointModel runs the call again with every result computed
+at once (`PointContext.defer_pending`).
 """
 from __future__ import annotations
 
@@ -26,9 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from mlifast.ops import channel_affine
 
-class ConvolutionInputWritten(Exception):
-    """The model wrote into a pending convolution's input rows or addend before it ran."""
+
+class PendingInputWritten(Exception):
+    """The model wrote into a pending result's input or addend before it was computed."""
 
 
 class Pending(Tensor):
@@ -63,74 +69,68 @@ class Pending(Tensor):
         return func(*tree_map(_computed, args), **tree_map(_computed, kwargs or {}))
 
 
-class PendingConvolution(Pending):
-    """(K_active·B, C_out, …) output of a convolution with each point's own weight, plus an
-    optional addend of the same shape.
+class PendingPostOps(Pending):
+    """A (K_active·B, C, …) result plus an optional addend of the same shape, then an
+    optional ReLU: an addition of a plain tensor and a ReLU after it join (`_joined`).
 
-    points: (K_active, B, C_in, …) input rows; weight: (K_active, C_out, C_in/groups, …);
-    bias: (K_active, C_out) or None; conv: the nn.Conv*d whose `_conv_forward` runs it.
+    Subclasses hold what the result needs and compute it in `_computed_with(relu)`; `inputs`
+    are the tensors it reads, whose versions (with the addend's) must not change before.
     Only for tensors outside autograd (its result is computed below autograd's dispatch).
     """
 
-    @staticmethod
-    def __new__(cls, conv: nn.Module, points: Tensor, weight: Tensor, bias: Optional[Tensor],
-                addend: Optional[Tensor] = None, versions: tuple = ()) -> "PendingConvolution":
-        shape = _output_shape(conv, (points.shape[0] * points.shape[1], *points.shape[2:]))
-        layout = torch.channels_last if len(shape) == 4 and _channels_last(points[0]) else torch.contiguous_format
-        t = Tensor._make_wrapper_subclass(cls, shape, strides=_strides(shape, layout), dtype=points.dtype,
-                                          device=points.device)
-        t._conv, t._points, t._weight, t._bias, t._addend, t._value = conv, points, weight, bias, addend, None
-        # (the versions of points and addend as the model made them: they must not change)
-        t._versions = versions or _versions(points, addend)
-        return t
+    _addend: Optional[Tensor]
+    _versions: tuple
+    _value: Optional[Tensor]
+    _inputs: tuple
+
+    def _init(self, inputs: tuple, addend: Optional[Tensor], versions: tuple) -> None:
+        self._inputs, self._addend, self._value = inputs, addend, None
+        # (the versions of inputs and addend as the model made them: they must not change)
+        self._versions = versions or _versions(*inputs, addend)
 
     def __init__(self, *args, **kwargs) -> None:
         pass
 
-    def folded(self, scale: Tensor, shift: Tensor) -> "PendingConvolution":
-        """Each point's output channels scaled by (K_active, C_out) `scale` and shifted by
-        `shift`, folded into its weight and bias; still pending."""
-        assert self.foldable
-        weight = self._weight * scale.reshape(*scale.shape, *([1] * (self._weight.dim() - 2)))
-        bias = shift if self._bias is None else torch.addcmul(shift, self._bias, scale)
-        return PendingConvolution(self._conv, self._points, weight, bias, versions=self._versions)
+    def _computed_with(self, relu: bool) -> Tensor:
+        raise NotImplementedError
 
-    def convolved(self, relu: bool = False) -> Tensor:
-        """The convolutions plus the addend, then ReLU if `relu`, as a plain tensor."""
-        if _versions(self._points, self._addend) != self._versions:
-            raise ConvolutionInputWritten(f"{type(self._conv).__name__}'s input or addend was written in place")
-        outs, batch = [], self._points.shape[1]
-        for k, rows in enumerate(self._points):
-            bias = None if self._bias is None else self._bias[k]
-            addend = None if self._addend is None else self._addend[k * batch:(k + 1) * batch]
-            outs.append(_convolve(self._conv, rows, self._weight[k], bias, addend, relu))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+    def _with_addend(self, addend: Tensor, versions: tuple) -> "PendingPostOps":
+        """A new pending result: this one plus `addend`."""
+        raise NotImplementedError
 
-    @property
-    def foldable(self) -> bool:
-        """Whether a per-channel affine map can fold into the weights: not computed, no addend."""
-        return self._value is None and self._addend is None
+    def result(self, relu: bool = False) -> Tensor:
+        """The result plus the addend, then ReLU if `relu`, as a plain tensor."""
+        if _versions(*self._inputs, self._addend) != self._versions:
+            raise PendingInputWritten(f"{self._name()}'s input or addend was written in place")
+        return self._computed_with(relu)
+
+    def _name(self) -> str:
+        return type(self).__name__
 
     @property
     def computed(self) -> bool:
-        """Whether the convolutions ran (anything may have written into the result since)."""
+        """Whether the result was computed (anything may have written into it since)."""
         return self._value is not None
 
     def materialize(self, relu: bool = False) -> Tensor:
         """The result, computed once; `relu` (while not computed yet): ReLU applied."""
         if self._value is None:
-            self._value = self.convolved(relu)
-            self._points = self._weight = self._bias = self._addend = None
+            self._value = self.result(relu)
+            self._release()
         return self._value
 
+    def _release(self) -> None:
+        """Drop what computing needed (the result is kept)."""
+        self._inputs, self._addend = (), None
+
     def _joined(self, func, args: tuple, kwargs: dict) -> Optional[Tensor]:
-        """The result of `func` joined into the convolutions, or None where it cannot be:
-        a ReLU (in place too), or the addition of a plain tensor of the same shape."""
+        """The result of `func` joined into this one, or None where it cannot be: a ReLU
+        (in place too), or the addition of a plain tensor of the same shape."""
         if self.computed:
             return None
         if func in RELU and len(args) == 1 and set(kwargs) <= {"inplace"}:
             in_place = func in _IN_PLACE or kwargs.get("inplace", False)
-            return self.materialize(relu=True) if in_place else self.convolved(relu=True)
+            return self.materialize(relu=True) if in_place else self.result(relu=True)
         if func in _ADD and len(args) == 2 and not kwargs and self._addend is None:
             other = _computed(args[1] if args[0] is self else args[0])
             if (type(other) is not Tensor or other.shape != self.shape or other.dtype != self.dtype
@@ -142,17 +142,95 @@ class PendingConvolution(Pending):
                     return None
                 self._addend, self._versions = other, (*self._versions, *_versions(other))
                 return self
-            return PendingConvolution(self._conv, self._points, self._weight, self._bias, other,
-                                      (*self._versions, *_versions(other)))
+            return self._with_addend(other, (*self._versions, *_versions(other)))
         return None
 
     @classmethod
     def _join(cls, func, args: tuple, kwargs: dict) -> Optional[Tensor]:
-        """A ReLU or an addition joined into the convolutions (`_joined`)."""
+        """A ReLU or an addition joined into the result (`_joined`)."""
         if func in RELU or func in _ADD:
-            pending = next((a for a in args[:2] if isinstance(a, PendingConvolution) and not a.computed), None)
+            pending = next((a for a in args[:2] if isinstance(a, PendingPostOps) and not a.computed), None)
             return None if pending is None else pending._joined(func, args, kwargs)
         return None
+
+
+class PendingConvolution(PendingPostOps):
+    """(K_active·B, C_out, …) output of a convolution with each point's own weight.
+
+    points: (K_active, B, C_in, …) input rows; weight: (K_active, C_out, C_in/groups, …);
+    bias: (K_active, C_out) or None; conv: the nn.Conv*d whose `_conv_forward` runs it.
+    """
+
+    @staticmethod
+    def __new__(cls, conv: nn.Module, points: Tensor, weight: Tensor, bias: Optional[Tensor],
+                addend: Optional[Tensor] = None, versions: tuple = ()) -> "PendingConvolution":
+        shape = _output_shape(conv, (points.shape[0] * points.shape[1], *points.shape[2:]))
+        layout = torch.channels_last if len(shape) == 4 and _channels_last(points[0]) else torch.contiguous_format
+        t = Tensor._make_wrapper_subclass(cls, shape, strides=_strides(shape, layout), dtype=points.dtype,
+                                          device=points.device)
+        t._conv, t._weight, t._bias = conv, weight, bias
+        t._init((points,), addend, versions)
+        return t
+
+    def folded(self, scale: Tensor, shift: Tensor) -> "PendingConvolution":
+        """Each point's output channels scaled by (K_active, C_out) `scale` and shifted by
+        `shift`, folded into its weight and bias; still pending."""
+        assert self.foldable
+        weight = self._weight * scale.reshape(*scale.shape, *([1] * (self._weight.dim() - 2)))
+        bias = shift if self._bias is None else torch.addcmul(shift, self._bias, scale)
+        return PendingConvolution(self._conv, self._inputs[0], weight, bias, versions=self._versions)
+
+    @property
+    def foldable(self) -> bool:
+        """Whether a per-channel affine map can fold into the weights: not computed, no addend."""
+        return self._value is None and self._addend is None
+
+    def _name(self) -> str:
+        return type(self._conv).__name__
+
+    def _with_addend(self, addend: Tensor, versions: tuple) -> "PendingConvolution":
+        return PendingConvolution(self._conv, self._inputs[0], self._weight, self._bias, addend, versions)
+
+    def _computed_with(self, relu: bool) -> Tensor:
+        (points,), outs, batch = self._inputs, [], self._inputs[0].shape[1]
+        for k, rows in enumerate(points):
+            bias = None if self._bias is None else self._bias[k]
+            addend = None if self._addend is None else self._addend[k * batch:(k + 1) * batch]
+            outs.append(_convolve(self._conv, rows, self._weight[k], bias, addend, relu))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _release(self) -> None:
+        super()._release()
+        self._weight = self._bias = None
+
+
+class PendingAffine(PendingPostOps):
+    """(K_active·B, C, …) rows times each point's per-channel scale plus its shift: a batch
+    norm with its statistics folded in (`mlifast.ops.channel_affine`, CPU float32/64).
+
+    rows: (K_active·B, C, …); scale, shift: (K_active, C) in the rows' dtype.
+    """
+
+    @staticmethod
+    def __new__(cls, rows: Tensor, scale: Tensor, shift: Tensor, addend: Optional[Tensor] = None,
+                versions: tuple = ()) -> "PendingAffine":
+        dense = rows.is_contiguous() or (rows.dim() == 4 and rows.is_contiguous(memory_format=torch.channels_last)) \
+            or (rows.dim() == 5 and rows.is_contiguous(memory_format=torch.channels_last_3d))  # (kept by the op)
+        strides = rows.stride() if dense else _strides(tuple(rows.shape), torch.contiguous_format)
+        t = Tensor._make_wrapper_subclass(cls, rows.shape, strides=strides, dtype=rows.dtype, device=rows.device)
+        t._scale, t._shift = scale, shift
+        t._init((rows,), addend, versions)
+        return t
+
+    def _with_addend(self, addend: Tensor, versions: tuple) -> "PendingAffine":
+        return PendingAffine(self._inputs[0], self._scale, self._shift, addend, versions)
+
+    def _computed_with(self, relu: bool) -> Tensor:
+        return channel_affine(self._inputs[0], self._scale, self._shift, self._addend, relu)
+
+    def _release(self) -> None:
+        super()._release()
+        self._scale = self._shift = None
 
 
 _METADATA = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.element_size, Tensor.is_floating_point, Tensor.__len__}

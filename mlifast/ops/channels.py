@@ -1,0 +1,117 @@
+"""`channel_moments` and `channel_affine`: a batch norm's two passes over each point's rows.
+
+A (K·B, C, …) input holds K points' B entries each, point-major (see multipoint/context.py).
+
+- `channel_moments(x, K)`: each point's per-channel mean and biased variance, (K, C) each,
+  accumulated in float64 (the batch statistics of a training-mode batch norm);
+- `channel_affine(x, scale, shift, addend=None, relu=False)`: x·scale[k, c] + shift[k, c]
+  on point k's entries, plus a same-shaped addend, then a ReLU — a batch norm with its
+  statistics folded into (K, C) scale and shift, and the residual addition and ReLU after
+  it, in one pass.
+
+The CPU kernels (csrc/cpu/channel_passes.cpp) read channels-last images, or (N, C) rows,
+or contiguous (N, C, …) in place, and keep the input's layout. Float32 and float64; no
+autograd (the multi-point model uses them outside autograd only; called with tensors
+that require grad, they raise).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mlifast._extension import register_op
+from mlifast.ops._checks import check_tensors, describe
+
+MOMENTS_SCHEMA = "channel_moments(Tensor input, int points) -> (Tensor, Tensor)"
+AFFINE_SCHEMA = "channel_affine(Tensor input, Tensor scale, Tensor shift, Tensor? addend, bool relu=False) -> Tensor"
+
+
+def channel_moments_reference(input: Tensor, points: int) -> tuple[Tensor, Tensor]:
+    """Pure-PyTorch `channel_moments` (the oracle of the kernel, and its fallback)."""
+    x = input.unflatten(0, (points, -1)).to(torch.float64)
+    var, mean = torch.var_mean(x, dim=[1, *range(3, x.dim())], correction=0)
+    return mean.to(input.dtype), var.to(input.dtype)
+
+
+def channel_affine_reference(input: Tensor, scale: Tensor, shift: Tensor, addend: Optional[Tensor] = None,
+                             relu: bool = False) -> Tensor:
+    """Pure-PyTorch `channel_affine`."""
+    k, c = scale.shape
+    view = (k, 1, c, *([1] * (input.dim() - 2)))
+    y = torch.addcmul(shift.reshape(view), input.unflatten(0, (k, -1)), scale.reshape(view)).flatten(0, 1)
+    if addend is not None:
+        y = y + addend
+    return torch.relu(y) if relu else y
+
+
+register_op("channel_moments", MOMENTS_SCHEMA, channel_moments_reference)
+register_op("channel_affine", AFFINE_SCHEMA, channel_affine_reference)
+
+
+@torch.library.register_fake("mlifast::channel_moments")
+def _(input, points):
+    return input.new_empty((points, input.shape[1])), input.new_empty((points, input.shape[1]))
+
+
+@torch.library.register_fake("mlifast::channel_affine")
+def _(input, scale, shift, addend=None, relu=False):
+    return torch.empty_like(input)
+
+
+def _check_input(op: str, input: Tensor, points: int) -> None:
+    if input.dim() < 2 or points < 1 or input.shape[0] % points:
+        raise ValueError(f"{op}: expected input (K·B, C, …) holding {points} points' entries, got {describe(input)}")
+    if input.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: expected float32 or float64, got {describe(input)}")
+
+
+def _check_no_grad(op: str, *tensors: Optional[Tensor]) -> None:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(f"{op} has no autograd: call it under torch.no_grad() or on tensors that do not "
+                           "require grad")
+
+
+def channel_moments(input: Tensor, points: int) -> tuple[Tensor, Tensor]:
+    """Each point's per-channel mean and biased variance.
+
+    Args:
+        input: (K·B, C, …) the entries of `points` = K points, point-major.
+        points: K.
+
+    Returns:
+        mean, var: (K, C) each, in input's dtype (accumulated in float64); var is the
+        biased variance (divided by the B·… values per channel).
+    """
+    check_tensors("channel_moments", {"input": input})
+    _check_no_grad("channel_moments", input)
+    _check_input("channel_moments", input, points)
+    return torch.ops.mlifast.channel_moments(input, points)
+
+
+def channel_affine(input: Tensor, scale: Tensor, shift: Tensor, addend: Optional[Tensor] = None,
+                   relu: bool = False) -> Tensor:
+    """relu?(input·scale + shift + addend?) with each point's own per-channel scale and shift.
+
+    Args:
+        input: (K·B, C, …) the entries of K points, point-major.
+        scale, shift: (K, C) in input's dtype.
+        addend: a tensor of input's shape, dtype and device, or None.
+        relu: return max(y, 0) (NaN stays NaN).
+
+    Returns:
+        (K·B, C, …) in input's layout.
+    """
+    check_tensors("channel_affine", {"input": input, "scale": scale, "shift": shift, "addend": addend})
+    _check_no_grad("channel_affine", input, scale, shift, addend)
+    _check_input("channel_affine", input, scale.shape[0] if scale.dim() == 2 else 0)
+    if scale.dim() != 2 or scale.shape[1] != input.shape[1] or shift.shape != scale.shape:
+        raise ValueError(f"channel_affine: expected scale and shift of shape (K, {input.shape[1]}), got "
+                         f"{describe(scale)} and {describe(shift)}")
+    for name, t in (("scale", scale), ("shift", shift), ("addend", addend)):
+        if t is not None and (t.dtype != input.dtype or t.device != input.device):
+            raise TypeError(f"channel_affine: {name} must have input's dtype and device, got {describe(t)}")
+    if addend is not None and addend.shape != input.shape:
+        raise ValueError(f"channel_affine: addend must have input's shape {tuple(input.shape)}, got {describe(addend)}")
+    return torch.ops.mlifast.channel_affine(input, scale, shift, addend, relu)

@@ -1,0 +1,139 @@
+"""channel_moments and channel_affine: compiled kernels vs their references vs a float64
+loop over the points, in every input layout, vector width and thread count."""
+import pytest
+import torch
+
+import mlifast
+from mlifast.ops import channel_affine, channel_affine_reference, channel_moments, channel_moments_reference
+
+LAYOUTS = {  # name: (shape, make the layout)
+    "channels-last": ((6, 5, 7, 3), lambda t: t.contiguous(memory_format=torch.channels_last)),
+    "contiguous images": ((6, 5, 7, 3), lambda t: t.contiguous()),
+    "channels-last 3d": ((6, 3, 2, 5, 3), lambda t: t.contiguous(memory_format=torch.channels_last_3d)),
+    "rows": ((12, 70), lambda t: t.contiguous()),  # (N, C): more channels than one block of 64
+    "sequences": ((6, 4, 37), lambda t: t.contiguous()),  # (N, C, L): runs longer than 16 values
+    "strided": ((6, 5, 7, 6), lambda t: t[..., ::2]),  # neither layout: made contiguous first
+}
+
+
+def loop_moments(x: torch.Tensor, points: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per point, float64 mean and biased variance over every dimension but the channels."""
+    means, variances = [], []
+    for rows in x.double().chunk(points):
+        values = rows.transpose(0, 1).reshape(rows.shape[1], -1)
+        means.append(values.mean(1))
+        variances.append(((values - values.mean(1, keepdim=True)) ** 2).mean(1))
+    return torch.stack(means), torch.stack(variances)
+
+
+def loop_affine(x, scale, shift, addend, relu):
+    outs = []
+    for k, rows in enumerate(x.double().chunk(scale.shape[0])):
+        view = (1, -1, *([1] * (x.dim() - 2)))
+        outs.append(rows * scale[k].double().reshape(view) + shift[k].double().reshape(view))
+    y = torch.cat(outs) + (0 if addend is None else addend.double())
+    return y.clamp_min(0) if relu else y
+
+
+def inputs(layout: str, dtype: torch.dtype, seed: int = 0, offset: float = 0.0) -> torch.Tensor:
+    shape, make = LAYOUTS[layout]
+    g = torch.Generator().manual_seed(seed)
+    return make(torch.randn(*shape, generator=g, dtype=torch.float64).mul(3).add(offset).to(dtype))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def test_cpp_kernels_are_built():
+    ops = mlifast.info()["ops"]
+    assert ops["channel_moments"]["cpu"] == "cpp" and ops["channel_affine"]["cpu"] == "cpp", ops
+
+
+@pytest.mark.parametrize("vector_bytes", [None, "32", "16"])
+@pytest.mark.parametrize("points", [1, 3])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_moments_equal_the_loop(dtype, layout, points, vector_bytes, monkeypatch):
+    """Mean and biased variance per point and channel, far from 0 too (a mean of 1000 at a
+    standard deviation of 3: sums about a pivot keep float32's variance exact to 1e-5)."""
+    if vector_bytes:
+        monkeypatch.setenv("MLIFAST_VECTOR_BYTES", vector_bytes)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for offset in (0.0, 1000.0):
+        x = inputs(layout, dtype, offset=offset)
+        mean, var = channel_moments(x, points)
+        expected_mean, expected_var = loop_moments(x, points)
+        assert mean.shape == var.shape == (points, x.shape[1]) and mean.dtype == var.dtype == dtype
+        assert rel_err(mean, expected_mean) < tol and rel_err(var, expected_var) < tol, (offset, layout)
+        reference_mean, reference_var = channel_moments_reference(x, points)
+        assert rel_err(reference_mean, expected_mean) < tol and rel_err(reference_var, expected_var) < tol
+
+
+@pytest.mark.parametrize("vector_bytes", [None, "32", "16"])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("addend", [None, "same layout", "other layout"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_affine_equals_the_loop_in_the_input_layout(dtype, layout, addend, relu, vector_bytes, monkeypatch):
+    if vector_bytes:
+        monkeypatch.setenv("MLIFAST_VECTOR_BYTES", vector_bytes)
+    x = inputs(layout, dtype)
+    g = torch.Generator().manual_seed(1)
+    points, channels = 3, x.shape[1]
+    scale, shift = (torch.randn(points, channels, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    added = None if addend is None else inputs(layout, dtype, seed=2)
+    if addend == "other layout":
+        added = added.clone(memory_format=torch.contiguous_format).transpose(0, 1).contiguous().transpose(0, 1)
+    y = channel_affine(x, scale, shift, added, relu)
+    expected = loop_affine(x, scale, shift, added, relu)
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    assert y.shape == x.shape and y.dtype == dtype and rel_err(y, expected) < tol
+    assert rel_err(channel_affine_reference(x, scale, shift, added, relu), expected) < tol
+    if x.is_contiguous() or layout.startswith("channels-last"):
+        assert y.stride() == x.stride()  # (the layout kept)
+
+
+def test_the_threads_change_no_bit():
+    x = inputs("channels-last", torch.float32, offset=10.0).repeat(400, 1, 1, 1)  # 2,400 × 21 rows
+    scale, shift = torch.rand(4, 5), torch.rand(4, 5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = channel_moments(x, 4), channel_affine(x, scale, shift, None, True)
+        torch.set_num_threads(max(2, threads))
+        several = channel_moments(x, 4), channel_affine(x, scale, shift, None, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip((*single[0], single[1]), (*several[0], several[1])))
+
+
+def test_nan_stays_nan():
+    x = inputs("channels-last", torch.float32)
+    x[2, 2, 1, 1] = float("nan")  # point 1 (of 3, rows 2 and 3), channel 2
+    mean, var = channel_moments(x, 3)
+    assert mean[1, 2].isnan() and var[1, 2].isnan() and not mean[0].isnan().any() and not mean[1, :2].isnan().any()
+    y = channel_affine(x, torch.ones(3, 5), torch.full((3, 5), -100.0), None, relu=True)
+    assert y[2, 2, 1, 1].isnan() and (y.nan_to_num() == 0).all()
+
+
+def test_bad_arguments_say_what_is_wrong():
+    x = inputs("channels-last", torch.float32)
+    with pytest.raises(ValueError, match="holding 4 points"):
+        channel_moments(x, 4)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        channel_moments(x.bfloat16(), 3)
+    with pytest.raises(ValueError, match=r"scale and shift of shape \(K, 5\)"):
+        channel_affine(x, torch.ones(3, 4), torch.ones(3, 4))
+    with pytest.raises(TypeError, match="shift must have input's dtype"):
+        channel_affine(x, torch.ones(3, 5), torch.ones(3, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="addend must have input's shape"):
+        channel_affine(x, torch.ones(3, 5), torch.ones(3, 5), x[:3])
+    with pytest.raises(RuntimeError, match="no autograd"):
+        channel_affine(x, torch.ones(3, 5, requires_grad=True), torch.ones(3, 5))
+
+
+def test_opcheck():
+    x = inputs("channels-last", torch.float32)
+    torch.library.opcheck(torch.ops.mlifast.channel_moments.default, (x, 3))
+    torch.library.opcheck(torch.ops.mlifast.channel_affine.default, (x, torch.rand(3, 5), torch.rand(3, 5), x, True))
