@@ -9,6 +9,8 @@
    empty sizes, and every dispatch path (stacked, shared, per-point weights, fused), and the
    fused kernels alone (mlifast::_multipoint_linear_fused: tensor cores, SIMT) at every
    size; the error is max |y - y_ref| / max |y_ref|. Then gradcheck on CUDA in float64.
+   Then a batch norm's passes (channel_moments, channel_affine) against a float64 loop,
+   and timed against ATen's batch norm on W2's shapes.
    Exits non-zero on any failure, after printing every case.
 2. Sweep: O = I = 4096 and 1024, one direction, K × R points × rows, float32 and bfloat16, mlifast
    against the two-GEMM form, a loop materialising each W_k (both cuBLAS), the op's
@@ -120,6 +122,71 @@ def correctness(seed: int) -> bool:
         print(f"gradcheck on CUDA, float64, shared={shared}: {'ok' if good else 'FAILED'}")
         ok &= bool(good)
     print("correctness:", "PASS" if ok else "FAIL")
+    return ok
+
+
+def channel_passes_correctness(seed: int) -> bool:
+    """channel_moments and channel_affine on CUDA against a float64 loop over the points on
+    the CPU: both layouts (rows of C values, runs of S), a strided input, K = 1 and 3,
+    float32 and float64, a mean far from zero, NaN; then W2's shapes timed against ATen's
+    training-mode batch norm with the residual addition and ReLU (µs)."""
+    g = torch.Generator().manual_seed(seed)
+    layouts = {"channels-last": ((6, 5, 7, 3), lambda t: t.contiguous(memory_format=torch.channels_last)),
+               "images": ((6, 5, 7, 3), lambda t: t.contiguous()),
+               "rows": ((12, 300), lambda t: t.contiguous()),  # more channels than a block's threads
+               "sequences": ((6, 4, 1000), lambda t: t.contiguous()),
+               "strided": ((6, 5, 7, 6), lambda t: t[..., ::2])}
+    ok, worst = True, {}
+    for (name, (shape, make)), dtype, points, offset in (
+            (case, dtype, points, offset) for case in layouts.items() for dtype in (torch.float32, torch.float64)
+            for points in (1, 3) for offset in (0.0, 1000.0)):
+        x = make((torch.randn(*shape, generator=g, dtype=torch.float64) * 3 + offset).to(dtype).cuda())
+        scale, shift = (torch.randn(points, shape[1], generator=g, dtype=torch.float64).to(dtype).cuda()
+                        for _ in range(2))
+        addend = torch.randn(*x.shape, generator=g, dtype=torch.float64).to(dtype).cuda()
+        label = f"channel passes {name} {str(dtype)[6:]} K={points} offset={offset:g}"
+        try:
+            mean, var = mlifast.ops.channel_moments(x, points)
+            y = mlifast.ops.channel_affine(x, scale, shift, addend, True)
+            rows = x.double().cpu().unflatten(0, (points, -1))
+            dims = [1, *range(3, rows.dim())]
+            expected_var, expected_mean = torch.var_mean(rows, dim=dims, correction=0)
+            view = (points, 1, shape[1], *([1] * (x.dim() - 2)))
+            expected_y = (rows * scale.double().cpu().reshape(view) + shift.double().cpu().reshape(view)).flatten(0, 1)
+            expected_y = (expected_y + addend.double().cpu()).clamp_min(0)
+            err = max(((a.double().cpu() - b).abs().max() / b.abs().max()).item()
+                      for a, b in ((mean, expected_mean), (var, expected_var), (y, expected_y)))
+            tol = 1e-5 if dtype == torch.float32 else 1e-12
+            good = err <= tol and y.stride() == (x.stride() if name != "strided" else y.stride())
+            worst[str(dtype)] = max(worst.get(str(dtype), 0.0), err)
+        except Exception as e:  # report every case, then fail
+            err, good, tol = float("nan"), False, 0.0
+            print(f"ERROR {label}: {type(e).__name__}: {e}")
+        if not good:
+            print(f"FAIL {label}: rel err {err:.2e} > {tol:.0e}")
+        ok &= good
+    x = torch.randn(6, 5, 7, 3, generator=g).cuda()
+    x[2, 1, 3, 1] = float("nan")  # point 1 of 3, channel 1
+    mean, var = mlifast.ops.channel_moments(x, 3)
+    nan_ok = bool(mean[1, 1].isnan() and var[1, 1].isnan() and not mean[0].isnan().any())
+    print(f"channel passes: worst relative error {({k: f'{v:.1e}' for k, v in worst.items()})}, "
+          f"NaN {'kept' if nan_ok else 'LOST'}")
+    ok &= nan_ok
+    for shape in ((64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8), (3200, 16, 32, 32)):
+        x, a = (torch.randn(*shape, device="cuda").contiguous(memory_format=torch.channels_last) for _ in range(2))
+        c = shape[1]
+        points = shape[0] // 64
+        w, b, m, v = torch.rand(c, device="cuda"), torch.rand(c, device="cuda"), torch.zeros(c, device="cuda"), \
+            torch.ones(c, device="cuda")
+        aten = lambda: torch.relu(torch.nn.functional.batch_norm(x, m, v, w, b, True, 1.0, 1e-5) + a)  # noqa: E731
+
+        def ours():
+            mean, var = mlifast.ops.channel_moments(x, points)
+            scale = torch.rsqrt(var + 1e-5) * w
+            return mlifast.ops.channel_affine(x, scale, b - mean * scale, a, True)
+
+        print(f"bn + add + relu {shape} channels-last, {points} point(s): ATen {time_call(aten) * 1e6:.0f} µs "
+              f"(one point's statistics over all), mlifast {time_call(ours) * 1e6:.0f} µs")
     return ok
 
 
@@ -264,6 +331,11 @@ def main() -> int:
         print("FAIL: the CUDA kernels are not loaded; this would test the reference against itself")
         return 1
     ok = correctness(args.seed)
+    if info["ops"]["channel_moments"]["cuda"] != "cuda":
+        print("FAIL: the channel passes' CUDA kernels are not loaded")
+        ok = False
+    else:
+        ok &= channel_passes_correctness(args.seed)
     ceil = ceilings()
     print("ceilings:", {k: round(v, 1) for k, v in ceil.items()})
     rows = [row for f in args.features.split(",")

@@ -19,6 +19,7 @@
 #include <tuple>
 #include <vector>
 
+#include "channel_passes_checks.h"
 #include "vector_width.h"
 
 #define MLIFAST_ALWAYS_INLINE __attribute__((always_inline)) inline
@@ -34,29 +35,7 @@ constexpr int64_t kRowsPerTask = 512;
 constexpr int64_t kBlockRows = 16, kBlockChannels = 64;
 constexpr int kLanes = 16;  // independent sums along a contiguous run (N, C, S)
 
-struct Layout {
-  int64_t points, batch;  // K points of B entries of dim 0 each
-  int64_t channels;       // C
-  int64_t positions;      // S: values per entry and channel
-  bool rows;              // true: (B·S rows, C) per point; false: (B, C, S) per point
-};
-
-// The layout of `input` (made contiguous where it is neither of the two kernels' own).
-Layout layout_of(at::Tensor& input, int64_t points, const char* op) {
-  TORCH_CHECK(input.dim() >= 2, op, "expected input of shape (N, C, …), got ", input.sizes());
-  TORCH_CHECK(points > 0 && input.size(0) % points == 0, op, "expected the ", input.size(0),
-              " entries of dimension 0 to hold ", points, " points' rows each (a multiple of ", points, ")");
-  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
-              "expected float32 or float64 input, got ", input.scalar_type());
-  TORCH_CHECK(input.device().is_cpu(), op, "expected a CPU tensor, got one on ", input.device());
-  const int64_t n = input.size(0), c = input.size(1);
-  const int64_t s = n * c == 0 ? 0 : input.numel() / (n * c);
-  const bool channels_last = (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
-                             (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d));
-  if (!input.is_contiguous() && !channels_last) input = input.contiguous();
-  const bool rows = s == 1 || !input.is_contiguous();
-  return Layout{points, n / points, c, s, rows};
-}
+using Layout = ChannelLayout;
 
 // Sums of (x − pivot) and (x − pivot)² per channel over rows [begin, end) of C values, in
 // blocks of kBlockRows rows summed in T (full-width vectors of float) and added to the
@@ -239,7 +218,8 @@ void moments(const at::Tensor& input, const Layout& L, at::Tensor& mean, at::Ten
 
 std::tuple<at::Tensor, at::Tensor> channel_moments_cpu(const at::Tensor& input_, int64_t points) {
   at::Tensor input = input_;
-  const Layout L = layout_of(input, points, kMoments);
+  const Layout L = channel_layout(input, points, kMoments);
+  TORCH_CHECK(input.device().is_cpu(), kMoments, "expected a CPU tensor, got one on ", input.device());
   at::Tensor mean = at::empty({points, L.channels}, input.options());
   at::Tensor var = at::empty({points, L.channels}, input.options());
   if (L.batch * L.positions == 0) {
@@ -251,34 +231,19 @@ std::tuple<at::Tensor, at::Tensor> channel_moments_cpu(const at::Tensor& input_,
   return {mean, var};
 }
 
-at::Tensor channel_affine_cpu(const at::Tensor& input_, const at::Tensor& scale_, const at::Tensor& shift_,
-                              const std::optional<at::Tensor>& addend_, bool relu) {
-  at::Tensor input = input_;
-  TORCH_CHECK(scale_.dim() == 2 && scale_.size(1) == (input.dim() >= 2 ? input.size(1) : -1), kAffine,
-              "expected scale of shape (K, C) for input of shape ", input.sizes(), ", got ", scale_.sizes());
-  const Layout L = layout_of(input, scale_.size(0), kAffine);
-  TORCH_CHECK(shift_.sizes() == scale_.sizes(), kAffine, "expected shift of scale's shape ", scale_.sizes(), ", got ",
-              shift_.sizes());
-  TORCH_CHECK(scale_.scalar_type() == input.scalar_type() && shift_.scalar_type() == input.scalar_type(), kAffine,
-              "expected scale and shift of the input's dtype ", input.scalar_type(), ", got ", scale_.scalar_type(),
-              " and ", shift_.scalar_type());
-  const at::Tensor scale = scale_.contiguous(), shift = shift_.contiguous();
-  at::Tensor y = at::empty_like(input);
-  at::Tensor addend;
-  if (addend_.has_value()) {
-    TORCH_CHECK(addend_->sizes() == input.sizes() && addend_->scalar_type() == input.scalar_type() &&
-                    addend_->device() == input.device(),
-                kAffine, "expected an addend of the input's shape, dtype and device, got ", addend_->sizes(), " ",
-                addend_->scalar_type(), " on ", addend_->device());
-    addend = addend_->strides() == input.strides() ? *addend_ : at::empty_like(input).copy_(*addend_);
-  }
+at::Tensor channel_affine_cpu(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
+                              const std::optional<at::Tensor>& addend, bool relu) {
+  const AffineOperands o = affine_operands(input, scale, shift, addend, kAffine);
+  TORCH_CHECK(input.device().is_cpu(), kAffine, "expected CPU tensors, got input on ", input.device());
+  const Layout& L = o.layout;
+  at::Tensor y = at::empty_like(o.input);
   const int64_t spans = L.rows ? L.points * L.batch * L.positions : L.points * L.batch * L.channels;
   const int64_t values_per_span = L.rows ? L.channels : L.positions;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, values_per_span));
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "channel_affine", [&] {
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    const scalar_t* a = addend.defined() ? addend.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t *sc = scale.const_data_ptr<scalar_t>(), *sh = shift.const_data_ptr<scalar_t>();
+    const scalar_t* x = o.input.const_data_ptr<scalar_t>();
+    const scalar_t* a = o.addend.defined() ? o.addend.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t *sc = o.scale.const_data_ptr<scalar_t>(), *sh = o.shift.const_data_ptr<scalar_t>();
     scalar_t* out = y.data_ptr<scalar_t>();
     at::parallel_for(0, spans, grain, [&](int64_t begin, int64_t end) {
       affine_task_any<scalar_t>(x, a, sc, sh, L, relu, begin, end, out);

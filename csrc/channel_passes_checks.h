@@ -1,0 +1,65 @@
+// Argument checks and the input layout of mlifast::channel_moments and channel_affine,
+// shared by every backend. The Python face (mlifast/ops/channels.py) raises friendlier
+// errors first; these guard direct callers of torch.ops.mlifast.channel_*.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace mlifast {
+
+// K points of B entries each (dim 0), C channels, S positions per entry and channel, read
+// either as rows of C contiguous values (channels-last images, (N, C)) or as contiguous
+// runs of S values ((N, C, S)).
+struct ChannelLayout {
+  int64_t points, batch, channels, positions;
+  bool rows;
+};
+
+// The layout of `input`, made contiguous where it is neither of the two.
+inline ChannelLayout channel_layout(at::Tensor& input, int64_t points, const char* op) {
+  TORCH_CHECK(input.dim() >= 2, op, "expected input of shape (N, C, …), got ", input.sizes());
+  TORCH_CHECK(points > 0 && input.size(0) % points == 0, op, "expected the ", input.size(0),
+              " entries of dimension 0 to hold ", points, " points' rows each (a multiple of ", points, ")");
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
+              "expected float32 or float64 input, got ", input.scalar_type());
+  const int64_t n = input.size(0), c = input.size(1);
+  const int64_t s = n * c == 0 ? 0 : input.numel() / (n * c);
+  const bool channels_last = (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+                             (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+  if (!input.is_contiguous() && !channels_last) input = input.contiguous();
+  return ChannelLayout{points, n / points, c, s, s == 1 || !input.is_contiguous()};
+}
+
+struct AffineOperands {
+  ChannelLayout layout;
+  at::Tensor input, scale, shift, addend;  // addend undefined where none; else in input's strides
+};
+
+inline AffineOperands affine_operands(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
+                                      const std::optional<at::Tensor>& addend, const char* op) {
+  AffineOperands o{{}, input, {}, {}, {}};
+  TORCH_CHECK(scale.dim() == 2 && input.dim() >= 2 && scale.size(1) == input.size(1), op,
+              "expected scale of shape (K, C) for input of shape ", input.sizes(), ", got ", scale.sizes());
+  o.layout = channel_layout(o.input, scale.size(0), op);
+  TORCH_CHECK(shift.sizes() == scale.sizes(), op, "expected shift of scale's shape ", scale.sizes(), ", got ",
+              shift.sizes());
+  TORCH_CHECK(scale.scalar_type() == input.scalar_type() && shift.scalar_type() == input.scalar_type(), op,
+              "expected scale and shift of the input's dtype ", input.scalar_type(), ", got ", scale.scalar_type(),
+              " and ", shift.scalar_type());
+  TORCH_CHECK(scale.device() == input.device() && shift.device() == input.device(), op,
+              "expected scale and shift on the input's device ", input.device());
+  o.scale = scale.contiguous();
+  o.shift = shift.contiguous();
+  if (addend.has_value()) {
+    TORCH_CHECK(addend->sizes() == input.sizes() && addend->scalar_type() == input.scalar_type() &&
+                    addend->device() == input.device(),
+                op, "expected an addend of the input's shape, dtype and device, got ", addend->sizes(), " ",
+                addend->scalar_type(), " on ", addend->device());
+    o.addend = addend->strides() == o.input.strides() ? *addend : at::empty_like(o.input).copy_(*addend);
+  }
+  return o;
+}
+
+}  // namespace mlifast
