@@ -13,6 +13,8 @@
 # 4. with GPU_CHECK_FULL=1, compare.py --device cuda at full sizes (the model workloads).
 # 5. with GPU_CHECK_BF16=W3 (model workloads), compare.py --dtype bfloat16 at full sizes.
 # 6. with GPU_CHECK_PROFILE=W1,W3 (model workloads), where their time goes on the GPU.
+# 7. benchmarks/gpu_candidates.py: W2 with the changes that wait for a GPU (channels-last
+#    images, the batch-norm passes' CUDA kernels), A/B against mlifast as shipped.
 # Each stage has a time limit. With GPU_CHECK_FULL=1 and two profiles the whole script took
 # 211–220 s on an H200 (BENCHMARKS.md); stages 1-3 alone about 2 minutes.
 set -uo pipefail
@@ -65,6 +67,8 @@ if [ -n "${GPU_CHECK_BF16:-}" ]; then  # e.g. GPU_CHECK_BF16=W3: the memory-boun
     --workloads "$GPU_CHECK_BF16" --repeats 3 --quiet-wait 0 --json "$OUT/compare_bf16.json" 2>&1 \
     | tee "$OUT/compare_bf16.log" || status=1
 fi
+echo "== GPU candidates (W2)"
+timeout 150 "$PY" benchmarks/gpu_candidates.py 2>&1 | tee "$OUT/candidates.log" || status=1
 for workload in ${GPU_CHECK_PROFILE//,/ }; do
   echo "== profile $workload --device cuda"
   timeout 120 "$PY" benchmarks/profile_workload.py "$workload" --device cuda 2>&1 \

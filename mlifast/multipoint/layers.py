@@ -26,6 +26,12 @@ from mlifast.multipoint.shared import SharedRows
 from mlifast.ops import channel_moments, multipoint_combine
 
 
+# Devices whose batch norms run as channel_moments and channel_affine (BatchNormRule):
+# the CPU (W2's statistics pass 1.95 → 1.83 s, BENCHMARKS.md). The CUDA kernels wait for a
+# GPU run to check and time them (benchmarks/cuda_check.py, benchmarks/gpu_candidates.py).
+CHANNEL_PASSES_DEVICES = {"cpu"}
+
+
 def one_point_per_call(x: Tensor) -> bool:
     """Whether a rule calls ATen's kernel once per active point, each time with that
     point's own parameters, rather than once over the rows of all points in a wide form.
@@ -337,10 +343,11 @@ class BatchNormRule(_AffineNormRule):
         return y
 
     def _channel_passes_apply(self, x: Tensor, *tensors: Tensor | None) -> bool:
-        """Whether `_pending_affine` normalises x: CPU float32/64 rows of every point
-        (not shared ones), outside forward mode and autograd (the ops have neither)."""
-        return type(x) is Tensor and one_point_per_call(x) and x.dtype in (torch.float32, torch.float64) and not (
-            self.context.forward_mode or (torch.is_grad_enabled() and any(
+        """Whether `_pending_affine` normalises x: float32/64 rows of every point (not
+        shared ones) on a device of CHANNEL_PASSES_DEVICES, outside forward mode and
+        autograd (the ops have neither)."""
+        return type(x) is Tensor and x.device.type in CHANNEL_PASSES_DEVICES and x.dtype in (
+            torch.float32, torch.float64) and not (self.context.forward_mode or (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, *tensors))))
 
     def _pending_affine(self, x: Tensor, stats, weight, bias, use_batch: bool) -> PendingAffine:

@@ -22,6 +22,12 @@ from mlifast.multipoint.trees import map_tensors, tensors_in
 from mlifast.multipoint.unhandled import UnhandledTensor
 from mlifast.spaces import Span
 
+# Devices whose image batches travel channels-last once a first-call check found that the
+# model agrees (MultiPointModel.images_channels_last): the CPU, where it is oneDNN's own
+# layout. On CUDA cuDNN converts NCHW around its NHWC TF32 kernels (W2 on an H200, 12.8 of
+# 53 ms), but channels-last there waits for a GPU run to time it (benchmarks/gpu_candidates.py).
+CHANNELS_LAST_DEVICES = {"cpu"}
+
 
 class NotPerExampleOutputError(ValueError):
     """The model returned a tensor that does not have one row per example."""
@@ -56,10 +62,11 @@ class MultiPointModel(nn.Module):
         # Whether inputs travel as SharedRows: decided by the first-call checks (None:
         # undecided, inputs repeated; see _checked_outputs).
         self.shares_rows: bool | None = None
-        # Image batches of a CNN travel channels-last on the CPU (oneDNN's own layout: W2's
-        # convolutions and batch norms 1.2× faster than NCHW) once a first-call check found
-        # that the model agrees in that layout (it may not: a `.view` of a 4-d activation,
-        # an op reading raw memory). None: undecided, the model's own layout meanwhile.
+        # Image batches of a CNN travel channels-last on CHANNELS_LAST_DEVICES (on the CPU,
+        # oneDNN's own layout: W2's convolutions and batch norms 1.2× faster than NCHW) once
+        # a first-call check found that the model agrees in that layout (it may not: a
+        # `.view` of a 4-d activation, an op reading raw memory). None: undecided, the
+        # model's own layout meanwhile.
         has_images = any(isinstance(m, nn.Conv2d) for m in model.modules())
         self.images_channels_last: bool | None = None if has_images else False
         self._images_converted = False  # (whether the current call converted any)
@@ -298,9 +305,9 @@ class MultiPointModel(nn.Module):
 
     def _layout(self, t: Tensor) -> torch.memory_format:
         """The layout an input tensor carrying the batch travels in: channels-last for
-        images where `images_channels_last` says so (float32 and bfloat16 on the CPU:
-        oneDNN), else contiguous."""
-        if (self.images_channels_last is True and t.dim() == 4 and t.is_cpu
+        float32 and bfloat16 images on CHANNELS_LAST_DEVICES where `images_channels_last`
+        says so, else contiguous."""
+        if (self.images_channels_last is True and t.dim() == 4 and t.device.type in CHANNELS_LAST_DEVICES
                 and t.dtype in (torch.float32, torch.bfloat16)):
             self._images_converted = True
             return torch.channels_last
