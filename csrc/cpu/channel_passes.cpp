@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -33,7 +34,6 @@ constexpr const char* kAffine = "mlifast::channel_affine: ";
 // are added in a fixed order, so the result does not depend on the number of threads.
 constexpr int64_t kRowsPerTask = 512;
 constexpr int64_t kBlockRows = 16, kBlockChannels = 64;
-constexpr int kLanes = 16;  // independent sums along a contiguous run (N, C, S)
 
 using Layout = ChannelLayout;
 
@@ -60,21 +60,24 @@ MLIFAST_ALWAYS_INLINE void row_sums(const T* x, int64_t C, int64_t begin, int64_
   }
 }
 
-// The same over one contiguous run of n values, in kLanes independent sums.
-template <typename T>
+// The same over one contiguous run of n values, in vectors of `Bytes` bytes (GCC's vector
+// extensions: the auto-vectoriser made slow code of this reduction).
+template <typename T, int Bytes>
 MLIFAST_ALWAYS_INLINE void run_sums(const T* x, int64_t n, T pivot, double& s1, double& s2) {
+  typedef T Vector __attribute__((vector_size(Bytes)));
+  constexpr int64_t kWidth = Bytes / sizeof(T);
+  const Vector p = Vector{} + pivot;
   int64_t i = 0;
-  while (i + kLanes <= n) {
-    T b1[kLanes] = {}, b2[kLanes] = {};
-    const int64_t stop = std::min(n - (n - i) % kLanes, i + kLanes * kBlockRows);
-    for (; i < stop; i += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const T d = x[i + l] - pivot;
-        b1[l] += d;
-        b2[l] += d * d;
-      }
+  while (i + kWidth <= n) {
+    Vector b1 = {}, b2 = {};
+    for (int64_t j = 0; j < kBlockRows && i + kWidth <= n; ++j, i += kWidth) {
+      Vector v;
+      std::memcpy(&v, x + i, sizeof(Vector));
+      const Vector d = v - p;
+      b1 += d;
+      b2 += d * d;
     }
-    for (int l = 0; l < kLanes; ++l) s1 += b1[l], s2 += b2[l];
+    for (int64_t l = 0; l < kWidth; ++l) s1 += b1[l], s2 += b2[l];
   }
   for (; i < n; ++i) {
     const double d = double(x[i]) - double(pivot);
@@ -95,14 +98,15 @@ MLIFAST_ALWAYS_INLINE void affine_values(const T* __restrict__ x, const T* __res
   }
 }
 
-// One copy of each pass per instruction set; `vector_bytes()` picks one at run time.
+// One copy of each pass per instruction set, `Bytes` its vector width; `vector_bytes()`
+// picks one at run time.
 #define MLIFAST_FOR_EACH_WIDTH(name, params, args)                                               \
   template <typename T>                                                                           \
-  __attribute__((target("avx512f,avx2,fma"))) void name##_64 params { name<T> args; }            \
+  __attribute__((target("avx512f,avx2,fma"))) void name##_64 params { name<T, 64> args; }        \
   template <typename T>                                                                           \
-  __attribute__((target("avx2,fma"))) void name##_32 params { name<T> args; }                    \
+  __attribute__((target("avx2,fma"))) void name##_32 params { name<T, 32> args; }                \
   template <typename T>                                                                           \
-  void name##_16 params { name<T> args; }                                                         \
+  void name##_16 params { name<T, 16> args; }                                                     \
   template <typename T>                                                                           \
   void name##_any params {                                                                        \
     const int bytes = vector_bytes();                                                             \
@@ -111,7 +115,7 @@ MLIFAST_ALWAYS_INLINE void affine_values(const T* __restrict__ x, const T* __res
     else name##_16<T> args;                                                                       \
   }
 
-template <typename T>
+template <typename T, int Bytes>
 MLIFAST_ALWAYS_INLINE void rows_task(const T* x, const Layout& L, int64_t task, int64_t tasks_per_point,
                                      double* partial) {
   const int64_t k = task / tasks_per_point, rows = L.batch * L.positions;
@@ -122,16 +126,23 @@ MLIFAST_ALWAYS_INLINE void rows_task(const T* x, const Layout& L, int64_t task, 
 MLIFAST_FOR_EACH_WIDTH(rows_task, (const T* x, const Layout& L, int64_t task, int64_t per_point, double* partial),
                        (x, L, task, per_point, partial))
 
-template <typename T>
-MLIFAST_ALWAYS_INLINE void runs_task(const T* x, const Layout& L, int64_t task, double* sums) {
-  const int64_t k = task / L.channels, c = task % L.channels;
-  const T* first = x + (k * L.batch * L.channels + c) * L.positions;
-  const T pivot = first[0];
-  double s1 = 0, s2 = 0;
-  for (int64_t b = 0; b < L.batch; ++b) run_sums<T>(first + b * L.channels * L.positions, L.positions, pivot, s1, s2);
-  sums[0] = s1, sums[1] = s2;
+// Entries [begin, end) of point k, read in memory order: each entry's C runs of S values
+// one after another; partial: (Σd, Σd²) per channel.
+template <typename T, int Bytes>
+MLIFAST_ALWAYS_INLINE void runs_task(const T* x, const Layout& L, int64_t task, int64_t tasks_per_point,
+                                     int64_t entries_per_task, double* partial) {
+  const int64_t k = task / tasks_per_point, C = L.channels, S = L.positions;
+  const int64_t begin = (task % tasks_per_point) * entries_per_task, end = std::min(L.batch, begin + entries_per_task);
+  const T* point = x + k * L.batch * C * S;
+  for (int64_t b = begin; b < end; ++b) {
+    for (int64_t c = 0; c < C; ++c) {
+      run_sums<T, Bytes>(point + (b * C + c) * S, S, point[c * S], partial[c], partial[C + c]);
+    }
+  }
 }
-MLIFAST_FOR_EACH_WIDTH(runs_task, (const T* x, const Layout& L, int64_t task, double* sums), (x, L, task, sums))
+MLIFAST_FOR_EACH_WIDTH(runs_task,
+                       (const T* x, const Layout& L, int64_t task, int64_t per_point, int64_t entries, double* partial),
+                       (x, L, task, per_point, entries, partial))
 
 template <typename T, bool kAdd, bool kRelu>
 MLIFAST_ALWAYS_INLINE void affine_span(const T* x, const T* addend, const T* scale, const T* shift, const Layout& L,
@@ -156,7 +167,7 @@ MLIFAST_ALWAYS_INLINE void affine_span(const T* x, const T* addend, const T* sca
   }
 }
 
-template <typename T>
+template <typename T, int Bytes>
 MLIFAST_ALWAYS_INLINE void affine_task(const T* x, const T* addend, const T* scale, const T* shift, const Layout& L,
                                        bool relu, int64_t begin, int64_t end, T* y) {
   if (addend != nullptr) {
@@ -176,32 +187,21 @@ template <typename T>
 void moments(const at::Tensor& input, const Layout& L, at::Tensor& mean, at::Tensor& var) {
   const T* x = input.const_data_ptr<T>();
   const int64_t K = L.points, C = L.channels, count = L.batch * L.positions;
-  std::vector<double> sums(K * C * 2, 0.0);  // per point: Σ(x − pivot) (C), Σ(x − pivot)² (C)
-  std::vector<double> pivots(K * C, 0.0);
-  if (count > 0 && L.rows) {
-    const int64_t per_point = (count + kRowsPerTask - 1) / kRowsPerTask;
-    std::vector<double> partials(K * per_point * 2 * C, 0.0);
-    at::parallel_for(0, K * per_point, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) rows_task_any<T>(x, L, t, per_point, partials.data() + t * 2 * C);
-    });
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t t = 0; t < per_point; ++t) {
-        const double* p = partials.data() + (k * per_point + t) * 2 * C;
-        for (int64_t i = 0; i < 2 * C; ++i) sums[k * 2 * C + i] += p[i];
-      }
-      for (int64_t c = 0; c < C; ++c) pivots[k * C + c] = double(x[k * count * C + c]);
+  // Tasks of about kRowsPerTask·C values: rows, or whole entries of C runs.
+  const int64_t entries = std::max<int64_t>(1, kRowsPerTask / std::max<int64_t>(1, L.positions));
+  const int64_t per_point = L.rows ? (count + kRowsPerTask - 1) / kRowsPerTask : (L.batch + entries - 1) / entries;
+  std::vector<double> partials(K * per_point * 2 * C, 0.0);  // per task: Σ(x − pivot) (C), Σ(x − pivot)² (C)
+  at::parallel_for(0, K * per_point, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (L.rows) rows_task_any<T>(x, L, t, per_point, partials.data() + t * 2 * C);
+      else runs_task_any<T>(x, L, t, per_point, entries, partials.data() + t * 2 * C);
     }
-  } else if (count > 0) {
-    std::vector<double> totals(K * C * 2);
-    at::parallel_for(0, K * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) runs_task_any<T>(x, L, t, totals.data() + 2 * t);
-    });
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t c = 0; c < C; ++c) {
-        sums[k * 2 * C + c] = totals[2 * (k * C + c)];
-        sums[k * 2 * C + C + c] = totals[2 * (k * C + c) + 1];
-        pivots[k * C + c] = double(x[(k * L.batch * C + c) * L.positions]);
-      }
+  });
+  std::vector<double> sums(K * C * 2, 0.0);  // the tasks' partial sums, added in order
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t t = 0; t < per_point; ++t) {
+      const double* p = partials.data() + (k * per_point + t) * 2 * C;
+      for (int64_t i = 0; i < 2 * C; ++i) sums[k * 2 * C + i] += p[i];
     }
   }
   T* m = mean.data_ptr<T>();
@@ -210,7 +210,8 @@ void moments(const at::Tensor& input, const Layout& L, at::Tensor& mean, at::Ten
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t c = 0; c < C; ++c) {
       const double s1 = sums[k * 2 * C + c] / n, s2 = sums[k * 2 * C + C + c] / n;
-      m[k * C + c] = T(pivots[k * C + c] + s1);
+      const T pivot = L.rows ? x[k * count * C + c] : x[(k * L.batch * C + c) * L.positions];
+      m[k * C + c] = T(double(pivot) + s1);
       v[k * C + c] = T(std::max(s2 - s1 * s1, 0.0));
     }
   }
