@@ -125,6 +125,8 @@ def test_bad_arguments_say_what_is_wrong():
         channel_moments(x.bfloat16(), 3)
     with pytest.raises(ValueError, match=r"scale and shift of shape \(K, 5\)"):
         channel_affine(x, torch.ones(3, 4), torch.ones(3, 4))
+    with pytest.raises(ValueError, match=r"scale and shift of shape \(K, 5\)"):
+        channel_affine(x, torch.ones(5), torch.ones(5))
     with pytest.raises(TypeError, match="shift must have input's dtype"):
         channel_affine(x, torch.ones(3, 5), torch.ones(3, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="addend must have input's shape"):
@@ -133,7 +135,14 @@ def test_bad_arguments_say_what_is_wrong():
         channel_affine(x, torch.ones(3, 5, requires_grad=True), torch.ones(3, 5))
 
 
-def test_opcheck():
-    x = inputs("channels-last", torch.float32)
+@pytest.mark.parametrize("layout", ["channels-last", "contiguous images", "permuted"])
+def test_opcheck_and_the_output_layout(layout):
+    """The kernel, its reference and its fake kernel return the same strides: the input's
+    where it is contiguous or channels-last, else contiguous (a dense permutation too)."""
+    x = torch.randn(6, 5, 3, 7).permute(0, 2, 3, 1) if layout == "permuted" else inputs(layout, torch.float32)
+    scale, shift = torch.rand(3, x.shape[1]), torch.rand(3, x.shape[1])
     torch.library.opcheck(torch.ops.mlifast.channel_moments.default, (x, 3))
-    torch.library.opcheck(torch.ops.mlifast.channel_affine.default, (x, torch.rand(3, 5), torch.rand(3, 5), x, True))
+    torch.library.opcheck(torch.ops.mlifast.channel_affine.default, (x, scale, shift, x, True))
+    y = channel_affine(x, scale, shift)
+    assert y.stride() == channel_affine_reference(x, scale, shift).stride()
+    assert y.stride() == (x.stride() if layout != "permuted" else x.contiguous().stride())

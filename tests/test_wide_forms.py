@@ -372,6 +372,37 @@ def test_a_write_into_what_a_pending_batch_norm_reads_computes_it_at_once(monkey
     assert not fast.per_point_fallback and fast.context.defer_pending is False
 
 
+class ReturnsPendingAfterWrite(torch.nn.Module):
+    """Returns a batch norm's output, unread, after writing into what it reads: its input
+    (`input`), or the addend of `+=` (`addend`)."""
+
+    def __init__(self, written):
+        super().__init__()
+        self.written, self.fc, self.bn = written, torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        h = self.fc(x) * 1.0
+        y = self.bn(h)
+        if self.written == "input":
+            h.mul_(2)
+        else:
+            y += h
+            h.add_(5)
+        return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("written", ["input", "addend"])
+def test_a_pending_output_is_computed_inside_the_call(dtype, written):
+    """A pending result returned as the model's output is computed before the call ends,
+    where a write into what it reads still runs the call again: the oracle's answer."""
+    a, b = test_interpolate.pair(lambda: ReturnsPendingAfterWrite(written), dtype)
+    x = torch.randn(5, 4, dtype=dtype, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=dtype)
+    assert not fast.per_point_fallback and fast.context.defer_pending is False
+
+
 class WritesIntoConvolutionInput(torch.nn.Module):
     """Writes into an activation after a convolution read it, before anything read the
     convolution's output: its input rows (`input`) or the addend of a residual addition."""

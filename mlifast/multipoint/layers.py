@@ -24,6 +24,7 @@ from mlifast.multipoint.relu_line import PendingLine
 from mlifast.multipoint.rule import MultiPointRule
 from mlifast.multipoint.shared import SharedRows
 from mlifast.ops import channel_moments, multipoint_combine
+from mlifast.ops.channels import in_kernel_layout
 
 
 # Devices whose batch norms run as channel_moments and channel_affine (BatchNormRule):
@@ -355,7 +356,7 @@ class BatchNormRule(_AffineNormRule):
         statistics (`channel_moments`), which `stats`, if given, receive as mean and
         unbiased variance; else by the running statistics `stats`. A residual addition and
         a ReLU after it join the pass that applies them (`channel_affine`)."""
-        k = self.context.num_active
+        k, x = self.context.num_active, in_kernel_layout(x)  # (made contiguous once for both passes)
         if use_batch:
             mean, var = channel_moments(x, k)
             if stats is not None:

@@ -14,7 +14,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from mlifast.multipoint.context import PointContext
 from mlifast.multipoint.layers import BatchNormRule, InPlaceActivation, LinearRule
-from mlifast.multipoint.pending import PendingInputWritten
+from mlifast.multipoint.pending import Pending, PendingInputWritten
 from mlifast.multipoint.reference import PerPointModel, alias_groups, first_disagreement, rounds_float32_to_tf32
 from mlifast.multipoint.registry import check_supported, rule_for
 from mlifast.multipoint.shared import SharedRows, SharedRowsWritten, materialize
@@ -344,6 +344,8 @@ class MultiPointModel(nn.Module):
         undo = self._statistics_undo()
         try:
             out = self.model(*map_tensors(lift, args, "args"), **map_tensors(lift, kwargs, "kwargs"))
+            # (a pending output reads its inputs here, where a write into them runs the call again)
+            return map_tensors(_computed, out, "output")
         except SharedRowsWritten:
             if not share_rows:
                 raise
@@ -354,7 +356,11 @@ class MultiPointModel(nn.Module):
             undo()
             self.context.defer_pending = False  # (it writes into activations a pending result read)
             return self._run(args, kwargs, share_rows, copied=copied)
-        return map_tensors(materialize, out, "output")
+
+
+def _computed(value: Tensor, _path: str = "") -> Tensor:
+    """An output as a plain tensor: shared rows repeated, a pending result computed."""
+    return value.materialize() if isinstance(value, Pending) else materialize(value)
 
 
 def interpolate(model: nn.Module, space: Span, coords: Any, *, batch_dim: int = 0) -> MultiPointModel:

@@ -28,6 +28,15 @@ MOMENTS_SCHEMA = "channel_moments(Tensor input, int points) -> (Tensor, Tensor)"
 AFFINE_SCHEMA = "channel_affine(Tensor input, Tensor scale, Tensor shift, Tensor? addend, bool relu=False) -> Tensor"
 
 
+def in_kernel_layout(input: Tensor) -> Tensor:
+    """`input` itself where the kernels read it in place (contiguous, or channels-last 4-d
+    or 5-d), else a contiguous copy: the layout of channel_affine's output."""
+    if input.is_contiguous() or (input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last)) or (
+            input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d)):
+        return input
+    return input.contiguous()
+
+
 def channel_moments_reference(input: Tensor, points: int) -> tuple[Tensor, Tensor]:
     """Pure-PyTorch `channel_moments` (the oracle of the kernel, and its fallback)."""
     x = input.unflatten(0, (points, -1)).to(torch.float64)
@@ -43,7 +52,7 @@ def channel_affine_reference(input: Tensor, scale: Tensor, shift: Tensor, addend
     y = torch.addcmul(shift.reshape(view), input.unflatten(0, (k, -1)), scale.reshape(view)).flatten(0, 1)
     if addend is not None:
         y = y + addend
-    return torch.relu(y) if relu else y
+    return torch.empty_like(in_kernel_layout(input)).copy_(torch.relu(y) if relu else y)
 
 
 register_op("channel_moments", MOMENTS_SCHEMA, channel_moments_reference)
@@ -57,7 +66,7 @@ def _(input, points):
 
 @torch.library.register_fake("mlifast::channel_affine")
 def _(input, scale, shift, addend=None, relu=False):
-    return torch.empty_like(input)
+    return torch.empty_like(in_kernel_layout(input))
 
 
 def _check_input(op: str, input: Tensor, points: int) -> None:
@@ -105,10 +114,11 @@ def channel_affine(input: Tensor, scale: Tensor, shift: Tensor, addend: Optional
     """
     check_tensors("channel_affine", {"input": input, "scale": scale, "shift": shift, "addend": addend})
     _check_no_grad("channel_affine", input, scale, shift, addend)
-    _check_input("channel_affine", input, scale.shape[0] if scale.dim() == 2 else 0)
-    if scale.dim() != 2 or scale.shape[1] != input.shape[1] or shift.shape != scale.shape:
-        raise ValueError(f"channel_affine: expected scale and shift of shape (K, {input.shape[1]}), got "
-                         f"{describe(scale)} and {describe(shift)}")
+    channels = input.shape[1] if input.dim() >= 2 else "C"
+    if scale.dim() != 2 or scale.shape[1] != channels or shift.shape != scale.shape:
+        raise ValueError(f"channel_affine: expected scale and shift of shape (K, {channels}) for input "
+                         f"{describe(input)}, got {describe(scale)} and {describe(shift)}")
+    _check_input("channel_affine", input, scale.shape[0])
     for name, t in (("scale", scale), ("shift", shift), ("addend", addend)):
         if t is not None and (t.dtype != input.dtype or t.device != input.device):
             raise TypeError(f"channel_affine: {name} must have input's dtype and device, got {describe(t)}")
