@@ -128,19 +128,24 @@ def correctness(seed: int) -> bool:
 def channel_passes_correctness(seed: int) -> bool:
     """channel_moments and channel_affine on CUDA against a float64 loop over the points on
     the CPU: both layouts (rows of C values, runs of S), a strided input, K = 1 and 3,
-    float32 and float64, a mean far from zero, NaN; then W2's shapes timed against ATen's
+    float32 and float64, a mean far from zero or a first value far from it, several
+    slices a point, NaN; then W2's shapes timed against ATen's
     training-mode batch norm with the residual addition and ReLU (µs)."""
     g = torch.Generator().manual_seed(seed)
     layouts = {"channels-last": ((6, 5, 7, 3), lambda t: t.contiguous(memory_format=torch.channels_last)),
                "images": ((6, 5, 7, 3), lambda t: t.contiguous()),
                "rows": ((12, 300), lambda t: t.contiguous()),  # more channels than a block's threads
+               "many rows": ((8192, 8), lambda t: t.contiguous()),  # several slices a point
                "sequences": ((6, 4, 1000), lambda t: t.contiguous()),
+               "many sequences": ((192, 4, 1000), lambda t: t.contiguous()),  # several slices a point
                "strided": ((6, 5, 7, 6), lambda t: t[..., ::2])}
     ok, worst = True, {}
     for (name, (shape, make)), dtype, points, offset in (
             (case, dtype, points, offset) for case in layouts.items() for dtype in (torch.float32, torch.float64)
             for points in (1, 3) for offset in (0.0, 1000.0)):
-        x = make((torch.randn(*shape, generator=g, dtype=torch.float64) * 3 + offset).to(dtype).cuda())
+        x = (torch.randn(*shape, generator=g, dtype=torch.float64) * 3 + offset).to(dtype)
+        x.view(-1)[0] = 1000.0 * 3 - offset  # (a first value far from the mean: no pivot to lose it)
+        x = make(x.cuda())
         scale, shift = (torch.randn(points, shape[1], generator=g, dtype=torch.float64).to(dtype).cuda()
                         for _ in range(2))
         addend = torch.randn(*x.shape, generator=g, dtype=torch.float64).to(dtype).cuda()

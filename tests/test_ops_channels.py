@@ -70,6 +70,27 @@ def test_moments_equal_the_loop(dtype, layout, points, vector_bytes, monkeypatch
         assert rel_err(reference_mean, expected_mean) < tol and rel_err(reference_var, expected_var) < tol
 
 
+@pytest.mark.parametrize("vector_bytes", [None, "16"])
+@pytest.mark.parametrize("layout", ["rows", "channels-last", "sequences"])
+def test_float32_moments_keep_their_precision_away_from_the_first_value(layout, vector_bytes, monkeypatch):
+    """Each block's deviations are summed about its own mean and the blocks merged in
+    float64: a first value 1000 standard deviations from the mean, or a mean of 2000 at a
+    deviation of 10 whose first value is 0, leave the float32 variance as exact as ATen's
+    (sums about the first value lost 1.5e-4 relative)."""
+    if vector_bytes:
+        monkeypatch.setenv("MLIFAST_VECTOR_BYTES", vector_bytes)
+    g = torch.Generator().manual_seed(3)
+    shape = {"rows": (2**16, 4), "channels-last": (256, 4, 16, 16), "sequences": (64, 4, 1024)}[layout]
+    for scale, offset, first in ((1.0, 0.0, 1000.0), (10.0, 2000.0, 0.0)):
+        x = torch.randn(*shape, generator=g, dtype=torch.float64).mul(scale).add(offset).float()
+        x.view(-1)[0] = first  # (point 0's first value of channel 0)
+        if layout == "channels-last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        mean, var = channel_moments(x, 2)
+        expected_mean, expected_var = loop_moments(x, 2)
+        assert rel_err(mean, expected_mean) < 1e-6 and ((var.double() - expected_var) / expected_var).abs().max() < 1e-6
+
+
 @pytest.mark.parametrize("vector_bytes", [None, "32", "16"])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("addend", [None, "same layout", "other layout"])

@@ -4,8 +4,8 @@
 //
 // ATen's training-mode batch norm reads its input three times (mean, variance, normalise)
 // and writes it once; the addition and the ReLU after it read and write it twice more. On
-// 64 channels-last images of 16 × 32 × 32 floats, the three took 0.92 ms, these two passes
-// 0.48 ms (benchmarks/batch_norm_passes.py).
+// 64 channels-last images of 16 × 32 × 32 floats, the three took 0.87 ms, these two passes
+// 0.45 ms (benchmarks/batch_norm_passes.py).
 //
 // Input layouts: rows of C contiguous values (channels-last images, or (N, C)), or
 // contiguous (N, C, S) with S positions per channel; anything else is made contiguous
@@ -30,59 +30,118 @@ namespace {
 
 constexpr const char* kMoments = "mlifast::channel_moments: ";
 constexpr const char* kAffine = "mlifast::channel_affine: ";
-// Rows of C values per task of the moments on rows: the partial sums of a point's rows
-// are added in a fixed order, so the result does not depend on the number of threads.
+// Rows of C values per task of the moments: the tasks' moments are merged in a fixed
+// order, so the result does not depend on the number of threads.
 constexpr int64_t kRowsPerTask = 512;
-constexpr int64_t kBlockRows = 16, kBlockChannels = 64;
+constexpr int64_t kBlockRows = 64;  // rows (or vectors of a run) read twice from L1
+constexpr int64_t kChunkVectors = 4;  // vectors of channels a row step holds in registers
 
 using Layout = ChannelLayout;
 
-// Sums of (x − pivot) and (x − pivot)² per channel over rows [begin, end) of C values, in
-// blocks of kBlockRows rows summed in T (full-width vectors of float) and added to the
-// float64 sums s1, s2: a block's rounding error stays within kBlockRows·ε of its values.
-template <typename T>
-MLIFAST_ALWAYS_INLINE void row_sums(const T* x, int64_t C, int64_t begin, int64_t end, const T* pivot, double* s1,
-                                    double* s2) {
-  for (int64_t c0 = 0; c0 < C; c0 += kBlockChannels) {
-    const int64_t n = std::min(kBlockChannels, C - c0);
-    for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
-      T b1[kBlockChannels] = {}, b2[kBlockChannels] = {};
-      for (int64_t r = r0; r < std::min(end, r0 + kBlockRows); ++r) {
-        const T* row = x + r * C + c0;
-        for (int64_t c = 0; c < n; ++c) {
-          const T d = row[c] - pivot[c0 + c];
-          b1[c] += d;
-          b2[c] += d * d;
-        }
+// Moments of a set of values, float64: count, mean and sum of squared deviations M2.
+// Sets are merged by Chan, Golub and LeVeque's formula, exact in exact arithmetic and, as
+// each block's own M2 is summed about its own mean, free of the cancellation of Σx² − n·x̄²
+// (which loses float32's variance to a mean far from zero).
+MLIFAST_ALWAYS_INLINE void merge(double& n, double& mean, double& m2, double nb, double mean_b, double m2_b) {
+  if (nb == 0) return;
+  const double total = n + nb, delta = mean_b - mean, share = nb / total;
+  mean += delta * share;
+  m2 += m2_b + delta * delta * n * share;
+  n = total;
+}
+
+// Channels [c0, c0 + width) of rows [begin, end) of C values into their (mean, M2), zero
+// at first: blocks of kBlockRows rows, each read twice from L1 — its mean, then the
+// deviations from it, in T — and merged in float64 (`merge`, for all channels at once).
+// `Chunk` channels a step: the full vectors of `Bytes` bytes (GCC's vector extensions,
+// kChunkVectors of them, held in registers), or one channel at a time for the rest.
+template <typename T, typename Chunk>
+MLIFAST_ALWAYS_INLINE void chunk_moments(const T* x, int64_t C, int64_t c0, int64_t width, int64_t begin, int64_t end,
+                                         double* mean, double* m2) {
+  constexpr int64_t kLanes = sizeof(Chunk) / sizeof(T);
+  double n = 0;
+  for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
+    const int64_t r1 = std::min(end, r0 + kBlockRows);
+    const double rows = double(r1 - r0), inv_rows = 1.0 / rows, share = rows / (n + rows);
+    Chunk m[kChunkVectors] = {}, b1[kChunkVectors] = {}, b2[kChunkVectors] = {};
+    const int64_t parts = width / kLanes;
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t j = 0; j < parts; ++j) {
+        Chunk v;
+        std::memcpy(&v, x + r * C + c0 + j * kLanes, sizeof(Chunk));
+        m[j] += v;
       }
-      for (int64_t c = 0; c < n; ++c) s1[c0 + c] += b1[c], s2[c0 + c] += b2[c];
     }
+    for (int64_t j = 0; j < parts; ++j) m[j] *= T(inv_rows);
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t j = 0; j < parts; ++j) {
+        Chunk v;
+        std::memcpy(&v, x + r * C + c0 + j * kLanes, sizeof(Chunk));
+        const Chunk d = v - m[j];
+        b1[j] += d;
+        b2[j] += d * d;
+      }
+    }
+    for (int64_t j = 0; j < parts; ++j) {
+      for (int64_t l = 0; l < kLanes; ++l) {  // (b1: the rounding of the block's mean)
+        const int64_t c = c0 + j * kLanes + l;
+        const double block_b1 = double(b1[j][l]), delta = double(m[j][l]) + block_b1 * inv_rows - mean[c];
+        mean[c] += delta * share;
+        m2[c] += double(b2[j][l]) - block_b1 * block_b1 * inv_rows + delta * delta * n * share;
+      }
+    }
+    n += rows;
   }
 }
 
-// The same over one contiguous run of n values, in vectors of `Bytes` bytes (GCC's vector
-// extensions: the auto-vectoriser made slow code of this reduction).
 template <typename T, int Bytes>
-MLIFAST_ALWAYS_INLINE void run_sums(const T* x, int64_t n, T pivot, double& s1, double& s2) {
+MLIFAST_ALWAYS_INLINE void row_moments(const T* x, int64_t C, int64_t begin, int64_t end, double* mean, double* m2) {
+  typedef T Vector __attribute__((vector_size(Bytes)));
+  typedef T Scalar __attribute__((vector_size(sizeof(T))));
+  constexpr int64_t kWidth = Bytes / sizeof(T), kStep = kWidth * kChunkVectors;
+  const int64_t vectored = C / kWidth * kWidth;
+  for (int64_t c0 = 0; c0 < vectored; c0 += kStep) {
+    chunk_moments<T, Vector>(x, C, c0, std::min(kStep, vectored - c0), begin, end, mean, m2);
+  }
+  for (int64_t c0 = vectored; c0 < C; c0 += kChunkVectors) {
+    chunk_moments<T, Scalar>(x, C, c0, std::min(kChunkVectors, C - c0), begin, end, mean, m2);
+  }
+}
+
+// One contiguous run of n values merged into (count, mean, M2): blocks of kBlockRows
+// vectors of `Bytes` bytes (GCC's vector extensions: the auto-vectoriser made slow code of
+// these reductions), each read twice, then the tail in float64.
+template <typename T, int Bytes>
+MLIFAST_ALWAYS_INLINE void run_moments(const T* x, int64_t n, double& count, double& mean, double& m2) {
   typedef T Vector __attribute__((vector_size(Bytes)));
   constexpr int64_t kWidth = Bytes / sizeof(T);
-  const Vector p = Vector{} + pivot;
   int64_t i = 0;
   while (i + kWidth <= n) {
-    Vector b1 = {}, b2 = {};
-    for (int64_t j = 0; j < kBlockRows && i + kWidth <= n; ++j, i += kWidth) {
+    const int64_t vectors = std::min(kBlockRows, (n - i) / kWidth), values = vectors * kWidth;
+    Vector sum = {};
+    for (int64_t j = 0; j < values; j += kWidth) {
       Vector v;
-      std::memcpy(&v, x + i, sizeof(Vector));
-      const Vector d = v - p;
+      std::memcpy(&v, x + i + j, sizeof(Vector));
+      sum += v;
+    }
+    T total = 0;
+    for (int64_t l = 0; l < kWidth; ++l) total += sum[l];
+    const T block_mean = total / T(values);
+    const Vector m = Vector{} + block_mean;
+    Vector b1 = {}, b2 = {};
+    for (int64_t j = 0; j < values; j += kWidth) {
+      Vector v;
+      std::memcpy(&v, x + i + j, sizeof(Vector));
+      const Vector d = v - m;
       b1 += d;
       b2 += d * d;
     }
+    double s1 = 0, s2 = 0;
     for (int64_t l = 0; l < kWidth; ++l) s1 += b1[l], s2 += b2[l];
+    merge(count, mean, m2, double(values), double(block_mean) + s1 / double(values), s2 - s1 * s1 / double(values));
+    i += values;
   }
-  for (; i < n; ++i) {
-    const double d = double(x[i]) - double(pivot);
-    s1 += d, s2 += d * d;
-  }
+  for (; i < n; ++i) merge(count, mean, m2, 1.0, double(x[i]), 0.0);
 }
 
 // y = x·scale + shift (+ addend) (ReLU: max(y, 0), NaN kept) over n values.
@@ -115,34 +174,55 @@ MLIFAST_ALWAYS_INLINE void affine_values(const T* __restrict__ x, const T* __res
     else name##_16<T> args;                                                                       \
   }
 
-template <typename T, int Bytes>
-MLIFAST_ALWAYS_INLINE void rows_task(const T* x, const Layout& L, int64_t task, int64_t tasks_per_point,
-                                     double* partial) {
-  const int64_t k = task / tasks_per_point, rows = L.batch * L.positions;
-  const int64_t begin = (task % tasks_per_point) * kRowsPerTask, end = std::min(rows, begin + kRowsPerTask);
-  const T* point = x + k * rows * L.channels;
-  row_sums<T>(point, L.channels, begin, end, point, partial, partial + L.channels);
-}
-MLIFAST_FOR_EACH_WIDTH(rows_task, (const T* x, const Layout& L, int64_t task, int64_t per_point, double* partial),
-                       (x, L, task, per_point, partial))
+// The moments' tasks: point k's values in pieces of about kRowsPerTask·C, each into
+// `partial` — the piece's mean (C) and M2 (C) per channel — merged in order afterwards.
+struct MomentTasks {
+  int64_t per_point;  // tasks per point
+  int64_t entries;    // runs: entries of C runs per task
+};
 
-// Entries [begin, end) of point k, read in memory order: each entry's C runs of S values
-// one after another; partial: (Σd, Σd²) per channel.
+MomentTasks moment_tasks(const Layout& L) {
+  const int64_t entries = std::max<int64_t>(1, kRowsPerTask / std::max<int64_t>(1, L.positions));
+  const int64_t rows = L.batch * L.positions;
+  return {L.rows ? (rows + kRowsPerTask - 1) / kRowsPerTask : (L.batch + entries - 1) / entries, entries};
+}
+
+// The values task `task` covers (per channel).
+int64_t task_values(const Layout& L, const MomentTasks& tasks, int64_t task) {
+  const int64_t i = task % tasks.per_point;
+  if (L.rows) return std::min(kRowsPerTask, L.batch * L.positions - i * kRowsPerTask);
+  return (std::min(L.batch, (i + 1) * tasks.entries) - i * tasks.entries) * L.positions;
+}
+
+// Rows: rows of C values.
 template <typename T, int Bytes>
-MLIFAST_ALWAYS_INLINE void runs_task(const T* x, const Layout& L, int64_t task, int64_t tasks_per_point,
-                                     int64_t entries_per_task, double* partial) {
-  const int64_t k = task / tasks_per_point, C = L.channels, S = L.positions;
-  const int64_t begin = (task % tasks_per_point) * entries_per_task, end = std::min(L.batch, begin + entries_per_task);
+MLIFAST_ALWAYS_INLINE void rows_task(const T* x, const Layout& L, const MomentTasks& tasks, int64_t task,
+                                     double* partial) {
+  const int64_t k = task / tasks.per_point, rows = L.batch * L.positions;
+  const int64_t begin = (task % tasks.per_point) * kRowsPerTask, end = std::min(rows, begin + kRowsPerTask);
+  row_moments<T, Bytes>(x + k * rows * L.channels, L.channels, begin, end, partial, partial + L.channels);
+}
+MLIFAST_FOR_EACH_WIDTH(rows_task,
+                       (const T* x, const Layout& L, const MomentTasks& tasks, int64_t task, double* partial),
+                       (x, L, tasks, task, partial))
+
+// Runs: whole entries, read in memory order (each entry's C runs of S values in turn).
+template <typename T, int Bytes>
+MLIFAST_ALWAYS_INLINE void runs_task(const T* x, const Layout& L, const MomentTasks& tasks, int64_t task,
+                                     double* partial) {
+  const int64_t k = task / tasks.per_point, C = L.channels, S = L.positions;
+  const int64_t begin = (task % tasks.per_point) * tasks.entries, end = std::min(L.batch, begin + tasks.entries);
   const T* point = x + k * L.batch * C * S;
+  std::vector<double> counts(C, 0.0);
   for (int64_t b = begin; b < end; ++b) {
     for (int64_t c = 0; c < C; ++c) {
-      run_sums<T, Bytes>(point + (b * C + c) * S, S, point[c * S], partial[c], partial[C + c]);
+      run_moments<T, Bytes>(point + (b * C + c) * S, S, counts[c], partial[c], partial[C + c]);
     }
   }
 }
 MLIFAST_FOR_EACH_WIDTH(runs_task,
-                       (const T* x, const Layout& L, int64_t task, int64_t per_point, int64_t entries, double* partial),
-                       (x, L, task, per_point, entries, partial))
+                       (const T* x, const Layout& L, const MomentTasks& tasks, int64_t task, double* partial),
+                       (x, L, tasks, task, partial))
 
 template <typename T, bool kAdd, bool kRelu>
 MLIFAST_ALWAYS_INLINE void affine_span(const T* x, const T* addend, const T* scale, const T* shift, const Layout& L,
@@ -186,33 +266,26 @@ MLIFAST_FOR_EACH_WIDTH(affine_task,
 template <typename T>
 void moments(const at::Tensor& input, const Layout& L, at::Tensor& mean, at::Tensor& var) {
   const T* x = input.const_data_ptr<T>();
-  const int64_t K = L.points, C = L.channels, count = L.batch * L.positions;
-  // Tasks of about kRowsPerTask·C values: rows, or whole entries of C runs.
-  const int64_t entries = std::max<int64_t>(1, kRowsPerTask / std::max<int64_t>(1, L.positions));
-  const int64_t per_point = L.rows ? (count + kRowsPerTask - 1) / kRowsPerTask : (L.batch + entries - 1) / entries;
-  std::vector<double> partials(K * per_point * 2 * C, 0.0);  // per task: Σ(x − pivot) (C), Σ(x − pivot)² (C)
-  at::parallel_for(0, K * per_point, 1, [&](int64_t begin, int64_t end) {
+  const int64_t K = L.points, C = L.channels;
+  const MomentTasks tasks = moment_tasks(L);
+  std::vector<double> partials(K * tasks.per_point * 2 * C, 0.0);
+  at::parallel_for(0, K * tasks.per_point, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      if (L.rows) rows_task_any<T>(x, L, t, per_point, partials.data() + t * 2 * C);
-      else runs_task_any<T>(x, L, t, per_point, entries, partials.data() + t * 2 * C);
+      if (L.rows) rows_task_any<T>(x, L, tasks, t, partials.data() + t * 2 * C);
+      else runs_task_any<T>(x, L, tasks, t, partials.data() + t * 2 * C);
     }
   });
-  std::vector<double> sums(K * C * 2, 0.0);  // the tasks' partial sums, added in order
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t t = 0; t < per_point; ++t) {
-      const double* p = partials.data() + (k * per_point + t) * 2 * C;
-      for (int64_t i = 0; i < 2 * C; ++i) sums[k * 2 * C + i] += p[i];
-    }
-  }
   T* m = mean.data_ptr<T>();
   T* v = var.data_ptr<T>();
-  const double n = double(count);
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t c = 0; c < C; ++c) {
-      const double s1 = sums[k * 2 * C + c] / n, s2 = sums[k * 2 * C + C + c] / n;
-      const T pivot = L.rows ? x[k * count * C + c] : x[(k * L.batch * C + c) * L.positions];
-      m[k * C + c] = T(double(pivot) + s1);
-      v[k * C + c] = T(std::max(s2 - s1 * s1, 0.0));
+      double n = 0, point_mean = 0, m2 = 0;
+      for (int64_t t = k * tasks.per_point; t < (k + 1) * tasks.per_point; ++t) {
+        const double* p = partials.data() + t * 2 * C;
+        merge(n, point_mean, m2, double(task_values(L, tasks, t)), p[c], p[C + c]);
+      }
+      m[k * C + c] = T(point_mean);
+      v[k * C + c] = T(m2 / n);
     }
   }
 }

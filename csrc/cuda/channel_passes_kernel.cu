@@ -1,13 +1,15 @@
 // A batch norm's two passes over K points' rows (see channel_passes_kernel.h).
 //
 // Moments, in two launches without atomics (the same bits on every run):
-//   1. each block sums (x − pivot) and (x − pivot)² over one slice of one point's values of
-//      one channel (runs) or of a tile of channels (rows), each thread in the input's dtype
-//      over at most kFlush values, then in float64; the block's sums go to the workspace;
-//   2. one thread per point and channel adds its slices in order: mean and biased variance.
-// The pivot is the point's first value of the channel: sums about it lose nothing to a
-// mean far from zero. Rows of C values are read a warp across the channels (coalesced);
-// runs of S values a warp along the run.
+//   1. each block takes one slice of one point's values of one channel (runs) or of a tile
+//      of channels (rows); each thread keeps Welford's running mean and M2 in the input's
+//      dtype over at most kFlush values, merged into float64 (Chan, Golub and LeVeque);
+//      the block merges its threads' moments in a fixed order into the workspace;
+//   2. one thread per point and channel merges its slices in order: mean and biased
+//      variance. Every piece is summed about its own mean: a mean far from zero costs
+//      float32 nothing.
+// Rows of C values are read a warp across the channels (coalesced); runs of S values a
+// warp along the run.
 // Affine: one thread per value, a grid-stride loop.
 #include "channel_passes_kernel.h"
 
@@ -20,7 +22,7 @@ namespace mlifast::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kFlush = 64;           // values a thread sums in the input's dtype before float64
+constexpr int kFlush = 64;           // values a thread takes in the input's dtype before float64
 constexpr int kValuesPerThread = 64;  // a slice: about this many values per thread
 
 struct Geometry {
@@ -51,92 +53,104 @@ Geometry geometry(int64_t B, int64_t C, int64_t S, bool rows) {
   return g;
 }
 
-// Running sums of one thread: `n` values in T, flushed into float64 every kFlush values.
-template <typename T>
-struct ThreadSums {
-  T pivot, b1 = T(0), b2 = T(0);
-  double s1 = 0, s2 = 0;
-  int n = 0;
+// Merges the moments (count nb, mean_b, M2 m2_b) of a set into (n, mean, m2), float64.
+__device__ __forceinline__ void merge(double& n, double& mean, double& m2, double nb, double mean_b, double m2_b) {
+  if (nb == 0) return;
+  const double total = n + nb, delta = mean_b - mean, share = nb / total;
+  mean += delta * share;
+  m2 += m2_b + delta * delta * n * share;
+  n = total;
+}
 
-  __device__ explicit ThreadSums(T p) : pivot(p) {}
+// One thread's moments: Welford's update in T over at most kFlush values, then merged.
+template <typename T>
+struct ThreadMoments {
+  T count = T(0), mean = T(0), m2 = T(0);
+  double n = 0, total_mean = 0, total_m2 = 0;
+
   __device__ void add(T v) {
-    const T d = v - pivot;
-    b1 += d;
-    b2 += d * d;
-    if (++n == kFlush) flush();
+    count += T(1);
+    const T delta = v - mean;
+    mean += delta / count;
+    m2 += delta * (v - mean);
+    if (count == T(kFlush)) flush();
   }
   __device__ void flush() {
-    s1 += double(b1), s2 += double(b2);
-    b1 = b2 = T(0), n = 0;
+    merge(n, total_mean, total_m2, double(count), double(mean), double(m2));
+    count = mean = m2 = T(0);
   }
 };
 
-// Rows: block (point k, slice, channel tile); partials[(k·C + c)·slices + slice] = (Σd, Σd²).
+// Rows: block (point k, slice, channel tile); partials[(k·C + c)·slices + slice] =
+// (count, mean, M2).
 template <typename T>
 __global__ void moments_rows(const T* __restrict__ x, Geometry g, double* __restrict__ partials) {
-  __shared__ double sh1[kThreads], sh2[kThreads];
+  __shared__ double sh_n[kThreads], sh_mean[kThreads], sh_m2[kThreads];
   const int64_t k = blockIdx.x / g.slices, slice = blockIdx.x % g.slices;
   const int t = threadIdx.x, lane_c = t % g.channel_tile, lane_r = t / g.channel_tile;
   const int64_t c = int64_t(blockIdx.y) * g.channel_tile + lane_c;
-  const bool active = lane_r < g.rows_per_step && c < g.C;
   const T* point = x + k * g.M * g.C;
-  ThreadSums<T> sums(active ? point[c] : T(0));
-  if (active) {
-    const int64_t first = slice * g.rows_per_slice, last = first + g.rows_per_slice < g.M ? first + g.rows_per_slice : g.M;
-    for (int64_t r = first + lane_r; r < last; r += g.rows_per_step) sums.add(point[r * g.C + c]);
+  ThreadMoments<T> moments;
+  if (lane_r < g.rows_per_step && c < g.C) {
+    const int64_t first = slice * g.rows_per_slice;
+    const int64_t last = first + g.rows_per_slice < g.M ? first + g.rows_per_slice : g.M;
+    for (int64_t r = first + lane_r; r < last; r += g.rows_per_step) moments.add(point[r * g.C + c]);
   }
-  sums.flush();
-  sh1[t] = sums.s1, sh2[t] = sums.s2;
+  moments.flush();
+  sh_n[t] = moments.n, sh_mean[t] = moments.total_mean, sh_m2[t] = moments.total_m2;
   __syncthreads();
   if (t < g.channel_tile && c < g.C) {
-    double s1 = 0, s2 = 0;
-    for (int j = 0; j < g.rows_per_step; ++j) s1 += sh1[t + j * g.channel_tile], s2 += sh2[t + j * g.channel_tile];
-    double* out = partials + ((k * g.C + c) * g.slices + slice) * 2;
-    out[0] = s1, out[1] = s2;
+    double n = 0, mean = 0, m2 = 0;
+    for (int j = 0; j < g.rows_per_step; ++j) {
+      const int i = t + j * g.channel_tile;
+      merge(n, mean, m2, sh_n[i], sh_mean[i], sh_m2[i]);
+    }
+    double* out = partials + ((k * g.C + c) * g.slices + slice) * 3;
+    out[0] = n, out[1] = mean, out[2] = m2;
   }
 }
 
 // Runs: block (point k, channel c, slice of entries).
 template <typename T>
 __global__ void moments_runs(const T* __restrict__ x, Geometry g, double* __restrict__ partials) {
-  __shared__ double sh1[kThreads], sh2[kThreads];
+  __shared__ double sh_n[kThreads], sh_mean[kThreads], sh_m2[kThreads];
   const int64_t kc = blockIdx.x / g.slices, slice = blockIdx.x % g.slices;
   const int64_t k = kc / g.C, c = kc % g.C;
   const int t = threadIdx.x;
   const T* channel = x + (k * g.B * g.C + c) * g.S;  // entry b's run at channel + b·C·S
-  ThreadSums<T> sums(channel[0]);
-  const int64_t first = slice * g.runs_per_slice, last = first + g.runs_per_slice < g.B ? first + g.runs_per_slice : g.B;
+  ThreadMoments<T> moments;
+  const int64_t first = slice * g.runs_per_slice;
+  const int64_t last = first + g.runs_per_slice < g.B ? first + g.runs_per_slice : g.B;
   for (int64_t b = first; b < last; ++b) {
     const T* run = channel + b * g.C * g.S;
-    for (int64_t s = t; s < g.S; s += kThreads) sums.add(run[s]);
+    for (int64_t s = t; s < g.S; s += kThreads) moments.add(run[s]);
   }
-  sums.flush();
-  sh1[t] = sums.s1, sh2[t] = sums.s2;
+  moments.flush();
+  sh_n[t] = moments.n, sh_mean[t] = moments.total_mean, sh_m2[t] = moments.total_m2;
   __syncthreads();
   for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (t < stride) sh1[t] += sh1[t + stride], sh2[t] += sh2[t + stride];
+    if (t < stride) merge(sh_n[t], sh_mean[t], sh_m2[t], sh_n[t + stride], sh_mean[t + stride], sh_m2[t + stride]);
     __syncthreads();
   }
   if (t == 0) {
-    double* out = partials + (kc * g.slices + slice) * 2;
-    out[0] = sh1[0], out[1] = sh2[0];
+    double* out = partials + (kc * g.slices + slice) * 3;
+    out[0] = sh_n[0], out[1] = sh_mean[0], out[2] = sh_m2[0];
   }
 }
 
-// One thread per point and channel: its slices in order, then mean and biased variance.
+// One thread per point and channel: its slices merged in order, then mean and biased variance.
 template <typename T>
-__global__ void moments_finish(const T* __restrict__ x, Geometry g, bool rows, int64_t K,
-                               const double* __restrict__ partials, T* __restrict__ mean, T* __restrict__ var) {
+__global__ void moments_finish(Geometry g, int64_t K, const double* __restrict__ partials, T* __restrict__ mean,
+                               T* __restrict__ var) {
   const int64_t kc = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (kc >= K * g.C) return;
-  const int64_t k = kc / g.C, c = kc % g.C;
-  const T pivot = rows ? x[k * g.M * g.C + c] : x[(k * g.B * g.C + c) * g.S];
-  double s1 = 0, s2 = 0;
+  double n = 0, m = 0, m2 = 0;
   for (int64_t slice = 0; slice < g.slices; ++slice) {
-    s1 += partials[(kc * g.slices + slice) * 2], s2 += partials[(kc * g.slices + slice) * 2 + 1];
+    const double* p = partials + (kc * g.slices + slice) * 3;
+    merge(n, m, m2, p[0], p[1], p[2]);
   }
-  const double n = double(g.M), m1 = s1 / n, v = s2 / n - m1 * m1;
-  mean[kc] = T(double(pivot) + m1);
+  const double v = m2 / n;
+  mean[kc] = T(m);
   var[kc] = T(v < 0 ? 0.0 : v);  // (NaN stays NaN)
 }
 
@@ -164,14 +178,14 @@ cudaError_t moments(const void* x, bool rows, int64_t K, int64_t B, int64_t C, i
   }
   const int64_t threads = K * C;
   moments_finish<T><<<unsigned((threads + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      xs, g, rows, K, workspace, static_cast<T*>(mean), static_cast<T*>(var));
+      g, K, workspace, static_cast<T*>(mean), static_cast<T*>(var));
   return cudaGetLastError();
 }
 
 }  // namespace
 
 int64_t channel_moments_workspace(int64_t K, int64_t B, int64_t C, int64_t S, bool rows) {
-  return K * C * geometry(B, C, S, rows).slices * 2;
+  return K * C * geometry(B, C, S, rows).slices * 3;
 }
 
 cudaError_t launch_channel_moments(DType dtype, const void* x, bool rows, int64_t K, int64_t B, int64_t C, int64_t S,

@@ -18,9 +18,9 @@ namespace mlifast::cuda {
 // The float64 workspace `launch_channel_moments` needs, in elements.
 int64_t channel_moments_workspace(int64_t K, int64_t B, int64_t C, int64_t S, bool rows);
 
-// mean, var: (K, C), each point's per-channel mean and biased variance (sums about the
-// point's first value of the channel, in float64 across threads, in a fixed order: the
-// same bits on every run). `workspace` holds channel_moments_workspace(...) doubles.
+// mean, var: (K, C), each point's per-channel mean and biased variance (Welford's update
+// per thread, pieces merged in float64 in a fixed order: the same bits on every run).
+// `workspace` holds channel_moments_workspace(...) doubles.
 cudaError_t launch_channel_moments(DType dtype, const void* x, bool rows, int64_t K, int64_t B, int64_t C, int64_t S,
                                    double* workspace, void* mean, void* var, cudaStream_t stream);
 
