@@ -135,7 +135,7 @@ def channel_passes_correctness(seed: int) -> bool:
     layouts = {"channels-last": ((6, 5, 7, 3), lambda t: t.contiguous(memory_format=torch.channels_last)),
                "images": ((6, 5, 7, 3), lambda t: t.contiguous()),
                "rows": ((12, 300), lambda t: t.contiguous()),  # more channels than a block's threads
-               "many rows": ((8192, 8), lambda t: t.contiguous()),  # several slices a point
+               "many rows": ((8190, 8), lambda t: t.contiguous()),  # several slices a point (K = 1, 3)
                "sequences": ((6, 4, 1000), lambda t: t.contiguous()),
                "many sequences": ((192, 4, 1000), lambda t: t.contiguous()),  # several slices a point
                "strided": ((6, 5, 7, 6), lambda t: t[..., ::2])}
@@ -159,8 +159,10 @@ def channel_passes_correctness(seed: int) -> bool:
             view = (points, 1, shape[1], *([1] * (x.dim() - 2)))
             expected_y = (rows * scale.double().cpu().reshape(view) + shift.double().cpu().reshape(view)).flatten(0, 1)
             expected_y = (expected_y + addend.double().cpu()).clamp_min(0)
-            err = max(((a.double().cpu() - b).abs().max() / b.abs().max()).item()
-                      for a, b in ((mean, expected_mean), (var, expected_var), (y, expected_y)))
+            spread = expected_var.sqrt()  # (each channel against its own scale)
+            err = max(((mean.double().cpu() - expected_mean).abs() / (expected_mean.abs() + spread)).max().item(),
+                      ((var.double().cpu() - expected_var).abs() / expected_var).max().item(),
+                      ((y.double().cpu() - expected_y).abs().max() / expected_y.abs().max()).item())
             tol = 1e-5 if dtype == torch.float32 else 1e-12
             good = err <= tol and y.stride() == (x.stride() if name != "strided" else y.stride())
             worst[str(dtype)] = max(worst.get(str(dtype), 0.0), err)

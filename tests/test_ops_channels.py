@@ -129,6 +129,17 @@ def test_the_threads_change_no_bit():
     assert all(torch.equal(a, b) for a, b in zip((*single[0], single[1]), (*several[0], several[1])))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_constant_channels_have_no_variance(dtype):
+    """A constant channel's variance is 0 up to rounding, never negative, and a huge
+    constant (1e30 in float32, 1e200 in float64) gives 0, not inf or NaN."""
+    for value in (0.1, 3.0, -7.25, 1e30 if dtype == torch.float32 else 1e200):
+        x = torch.full((1000, 3), value, dtype=dtype)
+        mean, var = channel_moments(x, 2)
+        assert (var >= 0).all() and torch.isfinite(var).all() and (var.sqrt() <= abs(value) * 1e-6).all(), (value, var)
+        assert ((mean - value).abs() <= abs(value) * 1e-6).all()
+
+
 def test_nan_stays_nan():
     x = inputs("channels-last", torch.float32)
     x[2, 2, 1, 1] = float("nan")  # point 1 (of 3, rows 2 and 3), channel 2

@@ -33,7 +33,7 @@ constexpr const char* kAffine = "mlifast::channel_affine: ";
 // Rows of C values per task of the moments: the tasks' moments are merged in a fixed
 // order, so the result does not depend on the number of threads.
 constexpr int64_t kRowsPerTask = 512;
-constexpr int64_t kBlockRows = 64;  // rows (or vectors of a run) read twice from L1
+constexpr int64_t kBlockRows = 64;  // rows (or vectors of a run) summed in T about their first
 constexpr int64_t kChunkVectors = 4;  // vectors of channels a row step holds in registers
 
 using Layout = ChannelLayout;
@@ -46,49 +46,73 @@ MLIFAST_ALWAYS_INLINE void merge(double& n, double& mean, double& m2, double nb,
   if (nb == 0) return;
   const double total = n + nb, delta = mean_b - mean, share = nb / total;
   mean += delta * share;
-  m2 += m2_b + delta * delta * n * share;
+  m2 += m2_b + delta * (delta * (n * share));  // (in this order: no inf · 0 while n = 0)
   n = total;
 }
 
+// Where a block's pivot sits far from its values, M2 = Σd² − (Σd)²/n cancels: a block
+// whose Σd² exceeds kCancellation·M2 in any channel is summed again about its mean.
+constexpr double kCancellation = 16;
+
+// Σd and Σd² over rows [r0, r1) of `parts` chunks (d = x − pivot), x at the chunks' start.
+template <typename T, typename Chunk>
+MLIFAST_ALWAYS_INLINE void block_sums(const T* x, int64_t C, int64_t parts, int64_t r0, int64_t r1,
+                                      const Chunk* pivot, Chunk* b1, Chunk* b2) {
+  constexpr int64_t kLanes = sizeof(Chunk) / sizeof(T);
+  for (int64_t j = 0; j < parts; ++j) b1[j] = Chunk{}, b2[j] = Chunk{};
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t j = 0; j < parts; ++j) {
+      Chunk v;
+      std::memcpy(&v, x + r * C + j * kLanes, sizeof(Chunk));
+      const Chunk d = v - pivot[j];
+      b1[j] += d;
+      b2[j] += d * d;
+    }
+  }
+}
+
 // Channels [c0, c0 + width) of rows [begin, end) of C values into their (mean, M2), zero
-// at first: blocks of kBlockRows rows, each read twice from L1 — its mean, then the
-// deviations from it, in T — and merged in float64 (`merge`, for all channels at once).
-// `Chunk` channels a step: the full vectors of `Bytes` bytes (GCC's vector extensions,
-// kChunkVectors of them, held in registers), or one channel at a time for the rest.
+// at first: blocks of kBlockRows rows summed in T about their first row (a member of the
+// block: the cancellation is bounded by the block, whatever the mean; read again about
+// their mean where it still exceeds kCancellation), the blocks' moments merged in float64
+// (`merge`, for all channels at once). `Chunk` channels a step: the full vectors of `Bytes`
+// bytes (GCC's vector extensions, kChunkVectors of them, held in registers), or one
+// channel at a time for the rest.
 template <typename T, typename Chunk>
 MLIFAST_ALWAYS_INLINE void chunk_moments(const T* x, int64_t C, int64_t c0, int64_t width, int64_t begin, int64_t end,
                                          double* mean, double* m2) {
   constexpr int64_t kLanes = sizeof(Chunk) / sizeof(T);
+  const int64_t parts = width / kLanes;
   double n = 0;
   for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
     const int64_t r1 = std::min(end, r0 + kBlockRows);
     const double rows = double(r1 - r0), inv_rows = 1.0 / rows, share = rows / (n + rows);
-    Chunk m[kChunkVectors] = {}, b1[kChunkVectors] = {}, b2[kChunkVectors] = {};
-    const int64_t parts = width / kLanes;
-    for (int64_t r = r0; r < r1; ++r) {
+    Chunk pivot[kChunkVectors], b1[kChunkVectors], b2[kChunkVectors];
+    double block_mean[kChunkVectors * kLanes], block_m2[kChunkVectors * kLanes];
+    const auto block_moments = [&]() {  // (whether any channel cancelled)
+      bool cancelled = false;
       for (int64_t j = 0; j < parts; ++j) {
-        Chunk v;
-        std::memcpy(&v, x + r * C + c0 + j * kLanes, sizeof(Chunk));
-        m[j] += v;
+        for (int64_t l = 0; l < kLanes; ++l) {
+          const double s1 = double(b1[j][l]), s2 = double(b2[j][l]), m2_b = s2 - s1 * s1 * inv_rows;
+          block_mean[j * kLanes + l] = double(pivot[j][l]) + s1 * inv_rows;
+          block_m2[j * kLanes + l] = m2_b;
+          cancelled = cancelled || s2 > kCancellation * m2_b;
+        }
       }
+      return cancelled;
+    };
+    for (int64_t j = 0; j < parts; ++j) std::memcpy(&pivot[j], x + r0 * C + c0 + j * kLanes, sizeof(Chunk));
+    block_sums<T, Chunk>(x + c0, C, parts, r0, r1, pivot, b1, b2);
+    if (block_moments()) {
+      for (int64_t j = 0; j < parts; ++j) pivot[j] += b1[j] * T(inv_rows);  // (the block's mean)
+      block_sums<T, Chunk>(x + c0, C, parts, r0, r1, pivot, b1, b2);
+      block_moments();
     }
-    for (int64_t j = 0; j < parts; ++j) m[j] *= T(inv_rows);
-    for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t j = 0; j < parts; ++j) {
-        Chunk v;
-        std::memcpy(&v, x + r * C + c0 + j * kLanes, sizeof(Chunk));
-        const Chunk d = v - m[j];
-        b1[j] += d;
-        b2[j] += d * d;
-      }
-    }
-    for (int64_t j = 0; j < parts; ++j) {
-      for (int64_t l = 0; l < kLanes; ++l) {  // (b1: the rounding of the block's mean)
-        const int64_t c = c0 + j * kLanes + l;
-        const double block_b1 = double(b1[j][l]), delta = double(m[j][l]) + block_b1 * inv_rows - mean[c];
-        mean[c] += delta * share;
-        m2[c] += double(b2[j][l]) - block_b1 * block_b1 * inv_rows + delta * delta * n * share;
-      }
+    for (int64_t i = 0; i < parts * kLanes; ++i) {
+      const int64_t c = c0 + i;
+      const double delta = block_mean[i] - mean[c];
+      mean[c] += delta * share;
+      m2[c] += block_m2[i] + delta * (delta * (n * share));
     }
     n += rows;
   }
@@ -110,35 +134,33 @@ MLIFAST_ALWAYS_INLINE void row_moments(const T* x, int64_t C, int64_t begin, int
 
 // One contiguous run of n values merged into (count, mean, M2): blocks of kBlockRows
 // vectors of `Bytes` bytes (GCC's vector extensions: the auto-vectoriser made slow code of
-// these reductions), each read twice, then the tail in float64.
+// these reductions), each summed about its first value (again about its mean where that
+// cancels), then the tail in float64.
 template <typename T, int Bytes>
 MLIFAST_ALWAYS_INLINE void run_moments(const T* x, int64_t n, double& count, double& mean, double& m2) {
   typedef T Vector __attribute__((vector_size(Bytes)));
   constexpr int64_t kWidth = Bytes / sizeof(T);
   int64_t i = 0;
   while (i + kWidth <= n) {
-    const int64_t vectors = std::min(kBlockRows, (n - i) / kWidth), values = vectors * kWidth;
-    Vector sum = {};
-    for (int64_t j = 0; j < values; j += kWidth) {
-      Vector v;
-      std::memcpy(&v, x + i + j, sizeof(Vector));
-      sum += v;
-    }
-    T total = 0;
-    for (int64_t l = 0; l < kWidth; ++l) total += sum[l];
-    const T block_mean = total / T(values);
-    const Vector m = Vector{} + block_mean;
-    Vector b1 = {}, b2 = {};
-    for (int64_t j = 0; j < values; j += kWidth) {
-      Vector v;
-      std::memcpy(&v, x + i + j, sizeof(Vector));
-      const Vector d = v - m;
-      b1 += d;
-      b2 += d * d;
-    }
+    const int64_t values = std::min(kBlockRows, (n - i) / kWidth) * kWidth;
+    T pivot = x[i];
     double s1 = 0, s2 = 0;
-    for (int64_t l = 0; l < kWidth; ++l) s1 += b1[l], s2 += b2[l];
-    merge(count, mean, m2, double(values), double(block_mean) + s1 / double(values), s2 - s1 * s1 / double(values));
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      const Vector p = Vector{} + pivot;
+      Vector b1 = {}, b2 = {};
+      for (int64_t j = 0; j < values; j += kWidth) {
+        Vector v;
+        std::memcpy(&v, x + i + j, sizeof(Vector));
+        const Vector d = v - p;
+        b1 += d;
+        b2 += d * d;
+      }
+      s1 = s2 = 0;
+      for (int64_t l = 0; l < kWidth; ++l) s1 += b1[l], s2 += b2[l];
+      if (attempt == 1 || !(s2 > kCancellation * (s2 - s1 * s1 / double(values)))) break;
+      pivot = T(double(pivot) + s1 / double(values));  // (the block's mean)
+    }
+    merge(count, mean, m2, double(values), double(pivot) + s1 / double(values), s2 - s1 * s1 / double(values));
     i += values;
   }
   for (; i < n; ++i) merge(count, mean, m2, 1.0, double(x[i]), 0.0);
@@ -285,7 +307,7 @@ void moments(const at::Tensor& input, const Layout& L, at::Tensor& mean, at::Ten
         merge(n, point_mean, m2, double(task_values(L, tasks, t)), p[c], p[C + c]);
       }
       m[k * C + c] = T(point_mean);
-      v[k * C + c] = T(m2 / n);
+      v[k * C + c] = T(m2 < 0 ? 0.0 : m2 / n);  // (a block's M2 less its mean's rounding may be −ε; NaN stays)
     }
   }
 }

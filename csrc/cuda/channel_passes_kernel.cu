@@ -3,7 +3,8 @@
 // Moments, in two launches without atomics (the same bits on every run):
 //   1. each block takes one slice of one point's values of one channel (runs) or of a tile
 //      of channels (rows); each thread keeps Welford's running mean and M2 in the input's
-//      dtype over at most kFlush values, merged into float64 (Chan, Golub and LeVeque);
+//      dtype over pieces of at most kFlush values, less each piece's first value, merged
+//      into float64 (Chan, Golub and LeVeque);
 //      the block merges its threads' moments in a fixed order into the workspace;
 //   2. one thread per point and channel merges its slices in order: mean and biased
 //      variance. Every piece is summed about its own mean: a mean far from zero costs
@@ -58,25 +59,29 @@ __device__ __forceinline__ void merge(double& n, double& mean, double& m2, doubl
   if (nb == 0) return;
   const double total = n + nb, delta = mean_b - mean, share = nb / total;
   mean += delta * share;
-  m2 += m2_b + delta * delta * n * share;
+  m2 += m2_b + delta * (delta * (n * share));  // (in this order: no inf · 0 while n = 0)
   n = total;
 }
 
-// One thread's moments: Welford's update in T over at most kFlush values, then merged.
+// One thread's moments: Welford's update in T of its values less the first of each piece
+// of at most kFlush values (in float32 the running mean of the values themselves would be
+// rounded to the ulp of their mean, not of their spread), each piece merged in float64.
 template <typename T>
 struct ThreadMoments {
-  T count = T(0), mean = T(0), m2 = T(0);
+  T pivot = T(0), count = T(0), mean = T(0), m2 = T(0);
   double n = 0, total_mean = 0, total_m2 = 0;
 
   __device__ void add(T v) {
+    if (count == T(0)) pivot = v;
+    const T shifted = v - pivot;
     count += T(1);
-    const T delta = v - mean;
+    const T delta = shifted - mean;
     mean += delta / count;
-    m2 += delta * (v - mean);
+    m2 += delta * (shifted - mean);
     if (count == T(kFlush)) flush();
   }
   __device__ void flush() {
-    merge(n, total_mean, total_m2, double(count), double(mean), double(m2));
+    merge(n, total_mean, total_m2, double(count), double(pivot) + double(mean), double(m2));
     count = mean = m2 = T(0);
   }
 };
