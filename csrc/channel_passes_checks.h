@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <optional>
 
 namespace mlifast {
@@ -30,6 +31,23 @@ inline ChannelLayout channel_layout(at::Tensor& input, int64_t points, const cha
                              (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d));
   if (!input.is_contiguous() && !channels_last) input = input.contiguous();
   return ChannelLayout{points, n / points, c, s, s == 1 || !input.is_contiguous()};
+}
+
+// mean and var, (K, C) in the input's dtype, for a backend to fill; where no value is
+// there to take (B·S = 0) filled with NaN, as torch's mean of nothing, and `empty` set.
+struct MomentsOutputs {
+  at::Tensor mean, var;
+  bool empty;
+};
+
+inline MomentsOutputs moments_outputs(const at::Tensor& input, const ChannelLayout& L) {
+  MomentsOutputs o{at::empty({L.points, L.channels}, input.options()),
+                   at::empty({L.points, L.channels}, input.options()), L.batch * L.positions == 0};
+  if (o.empty) {
+    o.mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    o.var.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  return o;
 }
 
 struct AffineOperands {

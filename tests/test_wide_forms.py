@@ -225,13 +225,19 @@ class ConvBatchNorm(torch.nn.Module):
         return (self.b2(y) + y).flatten(1)
 
 
+def line_parity_on_images(factory, dtype, seed: int, side: int = 16):
+    """check_parity of the multi-point model against the oracle, on a line of two of
+    `factory`'s models at 3 points, for 2 images of 3 × side × side: (the model, the images)."""
+    a, b = test_interpolate.pair(factory, dtype)
+    x = torch.randn(2, 3, side, side, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    return test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=dtype), x
+
+
 def test_batch_norm_folds_into_the_convolution_before_it(monkeypatch):
     """In eval mode, batch norm right after a per-point convolution scales and shifts that
     convolution's weights instead of running (PendingConvolution); a convolution output
     read by anything else is computed as it is. Equal to the oracle in float64."""
-    a, b = test_interpolate.pair(ConvBatchNorm, torch.float64)
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float64)
+    fast, x = line_parity_on_images(ConvBatchNorm, torch.float64, 5, side=32)
     normalise, normalised = layers.BatchNormRule._pending_affine, []
     monkeypatch.setattr(layers.BatchNormRule, "_pending_affine",
                         lambda self, rows, *args: normalised.append(tuple(rows.shape[:2])) or normalise(self, rows, *args))
@@ -278,9 +284,7 @@ def test_pending_convolutions_read_otherwise(monkeypatch, factory, side):
     """Convolution outputs (pending on the CPU's per-point form) written in place or read
     without an operator: the oracle's answer, fused."""
     monkeypatch.setattr(layers.ConvRule, "PER_POINT_MIN_POSITIONS", 0)
-    a, b = test_interpolate.pair(factory, torch.float64)
-    x = torch.randn(2, 3, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float64)
+    fast, _ = line_parity_on_images(factory, torch.float64, 6, side=side)
     assert not fast.per_point_fallback
 
 
@@ -310,9 +314,7 @@ def test_residual_additions_and_relus_join_the_convolution(monkeypatch, dtype):
     oracle's answer either way. (The stem reads rows shared by every point: the J + 1
     products, not pending; its batch norm and ReLU after it are one pass.)"""
     monkeypatch.setattr(layers.ConvRule, "PER_POINT_MIN_POSITIONS", 0)
-    a, b = test_interpolate.pair(ResidualBlocks, dtype)
-    x = torch.randn(2, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(7))
-    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=dtype)
+    fast, x = line_parity_on_images(ResidualBlocks, dtype, 7)
     affine, applied, post_ops = pending.channel_affine, [], []
     monkeypatch.setattr(pending, "channel_affine", lambda rows, scale, shift, addend, relu: applied.append(
         (rows.shape[0], addend is not None, relu)) or affine(rows, scale, shift, addend, relu))
@@ -366,9 +368,7 @@ class WritesIntoBatchNormInput(torch.nn.Module):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_write_into_what_a_pending_batch_norm_reads_computes_it_at_once(monkeypatch, dtype):
     monkeypatch.setattr(layers.ConvRule, "PER_POINT_MIN_POSITIONS", 0)
-    a, b = test_interpolate.pair(WritesIntoBatchNormInput, dtype)
-    x = torch.randn(2, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(8))
-    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=dtype)
+    fast, _ = line_parity_on_images(WritesIntoBatchNormInput, dtype, 8)
     assert not fast.per_point_fallback and fast.context.defer_pending is False
 
 
@@ -430,9 +430,7 @@ def test_a_write_into_what_a_pending_convolution_reads_computes_it_at_once(monke
     """The call runs again with convolutions computed at once (their output then reads the
     rows before the write): the oracle's answer, still fused."""
     monkeypatch.setattr(layers.ConvRule, "PER_POINT_MIN_POSITIONS", 0)
-    a, b = test_interpolate.pair(lambda: WritesIntoConvolutionInput(written), dtype)
-    x = torch.randn(2, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(8))
-    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=dtype)
+    fast, _ = line_parity_on_images(lambda: WritesIntoConvolutionInput(written), dtype, 8)
     assert not fast.per_point_fallback and fast.context.defer_pending is False
 
 
@@ -467,9 +465,7 @@ class BatchNormAfterResidual(torch.nn.Module):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_batch_norm_after_a_joined_addition(monkeypatch, dtype):
     monkeypatch.setattr(layers.ConvRule, "PER_POINT_MIN_POSITIONS", 0)
-    a, b = test_interpolate.pair(BatchNormAfterResidual, dtype)
-    x = torch.randn(2, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(10))
-    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=dtype)
+    fast, _ = line_parity_on_images(BatchNormAfterResidual, dtype, 10)
     assert not fast.per_point_fallback
 
 

@@ -16,7 +16,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -316,15 +315,11 @@ std::tuple<at::Tensor, at::Tensor> channel_moments_cpu(const at::Tensor& input_,
   at::Tensor input = input_;
   const Layout L = channel_layout(input, points, kMoments);
   TORCH_CHECK(input.device().is_cpu(), kMoments, "expected a CPU tensor, got one on ", input.device());
-  at::Tensor mean = at::empty({points, L.channels}, input.options());
-  at::Tensor var = at::empty({points, L.channels}, input.options());
-  if (L.batch * L.positions == 0) {
-    mean.fill_(std::numeric_limits<double>::quiet_NaN());
-    var.fill_(std::numeric_limits<double>::quiet_NaN());
-    return {mean, var};
+  MomentsOutputs o = moments_outputs(input, L);
+  if (!o.empty) {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "channel_moments", [&] { moments<scalar_t>(input, L, o.mean, o.var); });
   }
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "channel_moments", [&] { moments<scalar_t>(input, L, mean, var); });
-  return {mean, var};
+  return {o.mean, o.var};
 }
 
 at::Tensor channel_affine_cpu(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,

@@ -6,7 +6,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -28,20 +27,15 @@ std::tuple<at::Tensor, at::Tensor> channel_moments_cuda(const at::Tensor& input_
   const ChannelLayout L = channel_layout(input, points, kMoments);
   TORCH_CHECK(input.is_cuda(), kMoments, "expected a CUDA tensor, got one on ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor mean = at::empty({points, L.channels}, input.options());
-  at::Tensor var = at::empty({points, L.channels}, input.options());
-  if (L.batch * L.positions == 0) {
-    mean.fill_(std::numeric_limits<double>::quiet_NaN());
-    var.fill_(std::numeric_limits<double>::quiet_NaN());
-    return {mean, var};
-  }
+  MomentsOutputs o = moments_outputs(input, L);
+  if (o.empty) return {o.mean, o.var};
   at::Tensor workspace = at::empty(
       {cuda::channel_moments_workspace(points, L.batch, L.channels, L.positions, L.rows)},
       input.options().dtype(at::kDouble));
   C10_CUDA_CHECK(cuda::launch_channel_moments(dtype_of(input), input.const_data_ptr(), L.rows, points, L.batch,
-                                              L.channels, L.positions, workspace.data_ptr<double>(), mean.data_ptr(),
-                                              var.data_ptr(), at::cuda::getCurrentCUDAStream().stream()));
-  return {mean, var};
+                                              L.channels, L.positions, workspace.data_ptr<double>(), o.mean.data_ptr(),
+                                              o.var.data_ptr(), at::cuda::getCurrentCUDAStream().stream()));
+  return {o.mean, o.var};
 }
 
 at::Tensor channel_affine_cuda(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
