@@ -129,6 +129,26 @@ def test_the_threads_change_no_bit():
     assert all(torch.equal(a, b) for a, b in zip((*single[0], single[1]), (*several[0], several[1])))
 
 
+@pytest.mark.parametrize("vector_bytes", [None, "16"])
+def test_float32_moments_of_small_points_and_huge_spreads(vector_bytes, monkeypatch):
+    """Points of one 64-row block each (plain normal data: the block's first row, the
+    pivot, is often a few deviations out), a channel whose first row is 4.4 deviations out,
+    and a spread whose squares overflow float32 (σ = 1.5e18: a variance of 3e36 that
+    float32 holds): within 1e-6 of float64, and never inf."""
+    if vector_bytes:
+        monkeypatch.setenv("MLIFAST_VECTOR_BYTES", vector_bytes)
+    g = torch.Generator().manual_seed(4)
+    small = torch.randn(16, 64, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
+    one = torch.randn(64 * 8, 1, generator=g)
+    one[::64] = one[::64].sign() * 4.4
+    huge = (torch.randn(64 * 50, 4, generator=g, dtype=torch.float64) * 1.5e18).float()
+    for x, points in ((small, 16), (one, 8), (huge, 50)):
+        mean, var = channel_moments(x, points)
+        expected_mean, expected_var = loop_moments(x, points)
+        assert torch.isfinite(var).all() and ((var.double() - expected_var) / expected_var).abs().max() < 1e-6
+        assert ((mean.double() - expected_mean).abs() / expected_var.sqrt()).max() < 1e-6
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_constant_channels_have_no_variance(dtype):
     """A constant channel's variance is 0 up to rounding, never negative, and a huge

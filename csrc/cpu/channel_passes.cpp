@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -38,9 +39,9 @@ constexpr int64_t kChunkVectors = 4;  // vectors of channels a row step holds in
 using Layout = ChannelLayout;
 
 // Moments of a set of values, float64: count, mean and sum of squared deviations M2.
-// Sets are merged by Chan, Golub and LeVeque's formula, exact in exact arithmetic and, as
-// each block's own M2 is summed about its own mean, free of the cancellation of Σx² − n·x̄²
-// (which loses float32's variance to a mean far from zero).
+// Sets are merged by Chan, Golub and LeVeque's formula, exact in exact arithmetic; with
+// each block's M2 summed about a pivot near its mean it avoids the cancellation of
+// Σx² − n·x̄² (which loses float32's variance to a mean far from zero).
 MLIFAST_ALWAYS_INLINE void merge(double& n, double& mean, double& m2, double nb, double mean_b, double m2_b) {
   if (nb == 0) return;
   const double total = n + nb, delta = mean_b - mean, share = nb / total;
@@ -50,8 +51,9 @@ MLIFAST_ALWAYS_INLINE void merge(double& n, double& mean, double& m2, double nb,
 }
 
 // Where a block's pivot sits far from its values, M2 = Σd² − (Σd)²/n cancels: a block
-// whose Σd² exceeds kCancellation·M2 in any channel is summed again about its mean.
-constexpr double kCancellation = 16;
+// whose Σd² exceeds kCancellation·M2 in any channel (or is not finite) is summed again
+// about its mean. A pivot within one standard deviation of the block's mean passes.
+constexpr double kCancellation = 2;
 
 // Σd and Σd² over rows [r0, r1) of `parts` chunks (d = x − pivot), x at the chunks' start.
 template <typename T, typename Chunk>
@@ -71,10 +73,10 @@ MLIFAST_ALWAYS_INLINE void block_sums(const T* x, int64_t C, int64_t parts, int6
 }
 
 // Channels [c0, c0 + width) of rows [begin, end) of C values into their (mean, M2), zero
-// at first: blocks of kBlockRows rows summed in T about their first row (a member of the
-// block: the cancellation is bounded by the block, whatever the mean; read again about
-// their mean where it still exceeds kCancellation), the blocks' moments merged in float64
-// (`merge`, for all channels at once). `Chunk` channels a step: the full vectors of `Bytes`
+// at first: blocks of kBlockRows rows summed in T about the mean of the blocks before (the
+// first block about its first row; read again about its own mean where that cancels), the
+// blocks' moments merged in float64 (`merge`, for all channels at once). `Chunk` channels
+// a step: the full vectors of `Bytes`
 // bytes (GCC's vector extensions, kChunkVectors of them, held in registers), or one
 // channel at a time for the rest.
 template <typename T, typename Chunk>
@@ -95,17 +97,34 @@ MLIFAST_ALWAYS_INLINE void chunk_moments(const T* x, int64_t C, int64_t c0, int6
           const double s1 = double(b1[j][l]), s2 = double(b2[j][l]), m2_b = s2 - s1 * s1 * inv_rows;
           block_mean[j * kLanes + l] = double(pivot[j][l]) + s1 * inv_rows;
           block_m2[j * kLanes + l] = m2_b;
-          cancelled = cancelled || s2 > kCancellation * m2_b;
+          cancelled = cancelled || !(s2 <= kCancellation * m2_b && std::isfinite(s2));
         }
       }
       return cancelled;
     };
-    for (int64_t j = 0; j < parts; ++j) std::memcpy(&pivot[j], x + r0 * C + c0 + j * kLanes, sizeof(Chunk));
+    for (int64_t j = 0; j < parts; ++j) {
+      if (n == 0) {
+        std::memcpy(&pivot[j], x + r0 * C + c0 + j * kLanes, sizeof(Chunk));
+      } else {
+        for (int64_t l = 0; l < kLanes; ++l) pivot[j][l] = T(mean[c0 + j * kLanes + l]);
+      }
+    }
     block_sums<T, Chunk>(x + c0, C, parts, r0, r1, pivot, b1, b2);
     if (block_moments()) {
       for (int64_t j = 0; j < parts; ++j) pivot[j] += b1[j] * T(inv_rows);  // (the block's mean)
       block_sums<T, Chunk>(x + c0, C, parts, r0, r1, pivot, b1, b2);
-      block_moments();
+      if (block_moments()) {  // (squares beyond T's range, or NaN: two passes in float64)
+        for (int64_t i = 0; i < parts * kLanes; ++i) {
+          double sum = 0, squares = 0;
+          for (int64_t r = r0; r < r1; ++r) sum += double(x[r * C + c0 + i]);
+          block_mean[i] = sum * inv_rows;
+          for (int64_t r = r0; r < r1; ++r) {
+            const double d = double(x[r * C + c0 + i]) - block_mean[i];
+            squares += d * d;
+          }
+          block_m2[i] = squares;
+        }
+      }
     }
     for (int64_t i = 0; i < parts * kLanes; ++i) {
       const int64_t c = c0 + i;
@@ -133,8 +152,8 @@ MLIFAST_ALWAYS_INLINE void row_moments(const T* x, int64_t C, int64_t begin, int
 
 // One contiguous run of n values merged into (count, mean, M2): blocks of kBlockRows
 // vectors of `Bytes` bytes (GCC's vector extensions: the auto-vectoriser made slow code of
-// these reductions), each summed about its first value (again about its mean where that
-// cancels), then the tail in float64.
+// these reductions), each summed about the mean so far (the first about its first value;
+// again about its own mean where that cancels), then the tail in float64.
 template <typename T, int Bytes>
 MLIFAST_ALWAYS_INLINE void run_moments(const T* x, int64_t n, double& count, double& mean, double& m2) {
   typedef T Vector __attribute__((vector_size(Bytes)));
@@ -142,9 +161,19 @@ MLIFAST_ALWAYS_INLINE void run_moments(const T* x, int64_t n, double& count, dou
   int64_t i = 0;
   while (i + kWidth <= n) {
     const int64_t values = std::min(kBlockRows, (n - i) / kWidth) * kWidth;
-    T pivot = x[i];
-    double s1 = 0, s2 = 0;
-    for (int attempt = 0; attempt < 2; ++attempt) {
+    T pivot = count == 0 ? x[i] : T(mean);
+    double block_mean = 0, block_m2 = 0;
+    for (int attempt = 0; attempt < 3; ++attempt) {
+      if (attempt == 2) {  // (squares beyond T's range, or NaN: two passes in float64)
+        double sum = 0;
+        for (int64_t j = 0; j < values; ++j) sum += double(x[i + j]);
+        block_mean = sum / double(values), block_m2 = 0;
+        for (int64_t j = 0; j < values; ++j) {
+          const double d = double(x[i + j]) - block_mean;
+          block_m2 += d * d;
+        }
+        break;
+      }
       const Vector p = Vector{} + pivot;
       Vector b1 = {}, b2 = {};
       for (int64_t j = 0; j < values; j += kWidth) {
@@ -154,12 +183,13 @@ MLIFAST_ALWAYS_INLINE void run_moments(const T* x, int64_t n, double& count, dou
         b1 += d;
         b2 += d * d;
       }
-      s1 = s2 = 0;
+      double s1 = 0, s2 = 0;
       for (int64_t l = 0; l < kWidth; ++l) s1 += b1[l], s2 += b2[l];
-      if (attempt == 1 || !(s2 > kCancellation * (s2 - s1 * s1 / double(values)))) break;
-      pivot = T(double(pivot) + s1 / double(values));  // (the block's mean)
+      block_mean = double(pivot) + s1 / double(values), block_m2 = s2 - s1 * s1 / double(values);
+      if (s2 <= kCancellation * block_m2 && std::isfinite(s2)) break;
+      pivot = T(block_mean);
     }
-    merge(count, mean, m2, double(values), double(pivot) + s1 / double(values), s2 - s1 * s1 / double(values));
+    merge(count, mean, m2, double(values), block_mean, block_m2);
     i += values;
   }
   for (; i < n; ++i) merge(count, mean, m2, 1.0, double(x[i]), 0.0);

@@ -7,8 +7,9 @@
 //      into float64 (Chan, Golub and LeVeque);
 //      the block merges its threads' moments in a fixed order into the workspace;
 //   2. one thread per point and channel merges its slices in order: mean and biased
-//      variance. Every piece is summed about its own mean: a mean far from zero costs
-//      float32 nothing.
+//      variance. Welford's update keeps each piece's deviations about its running mean,
+//      and the shift by the piece's first value keeps that mean small: a mean far from
+//      zero costs float32 little (a numpy simulation: 5e-7 at an offset of 1e4 σ).
 // Rows of C values are read a warp across the channels (coalesced); runs of S values a
 // warp along the run.
 // Affine: one thread per value, a grid-stride loop.
