@@ -16,7 +16,9 @@
 # 7. benchmarks/gpu_candidates.py: W2 with the changes that wait for a GPU (channels-last
 #    images, the batch-norm passes' CUDA kernels), A/B against mlifast as shipped.
 # Each stage has a time limit. With GPU_CHECK_FULL=1 and two profiles the whole script took
-# 211–220 s on an H200 (BENCHMARKS.md); stages 1-3 alone about 2 minutes.
+# 211–220 s on an H200 (BENCHMARKS.md), before stage 7 and cuda_check's batch-norm passes
+# were added (not yet timed on a GPU; stage 7 is W2's loop once and 24 mlifast calls);
+# stages 1-3 alone about 2 minutes.
 set -uo pipefail
 OUT=${OUT:-build/gpu-check}
 PY=${PYTHON:-python3}
