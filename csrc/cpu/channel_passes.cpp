@@ -33,7 +33,7 @@ constexpr const char* kAffine = "mlifast::channel_affine: ";
 // Rows of C values per task of the moments: the tasks' moments are merged in a fixed
 // order, so the result does not depend on the number of threads.
 constexpr int64_t kRowsPerTask = 512;
-constexpr int64_t kBlockRows = 64;  // rows (or vectors of a run) summed in T about their first
+constexpr int64_t kBlockRows = 64;  // rows (or vectors of a run) a block sums in T, then float64
 constexpr int64_t kChunkVectors = 4;  // vectors of channels a row step holds in registers
 
 using Layout = ChannelLayout;
