@@ -76,9 +76,8 @@ MLIFAST_ALWAYS_INLINE void block_sums(const T* x, int64_t C, int64_t parts, int6
 // at first: blocks of kBlockRows rows summed in T about the mean of the blocks before (the
 // first block about its first row; read again about its own mean where that cancels), the
 // blocks' moments merged in float64 (`merge`, for all channels at once). `Chunk` channels
-// a step: the full vectors of `Bytes`
-// bytes (GCC's vector extensions, kChunkVectors of them, held in registers), or one
-// channel at a time for the rest.
+// a step: full vectors (GCC's vector extensions, kChunkVectors of them, held in
+// registers), or one channel at a time for the rest.
 template <typename T, typename Chunk>
 MLIFAST_ALWAYS_INLINE void chunk_moments(const T* x, int64_t C, int64_t c0, int64_t width, int64_t begin, int64_t end,
                                          double* mean, double* m2) {
