@@ -36,4 +36,10 @@ TORCH_LIBRARY(mlifast, m) {
   // y = input·scale[k, c] + shift[k, c] (+ addend), then ReLU if relu, on point k's entries
   // of input (K·B, C, …); scale, shift: (K, C); addend: input's shape -> y in input's layout.
   m.def("channel_affine(Tensor input, Tensor scale, Tensor shift, Tensor? addend, bool relu=False) -> Tensor");
+  // y = conv2d(input, weight, bias, stride 1, padding) (+ addend), then ReLU if relu, by
+  // Winograd's F(4×4, 3×3): input (N, C_in, H, W) float32, weight (C_out, C_in, 3, 3),
+  // channels multiples of 16; addend: the output's shape -> y (N, C_out, H', W') channels-last.
+  m.def(
+      "winograd_conv3x3(Tensor input, Tensor weight, Tensor? bias, int[2] padding, Tensor? addend, "
+      "bool relu=False) -> Tensor");
 }

@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from mlifast.ops import channel_affine
+from mlifast._extension import compiled
+from mlifast.ops import channel_affine, winograd_conv3x3
+from mlifast.ops.winograd import CHANNEL_MULTIPLE as WINOGRAD_CHANNEL_MULTIPLE
 
 
 class PendingInputWritten(Exception):
@@ -252,8 +254,12 @@ def _computed(value):
 
 def _convolve(conv: nn.Module, rows: Tensor, weight: Tensor, bias: Optional[Tensor], addend: Optional[Tensor],
               relu: bool) -> Tensor:
-    """relu?(conv(rows; weight, bias) + addend?): with an addend or a ReLU, on float32 CPU
-    rows of a Conv2d, in one oneDNN primitive with post-ops; else as separate operations."""
+    """relu?(conv(rows; weight, bias) + addend?): a 3×3 stride-1 convolution of channels-last
+    float32 rows by `winograd_conv3x3`, the addend and ReLU in its last step; else, with an
+    addend or a ReLU, on float32 CPU rows of a Conv2d, in one oneDNN primitive with
+    post-ops; else as separate operations."""
+    if _winograd_applies(conv, rows, weight):
+        return winograd_conv3x3(rows, weight, bias, conv.padding, addend, relu)
     if (relu or addend is not None) and _ONEDNN_POINTWISE is not None and isinstance(conv, nn.Conv2d) \
             and rows.dim() == 4 and rows.is_cpu and rows.dtype == torch.float32 and conv.padding_mode == "zeros" \
             and not isinstance(conv.padding, str):
@@ -266,6 +272,23 @@ def _convolve(conv: nn.Module, rows: Tensor, weight: Tensor, bias: Optional[Tens
     if addend is not None:
         y = y.add_(addend)
     return y.relu_() if relu else y
+
+
+# Devices whose 3×3 stride-1 convolutions run `winograd_conv3x3` (its compiled kernel:
+# on the CPU 1.5–1.7× oneDNN's direct convolution on W2's shapes).
+WINOGRAD_DEVICES = {"cpu"}
+
+
+def _winograd_applies(conv: nn.Module, rows: Tensor, weight: Tensor) -> bool:
+    """Whether `winograd_conv3x3` computes conv on rows: a Conv2d of 3×3 zero-padded kernels,
+    stride and dilation 1, one group, channels multiples of 16, on channels-last float32
+    rows outside autograd, on a device of WINOGRAD_DEVICES with the op compiled."""
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str) and rows.dtype == torch.float32 and _channels_last(rows)
+            and rows.device.type in WINOGRAD_DEVICES and compiled("winograd_conv3x3", rows.device.type)
+            and conv.in_channels % WINOGRAD_CHANNEL_MULTIPLE == 0 and conv.out_channels % WINOGRAD_CHANNEL_MULTIPLE == 0
+            and not (torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad)))
 
 
 # oneDNN's convolution with post-ops, as Inductor calls it (absent from builds without oneDNN).

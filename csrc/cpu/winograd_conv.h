@@ -1,0 +1,337 @@
+// Winograd convolution F(m×m, 3×3) of channels-last float32 images, stride 1: the body of
+// mlifast::winograd_conv3x3's CPU kernel (csrc/cpu/winograd_conv.cpp), apart from ATen.
+//
+// Each m×m output tile comes from an α×α input tile (α = m + 2): the tile goes through
+// Bᵀ·d·B, each of the α² positions ξ takes a GEMM over input channels against the weight's
+// G·w·Gᵀ, and Aᵀ·M·A gives the outputs. For m = 4, 36 multiply-adds per 16 outputs, input
+// channel and output channel, against 144 direct. A block of kTiles tiles goes through all
+// three steps in a thread's scratch memory (its L2 cache).
+//
+// Only m = 4 is defined: m = 2 (16 against 36) was slower than oneDNN's direct convolution
+// on every shape of W2's ResNet-20 (16–64 channels), its transforms costing as much per
+// tile as m = 4's for a quarter of the outputs; it was 20× more accurate (float32, against
+// float64: 1e-6 against 2.5e-5 of outputs near 5).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#ifndef MLIFAST_WINOGRAD_INLINE
+#define MLIFAST_WINOGRAD_INLINE __attribute__((always_inline)) inline
+#endif
+
+namespace mlifast {
+namespace winograd {
+
+struct Geometry {
+  int64_t batch, height, width, in_channels, out_channels, pad_h, pad_w;
+  int64_t out_height() const { return height + 2 * pad_h - 2; }
+  int64_t out_width() const { return width + 2 * pad_w - 2; }
+};
+
+// One dimension of each transform, on vectors of `Bytes` bytes: input r = Bᵀ·d, output
+// y = Aᵀ·m (applied to columns, then rows), and the weight's G. Lavin and Gray
+// (2016), "Fast Algorithms for Convolutional Neural Networks"; the sums are grouped to
+// share terms.
+template <int M>
+struct Transforms;
+
+template <>
+struct Transforms<4> {
+  static constexpr int kAlpha = 6;
+  static constexpr float G[6][3] = {{1.0 / 4, 0, 0},
+                                     {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                                     {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                                     {1.0 / 24, 1.0 / 12, 1.0 / 6},
+                                     {1.0 / 24, -1.0 / 12, 1.0 / 6},
+                                     {0, 0, 1}};
+
+  // Bᵀ rows: (4 0 −5 0 1 0) (0 −4 −4 1 1 0) (0 4 −4 −1 1 0) (0 −2 −1 2 1 0) (0 2 −1 −2 1 0) (0 4 0 −5 0 1)
+  template <typename V>
+  MLIFAST_WINOGRAD_INLINE static void input(const V* d, V* r) {
+    const V a = d[4] - d[2] * 4.0f, b = d[3] - d[1] * 4.0f, c = d[4] - d[2], e = (d[3] - d[1]) * 2.0f;
+    r[0] = d[0] * 4.0f - d[2] * 5.0f + d[4];
+    r[1] = a + b, r[2] = a - b, r[3] = c + e, r[4] = c - e;
+    r[5] = d[1] * 4.0f - d[3] * 5.0f + d[5];
+  }
+
+  // Aᵀ rows: (1 1 1 1 1 0) (0 1 −1 2 −2 0) (0 1 1 4 4 0) (0 1 −1 8 −8 1)
+  template <typename V>
+  MLIFAST_WINOGRAD_INLINE static void output(const V* m, V* y) {
+    const V sum12 = m[1] + m[2], diff12 = m[1] - m[2], sum34 = m[3] + m[4], diff34 = m[3] - m[4];
+    y[0] = m[0] + sum12 + sum34;
+    y[1] = diff12 + diff34 * 2.0f;
+    y[2] = sum12 + sum34 * 4.0f;
+    y[3] = diff12 + diff34 * 8.0f + m[5];
+  }
+};
+
+constexpr int64_t kTiles = 48;  // tiles a block takes through the three steps (a multiple of every kRowTiles)
+
+// Floats of scratch from one position ξ to the next, for `row` floats a tile: one cache
+// line more than the tiles take, so that a tile's α² values do not all fall in one set of
+// the L1 cache (at 64 input channels the planes lay 3 × 4096 bytes apart).
+MLIFAST_WINOGRAD_INLINE int64_t plane_floats(int64_t row) { return kTiles * row + 16; }
+
+// A vector of `Bytes` bytes of floats (GCC's vector extensions; a template argument of
+// such a type loses its attribute, so functions take Bytes and name the type from it).
+template <int Bytes>
+struct Vector {
+  typedef float type __attribute__((vector_size(Bytes)));
+};
+#define MLIFAST_WINOGRAD_VECTOR typedef typename Vector<Bytes>::type Vec
+
+template <int Bytes>
+MLIFAST_WINOGRAD_INLINE typename Vector<Bytes>::type load(const float* p) {
+  typename Vector<Bytes>::type v;
+  std::memcpy(&v, p, Bytes);
+  return v;
+}
+
+template <int Bytes>
+MLIFAST_WINOGRAD_INLINE void store(float* p, typename Vector<Bytes>::type v) {
+  std::memcpy(p, &v, Bytes);
+}
+
+// U[ξ][ci][co] = (G·w[co][ci]·Gᵀ)[ξ] for w (C_out, C_in, 3, 3) contiguous, input channels
+// [ci_begin, ci_end), a vector of output channels at a time.
+template <int M, int Bytes>
+MLIFAST_WINOGRAD_INLINE void transform_weight(const float* w, const Geometry& g, int64_t ci_begin, int64_t ci_end, float* U) {
+  MLIFAST_WINOGRAD_VECTOR;
+  using T = Transforms<M>;
+  constexpr int A = T::kAlpha;
+  constexpr int64_t kWidth = Bytes / sizeof(float);
+  const int64_t Ci = g.in_channels, Co = g.out_channels;
+  for (int64_t ci = ci_begin; ci < ci_end; ++ci) {
+    for (int64_t co = 0; co < Co; co += kWidth) {
+      Vec k[9];  // tap-major
+      for (int tap = 0; tap < 9; ++tap)
+        for (int64_t l = 0; l < kWidth; ++l) k[tap][l] = w[((co + l) * Ci + ci) * 9 + tap];
+      Vec gk[A][3];
+      for (int i = 0; i < A; ++i)
+        for (int b = 0; b < 3; ++b) gk[i][b] = k[b] * T::G[i][0] + k[3 + b] * T::G[i][1] + k[6 + b] * T::G[i][2];
+      for (int i = 0; i < A; ++i)
+        for (int j = 0; j < A; ++j)
+          store<Bytes>(U + ((i * A + j) * Ci + ci) * Co + co,
+                       gk[i][0] * T::G[j][0] + gk[i][1] * T::G[j][1] + gk[i][2] * T::G[j][2]);
+    }
+  }
+}
+
+// Where the tiles of a block lie, tile after tile: image, and top-left output position
+// (tiles run along rows of tiles, image after image).
+struct TileWalk {
+  int64_t image, row, col;
+  const int64_t tiles_w, m;
+
+  MLIFAST_WINOGRAD_INLINE TileWalk(int64_t tile, int64_t tiles_h, int64_t tiles_w_, int64_t m_) : tiles_w(tiles_w_), m(m_) {
+    const int64_t per_image = tiles_h * tiles_w, in_image = tile % per_image;
+    image = tile / per_image, row = in_image / tiles_w * m, col = in_image % tiles_w * m;
+  }
+
+  MLIFAST_WINOGRAD_INLINE void next(int64_t tiles_h) {
+    col += m;
+    if (col < tiles_w * m) return;
+    col = 0, row += m;
+    if (row < tiles_h * m) return;
+    row = 0, ++image;
+  }
+};
+
+// One tile's V[ξ][ci] = (Bᵀ·d·B)[ξ], all its input channels: d the α×α input at `origin`,
+// rows h0…, columns w0… of its image, zero outside unless kInterior (it lies inside).
+template <int M, int Bytes, bool kInterior>
+MLIFAST_WINOGRAD_INLINE void transform_input_tile(const float* origin, const Geometry& g, int64_t h0, int64_t w0,
+                                                  int64_t plane, float* v) {
+  MLIFAST_WINOGRAD_VECTOR;
+  using T = Transforms<M>;
+  constexpr int A = T::kAlpha;
+  constexpr int64_t kWidth = Bytes / sizeof(float);
+  alignas(64) static const float kZeros[kWidth] = {};
+  const int64_t C = g.in_channels, row = g.width * C;
+  bool row_in[A], col_in[A];
+  for (int a = 0; a < A; ++a) {
+    row_in[a] = kInterior || (h0 + a >= 0 && h0 + a < g.height);
+    col_in[a] = kInterior || (w0 + a >= 0 && w0 + a < g.width);
+  }
+  for (int64_t c = 0; c < C; c += kWidth) {
+    Vec rows[A][A];  // Bᵀ·d
+#pragma GCC unroll 8
+    for (int b = 0; b < A; ++b) {
+      Vec column[A], transformed[A];
+#pragma GCC unroll 8
+      for (int a = 0; a < A; ++a) {
+        const float* at = origin + a * row + b * C + c;
+        column[a] = load<Bytes>(kInterior || (row_in[a] && col_in[b]) ? at : kZeros);
+      }
+      T::input(column, transformed);
+#pragma GCC unroll 8
+      for (int i = 0; i < A; ++i) rows[i][b] = transformed[i];
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < A; ++i) {
+      Vec transformed[A];
+      T::input(rows[i], transformed);
+#pragma GCC unroll 8
+      for (int j = 0; j < A; ++j) store<Bytes>(v + (i * A + j) * plane + c, transformed[j]);
+    }
+  }
+}
+
+// V[ξ][t][ci] = (Bᵀ·d·B)[ξ] of block tile t's input tile d (zero outside the image, and for
+// the tiles past the batch's last); `stride` (≥ C_in) floats from one tile to the next.
+template <int M, int Bytes>
+MLIFAST_WINOGRAD_INLINE void transform_input(const float* x, const Geometry& g, int64_t first, int64_t tiles,
+                                             int64_t tiles_h, int64_t tiles_w, int64_t stride, float* V) {
+  MLIFAST_WINOGRAD_VECTOR;
+  constexpr int A = Transforms<M>::kAlpha;
+  const int64_t C = g.in_channels, plane = plane_floats(stride);
+  TileWalk p(first, tiles_h, tiles_w, M);
+  for (int64_t t = 0; t < kTiles; ++t, p.next(tiles_h)) {
+    float* v = V + t * stride;
+    if (t >= tiles) {
+      for (int xi = 0; xi < A * A; ++xi) std::fill(v + xi * plane, v + xi * plane + C, 0.0f);
+      continue;
+    }
+    const int64_t h0 = p.row - g.pad_h, w0 = p.col - g.pad_w;
+    const float* origin = x + ((p.image * g.height + h0) * g.width + w0) * C;
+    if (h0 >= 0 && w0 >= 0 && h0 + A <= g.height && w0 + A <= g.width) {
+      transform_input_tile<M, Bytes, true>(origin, g, h0, w0, plane, v);
+    } else {
+      transform_input_tile<M, Bytes, false>(origin, g, h0, w0, plane, v);
+    }
+  }
+}
+
+// Mb[ξ][t][co] = Σ_ci V[ξ][t][ci]·U[ξ][ci][co] for kRowTiles tiles and kVectors vectors of
+// output channels at a time, their sums in registers. V's tiles lie kStride floats apart
+// (0: `stride`): a constant stride lets each tile's value be read at a fixed offset from one
+// pointer, where 16 tiles at a variable stride took a register each and spilled.
+template <int Bytes, int kRowTiles, int kVectors, int kStride>
+MLIFAST_WINOGRAD_INLINE void multiply_position(const float* __restrict__ V, const float* __restrict__ U,
+                                               int64_t C_in, int64_t C_out, int64_t stride, float* __restrict__ Mb) {
+  MLIFAST_WINOGRAD_VECTOR;
+  constexpr int64_t kWidth = Bytes / sizeof(float);
+  const int64_t step = kStride ? kStride : stride;
+  for (int64_t co = 0; co < C_out; co += kVectors * kWidth) {
+    for (int64_t t0 = 0; t0 < kTiles; t0 += kRowTiles) {
+      Vec acc[kRowTiles][kVectors] = {};
+      const float* v = V + t0 * step;
+      for (int64_t ci = 0; ci < C_in; ++ci) {
+        Vec u[kVectors];
+#pragma GCC unroll 8
+        for (int j = 0; j < kVectors; ++j) u[j] = load<Bytes>(U + ci * C_out + co + j * kWidth);
+#pragma GCC unroll 16
+        for (int t = 0; t < kRowTiles; ++t) {
+          const float s = v[t * step + ci];
+#pragma GCC unroll 8
+          for (int j = 0; j < kVectors; ++j) acc[t][j] += u[j] * s;
+        }
+      }
+#pragma GCC unroll 16
+      for (int t = 0; t < kRowTiles; ++t)
+#pragma GCC unroll 8
+        for (int j = 0; j < kVectors; ++j) store<Bytes>(Mb + (t0 + t) * C_out + co + j * kWidth, acc[t][j]);
+    }
+  }
+}
+
+// The GEMM of one position with the register blocking C_out allows.
+template <int Bytes, int kStride>
+MLIFAST_WINOGRAD_INLINE void multiply_position(const float* V, const float* U, int64_t C_in, int64_t C_out,
+                                               int64_t stride, float* Mb) {
+  constexpr int64_t kWidth = Bytes / sizeof(float);
+  if (C_out % (4 * kWidth) == 0) {
+    multiply_position<Bytes, 6, 4, kStride>(V, U, C_in, C_out, stride, Mb);
+  } else if (C_out % (2 * kWidth) == 0) {
+    multiply_position<Bytes, 12, 2, kStride>(V, U, C_in, C_out, stride, Mb);
+  } else {
+    multiply_position<Bytes, 16, 1, kStride>(V, U, C_in, C_out, stride, Mb);
+  }
+}
+
+// Floats from one tile's transformed input to the next: C_in rounded up to a power of two
+// from 16 to 512 (a constant the GEMM is compiled for), else C_in.
+MLIFAST_WINOGRAD_INLINE int64_t input_stride(int64_t C_in) {
+  for (int64_t s = 16; s <= 512; s *= 2)
+    if (C_in <= s) return s;
+  return C_in;
+}
+
+// y = Aᵀ·Mb·A + bias (+ addend) (ReLU: max(·, 0), NaN kept) for the block's real tiles,
+// clipped to the image.
+template <int M, int Bytes, bool kAdd, bool kRelu>
+MLIFAST_WINOGRAD_INLINE void transform_output(const float* Mb, const float* bias, const float* addend,
+                                              const Geometry& g, int64_t first, int64_t tiles, int64_t tiles_h,
+                                              int64_t tiles_w, float* y) {
+  MLIFAST_WINOGRAD_VECTOR;
+  using T = Transforms<M>;
+  constexpr int A = T::kAlpha;
+  constexpr int64_t kWidth = Bytes / sizeof(float);
+  const int64_t C = g.out_channels, plane = plane_floats(C), Ho = g.out_height(), Wo = g.out_width();
+  TileWalk p(first, tiles_h, tiles_w, M);
+  for (int64_t t = 0; t < tiles; ++t, p.next(tiles_h)) {
+    const int rows = int(std::min<int64_t>(M, Ho - p.row)), cols = int(std::min<int64_t>(M, Wo - p.col));
+    const int64_t base = ((p.image * Ho + p.row) * Wo + p.col) * C;
+    for (int64_t c = 0; c < C; c += kWidth) {
+      Vec columns[M][A];  // Aᵀ·m
+#pragma GCC unroll 8
+      for (int j = 0; j < A; ++j) {
+        Vec column[A], transformed[M];
+#pragma GCC unroll 8
+        for (int i = 0; i < A; ++i) column[i] = load<Bytes>(Mb + (i * A + j) * plane + t * C + c);
+        T::output(column, transformed);
+#pragma GCC unroll 8
+        for (int r = 0; r < M; ++r) columns[r][j] = transformed[r];
+      }
+      const Vec b = bias == nullptr ? Vec{} : load<Bytes>(bias + c);
+#pragma GCC unroll 8
+      for (int r = 0; r < M; ++r) {
+        if (r >= rows) break;
+        Vec out[M];
+        T::output(columns[r], out);
+#pragma GCC unroll 8
+        for (int s = 0; s < M; ++s) {
+          if (s >= cols) break;
+          Vec v = out[s] + b;
+          const int64_t at = base + (r * Wo + s) * C + c;
+          if constexpr (kAdd) v += load<Bytes>(addend + at);
+          if constexpr (kRelu) v = v < Vec{} ? Vec{} : v;
+          store<Bytes>(y + at, v);
+        }
+      }
+    }
+  }
+}
+
+// The tiles [first, first + tiles) (tiles ≤ kTiles) through the three steps; V and Mb are
+// α²·plane_floats(input_stride(C_in)) and α²·plane_floats(C_out) floats of scratch.
+template <int M, int Bytes, bool kAdd, bool kRelu>
+MLIFAST_WINOGRAD_INLINE void convolve_block(const float* x, const float* U, const float* bias, const float* addend,
+                                            const Geometry& g, int64_t first, int64_t tiles, float* V, float* Mb,
+                                            float* y) {
+  constexpr int A = Transforms<M>::kAlpha;
+  constexpr int64_t kWidth = Bytes / sizeof(float);
+  const int64_t tiles_h = (g.out_height() + M - 1) / M, tiles_w = (g.out_width() + M - 1) / M;
+  const int64_t Ci = g.in_channels, Co = g.out_channels, stride = input_stride(Ci);
+  transform_input<M, Bytes>(x, g, first, tiles, tiles_h, tiles_w, stride, V);
+  for (int xi = 0; xi < A * A; ++xi) {
+    const float* v = V + xi * plane_floats(stride);
+    const float* u = U + xi * Ci * Co;
+    float* mb = Mb + xi * plane_floats(Co);
+    switch (stride) {
+      case 16: multiply_position<Bytes, 16>(v, u, Ci, Co, stride, mb); break;
+      case 32: multiply_position<Bytes, 32>(v, u, Ci, Co, stride, mb); break;
+      case 64: multiply_position<Bytes, 64>(v, u, Ci, Co, stride, mb); break;
+      case 128: multiply_position<Bytes, 128>(v, u, Ci, Co, stride, mb); break;
+      case 256: multiply_position<Bytes, 256>(v, u, Ci, Co, stride, mb); break;
+      case 512: multiply_position<Bytes, 512>(v, u, Ci, Co, stride, mb); break;
+      default: multiply_position<Bytes, 0>(v, u, Ci, Co, stride, mb);
+    }
+  }
+  transform_output<M, Bytes, kAdd, kRelu>(Mb, bias, addend, g, first, tiles, tiles_h, tiles_w, y);
+}
+
+}  // namespace winograd
+}  // namespace mlifast

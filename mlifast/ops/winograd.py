@@ -1,0 +1,76 @@
+"""`winograd_conv3x3`: a 3×3, stride-1 convolution of float32 images by Winograd's
+F(4×4, 3×3), with a residual addend and a ReLU in its last step.
+
+Each 4×4 output tile takes 36 multiply-adds per input and output channel where a direct
+convolution takes 144; transforming tiles costs some of that back. On W2's ResNet-20 shapes
+the CPU kernel (csrc/cpu/winograd_conv.cpp) is 1.15–1.6× oneDNN's direct convolution
+(benchmarks/winograd_conv.py). Its rounding differs: against float64, about 5e-6 of the
+largest output, where a direct convolution is nearer 2e-7 (the transforms' constants, up to
+8, amplify rounding). Channels must be multiples of 16; no autograd.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mlifast._extension import register_op
+from mlifast.ops._checks import check_tensors, describe
+
+SCHEMA = ("winograd_conv3x3(Tensor input, Tensor weight, Tensor? bias, int[2] padding, Tensor? addend, "
+          "bool relu=False) -> Tensor")
+CHANNEL_MULTIPLE = 16
+
+
+def winograd_conv3x3_reference(input: Tensor, weight: Tensor, bias: Optional[Tensor], padding: Sequence[int],
+                               addend: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+    """Pure-PyTorch `winograd_conv3x3` (a direct convolution: its oracle up to rounding)."""
+    y = F.conv2d(input, weight, bias, padding=tuple(padding))
+    if addend is not None:
+        y = y + addend
+    return (torch.relu(y) if relu else y).contiguous(memory_format=torch.channels_last)
+
+
+register_op("winograd_conv3x3", SCHEMA, winograd_conv3x3_reference)
+
+
+@torch.library.register_fake("mlifast::winograd_conv3x3")
+def _(input, weight, bias, padding, addend=None, relu=False):
+    n, _, h, w = input.shape
+    return input.new_empty((n, weight.shape[0], h + 2 * padding[0] - 2, w + 2 * padding[1] - 2)).contiguous(
+        memory_format=torch.channels_last)
+
+
+def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, padding: Sequence[int] = (1, 1),
+                     addend: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+    """relu?(conv2d(input, weight, bias, stride=1, padding=padding) + addend?).
+
+    Args:
+        input: (N, C_in, H, W) float32, C_in a multiple of 16 (read channels-last; another
+            layout is copied first).
+        weight: (C_out, C_in, 3, 3) float32, C_out a multiple of 16.
+        bias: (C_out,) or None.
+        padding: (rows, columns) of zeros on each side.
+        addend: a tensor of the output's shape (N, C_out, H + 2·rows − 2, W + 2·columns − 2),
+            or None.
+        relu: return max(y, 0) (NaN stays NaN).
+
+    Returns:
+        (N, C_out, H', W') float32, channels-last.
+    """
+    check_tensors("winograd_conv3x3", {"input": input, "weight": weight, "bias": bias, "addend": addend})
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, addend)):
+        raise RuntimeError("winograd_conv3x3 has no autograd: call it under torch.no_grad() or on tensors that do "
+                           "not require grad")
+    if input.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[1:]) != (input.shape[1], 3, 3):
+        raise ValueError(f"winograd_conv3x3: expected input (N, C_in, H, W) and weight (C_out, C_in, 3, 3), got "
+                         f"{describe(input)} and {describe(weight)}")
+    if input.shape[1] % CHANNEL_MULTIPLE or weight.shape[0] % CHANNEL_MULTIPLE:
+        raise ValueError(f"winograd_conv3x3: channels must be multiples of {CHANNEL_MULTIPLE}, got "
+                         f"{input.shape[1]} in and {weight.shape[0]} out (use torch.conv2d for these)")
+    for name, t in (("input", input), ("weight", weight), ("bias", bias), ("addend", addend)):
+        if t is not None and (t.dtype != torch.float32 or t.device != input.device):
+            raise TypeError(f"winograd_conv3x3: {name} must be float32 on input's device, got {describe(t)}")
+    return torch.ops.mlifast.winograd_conv3x3(input, weight, bias, list(padding), addend, relu)
