@@ -2,9 +2,10 @@
 // convolution of channels-last float32 images by Winograd's F(4×4, 3×3), with the bias,
 // a residual addend and a ReLU in its last step (winograd_conv.h has the algorithm).
 //
-// On W2's ResNet-20 shapes (64 images, 2 threads) it took 0.95, 0.58 and 0.56 ms where
-// oneDNN's direct convolution took 1.11, 1.00 and 0.89 ms (16 channels at 32 × 32, 32 at
-// 16 × 16, 64 at 8 × 8; benchmarks/winograd_conv.py).
+// On W2's ResNet-20 shapes (64 images, 2 threads) it took 0.79, 0.59 and 0.51 ms where
+// oneDNN's direct convolution took 1.06, 0.95 and 0.87 ms (16 channels at 32 × 32, 32 at
+// 16 × 16, 64 at 8 × 8; with the addition and ReLU, 1.7× throughout:
+// benchmarks/winograd_conv.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

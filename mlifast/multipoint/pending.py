@@ -275,7 +275,7 @@ def _convolve(conv: nn.Module, rows: Tensor, weight: Tensor, bias: Optional[Tens
 
 
 # Devices whose 3×3 stride-1 convolutions run `winograd_conv3x3` (its compiled kernel:
-# on the CPU 1.5–1.7× oneDNN's direct convolution on W2's shapes).
+# on the CPU 1.3–1.7× oneDNN's direct convolution on W2's shapes; W2 1.18× in one process).
 WINOGRAD_DEVICES = {"cpu"}
 
 

@@ -1,0 +1,157 @@
+"""winograd_conv3x3: the compiled F(4×4, 3×3) kernel vs a float64 convolution, in every
+vector width, at sizes that leave partial tiles and blocks that cross images; its errors; and
+its use by the multi-point model's convolutions (float32 ResNet-20 at width 16)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mlifast
+from mlifast.multipoint import pending
+from mlifast.ops import winograd_conv3x3, winograd_conv3x3_reference
+from models import ResNet20
+from oracle import rel_err
+from test_interpolate import check_parity, pair
+
+# (N, C_in, C_out, H, W, padding): partial tiles at the right and bottom; 1 × 1 outputs;
+# padding 0 and 2; blocks of 48 tiles that span images; an image of more than one block.
+GEOMETRIES = [
+    (2, 16, 16, 8, 8, (1, 1)),
+    (3, 32, 16, 7, 9, (1, 1)),
+    (1, 16, 48, 5, 6, (0, 0)),
+    (2, 16, 32, 3, 3, (2, 1)),
+    (1, 16, 16, 3, 3, (0, 0)),
+    (5, 16, 16, 13, 11, (1, 1)),
+    (1, 16, 16, 30, 30, (1, 1)),
+]
+POST_OPS = {"none": (False, False), "relu": (False, True), "addend": (True, False), "addend+relu": (True, True)}
+TOL = 2e-5  # of the largest output (measured: 1.5–3.7e-6; ATen's direct convolution 2–5e-7)
+
+
+def operands(n, c_in, c_out, h, w, padding, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c_in, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, 3, 3, generator=g) / (9 * c_in) ** 0.5
+    b = torch.randn(c_out, generator=g) if bias else None
+    addend = torch.randn(n, c_out, h + 2 * padding[0] - 2, w + 2 * padding[1] - 2, generator=g)
+    return x, weight, b, addend
+
+
+def float64_conv(x, weight, bias, padding, addend, relu):
+    y = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=padding)
+    y = y if addend is None else y + addend.double()
+    return y.clamp_min(0) if relu else y
+
+
+def test_cpp_kernel_is_built():
+    assert mlifast.info()["ops"]["winograd_conv3x3"]["cpu"] == "cpp"
+
+
+@pytest.mark.parametrize("vector_bytes", [None, "32", "16"])
+@pytest.mark.parametrize("post", POST_OPS)
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_equals_a_float64_convolution(geometry, post, vector_bytes, monkeypatch):
+    if vector_bytes:
+        monkeypatch.setenv("MLIFAST_VECTOR_BYTES", vector_bytes)
+    with_addend, relu = POST_OPS[post]
+    x, weight, bias, addend = operands(*geometry, bias=post != "none")
+    addend = addend if with_addend else None
+    padding = geometry[-1]
+    with torch.no_grad():
+        y = winograd_conv3x3(x, weight, bias, padding, addend, relu)
+    expected = float64_conv(x, weight, bias, padding, addend, relu)
+    assert y.shape == expected.shape and y.dtype == torch.float32
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(y, expected) < TOL
+    assert rel_err(winograd_conv3x3_reference(x, weight, bias, padding, addend, relu), expected) < TOL
+
+
+def test_layouts_of_input_and_addend_do_not_matter():
+    x, weight, bias, addend = operands(2, 16, 32, 9, 6, (1, 1))
+    with torch.no_grad():
+        y = winograd_conv3x3(x, weight, bias, (1, 1), addend, True)
+        assert torch.equal(winograd_conv3x3(x.contiguous(), weight, bias, (1, 1),
+                                            addend.contiguous(memory_format=torch.channels_last), True), y)
+        strided = torch.randn(2, 16, 9, 12)[..., ::2].copy_(x)  # neither layout
+        assert torch.equal(winograd_conv3x3(strided, weight, bias, (1, 1), addend, True), y)
+
+
+def test_the_same_bits_on_one_and_two_threads():
+    x, weight, bias, addend = operands(4, 32, 32, 16, 16, (1, 1))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                results.append(winograd_conv3x3(x, weight, bias, (1, 1), addend, True))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*results)
+
+
+def test_a_nan_stays_in_its_image():
+    """A NaN pixel makes NaN every output whose tile reads it (more than a direct
+    convolution's 3 × 3 neighbourhood: the transforms mix a whole 6 × 6 input tile), and no
+    output of another image."""
+    x, weight, bias, _ = operands(2, 16, 16, 8, 8, (1, 1))
+    x[1, 3, 4, 5] = float("nan")
+    with torch.no_grad():
+        y = winograd_conv3x3(x, weight, bias, (1, 1))
+    direct = F.conv2d(x, weight, bias, padding=1)
+    assert not y[0].isnan().any()
+    assert y[1].isnan()[direct[1].isnan()].all() and y[1].isnan().any()
+
+
+def test_opcheck_and_the_fake_kernel():
+    x, weight, bias, addend = operands(2, 16, 16, 6, 7, (1, 2))
+    torch.library.opcheck(torch.ops.mlifast.winograd_conv3x3.default, (x, weight, bias, [1, 2], addend, True))
+    torch.library.opcheck(torch.ops.mlifast.winograd_conv3x3.default, (x, weight, None, [0, 0], None, False))
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("channels", ValueError, "multiples of 16"),
+    ("float64", TypeError, "float32"),
+    ("grad", RuntimeError, "no autograd"),
+    ("kernel", ValueError, "3, 3"),
+    ("addend", RuntimeError, "addend of the output's shape"),
+    ("too small", RuntimeError, "smaller than the 3 x 3 kernel"),
+])
+def test_bad_input_is_named(case, error, match):
+    x, weight, bias, addend = operands(1, 16, 16, 5, 5, (1, 1))
+    padding = (1, 1)
+    if case == "channels":
+        x, weight = x[:, :12], weight[:, :12]
+    elif case == "float64":
+        x = x.double()
+    elif case == "grad":
+        weight.requires_grad_(True)
+    elif case == "kernel":
+        weight = torch.randn(16, 16, 5, 5)
+    elif case == "addend":
+        addend = addend[:, :, :4]
+    else:
+        x, padding = x[:, :, :2, :2], (0, 0)
+    with pytest.raises(error, match=match):
+        winograd_conv3x3(x, weight, bias, padding, addend)
+
+
+def test_the_multipoint_resnet_computes_its_convolutions_with_it(monkeypatch):
+    """A float32 ResNet-20 of width 16 along a line: the 3 × 3 stride-1 convolutions it
+    computes one point at a time (from PER_POINT_MIN_POSITIONS: the first stage's, on two
+    32 × 32 images) run winograd_conv3x3, post-ops joined, and the outputs equal the
+    one-point-at-a-time oracle's."""
+    calls = []
+    monkeypatch.setattr(pending, "winograd_conv3x3",
+                        lambda *args: calls.append((tuple(args[1].shape[:2]), args[4] is not None, args[5]))
+                        or winograd_conv3x3(*args))
+    a, b = pair(lambda: ResNet20(width=16), torch.float32)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # (under autograd every convolution is ATen's)
+        fast = check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float32)
+    # each of stage 1's 3 blocks: conv1 → bn → ReLU joined, conv2 → bn → + x → ReLU joined
+    assert set(calls) == {((16, 16), False, True), ((16, 16), True, True)}
+    calls.clear()
+    monkeypatch.setattr(pending, "WINOGRAD_DEVICES", set())
+    with torch.no_grad():
+        fast(x)
+    assert not calls
