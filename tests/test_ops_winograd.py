@@ -4,16 +4,21 @@ its use by the multi-point model's convolutions (float32 ResNet-20 at width 16).
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.autograd import forward_ad
 
 import mlifast
+from mlifast.analysis.geometry import gauss_length
 from mlifast.multipoint import pending
+from mlifast.ops._checks import carries_derivatives
 from mlifast.ops import winograd_conv3x3, winograd_conv3x3_reference
 from models import ResNet20
 from oracle import rel_err
 from test_interpolate import check_parity, pair
 
 # (N, C_in, C_out, H, W, padding): partial tiles at the right and bottom; 1 × 1 outputs;
-# padding 0 and 2; blocks of 48 tiles that span images; an image of more than one block.
+# padding 0 and 2; blocks of 48 tiles that span images; an image of more than one block;
+# each register blocking of the GEMMs and each kind of input stride.
 GEOMETRIES = [
     (2, 16, 16, 8, 8, (1, 1)),
     (3, 32, 16, 7, 9, (1, 1)),
@@ -22,6 +27,10 @@ GEOMETRIES = [
     (1, 16, 16, 3, 3, (0, 0)),
     (5, 16, 16, 13, 11, (1, 1)),
     (1, 16, 16, 30, 30, (1, 1)),
+    (2, 64, 64, 6, 6, (1, 1)),  # 4 vectors of output channels a GEMM step (at 64 bytes)
+    (2, 48, 80, 9, 7, (1, 1)),  # input rows padded to 64 floats; 80 = 5 vectors
+    (1, 144, 64, 6, 10, (2, 0)),
+    (1, 528, 16, 5, 5, (1, 1)),  # input rows beyond 512 floats: the stride the GEMM reads at run time
 ]
 POST_OPS = {"none": (False, False), "relu": (False, True), "addend": (True, False), "addend+relu": (True, True)}
 TOL = 2e-5  # of the largest output (measured: 1.5–3.7e-6; ATen's direct convolution 2–5e-7)
@@ -108,10 +117,27 @@ def test_opcheck_and_the_fake_kernel():
     torch.library.opcheck(torch.ops.mlifast.winograd_conv3x3.default, (x, weight, None, [0, 0], None, False))
 
 
+def test_an_int_padding_and_a_string_one():
+    x, weight, bias, _ = operands(1, 16, 16, 5, 5, (2, 2))
+    with torch.no_grad():
+        assert torch.equal(winograd_conv3x3(x, weight, bias, 2), winograd_conv3x3(x, weight, bias, (2, 2)))
+    with pytest.raises(ValueError, match=r"int or \(rows, columns\)"):
+        winograd_conv3x3(x, weight, bias, "same")
+
+
+def test_tensors_carrying_forward_derivatives_are_refused():
+    """Its derivative would be zero: a dual tensor and torch.func.jvp raise instead."""
+    x, weight, bias, _ = operands(1, 16, 16, 5, 5, (1, 1))
+    with forward_ad.dual_level(), pytest.raises(RuntimeError, match="no derivatives"):
+        winograd_conv3x3(x, forward_ad.make_dual(weight, torch.ones_like(weight)), bias)
+    with pytest.raises(RuntimeError, match="no derivatives"):
+        torch.func.jvp(lambda w: winograd_conv3x3(x, w, bias), (weight,), (torch.ones_like(weight),))
+
+
 @pytest.mark.parametrize("case, error, match", [
     ("channels", ValueError, "multiples of 16"),
     ("float64", TypeError, "float32"),
-    ("grad", RuntimeError, "no autograd"),
+    ("grad", RuntimeError, "no derivatives"),
     ("kernel", ValueError, "3, 3"),
     ("addend", RuntimeError, "addend of the output's shape"),
     ("too small", RuntimeError, "smaller than the 3 x 3 kernel"),
@@ -155,3 +181,47 @@ def test_the_multipoint_resnet_computes_its_convolutions_with_it(monkeypatch):
     with torch.no_grad():
         fast(x)
     assert not calls
+
+
+def test_forward_mode_through_the_multipoint_resnet_keeps_its_derivatives(monkeypatch):
+    """gauss_length's nested forward-mode derivatives of a float32 ResNet-20 of width 16
+    (its convolutions per point on 32 × 32 images) equal float64's: Winograd, which has no
+    derivatives, is never handed a tensor that carries them (before, their derivatives
+    were silently zero: 4.34 for 4.60)."""
+    handed = []
+    monkeypatch.setattr(pending, "winograd_conv3x3",
+                        lambda *args: handed.append(carries_derivatives(*args[:2])) or winograd_conv3x3(*args))
+    a, b = pair(lambda: ResNet20(width=16), torch.float32)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    length = gauss_length(a, mlifast.Line(a, b), [(x, x)], alphas=5)
+    expected = gauss_length(a, mlifast.Line(a, b), [(x.double(), x.double())], alphas=5, dtype=torch.float64)
+    assert abs(length - expected) < 1e-4 * expected and not any(handed)
+
+
+class StandardisedConv(nn.Conv2d):
+    """Weight standardisation: a Conv2d whose `_conv_forward` convolves another weight."""
+
+    def _conv_forward(self, x, weight, bias):
+        mean, std = weight.mean((1, 2, 3), keepdim=True), weight.std((1, 2, 3), keepdim=True)
+        return super()._conv_forward(x, (weight - mean) / (std + 1e-5), bias)
+
+
+class StandardisedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 16, 3, padding=1), StandardisedConv(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.stem(x))).relu().mean((2, 3))
+
+
+def test_a_conv2d_subclass_with_its_own_conv_forward_keeps_it(monkeypatch):
+    """Not Winograd's plain convolution: the model stays fused and channels-last."""
+    calls = []
+    monkeypatch.setattr(pending, "winograd_conv3x3", lambda *args: calls.append(1) or winograd_conv3x3(*args))
+    torch.manual_seed(0)
+    a, b = StandardisedNet().eval(), StandardisedNet().eval()
+    x = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        fast = check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float32)
+    assert fast.images_channels_last and not calls and not fast.per_point_fallback

@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_map
 
 from mlifast._extension import compiled
 from mlifast.ops import channel_affine, winograd_conv3x3
+from mlifast.ops._checks import carries_derivatives
 from mlifast.ops.winograd import CHANNEL_MULTIPLE as WINOGRAD_CHANNEL_MULTIPLE
 
 
@@ -258,9 +259,9 @@ def _convolve(conv: nn.Module, rows: Tensor, weight: Tensor, bias: Optional[Tens
     float32 rows by `winograd_conv3x3`, the addend and ReLU in its last step; else, with an
     addend or a ReLU, on float32 CPU rows of a Conv2d, in one oneDNN primitive with
     post-ops; else as separate operations."""
-    if _winograd_applies(conv, rows, weight):
+    if _winograd_applies(conv, rows, weight, bias, addend):
         return winograd_conv3x3(rows, weight, bias, conv.padding, addend, relu)
-    if (relu or addend is not None) and _ONEDNN_POINTWISE is not None and isinstance(conv, nn.Conv2d) \
+    if (relu or addend is not None) and _ONEDNN_POINTWISE is not None and _plain_conv2d(conv) \
             and rows.dim() == 4 and rows.is_cpu and rows.dtype == torch.float32 and conv.padding_mode == "zeros" \
             and not isinstance(conv.padding, str):
         geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
@@ -279,16 +280,24 @@ def _convolve(conv: nn.Module, rows: Tensor, weight: Tensor, bias: Optional[Tens
 WINOGRAD_DEVICES = {"cpu"}
 
 
-def _winograd_applies(conv: nn.Module, rows: Tensor, weight: Tensor) -> bool:
-    """Whether `winograd_conv3x3` computes conv on rows: a Conv2d of 3×3 zero-padded kernels,
-    stride and dilation 1, one group, channels multiples of 16, on channels-last float32
-    rows outside autograd, on a device of WINOGRAD_DEVICES with the op compiled."""
-    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+def _winograd_applies(conv: nn.Module, rows: Tensor, weight: Tensor, bias: Optional[Tensor],
+                      addend: Optional[Tensor]) -> bool:
+    """Whether `winograd_conv3x3` computes conv on rows: a plain Conv2d of 3×3 zero-padded
+    kernels, stride and dilation 1, one group, channels multiples of 16, on channels-last
+    float32 rows, no tensor carrying derivatives (forward mode included: the op has none),
+    on a device of WINOGRAD_DEVICES with the op compiled."""
+    return (_plain_conv2d(conv) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str) and rows.dtype == torch.float32 and _channels_last(rows)
             and rows.device.type in WINOGRAD_DEVICES and compiled("winograd_conv3x3", rows.device.type)
             and conv.in_channels % WINOGRAD_CHANNEL_MULTIPLE == 0 and conv.out_channels % WINOGRAD_CHANNEL_MULTIPLE == 0
-            and not (torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad)))
+            and not carries_derivatives(rows, weight, bias, addend))
+
+
+def _plain_conv2d(conv: nn.Module) -> bool:
+    """A Conv2d computing what nn.Conv2d does (a subclass may override `_conv_forward`:
+    weight standardisation)."""
+    return isinstance(conv, nn.Conv2d) and type(conv)._conv_forward is nn.Conv2d._conv_forward
 
 
 # oneDNN's convolution with post-ops, as Inductor calls it (absent from builds without oneDNN).

@@ -1,7 +1,9 @@
 """Argument checks shared by the Python faces of the fused operations."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 
 def describe(t: Tensor) -> str:
@@ -33,3 +35,20 @@ def check_matching(op: str, named: dict[str, Tensor | None], shapes: dict[str, t
     for name, t in named.items():
         if t is not None and t.device != ref.device:
             raise ValueError(f"{op}: {name} must be on {like}'s device {ref.device}, got {describe(t)}")
+
+
+def carries_derivatives(*tensors: Tensor | None) -> bool:
+    """Whether any tensor takes part in a derivative: one that requires grad under grad
+    mode, a forward-mode dual tensor, or a torch.func transform's wrapper (jvp, grad,
+    vmap)."""
+    return any(t is not None and ((t.requires_grad and torch.is_grad_enabled())
+                                  or torch._C._functorch.is_functorch_wrapped_tensor(t)
+                                  or forward_ad.unpack_dual(t).tangent is not None) for t in tensors)
+
+
+def check_no_derivatives(op: str, *tensors: Tensor | None) -> None:
+    """RuntimeError where `carries_derivatives`: the compiled ops have no derivative rules,
+    and a derivative through them would silently be zero."""
+    if carries_derivatives(*tensors):
+        raise RuntimeError(f"{op} has no derivatives: call it under torch.no_grad(), outside torch.func "
+                           "transforms and forward-mode AD, on tensors that do not require grad")

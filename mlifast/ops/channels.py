@@ -11,8 +11,8 @@ A (K·B, C, …) input holds K points' B entries each, point-major (see multipoi
 
 The CPU kernels (csrc/cpu/channel_passes.cpp) read channels-last images, or (N, C) rows,
 or contiguous (N, C, …) in place, and keep the input's layout. Float32 and float64; no
-autograd (the multi-point model uses them outside autograd only; called with tensors
-that require grad, they raise).
+derivatives (the multi-point model uses them outside autograd only; called with tensors
+that carry them, they raise).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from mlifast._extension import register_op
-from mlifast.ops._checks import check_tensors, describe
+from mlifast.ops._checks import check_no_derivatives, check_tensors, describe
 
 MOMENTS_SCHEMA = "channel_moments(Tensor input, int points) -> (Tensor, Tensor)"
 AFFINE_SCHEMA = "channel_affine(Tensor input, Tensor scale, Tensor shift, Tensor? addend, bool relu=False) -> Tensor"
@@ -76,12 +76,6 @@ def _check_input(op: str, input: Tensor, points: int) -> None:
         raise TypeError(f"{op}: expected float32 or float64, got {describe(input)}")
 
 
-def _check_no_grad(op: str, *tensors: Optional[Tensor]) -> None:
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise RuntimeError(f"{op} has no autograd: call it under torch.no_grad() or on tensors that do not "
-                           "require grad")
-
-
 def channel_moments(input: Tensor, points: int) -> tuple[Tensor, Tensor]:
     """Each point's per-channel mean and biased variance.
 
@@ -94,7 +88,7 @@ def channel_moments(input: Tensor, points: int) -> tuple[Tensor, Tensor]:
         biased variance (divided by the B·… values per channel).
     """
     check_tensors("channel_moments", {"input": input})
-    _check_no_grad("channel_moments", input)
+    check_no_derivatives("channel_moments", input)
     _check_input("channel_moments", input, points)
     return torch.ops.mlifast.channel_moments(input, points)
 
@@ -113,7 +107,7 @@ def channel_affine(input: Tensor, scale: Tensor, shift: Tensor, addend: Optional
         (K·B, C, …) in input's layout.
     """
     check_tensors("channel_affine", {"input": input, "scale": scale, "shift": shift, "addend": addend})
-    _check_no_grad("channel_affine", input, scale, shift, addend)
+    check_no_derivatives("channel_affine", input, scale, shift, addend)
     channels = input.shape[1] if input.dim() >= 2 else "C"
     if scale.dim() != 2 or scale.shape[1] != channels or shift.shape != scale.shape:
         raise ValueError(f"channel_affine: expected scale and shift of shape (K, {channels}) for input "

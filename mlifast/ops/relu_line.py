@@ -13,8 +13,8 @@ kernel (csrc/cpu/relu_line_linear.cpp) computes all K points from two GEMMs at t
 smallest c plus the units that switch, not K GEMMs.
 
 Shapes: base, along (R, I); W, D (O, I); b, db (O,) or None; c (K,). Output (K, R, O).
-Float32 and float64; no autograd (the multi-point model uses it outside autograd only;
-called with tensors that require grad, it raises).
+Float32 and float64; no derivatives (the multi-point model uses it outside autograd only;
+called with tensors that carry them, it raises).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mlifast._extension import register_op
-from mlifast.ops._checks import check_matching, check_tensors, describe
+from mlifast.ops._checks import check_matching, check_no_derivatives, check_tensors, describe
 
 SCHEMA = (
     "relu_line_linear(Tensor base, Tensor along, Tensor weight, Tensor weight_dir, Tensor? bias, "
@@ -114,9 +114,7 @@ def relu_line_linear(
     named = {"base": base, "along": along, "weight": weight, "weight_dir": weight_dir, "bias": bias,
              "bias_dir": bias_dir, "coeffs": coeffs}
     check_tensors("relu_line_linear", named)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in named.values()):
-        raise RuntimeError("relu_line_linear has no autograd: call it under torch.no_grad() or on tensors "
-                           "that do not require grad")
+    check_no_derivatives("relu_line_linear", *named.values())
     if base.dim() != 2 or weight.dim() != 2 or coeffs.dim() != 1:
         raise ValueError(
             "relu_line_linear: expected base (R, I), weight (O, I) and coeffs (K,), got "

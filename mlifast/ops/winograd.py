@@ -7,7 +7,7 @@ the CPU kernel (csrc/cpu/winograd_conv.cpp) is 1.3–1.7× oneDNN's direct convo
 with the residual addition and ReLU (benchmarks/winograd_conv.py). Its rounding differs:
 against float64, about 5e-6 of the largest output where the direct convolution's is 5e-7 to
 1e-6 (the transforms' constants, up to 8, amplify rounding), and a NaN or inf in an input
-tile reaches all 16 outputs of the tile. Channels must be multiples of 16; no autograd.
+tile reaches all 16 outputs of the tile. Channels must be multiples of 16; no derivatives (it refuses tensors that carry them).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mlifast._extension import register_op
-from mlifast.ops._checks import check_tensors, describe
+from mlifast.ops._checks import check_no_derivatives, check_tensors, describe
 
 SCHEMA = ("winograd_conv3x3(Tensor input, Tensor weight, Tensor? bias, int[2] padding, Tensor? addend, "
           "bool relu=False) -> Tensor")
@@ -44,7 +44,8 @@ def _(input, weight, bias, padding, addend=None, relu=False):
         memory_format=torch.channels_last)
 
 
-def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, padding: Sequence[int] = (1, 1),
+def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                     padding: int | Sequence[int] = (1, 1),
                      addend: Optional[Tensor] = None, relu: bool = False) -> Tensor:
     """relu?(conv2d(input, weight, bias, stride=1, padding=padding) + addend?).
 
@@ -53,7 +54,7 @@ def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
             layout is copied first).
         weight: (C_out, C_in, 3, 3) float32, C_out a multiple of 16.
         bias: (C_out,) or None.
-        padding: (rows, columns) of zeros on each side.
+        padding: zeros on each side: (rows, columns), or one int for both.
         addend: a tensor of the output's shape (N, C_out, H + 2·rows − 2, W + 2·columns − 2),
             or None.
         relu: return max(y, 0) (NaN stays NaN).
@@ -62,9 +63,10 @@ def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         (N, C_out, H', W') float32, channels-last.
     """
     check_tensors("winograd_conv3x3", {"input": input, "weight": weight, "bias": bias, "addend": addend})
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, addend)):
-        raise RuntimeError("winograd_conv3x3 has no autograd: call it under torch.no_grad() or on tensors that do "
-                           "not require grad")
+    check_no_derivatives("winograd_conv3x3", input, weight, bias, addend)
+    padding = (padding, padding) if isinstance(padding, int) else padding
+    if isinstance(padding, str) or len(padding) != 2:
+        raise ValueError(f"winograd_conv3x3: padding must be an int or (rows, columns), got {padding!r}")
     if input.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[1:]) != (input.shape[1], 3, 3):
         raise ValueError(f"winograd_conv3x3: expected input (N, C_in, H, W) and weight (C_out, C_in, 3, 3), got "
                          f"{describe(input)} and {describe(weight)}")
