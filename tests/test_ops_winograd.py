@@ -225,3 +225,25 @@ def test_a_conv2d_subclass_with_its_own_conv_forward_keeps_it(monkeypatch):
     with torch.no_grad():
         fast = check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float32)
     assert fast.images_channels_last and not calls and not fast.per_point_fallback
+
+
+@pytest.mark.parametrize("conv, rows, applies", [
+    (nn.Conv2d(16, 16, 3, padding=1), (2, 16, 32, 32), True),  # 128 tiles
+    (nn.Conv2d(64, 128, 3, padding=1), (8, 64, 16, 16), True),
+    (nn.Conv2d(16, 16, 3, padding=1), (1, 16, 32, 32), False),  # 64 tiles: the weight's transform outweighs
+    (nn.Conv2d(256, 256, 3, padding=1), (16, 256, 32, 32), False),  # the weight's transform outgrows the cache
+    (nn.Conv2d(16, 16, 3, padding=1, stride=2), (2, 16, 64, 64), False),
+    (nn.Conv2d(16, 16, 3, padding=1, groups=2), (2, 16, 32, 32), False),
+    (nn.Conv2d(16, 16, 3, padding=2, dilation=2), (2, 16, 32, 32), False),
+    (nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect"), (2, 16, 32, 32), False),
+    (nn.Conv2d(16, 16, 3, padding="same"), (2, 16, 32, 32), False),
+    (nn.Conv2d(12, 16, 3, padding=1), (2, 12, 32, 32), False),
+    (nn.Conv2d(16, 16, 5, padding=2), (2, 16, 32, 32), False),
+], ids=str)
+def test_which_convolutions_it_takes(conv, rows, applies):
+    x = torch.randn(*rows).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert pending._winograd_applies(conv, x, conv.weight, conv.bias, None) is applies
+        if applies:  # not in another layout or dtype
+            assert not pending._winograd_applies(conv, x.contiguous(), conv.weight, conv.bias, None)
+            assert not pending._winograd_applies(conv.double(), x.double(), conv.weight, conv.bias, None)

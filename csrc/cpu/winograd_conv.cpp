@@ -24,7 +24,7 @@ constexpr int kM = 4;                    // outputs per tile side: F(4×4, 3×3)
 constexpr int64_t kChannelMultiple = 16;  // channels come in whole vectors of every width
 
 struct Job {
-  const float *x, *w, *bias, *addend;
+  const float *x, *w_taps, *bias, *addend;
   float *U, *y;
   winograd::Geometry g;
   int64_t tiles;
@@ -39,7 +39,7 @@ float* worker_scratch(int64_t floats) {
 
 template <int Bytes>
 MLIFAST_WINOGRAD_INLINE void transform_weight_task(const Job& j, int64_t begin, int64_t end) {
-  winograd::transform_weight<kM, Bytes>(j.w, j.g, begin, end, j.U);
+  winograd::transform_weight<kM, Bytes>(j.w_taps, j.g, begin, end, j.U);
 }
 
 template <int Bytes, bool kAdd, bool kRelu>
@@ -107,7 +107,8 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& input_, const at::Tensor& weig
   const winograd::Geometry g{N, H, W, Ci, Co, padding[0], padding[1]};
   TORCH_CHECK(g.out_height() >= 1 && g.out_width() >= 1, kOp, "a ", H, " x ", W, " input with padding ", padding,
               " is smaller than the 3 x 3 kernel");
-  const at::Tensor input = input_.contiguous(at::MemoryFormat::ChannelsLast), weight = weight_.contiguous();
+  const at::Tensor input = input_.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor weight = weight_.permute({1, 2, 3, 0}).contiguous();  // (C_in, 3, 3, C_out): vectors of C_out
   const std::optional<at::Tensor> bias =
       bias_.has_value() && bias_->defined() ? std::optional<at::Tensor>(bias_->contiguous()) : std::nullopt;
   if (bias) {

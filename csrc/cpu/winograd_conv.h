@@ -94,10 +94,12 @@ MLIFAST_WINOGRAD_INLINE void store(float* p, typename Vector<Bytes>::type v) {
   std::memcpy(p, &v, Bytes);
 }
 
-// U[ξ][ci][co] = (G·w[co][ci]·Gᵀ)[ξ] for w (C_out, C_in, 3, 3) contiguous, input channels
-// [ci_begin, ci_end), a vector of output channels at a time.
+// U[ξ][ci][co] = (G·w[co][ci]·Gᵀ)[ξ] for the weight laid out (C_in, 3, 3, C_out) contiguous
+// (`w_taps`: each tap's output channels in a row), input channels [ci_begin, ci_end), a
+// vector of output channels at a time.
 template <int M, int Bytes>
-MLIFAST_WINOGRAD_INLINE void transform_weight(const float* w, const Geometry& g, int64_t ci_begin, int64_t ci_end, float* U) {
+MLIFAST_WINOGRAD_INLINE void transform_weight(const float* w_taps, const Geometry& g, int64_t ci_begin,
+                                              int64_t ci_end, float* U) {
   MLIFAST_WINOGRAD_VECTOR;
   using T = Transforms<M>;
   constexpr int A = T::kAlpha;
@@ -105,9 +107,8 @@ MLIFAST_WINOGRAD_INLINE void transform_weight(const float* w, const Geometry& g,
   const int64_t Ci = g.in_channels, Co = g.out_channels;
   for (int64_t ci = ci_begin; ci < ci_end; ++ci) {
     for (int64_t co = 0; co < Co; co += kWidth) {
-      Vec k[9];  // tap-major
-      for (int tap = 0; tap < 9; ++tap)
-        for (int64_t l = 0; l < kWidth; ++l) k[tap][l] = w[((co + l) * Ci + ci) * 9 + tap];
+      Vec k[9];
+      for (int tap = 0; tap < 9; ++tap) k[tap] = load<Bytes>(w_taps + (ci * 9 + tap) * Co + co);
       Vec gk[A][3];
       for (int i = 0; i < A; ++i)
         for (int b = 0; b < 3; ++b) gk[i][b] = k[b] * T::G[i][0] + k[3 + b] * T::G[i][1] + k[6 + b] * T::G[i][2];

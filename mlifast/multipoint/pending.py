@@ -278,20 +278,36 @@ def _convolve(conv: nn.Module, rows: Tensor, weight: Tensor, bias: Optional[Tens
 # Devices whose 3×3 stride-1 convolutions run `winograd_conv3x3` (its compiled kernel:
 # on the CPU 1.3–1.7× oneDNN's direct convolution on W2's shapes; W2 1.18× in one process).
 WINOGRAD_DEVICES = {"cpu"}
+# ... from this many 4 × 4 output tiles a call and up to this many input × output channels
+# (benchmarks/winograd_conv.py, 2 cores): each call transforms the weight, 36·C_in·C_out
+# floats that every block of 48 tiles reads again, and its blocks are its threads' work.
+# Against oneDNN: 1.4–2.2× from 196 tiles at 64–128 channels (8×64×56×56: 2.1×,
+# 8×128×28×28 and 64×128×8×8: 1.7×; 16×256×14×14: 1.4×), 1.1× at 64 tiles of 16 channels,
+# 0.96× at 128 tiles of 256, 0.6× at 128 tiles of 512, 0.1–0.2× at 8–32 tiles of 512.
+WINOGRAD_MIN_TILES = 128
+WINOGRAD_MAX_CHANNEL_PAIRS = 128 * 128
 
 
 def _winograd_applies(conv: nn.Module, rows: Tensor, weight: Tensor, bias: Optional[Tensor],
                       addend: Optional[Tensor]) -> bool:
     """Whether `winograd_conv3x3` computes conv on rows: a plain Conv2d of 3×3 zero-padded
-    kernels, stride and dilation 1, one group, channels multiples of 16, on channels-last
-    float32 rows, no tensor carrying derivatives (forward mode included: the op has none),
-    on a device of WINOGRAD_DEVICES with the op compiled."""
+    kernels, stride and dilation 1, one group, channels multiples of 16 (their product
+    within WINOGRAD_MAX_CHANNEL_PAIRS), at least WINOGRAD_MIN_TILES output tiles, on
+    channels-last float32 rows, no tensor carrying derivatives (forward mode included: the
+    op has none), on a device of WINOGRAD_DEVICES with the op compiled."""
     return (_plain_conv2d(conv) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str) and rows.dtype == torch.float32 and _channels_last(rows)
             and rows.device.type in WINOGRAD_DEVICES and compiled("winograd_conv3x3", rows.device.type)
             and conv.in_channels % WINOGRAD_CHANNEL_MULTIPLE == 0 and conv.out_channels % WINOGRAD_CHANNEL_MULTIPLE == 0
-            and not carries_derivatives(rows, weight, bias, addend))
+            and conv.in_channels * conv.out_channels <= WINOGRAD_MAX_CHANNEL_PAIRS
+            and _output_tiles(conv, rows) >= WINOGRAD_MIN_TILES and not carries_derivatives(rows, weight, bias, addend))
+
+
+def _output_tiles(conv: nn.Module, rows: Tensor) -> int:
+    """4 × 4 output tiles of a 3 × 3 stride-1 conv on (N, C, H, W) rows."""
+    n, _, h, w = rows.shape
+    return n * -(-(h + 2 * conv.padding[0] - 2) // 4) * -(-(w + 2 * conv.padding[1] - 2) // 4)
 
 
 def _plain_conv2d(conv: nn.Module) -> bool:
