@@ -172,9 +172,9 @@ def test_evaluate_sizes_groups_by_the_cache_budget(monkeypatch):
     a, b = pair(mlp)
     line, data = mlifast.Line(a, b), batches()
     fast = mlifast.MultiPointModel(a, line, 1)
-    per_point = chunking.bytes_per_point(fast, data[0], lambda m, batch: (m(batch[0]), batch[1]),
-                                         torch.device("cpu")).activations
-    monkeypatch.setattr(chunking, "CPU_GROUP_BYTES", 2 * per_point)
+    point = chunking.bytes_per_point(fast, data[0], lambda m, batch: (m(batch[0]), batch[1]), torch.device("cpu"))
+    assert point.largest < point.activations  # (the MLP's layers: several outputs, the largest counts)
+    monkeypatch.setattr(chunking, "CPU_GROUP_BYTES", 2 * chunking.LIVE_OUTPUTS * point.largest)
     monkeypatch.setattr(chunking, "weight_bytes", lambda space: 0)  # (its floor: test_first_call_check)
     per_pass, group = chunking.plan(fast, data, lambda m, batch: (m(batch[0]), batch[1]), torch.device("cpu"))
     assert group == 2 and per_pass >= 5

@@ -20,6 +20,11 @@ CUDA_BUDGET_FRACTION = 0.5
 # (19 MB a point at B = 1000) is about as fast at 1 to 8 points a group and a third
 # slower with all 50 at once; at B = 500 (9 MB a point) 6 points a group beat 1–3 by ~10 %.
 CPU_GROUP_BYTES = 64 << 20
+# ... counting LIVE_OUTPUTS times a point's largest module output, what no_grad holds of it
+# at once (a layer's input, its output, a shortcut), not the sum of every module output: a
+# CNN's sum is tens of its layers' outputs, and W2 at batch 16 (ResNet-20, 35 MB summed, 1
+# MB largest) ran 1 point a group, 5.9 s, against 3.8–4.0 s at 7–30 (the loop 4.6 s).
+LIVE_OUTPUTS = 4
 # ... but every group reads all the weights again (each moving layer's origin and its J
 # directions): a group is made at least as large as that traffic over one point's
 # activations, so that what keeping its activations in cache saves can outweigh it. On W3 (a
@@ -43,6 +48,7 @@ class PointBytes:
 
     activations: every module output (an upper bound of what a group holds at once, as
         no_grad frees activations as it goes); held only while its group runs.
+    largest: the largest module output.
     kept: what a pass keeps for each of its points whatever its groups: the model's
         output and the loss's temporaries of the same size until the batch ends, and each
         batch norm's (2, C) float64 sums and recomputed statistics until the pass ends.
@@ -50,11 +56,12 @@ class PointBytes:
 
     activations: int
     kept: int
+    largest: int
 
 
 def bytes_per_point(fast, batch: Any, forward, device: torch.device, dtype=None) -> PointBytes:
     """PointBytes of `fast` for one point on `batch`, from one unchecked pass."""
-    activations, outputs = 0, 0
+    activations, outputs, largest = 0, 0, 0
 
     def nbytes(output) -> int:
         total, stack = 0, [output]
@@ -69,8 +76,9 @@ def bytes_per_point(fast, batch: Any, forward, device: torch.device, dtype=None)
         return total
 
     def count(module, _inputs, output):
-        nonlocal activations, outputs
-        activations += nbytes(output)
+        nonlocal activations, outputs, largest
+        size = nbytes(output)
+        activations, largest = activations + size, max(largest, size)
         if module is fast.model:
             outputs = nbytes(output)
 
@@ -89,7 +97,7 @@ def bytes_per_point(fast, batch: Any, forward, device: torch.device, dtype=None)
         fast.set_coords(saved)
     statistics = sum(m.inner.num_features * (2 * 8 + 2 * m.inner.running_mean.element_size())
                      for m in fast.norms if m.inner.running_mean is not None)
-    return PointBytes(max(activations, 1), max(2 * outputs + statistics, 1))
+    return PointBytes(max(activations, 1), max(2 * outputs + statistics, 1), max(largest, 1))
 
 
 def weight_bytes(space) -> int:
@@ -109,8 +117,9 @@ def plan(fast, data: Iterable, forward, device: torch.device, dtype=None,
 
     On a GPU a pass runs all its points at once (a GPU wants wide passes): the memory
     budget over one point's activations. On the CPU a pass runs them in groups of
-    CPU_GROUP_BYTES over one point's activations, and at least the weights' bytes over
-    them (each group reads the weights again), at most the budget's; a pass holds one
+    CPU_GROUP_BYTES over LIVE_OUTPUTS of one point's largest module outputs, and at least
+    the weights' bytes over its activations (each group reads the weights again), at most
+    the budget's; a pass holds one
     group's activations and what it keeps for each of its points (PointBytes.kept), so it
     takes every point the rest of the budget allows: each pass runs the first-call check
     of its number of points and reads the data again. `max_points_per_pass` caps it.
@@ -122,7 +131,7 @@ def plan(fast, data: Iterable, forward, device: torch.device, dtype=None,
     budget = memory_budget(device)
     if device.type != "cpu":
         return max_points_per_pass or int(max(1, budget // point.activations)), None
-    group = max(1, CPU_GROUP_BYTES // point.activations, -(-weight_bytes(fast.space) // point.activations))
+    group = max(1, CPU_GROUP_BYTES // (LIVE_OUTPUTS * point.largest), -(-weight_bytes(fast.space) // point.activations))
     group = int(max(1, min(group, budget // point.activations)))
     per_pass = int(max(1, (budget - group * point.activations) // point.kept))
     return min(per_pass, max_points_per_pass or per_pass), group
