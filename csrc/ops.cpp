@@ -42,4 +42,9 @@ TORCH_LIBRARY(mlifast, m) {
   m.def(
       "winograd_conv3x3(Tensor input, Tensor weight, Tensor? bias, int[2] padding, Tensor? addend, "
       "bool relu=False) -> Tensor");
+  // The same into a channels-last `out` of the output's shape (a caller writing each
+  // point's rows into one tensor for all points).
+  m.def(
+      "winograd_conv3x3.out(Tensor input, Tensor weight, Tensor? bias, int[2] padding, Tensor? addend, "
+      "bool relu=False, *, Tensor(a!) out) -> Tensor(a!)");
 }

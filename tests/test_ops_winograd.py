@@ -84,6 +84,26 @@ def test_layouts_of_input_and_addend_do_not_matter():
         assert torch.equal(winograd_conv3x3(strided, weight, bias, (1, 1), addend, True), y)
 
 
+def test_out_takes_a_slice_of_a_larger_output_and_may_be_the_addend():
+    x, weight, bias, addend = operands(3, 16, 32, 9, 6, (1, 1))
+    with torch.no_grad():
+        y = winograd_conv3x3(x, weight, bias, (1, 1), addend, True)
+        into = torch.full((5, *y.shape[1:]), float("nan")).contiguous(memory_format=torch.channels_last)
+        assert winograd_conv3x3(x, weight, bias, (1, 1), addend, True, out=into[1:4]).data_ptr() == into[1:4].data_ptr()
+        assert torch.equal(into[1:4], y) and into[0].isnan().all() and into[4].isnan().all()
+        in_place = addend.contiguous(memory_format=torch.channels_last)
+        winograd_conv3x3(x, weight, bias, (1, 1), in_place, True, out=in_place)
+        assert torch.equal(in_place, y)
+        with pytest.raises(RuntimeError, match="out must be a channels-last float32 CPU tensor"):
+            winograd_conv3x3(x, weight, bias, (1, 1), out=torch.empty(y.shape))
+        same = torch.empty(3, 16, 9, 6).contiguous(memory_format=torch.channels_last)
+        with pytest.raises(RuntimeError, match="unsupported operation"):  # (out overlaps the input)
+            winograd_conv3x3(same, weight[:16], bias[:16], (1, 1), out=same)
+    # (functionalization takes no custom op returning an alias, as torch's .out ops do)
+    torch.library.opcheck(torch.ops.mlifast.winograd_conv3x3.out, (x, weight, bias, [1, 1], addend, True),
+                          {"out": torch.empty_like(y)}, test_utils=("test_schema", "test_faketensor"))
+
+
 def test_the_same_bits_on_one_and_two_threads():
     x, weight, bias, addend = operands(4, 32, 32, 16, 16, (1, 1))
     threads = torch.get_num_threads()
@@ -166,16 +186,17 @@ def test_the_multipoint_resnet_computes_its_convolutions_with_it(monkeypatch):
     computes one point at a time (from PER_POINT_MIN_POSITIONS: the first stage's, on two
     32 × 32 images) run winograd_conv3x3, post-ops joined, and the outputs equal the
     one-point-at-a-time oracle's."""
-    calls = []
-    monkeypatch.setattr(pending, "winograd_conv3x3",
-                        lambda *args: calls.append((tuple(args[1].shape[:2]), args[4] is not None, args[5]))
-                        or winograd_conv3x3(*args))
+    calls, into = [], []
+    monkeypatch.setattr(pending, "winograd_conv3x3", lambda *args, **kwargs: calls.append(
+        (tuple(args[1].shape[:2]), args[4] is not None, args[5])) or into.append(kwargs["out"] is not None)
+        or winograd_conv3x3(*args, **kwargs))
     a, b = pair(lambda: ResNet20(width=16), torch.float32)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # (under autograd every convolution is ATen's)
         fast = check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float32)
-    # each of stage 1's 3 blocks: conv1 → bn → ReLU joined, conv2 → bn → + x → ReLU joined
-    assert set(calls) == {((16, 16), False, True), ((16, 16), True, True)}
+    # each of stage 1's 3 blocks: conv1 → bn → ReLU joined, conv2 → bn → + x → ReLU joined;
+    # the 3 points' rows written into one output
+    assert set(calls) == {((16, 16), False, True), ((16, 16), True, True)} and all(into)
     calls.clear()
     monkeypatch.setattr(pending, "WINOGRAD_DEVICES", set())
     with torch.no_grad():
@@ -189,8 +210,8 @@ def test_forward_mode_through_the_multipoint_resnet_keeps_its_derivatives(monkey
     derivatives, is never handed a tensor that carries them (before, their derivatives
     were silently zero: 4.34 for 4.60)."""
     handed = []
-    monkeypatch.setattr(pending, "winograd_conv3x3",
-                        lambda *args: handed.append(carries_derivatives(*args[:2])) or winograd_conv3x3(*args))
+    monkeypatch.setattr(pending, "winograd_conv3x3", lambda *args, **kwargs: handed.append(
+        carries_derivatives(*args[:2])) or winograd_conv3x3(*args, **kwargs))
     a, b = pair(lambda: ResNet20(width=16), torch.float32)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     length = gauss_length(a, mlifast.Line(a, b), [(x, x)], alphas=5)
@@ -218,7 +239,8 @@ class StandardisedNet(nn.Module):
 def test_a_conv2d_subclass_with_its_own_conv_forward_keeps_it(monkeypatch):
     """Not Winograd's plain convolution: the model stays fused and channels-last."""
     calls = []
-    monkeypatch.setattr(pending, "winograd_conv3x3", lambda *args: calls.append(1) or winograd_conv3x3(*args))
+    monkeypatch.setattr(pending, "winograd_conv3x3",
+                        lambda *args, **kwargs: calls.append(1) or winograd_conv3x3(*args, **kwargs))
     torch.manual_seed(0)
     a, b = StandardisedNet().eval(), StandardisedNet().eval()
     x = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(2))

@@ -7,6 +7,7 @@
 // 16 × 16, 64 at 8 × 8; with the addition and ReLU, 1.7× throughout:
 // benchmarks/winograd_conv.py).
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -88,9 +89,9 @@ std::optional<at::Tensor> channels_last_float(const std::optional<at::Tensor>& t
                                        : std::nullopt;
 }
 
-at::Tensor winograd_conv3x3_cpu(const at::Tensor& input_, const at::Tensor& weight_,
-                                const std::optional<at::Tensor>& bias_, at::IntArrayRef padding,
-                                const std::optional<at::Tensor>& addend_, bool relu) {
+at::Tensor& winograd_conv3x3_out_cpu(const at::Tensor& input_, const at::Tensor& weight_,
+                                     const std::optional<at::Tensor>& bias_, at::IntArrayRef padding,
+                                     const std::optional<at::Tensor>& addend_, bool relu, at::Tensor& out) {
   TORCH_CHECK(input_.dim() == 4 && input_.scalar_type() == at::kFloat && input_.device().is_cpu(), kOp,
               "expected a 4-d float32 CPU input (N, C_in, H, W), got ", input_.sizes(), " ", input_.scalar_type(),
               " on ", input_.device());
@@ -123,8 +124,12 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& input_, const at::Tensor& weig
                 kOp, "expected a float32 CPU addend of the output's shape ", at::IntArrayRef(out_sizes), ", got ",
                 addend->sizes(), " ", addend->scalar_type());
   }
-  at::Tensor y = at::empty(out_sizes, input.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (y.numel() == 0) return y;
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(out_sizes) && out.scalar_type() == at::kFloat && out.device().is_cpu() &&
+                  out.is_contiguous(at::MemoryFormat::ChannelsLast),
+              kOp, "out must be a channels-last float32 CPU tensor of shape ", at::IntArrayRef(out_sizes), ", got ",
+              out.sizes(), " ", out.scalar_type(), " with strides ", out.strides());
+  at::assert_no_overlap(out, input);  // (an addend may be out itself: each value is read before it is written)
+  if (out.numel() == 0) return out;
   constexpr int A = winograd::Transforms<kM>::kAlpha;
   at::Tensor U = at::empty({A * A * Ci * Co}, input.options());
   const int64_t tiles = N * ((g.out_height() + kM - 1) / kM) * ((g.out_width() + kM - 1) / kM);
@@ -133,7 +138,7 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& input_, const at::Tensor& weig
                 bias ? bias->const_data_ptr<float>() : nullptr,
                 addend ? addend->const_data_ptr<float>() : nullptr,
                 U.data_ptr<float>(),
-                y.data_ptr<float>(),
+                out.data_ptr<float>(),
                 g,
                 tiles};
   const int bytes = vector_bytes();
@@ -147,11 +152,26 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& input_, const at::Tensor& weig
     else if (bytes == 32) blocks_32(job, relu, begin, end);
     else blocks_16(job, relu, begin, end);
   });
-  return y;
+  return out;
+}
+
+at::Tensor winograd_conv3x3_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, at::IntArrayRef padding,
+                                const std::optional<at::Tensor>& addend, bool relu) {
+  TORCH_CHECK(input.dim() == 4 && weight.dim() == 4 && padding.size() == 2, kOp,
+              "expected a 4-d input and weight and two paddings, got ", input.sizes(), ", ", weight.sizes(), " and ",
+              padding);
+  at::Tensor out = at::empty({input.size(0), weight.size(0), input.size(2) + 2 * padding[0] - 2,
+                              input.size(3) + 2 * padding[1] - 2},
+                             input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  return winograd_conv3x3_out_cpu(input, weight, bias, padding, addend, relu, out);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mlifast, CPU, m) { m.impl("winograd_conv3x3", &winograd_conv3x3_cpu); }
+TORCH_LIBRARY_IMPL(mlifast, CPU, m) {
+  m.impl("winograd_conv3x3", &winograd_conv3x3_cpu);
+  m.impl("winograd_conv3x3.out", &winograd_conv3x3_out_cpu);
+}
 
 }  // namespace mlifast

@@ -22,6 +22,8 @@ from mlifast.ops._checks import check_no_derivatives, check_tensors, describe
 
 SCHEMA = ("winograd_conv3x3(Tensor input, Tensor weight, Tensor? bias, int[2] padding, Tensor? addend, "
           "bool relu=False) -> Tensor")
+OUT_SCHEMA = ("winograd_conv3x3.out(Tensor input, Tensor weight, Tensor? bias, int[2] padding, Tensor? addend, "
+              "bool relu=False, *, Tensor(a!) out) -> Tensor(a!)")
 CHANNEL_MULTIPLE = 16
 
 
@@ -34,7 +36,12 @@ def winograd_conv3x3_reference(input: Tensor, weight: Tensor, bias: Optional[Ten
     return (torch.relu(y) if relu else y).contiguous(memory_format=torch.channels_last)
 
 
+def _winograd_conv3x3_out_reference(input, weight, bias, padding, addend=None, relu=False, *, out):
+    return out.copy_(winograd_conv3x3_reference(input, weight, bias, padding, addend, relu))
+
+
 register_op("winograd_conv3x3", SCHEMA, winograd_conv3x3_reference)
+register_op("winograd_conv3x3.out", OUT_SCHEMA, _winograd_conv3x3_out_reference)
 
 
 @torch.library.register_fake("mlifast::winograd_conv3x3")
@@ -44,9 +51,14 @@ def _(input, weight, bias, padding, addend=None, relu=False):
         memory_format=torch.channels_last)
 
 
+@torch.library.register_fake("mlifast::winograd_conv3x3.out")
+def _(input, weight, bias, padding, addend=None, relu=False, *, out):
+    return out
+
+
 def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                     padding: int | Sequence[int] = (1, 1),
-                     addend: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+                     padding: int | Sequence[int] = (1, 1), addend: Optional[Tensor] = None, relu: bool = False,
+                     *, out: Optional[Tensor] = None) -> Tensor:
     """relu?(conv2d(input, weight, bias, stride=1, padding=padding) + addend?).
 
     Args:
@@ -58,12 +70,14 @@ def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         addend: a tensor of the output's shape (N, C_out, H + 2·rows − 2, W + 2·columns − 2),
             or None.
         relu: return max(y, 0) (NaN stays NaN).
+        out: a channels-last float32 tensor of the output's shape to write into (not
+            overlapping input; it may be the addend), or None.
 
     Returns:
-        (N, C_out, H', W') float32, channels-last.
+        (N, C_out, H', W') float32, channels-last (`out` where given).
     """
-    check_tensors("winograd_conv3x3", {"input": input, "weight": weight, "bias": bias, "addend": addend})
-    check_no_derivatives("winograd_conv3x3", input, weight, bias, addend)
+    check_tensors("winograd_conv3x3", {"input": input, "weight": weight, "bias": bias, "addend": addend, "out": out})
+    check_no_derivatives("winograd_conv3x3", input, weight, bias, addend, out)
     padding = (padding, padding) if isinstance(padding, int) else padding
     if isinstance(padding, str) or len(padding) != 2:
         raise ValueError(f"winograd_conv3x3: padding must be an int or (rows, columns), got {padding!r}")
@@ -76,4 +90,6 @@ def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     for name, t in (("input", input), ("weight", weight), ("bias", bias), ("addend", addend)):
         if t is not None and (t.dtype != torch.float32 or t.device != input.device):
             raise TypeError(f"winograd_conv3x3: {name} must be float32 on input's device, got {describe(t)}")
-    return torch.ops.mlifast.winograd_conv3x3(input, weight, bias, list(padding), addend, relu)
+    if out is None:
+        return torch.ops.mlifast.winograd_conv3x3(input, weight, bias, list(padding), addend, relu)
+    return torch.ops.mlifast.winograd_conv3x3.out(input, weight, bias, list(padding), addend, relu, out=out)
