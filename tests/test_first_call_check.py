@@ -351,7 +351,7 @@ def test_groups_are_at_least_the_weights_over_one_points_activations(monkeypatch
     forward = lambda m, batch: (m(batch[0]), None)  # noqa: E731
     point = chunking.bytes_per_point(fast, data[0], forward, torch.device("cpu"))
     per_point = point.activations
-    assert per_point == point.largest == 2 * 64 * 8  # the layer's output only
+    assert per_point == point.live == 2 * 64 * 8  # the layer's output only
     weights = chunking.weight_bytes(line)
     assert weights == (64 * 64 + 64) * 8 * 2  # origin and one direction
     monkeypatch.setattr(chunking, "CPU_GROUP_BYTES", 1)
@@ -359,7 +359,7 @@ def test_groups_are_at_least_the_weights_over_one_points_activations(monkeypatch
     assert group == -(-weights // per_point)  # each group reads the weights again: no fewer points
     monkeypatch.setattr(chunking, "CPU_GROUP_BYTES", 10 * weights)
     _, group = chunking.plan(fast, data, forward, torch.device("cpu"))
-    assert group == 10 * weights // (chunking.LIVE_OUTPUTS * point.largest)
+    assert group == 10 * weights // point.live
 
 
 class BatchNormCapturesBatch(nn.Module):

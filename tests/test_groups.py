@@ -1,5 +1,7 @@
 """Points run in groups (MultiPointModel.points_per_group, chosen by evaluate on the CPU),
 what is shared by every point kept between the groups, activations fused in place."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -173,8 +175,8 @@ def test_evaluate_sizes_groups_by_the_cache_budget(monkeypatch):
     line, data = mlifast.Line(a, b), batches()
     fast = mlifast.MultiPointModel(a, line, 1)
     point = chunking.bytes_per_point(fast, data[0], lambda m, batch: (m(batch[0]), batch[1]), torch.device("cpu"))
-    assert point.largest < point.activations  # (the MLP's layers: several outputs, the largest counts)
-    monkeypatch.setattr(chunking, "CPU_GROUP_BYTES", 2 * chunking.LIVE_OUTPUTS * point.largest)
+    assert point.live < point.activations  # (the MLP's layers: several outputs, not all alive at once)
+    monkeypatch.setattr(chunking, "CPU_GROUP_BYTES", 2 * point.live)
     monkeypatch.setattr(chunking, "weight_bytes", lambda space: 0)  # (its floor: test_first_call_check)
     per_pass, group = chunking.plan(fast, data, lambda m, batch: (m(batch[0]), batch[1]), torch.device("cpu"))
     assert group == 2 and per_pass >= 5
@@ -273,3 +275,36 @@ def test_the_first_call_runs_the_model_once_besides_its_checks(monkeypatch):
     with torch.no_grad():
         fast(torch.randn(3, 3, 4, dtype=torch.float64))
     assert len(runs) == 1  # the checked outputs are the call's outputs
+
+
+class KeepsHiddenStates(nn.Module):
+    """Returns the mean of every hidden state: all of them alive at once at the end."""
+
+    def __init__(self, layers: int = 6, width: int = 32):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(layers))
+
+    def forward(self, x):
+        hidden = []
+        for layer in self.layers:
+            x = layer(x)
+            hidden.append(x)
+        return torch.stack(hidden).mean(0)
+
+
+def test_groups_count_the_outputs_alive_at_once():
+    """A chain frees each output once the next exists; a model keeping every hidden state
+    holds them all at its peak, and its groups are sized by that."""
+    from mlifast.engine import chunking
+
+    forward = lambda m, batch: (m(batch[0]), None)  # noqa: E731
+    x = torch.randn(64, 32, dtype=torch.float64)
+    output = 64 * 32 * 8
+    # a chain: a block's input, its Linear's output and its ReLU's; keeping: 6 hidden states
+    # and the last Linear's output (or the model's)
+    for model, live in ((nn.Sequential(*(nn.Sequential(nn.Linear(32, 32), nn.ReLU()) for _ in range(6))), 3),
+                        (KeepsHiddenStates(), 7)):
+        model = model.double()
+        fast = mlifast.MultiPointModel(model, mlifast.Line(model, copy.deepcopy(model)), 1)
+        point = chunking.bytes_per_point(fast, (x, None), forward, torch.device("cpu"))
+        assert point.live == live * output, (type(model).__name__, point.live / output)

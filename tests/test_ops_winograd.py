@@ -92,8 +92,14 @@ def test_out_takes_a_slice_of_a_larger_output_and_may_be_the_addend():
         assert winograd_conv3x3(x, weight, bias, (1, 1), addend, True, out=into[1:4]).data_ptr() == into[1:4].data_ptr()
         assert torch.equal(into[1:4], y) and into[0].isnan().all() and into[4].isnan().all()
         in_place = addend.contiguous(memory_format=torch.channels_last)
+        version = in_place._version
         winograd_conv3x3(x, weight, bias, (1, 1), in_place, True, out=in_place)
-        assert torch.equal(in_place, y)
+        assert torch.equal(in_place, y) and in_place._version > version  # (autograd sees the write)
+        shifted = torch.cat([addend, addend]).contiguous(memory_format=torch.channels_last)
+        with pytest.raises(RuntimeError, match="unsupported operation"):  # (an addend partly out)
+            winograd_conv3x3(x, weight, bias, (1, 1), shifted[:3], out=shifted[1:4])
+        with pytest.raises(RuntimeError, match="unsupported operation"):  # (a bias inside out)
+            winograd_conv3x3(x, weight, into[0, :, 0, 0], (1, 1), out=into[:3])
         with pytest.raises(RuntimeError, match="out must be a channels-last float32 CPU tensor"):
             winograd_conv3x3(x, weight, bias, (1, 1), out=torch.empty(y.shape))
         same = torch.empty(3, 16, 9, 6).contiguous(memory_format=torch.channels_last)
@@ -176,7 +182,7 @@ def test_bad_input_is_named(case, error, match):
     elif case == "addend":
         addend = addend[:, :, :4]
     else:
-        x, padding = x[:, :, :2, :2], (0, 0)
+        x, padding = x[:, :, :1, :1], (0, 0)
     with pytest.raises(error, match=match):
         winograd_conv3x3(x, weight, bias, padding, addend)
 

@@ -109,6 +109,9 @@ def test_bad_arguments_are_named():
         relu_line_linear(base, along.double(), weight, weight_dir, bias, bias_dir, c)
     with pytest.raises(ValueError, match=r"out must be a contiguous \(3, 4, 8\) tensor"):
         relu_line_linear(base, along, weight, weight_dir, bias, bias_dir, c, out=torch.empty(3, 8, 4).mT)
+    out = torch.empty(3, 4, 8)
+    relu_line_linear(base, along, weight, weight_dir, bias, bias_dir, c, out=out)
+    assert out._version > 0  # (the write is seen: autograd, PendingInputWritten)
     memory = torch.randn(96)  # an out sharing memory with base
     with pytest.raises(RuntimeError, match="unsupported operation"):
         torch.ops.mlifast.relu_line_linear.out(memory[:24].view(4, 6), along, weight, weight_dir, bias, bias_dir, c,

@@ -30,6 +30,7 @@
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/accumulate.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "vector_width.h"
@@ -418,6 +419,11 @@ at::Tensor relu_line_linear_cpu(const at::Tensor& base, const at::Tensor& along,
 TORCH_LIBRARY_IMPL(mlifast, CPU, m) {
   m.impl("relu_line_linear", &relu_line_linear_cpu);
   m.impl("relu_line_linear.out", &relu_line_linear_out_cpu);
+}
+
+// `.out` writes in place: the version counter of out goes up.
+TORCH_LIBRARY_IMPL(mlifast, ADInplaceOrView, m) {
+  m.impl("relu_line_linear.out", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
 }
 
 }  // namespace mlifast

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -128,7 +129,10 @@ at::Tensor& winograd_conv3x3_out_cpu(const at::Tensor& input_, const at::Tensor&
                   out.is_contiguous(at::MemoryFormat::ChannelsLast),
               kOp, "out must be a channels-last float32 CPU tensor of shape ", at::IntArrayRef(out_sizes), ", got ",
               out.sizes(), " ", out.scalar_type(), " with strides ", out.strides());
-  at::assert_no_overlap(out, input);  // (an addend may be out itself: each value is read before it is written)
+  // An addend may be out itself (each value is read before it is written), not part of it.
+  at::assert_no_overlap(out, input);
+  if (addend) at::assert_no_partial_overlap(out, *addend);
+  if (bias) at::assert_no_overlap(out, *bias);
   if (out.numel() == 0) return out;
   constexpr int A = winograd::Transforms<kM>::kAlpha;
   at::Tensor U = at::empty({A * A * Ci * Co}, input.options());
@@ -158,11 +162,13 @@ at::Tensor& winograd_conv3x3_out_cpu(const at::Tensor& input_, const at::Tensor&
 at::Tensor winograd_conv3x3_cpu(const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, at::IntArrayRef padding,
                                 const std::optional<at::Tensor>& addend, bool relu) {
-  TORCH_CHECK(input.dim() == 4 && weight.dim() == 4 && padding.size() == 2, kOp,
-              "expected a 4-d input and weight and two paddings, got ", input.sizes(), ", ", weight.sizes(), " and ",
-              padding);
-  at::Tensor out = at::empty({input.size(0), weight.size(0), input.size(2) + 2 * padding[0] - 2,
-                              input.size(3) + 2 * padding[1] - 2},
+  TORCH_CHECK(input.dim() == 4 && weight.dim() == 4 && padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
+              kOp, "expected a 4-d input and weight and two paddings >= 0, got ", input.sizes(), ", ", weight.sizes(),
+              " and ", padding);
+  const int64_t height = input.size(2) + 2 * padding[0] - 2, width = input.size(3) + 2 * padding[1] - 2;
+  TORCH_CHECK(height >= 1 && width >= 1, kOp, "a ", input.size(2), " x ", input.size(3), " input with padding ",
+              padding, " is smaller than the 3 x 3 kernel");
+  at::Tensor out = at::empty({input.size(0), weight.size(0), height, width},
                              input.options().memory_format(at::MemoryFormat::ChannelsLast));
   return winograd_conv3x3_out_cpu(input, weight, bias, padding, addend, relu, out);
 }
@@ -172,6 +178,12 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& input, const at::Tensor& weigh
 TORCH_LIBRARY_IMPL(mlifast, CPU, m) {
   m.impl("winograd_conv3x3", &winograd_conv3x3_cpu);
   m.impl("winograd_conv3x3.out", &winograd_conv3x3_out_cpu);
+}
+
+// `.out` writes in place: the version counter of out goes up (autograd and
+// PendingInputWritten see the write).
+TORCH_LIBRARY_IMPL(mlifast, ADInplaceOrView, m) {
+  m.impl("winograd_conv3x3.out", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
 }
 
 }  // namespace mlifast

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -13,18 +14,19 @@ from mlifast.engine.batches import to_device
 
 CPU_BUDGET_FRACTION = 0.25
 CUDA_BUDGET_FRACTION = 0.5
-# On the CPU a pass runs its points in groups whose activations (the sum of module outputs
-# of one batch) stay within this many bytes: element-wise layers then work in cache and
-# allocations are reused, where K·B-row activations stream through memory and are mapped
-# afresh for every layer. Measured on the 2-core CI CPU (BENCHMARKS.md): the MNIST MLP
-# (19 MB a point at B = 1000) is about as fast at 1 to 8 points a group and a third
-# slower with all 50 at once; at B = 500 (9 MB a point) 6 points a group beat 1–3 by ~10 %.
-CPU_GROUP_BYTES = 64 << 20
-# ... counting LIVE_OUTPUTS times a point's largest module output, what no_grad holds of it
-# at once (a layer's input, its output, a shortcut), not the sum of every module output: a
-# CNN's sum is tens of its layers' outputs, and W2 at batch 16 (ResNet-20, 35 MB summed, 1
-# MB largest) ran 1 point a group, 5.9 s, against 3.8–4.0 s at 7–30 (the loop 4.6 s).
-LIVE_OUTPUTS = 4
+# On the CPU a pass runs its points in groups whose module outputs, at their peak (no_grad
+# frees each when nothing refers to it), stay within this many bytes: element-wise layers
+# then work in cache and allocations are reused, where K·B-row activations stream through
+# memory and are mapped afresh for every layer; and each layer's Python and per-call costs
+# are paid once a group, not once a point. Measured on the 2-core CI CPU (BENCHMARKS.md):
+# - the MNIST MLP (8 MB at the peak a point at B = 1000) is about as fast at 1 to 8 points
+#   a group and a third slower with all 50 at once;
+# - a model keeping all 24 hidden states of a 512-wide MLP (12 MB a point at B = 256): 2
+#   points a group 1.13 s, 5 points 1.55 s;
+# - W2 at batch 16 (ResNet-20, 4.2 MB at the peak, 35.7 MB summed over its module outputs,
+#   which the groups were sized by before): 1 point a group 5.5–5.9 s, 7 points 3.5–4.0 s,
+#   16 points 3.2–3.8 s (the loop 4.6 s).
+CPU_GROUP_BYTES = 32 << 20
 # ... but every group reads all the weights again (each moving layer's origin and its J
 # directions): a group is made at least as large as that traffic over one point's
 # activations, so that what keeping its activations in cache saves can outweigh it. On W3 (a
@@ -48,7 +50,8 @@ class PointBytes:
 
     activations: every module output (an upper bound of what a group holds at once, as
         no_grad frees activations as it goes); held only while its group runs.
-    largest: the largest module output.
+    live: the most bytes of module outputs alive at once (a tensor counted from the hook
+        that first sees it to its collection; views counted again).
     kept: what a pass keeps for each of its points whatever its groups: the model's
         output and the loss's temporaries of the same size until the batch ends, and each
         batch norm's (2, C) float64 sums and recomputed statistics until the pass ends.
@@ -56,31 +59,43 @@ class PointBytes:
 
     activations: int
     kept: int
-    largest: int
+    live: int
 
 
 def bytes_per_point(fast, batch: Any, forward, device: torch.device, dtype=None) -> PointBytes:
     """PointBytes of `fast` for one point on `batch`, from one unchecked pass."""
-    activations, outputs, largest = 0, 0, 0
+    activations, outputs, live, peak = 0, 0, 0, 0
+    alive: set[int] = set()
 
-    def nbytes(output) -> int:
-        total, stack = 0, [output]
+    def tensors(output) -> list:
+        found, stack = [], [output]
         while stack:
             o = stack.pop()
             if isinstance(o, Tensor):
-                total += o.numel() * o.element_size()
+                found.append(o)
             elif isinstance(o, (tuple, list)):
                 stack.extend(o)
             elif isinstance(o, dict):
                 stack.extend(o.values())
-        return total
+        return found
+
+    def freed(key: int, size: int) -> None:
+        nonlocal live
+        alive.discard(key)
+        live -= size
 
     def count(module, _inputs, output):
-        nonlocal activations, outputs, largest
-        size = nbytes(output)
-        activations, largest = activations + size, max(largest, size)
+        nonlocal activations, outputs, live, peak
+        for t in tensors(output):
+            size = t.numel() * t.element_size()
+            activations += size
+            if id(t) not in alive:
+                alive.add(id(t))
+                live += size
+                weakref.finalize(t, freed, id(t), size)
+        peak = max(peak, live)
         if module is fast.model:
-            outputs = nbytes(output)
+            outputs = sum(t.numel() * t.element_size() for t in tensors(output))
 
     saved = fast.coords
     fast.set_coords(saved[:1])
@@ -97,7 +112,7 @@ def bytes_per_point(fast, batch: Any, forward, device: torch.device, dtype=None)
         fast.set_coords(saved)
     statistics = sum(m.inner.num_features * (2 * 8 + 2 * m.inner.running_mean.element_size())
                      for m in fast.norms if m.inner.running_mean is not None)
-    return PointBytes(max(activations, 1), max(2 * outputs + statistics, 1), max(largest, 1))
+    return PointBytes(max(activations, 1), max(2 * outputs + statistics, 1), max(peak, 1))
 
 
 def weight_bytes(space) -> int:
@@ -117,9 +132,9 @@ def plan(fast, data: Iterable, forward, device: torch.device, dtype=None,
 
     On a GPU a pass runs all its points at once (a GPU wants wide passes): the memory
     budget over one point's activations. On the CPU a pass runs them in groups of
-    CPU_GROUP_BYTES over LIVE_OUTPUTS of one point's largest module outputs, and at least
-    the weights' bytes over its activations (each group reads the weights again), at most
-    the budget's; a pass holds one
+    CPU_GROUP_BYTES over the peak of one point's live module outputs, and at least the
+    weights' bytes over its activations (each group reads the weights again), within half
+    the budget; a pass holds one
     group's activations and what it keeps for each of its points (PointBytes.kept), so it
     takes every point the rest of the budget allows: each pass runs the first-call check
     of its number of points and reads the data again. `max_points_per_pass` caps it.
@@ -131,7 +146,7 @@ def plan(fast, data: Iterable, forward, device: torch.device, dtype=None,
     budget = memory_budget(device)
     if device.type != "cpu":
         return max_points_per_pass or int(max(1, budget // point.activations)), None
-    group = max(1, CPU_GROUP_BYTES // (LIVE_OUTPUTS * point.largest), -(-weight_bytes(fast.space) // point.activations))
-    group = int(max(1, min(group, budget // point.activations)))
+    group = max(1, CPU_GROUP_BYTES // point.live, -(-weight_bytes(fast.space) // point.activations))
+    group = int(max(1, min(group, budget // 2 // point.activations)))  # (half the budget: passes of many points)
     per_pass = int(max(1, (budget - group * point.activations) // point.kept))
     return min(per_pass, max_points_per_pass or per_pass), group
