@@ -308,3 +308,18 @@ def test_groups_count_the_outputs_alive_at_once():
         fast = mlifast.MultiPointModel(model, mlifast.Line(model, copy.deepcopy(model)), 1)
         point = chunking.bytes_per_point(fast, (x, None), forward, torch.device("cpu"))
         assert point.live == live * output, (type(model).__name__, point.live / output)
+
+
+def test_a_group_stays_within_half_the_memory_budget(monkeypatch):
+    from mlifast.engine import chunking
+
+    forward = lambda m, batch: (m(batch[0]), None)  # noqa: E731
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)).double()
+    fast = mlifast.MultiPointModel(model, mlifast.Line(model, copy.deepcopy(model)), 1)
+    data = [(torch.randn(64, 32, dtype=torch.float64), None)]
+    point = chunking.bytes_per_point(fast, data[0], forward, torch.device("cpu"))
+    monkeypatch.setattr(chunking, "weight_bytes", lambda space: 0)
+    assert chunking.plan(fast, data, forward, torch.device("cpu"))[1] == chunking.CPU_GROUP_BYTES // point.live
+    monkeypatch.setattr(chunking, "memory_budget", lambda device: 2 * 3 * point.activations)
+    per_pass, group = chunking.plan(fast, data, forward, torch.device("cpu"))
+    assert group == 3 and per_pass >= 1  # (the rest of the budget: the passes' points)

@@ -112,6 +112,8 @@ def test_bad_arguments_are_named():
     out = torch.empty(3, 4, 8)
     relu_line_linear(base, along, weight, weight_dir, bias, bias_dir, c, out=out)
     assert out._version > 0  # (the write is seen: autograd, PendingInputWritten)
+    with pytest.raises(RuntimeError, match="no derivatives"):
+        relu_line_linear(base, along, weight, weight_dir, bias, bias_dir, c, out=torch.zeros(3, 4, 8).requires_grad_())
     memory = torch.randn(96)  # an out sharing memory with base
     with pytest.raises(RuntimeError, match="unsupported operation"):
         torch.ops.mlifast.relu_line_linear.out(memory[:24].view(4, 6), along, weight, weight_dir, bias, bias_dir, c,

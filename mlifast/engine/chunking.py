@@ -51,7 +51,8 @@ class PointBytes:
     activations: every module output (an upper bound of what a group holds at once, as
         no_grad frees activations as it goes); held only while its group runs.
     live: the most bytes of module outputs alive at once (a tensor counted from the hook
-        that first sees it to its collection; views counted again).
+        that first sees it to its collection; views counted again, and a pending result
+        at its full size before it is computed).
     kept: what a pass keeps for each of its points whatever its groups: the model's
         output and the loss's temporaries of the same size until the batch ends, and each
         batch norm's (2, C) float64 sums and recomputed statistics until the pass ends.

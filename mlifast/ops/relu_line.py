@@ -114,7 +114,7 @@ def relu_line_linear(
     named = {"base": base, "along": along, "weight": weight, "weight_dir": weight_dir, "bias": bias,
              "bias_dir": bias_dir, "coeffs": coeffs}
     check_tensors("relu_line_linear", named)
-    check_no_derivatives("relu_line_linear", *named.values())
+    check_no_derivatives("relu_line_linear", *named.values(), out)
     if base.dim() != 2 or weight.dim() != 2 or coeffs.dim() != 1:
         raise ValueError(
             "relu_line_linear: expected base (R, I), weight (O, I) and coeffs (K,), got "
