@@ -12,7 +12,8 @@ against a float64 convolution, weights scaled like a trained net's (randn / √(
 from __future__ import annotations
 
 import argparse
-import platform
+import os
+import sys
 import time
 
 import torch
@@ -21,18 +22,10 @@ import torch.nn.functional as F
 from mlifast.engine.allocator import freed_memory_kept
 from mlifast.ops import winograd_conv3x3
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare import cpu_model  # noqa: E402
+
 SHAPES = ((64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8))
-
-
-def machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def best_ms(cases: dict, repeats: int, calls: int) -> dict:
@@ -62,7 +55,7 @@ def main() -> None:
     shapes = [tuple(int(d) for d in s.lower().split("x")) for s in args.shapes.split(",") if s]
     torch.set_num_threads(args.threads)
     cl = torch.channels_last
-    print(f"{machine()}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
+    print(f"{cpu_model()}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
           f"float32, channels-last; ms per call, best of {args.repeats} × {args.calls} calls\n")
     print("| shape (N×C×H×W) | ATen | winograd | ratio | ATen+add+relu | winograd+add+relu | ratio "
           "| error ATen | error winograd |")
