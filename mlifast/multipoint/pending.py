@@ -9,10 +9,11 @@ saving a pass over the activations each:
   convolution weight and bias (`BatchNormRule`; W2's evaluation pass: 919 of its 1,050
   batch norms);
 - a residual addition of a same-shaped tensor, `conv(x) + shortcut` or `out += identity`,
-  and a ReLU after it run inside oneDNN's convolution as post-ops (float32 on the CPU:
-  the same numbers as the separate operations), or in the pass that applies a batch
-  norm's statistics (`mlifast.ops.channel_affine`). ResNets end every block with
-  relu(bn(conv(·)) + shortcut).
+  and a ReLU after it run in the output step of `mlifast.ops.winograd_conv3x3` (3 × 3
+  stride-1 convolutions of float32 on the CPU, `_winograd_applies`), or inside oneDNN's
+  convolution as post-ops (other float32 convolutions on the CPU: the same numbers as the
+  separate operations), or in the pass that applies a batch norm's statistics
+  (`mlifast.ops.channel_affine`). ResNets end every block with relu(bn(conv(·)) + shortcut).
 A pending result carries what it needs; any other operation computes it first
 (`materialize`) and then runs itself.
 
