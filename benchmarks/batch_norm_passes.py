@@ -11,8 +11,9 @@ the mean of 20 calls, interleaved, in µs; under `allocator.freed_memory_kept`, 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
-import time
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -20,19 +21,14 @@ import torch.nn.functional as F
 from mlifast.engine.allocator import freed_memory_kept
 from mlifast.ops import channel_affine, channel_moments
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare import per_call_seconds  # noqa: E402
+
 SHAPES = ((64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8))
 
 
 def median_us(cases: dict, rounds: int, calls: int = 20) -> dict:
-    times = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, fn in cases.items():
-            fn()
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times[name].append((time.perf_counter() - start) / calls * 1e6)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) * 1e6 for name, t in per_call_seconds(cases, rounds, calls).items()}
 
 
 def main() -> None:

@@ -91,6 +91,20 @@ def timed(fn, device: str):
     return time.perf_counter() - t, out
 
 
+def per_call_seconds(cases: dict, rounds: int, calls: int) -> dict:
+    """{name: [seconds a call, one mean of `calls` calls a round]} for each CPU function of
+    `cases`, the cases interleaved within each round, each warmed by one call first."""
+    times = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            fn()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - start) / calls)
+    return times
+
+
 # Other processes on the machine (other test runs, other sessions) steal cores and, worse,
 # deschedule one of torch's OpenMP threads so that every parallel region waits for it.
 # So: wait for a quiet machine before each timed round, and report how much CPU other

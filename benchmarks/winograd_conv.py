@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -23,21 +22,13 @@ from mlifast.engine.allocator import freed_memory_kept
 from mlifast.ops import winograd_conv3x3
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import cpu_model  # noqa: E402
+from compare import cpu_model, per_call_seconds  # noqa: E402
 
 SHAPES = ((64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8))
 
 
 def best_ms(cases: dict, repeats: int, calls: int) -> dict:
-    times = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            fn()
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times[name].append((time.perf_counter() - start) / calls * 1e3)
-    return {name: min(t) for name, t in times.items()}
+    return {name: min(t) * 1e3 for name, t in per_call_seconds(cases, repeats, calls).items()}
 
 
 def relative_error(y: torch.Tensor, y64: torch.Tensor) -> float:
