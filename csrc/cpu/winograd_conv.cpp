@@ -135,7 +135,7 @@ at::Tensor& winograd_conv3x3_out_cpu(const at::Tensor& input_, const at::Tensor&
   if (bias) at::assert_no_overlap(out, *bias);
   if (out.numel() == 0) return out;
   constexpr int A = winograd::Transforms<kM>::kAlpha;
-  at::Tensor U = at::empty({A * A * Ci * Co}, input.options());
+  at::Tensor U = at::empty({A * A * winograd::weight_plane_floats(Ci, Co)}, input.options());
   const int64_t tiles = N * ((g.out_height() + kM - 1) / kM) * ((g.out_width() + kM - 1) / kM);
   const Job job{input.const_data_ptr<float>(),
                 weight.const_data_ptr<float>(),
