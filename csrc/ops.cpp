@@ -36,15 +36,18 @@ TORCH_LIBRARY(mlifast, m) {
   // y = input·scale[k, c] + shift[k, c] (+ addend), then ReLU if relu, on point k's entries
   // of input (K·B, C, …); scale, shift: (K, C); addend: input's shape -> y in input's layout.
   m.def("channel_affine(Tensor input, Tensor scale, Tensor shift, Tensor? addend, bool relu=False) -> Tensor");
-  // y = conv2d(input, weight, bias, stride 1, padding) (+ addend), then ReLU if relu, by
-  // Winograd's F(4×4, 3×3): input (N, C_in, H, W) float32, weight (C_out, C_in, 3, 3),
-  // channels multiples of 16; addend: the output's shape -> y (N, C_out, H', W') channels-last.
+  // y = conv2d(x, weight, bias, stride 1, padding) (+ addend), then ReLU if relu, by
+  // Winograd's F(4×4, 3×3), where x = input·input_scale[c] + input_shift[c] (both (C_in,) or
+  // None), then ReLU if input_relu (the zero padding is x's): input (N, C_in, H, W) float32,
+  // weight (C_out, C_in, 3, 3), channels multiples of 16; addend: the output's shape ->
+  // y (N, C_out, H', W') channels-last.
   m.def(
       "winograd_conv3x3(Tensor input, Tensor weight, Tensor? bias, int[2] padding, Tensor? addend, "
-      "bool relu=False) -> Tensor");
+      "bool relu=False, Tensor? input_scale=None, Tensor? input_shift=None, bool input_relu=False) -> Tensor");
   // The same into a channels-last `out` of the output's shape (a caller writing each
   // point's rows into one tensor for all points).
   m.def(
       "winograd_conv3x3.out(Tensor input, Tensor weight, Tensor? bias, int[2] padding, Tensor? addend, "
-      "bool relu=False, *, Tensor(a!) out) -> Tensor(a!)");
+      "bool relu=False, Tensor? input_scale=None, Tensor? input_shift=None, bool input_relu=False, *, "
+      "Tensor(a!) out) -> Tensor(a!)");
 }

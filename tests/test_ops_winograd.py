@@ -11,7 +11,7 @@ import mlifast
 from mlifast.analysis.geometry import gauss_length
 from mlifast.multipoint import pending
 from mlifast.ops._checks import carries_derivatives
-from mlifast.ops import winograd_conv3x3, winograd_conv3x3_reference
+from mlifast.ops import channel_affine, winograd_conv3x3, winograd_conv3x3_reference
 from models import ResNet20
 from oracle import rel_err
 from test_interpolate import check_parity, pair
@@ -137,10 +137,45 @@ def test_a_nan_stays_in_its_image():
     assert y[1].isnan()[direct[1].isnan()].all() and y[1].isnan().any()
 
 
+@pytest.mark.parametrize("vector_bytes", [None, "32", "16"])
+@pytest.mark.parametrize("input_relu", [False, True])
+@pytest.mark.parametrize("geometry", [GEOMETRIES[i] for i in (0, 2, 3, 5, 8)], ids=str)
+def test_an_input_map_is_the_affine_pass_before_the_convolution(geometry, input_relu, vector_bytes, monkeypatch):
+    """relu?(input·scale + shift) per input channel in the input step, the padding zeros of
+    the mapped input (a shift ≠ 0 tells): against float64, and the same bits as
+    channel_affine's pass followed by the convolution."""
+    if vector_bytes:
+        monkeypatch.setenv("MLIFAST_VECTOR_BYTES", vector_bytes)
+    x, weight, bias, addend = operands(*geometry)
+    g = torch.Generator().manual_seed(9)
+    scale, shift = torch.randn(x.shape[1], generator=g), torch.randn(x.shape[1], generator=g)
+    padding = geometry[-1]
+    with torch.no_grad():
+        y = winograd_conv3x3(x, weight, bias, padding, addend, True, input_scale=scale, input_shift=shift,
+                             input_relu=input_relu)
+        mapped = channel_affine(x, scale[None], shift[None], None, input_relu)
+        assert torch.equal(y, winograd_conv3x3(mapped, weight, bias, padding, addend, True))
+    mapped64 = x.double() * scale.double()[:, None, None] + shift.double()[:, None, None]
+    expected = float64_conv(mapped64.clamp_min(0) if input_relu else mapped64, weight, bias, padding, addend, True)
+    assert rel_err(y, expected) < TOL
+    reference = winograd_conv3x3_reference(x, weight, bias, padding, addend, True, scale, shift, input_relu)
+    assert rel_err(reference, expected) < TOL
+
+
+def test_an_input_relu_alone():
+    x, weight, bias, _ = operands(2, 16, 32, 9, 8, (1, 1))
+    with torch.no_grad():
+        assert torch.equal(winograd_conv3x3(x, weight, bias, input_relu=True),
+                           winograd_conv3x3(torch.relu(x), weight, bias))
+
+
 def test_opcheck_and_the_fake_kernel():
     x, weight, bias, addend = operands(2, 16, 16, 6, 7, (1, 2))
+    scale, shift = torch.rand(16) + 0.5, torch.randn(16)
     torch.library.opcheck(torch.ops.mlifast.winograd_conv3x3.default, (x, weight, bias, [1, 2], addend, True))
     torch.library.opcheck(torch.ops.mlifast.winograd_conv3x3.default, (x, weight, None, [0, 0], None, False))
+    torch.library.opcheck(torch.ops.mlifast.winograd_conv3x3.default,
+                          (x, weight, bias, [1, 2], None, False, scale, shift, True))
 
 
 def test_an_int_padding_and_a_string_one():
@@ -167,6 +202,9 @@ def test_tensors_carrying_forward_derivatives_are_refused():
     ("kernel", ValueError, "3, 3"),
     ("addend", RuntimeError, "addend of the output's shape"),
     ("too small", RuntimeError, "smaller than the 3 x 3 kernel"),
+    ("scale alone", ValueError, "come together"),
+    ("scale shape", ValueError, r"input_scale must be \(16,\), one value per input channel"),
+    ("shift dtype", TypeError, "input_shift must be float32"),
 ])
 def test_bad_input_is_named(case, error, match):
     x, weight, bias, addend = operands(1, 16, 16, 5, 5, (1, 1))
@@ -181,10 +219,19 @@ def test_bad_input_is_named(case, error, match):
         weight = torch.randn(16, 16, 5, 5)
     elif case == "addend":
         addend = addend[:, :, :4]
-    else:
+    elif case == "too small":
         x, padding = x[:, :, :1, :1], (0, 0)
+    maps = {"scale alone": (torch.ones(16), None), "scale shape": (torch.ones(8), torch.zeros(8)),
+            "shift dtype": (torch.ones(16), torch.zeros(16, dtype=torch.float64))}
+    scale, shift = maps.get(case, (None, None))
     with pytest.raises(error, match=match):
-        winograd_conv3x3(x, weight, bias, padding, addend)
+        winograd_conv3x3(x, weight, bias, padding, addend, input_scale=scale, input_shift=shift)
+
+
+def test_the_kernel_refuses_a_scale_without_a_shift():
+    x, weight, bias, _ = operands(1, 16, 16, 5, 5, (1, 1))
+    with pytest.raises(RuntimeError, match="come together"):
+        torch.ops.mlifast.winograd_conv3x3(x, weight, bias, [1, 1], None, False, torch.ones(16), None, False)
 
 
 def test_the_multipoint_resnet_computes_its_convolutions_with_it(monkeypatch):

@@ -11,6 +11,7 @@ import mlifast
 import test_evaluate
 import test_interpolate
 from mlifast.multipoint import layers, pending
+from mlifast.ops import winograd_conv3x3
 from models import ResNet20, vgg_like
 
 
@@ -324,6 +325,75 @@ def test_residual_additions_and_relus_join_the_convolution(monkeypatch, dtype):
     assert applied == [(3 * 2, False, True)]  # b0 and the ReLU after it, in one pass of every point
     joined = dtype == torch.float32 and pending._ONEDNN_POINTWISE is not None
     assert post_ops == ([(True, True)] * 2 * 3 if joined else [])
+
+
+class MappedInputs(torch.nn.Module):
+    """Batch norms by batch statistics and ReLUs before 3 × 3 convolutions of 16 channels:
+    one also read as a residual addend, one through an in-place ReLU module, one added to
+    after its ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        conv = lambda c_in: torch.nn.Conv2d(c_in, 16, 3, padding=1)  # noqa: E731
+        self.stem, self.c1, self.c2, self.c3 = conv(3), conv(16), conv(16), conv(16)
+        self.b0, self.b1, self.b2, self.b3 = (torch.nn.BatchNorm2d(16) for _ in range(4))
+        self.relu = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = torch.nn.functional.relu(self.b0(self.stem(x)))
+        y = torch.nn.functional.relu(self.b1(self.c1(h)) + h)
+        z = self.relu(self.b2(self.c2(y)))
+        out = torch.nn.functional.relu(self.b3(self.c3(z))) + y
+        return out.mean((2, 3))
+
+
+def test_a_batch_norm_and_relu_run_in_the_next_convolutions_input_step(monkeypatch):
+    """In train mode, a pending batch norm's map (and the ReLU after it) runs in the input
+    step of the Winograd convolution after it (c1, c3), rather than in a pass of its own; a
+    read elsewhere (h as the addend) computes it as well, and a ReLU comes before an addition
+    after it. The oracle's answer in float32."""
+    a, b = test_interpolate.pair(MappedInputs, torch.float32)
+    a.train(), b.train()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    mapped, affine, applied = [], pending.channel_affine, []
+    monkeypatch.setattr(pending, "winograd_conv3x3", lambda *args, **kwargs: mapped.append(
+        (kwargs["input_scale"] is not None, kwargs["input_relu"])) or winograd_conv3x3(*args, **kwargs))
+    monkeypatch.setattr(pending, "channel_affine", lambda rows, scale, shift, addend, relu: applied.append(
+        (addend is not None, relu)) or affine(rows, scale, shift, addend, relu))
+    with torch.no_grad():
+        fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x,
+                                             dtype=torch.float32)
+        mapped.clear(), applied.clear()
+        fast(x)
+    assert not fast.per_point_fallback
+    assert mapped == [(True, True)] * 3 + [(False, False)] * 3 + [(True, True)] * 3  # c1, c2, c3 at each point
+    # b0 (for h the addend), b1 with the addend, b3 then + y; not b2
+    assert sorted(applied) == [(False, True), (False, True), (True, True)]
+
+
+class WritesIntoMappedRows(torch.nn.Module):
+    """Writes into a batch norm's input after the convolution after it took its map."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.b0, self.b1 = torch.nn.BatchNorm2d(16), torch.nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        s = self.stem(x)
+        y = self.c1(torch.relu(self.b0(s)))
+        s.mul_(2.0)
+        return (self.b1(y) + s).mean((2, 3))
+
+
+def test_a_write_into_mapped_rows_is_seen():
+    a, b = test_interpolate.pair(WritesIntoMappedRows, torch.float32)
+    a.train(), b.train()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x,
+                                             dtype=torch.float32)
+    assert not fast.per_point_fallback and not fast.context.defer_pending
 
 
 @pytest.mark.parametrize("bn", ["recompute", "batch"])

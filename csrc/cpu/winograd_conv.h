@@ -168,11 +168,21 @@ struct TileWalk {
 // a tile ahead, or whole tiles staged in L1 and copied out a plane at a time, were slower).
 constexpr int64_t kStoreAhead = 32;
 
-// One tile's V[ξ][ci] = (Bᵀ·d·B)[ξ], all its input channels: d the α×α input at `origin`,
-// rows h0…, columns w0… of its image, zero outside unless kInterior (it lies inside).
-template <int M, int Bytes, bool kInterior>
+// What happens to each input value inside the image before the transform (the zeros of the
+// padding stay zeros): nothing, x·scale + shift per input channel, or max(that, 0) (NaN
+// kept) — a batch norm and ReLU the input has not had yet.
+enum class Prologue { kNone, kAffine, kAffineRelu };
+
+struct InputAffine {
+  const float *scale, *shift;  // (C_in,) each; unread for Prologue::kNone
+};
+
+// One tile's V[ξ][ci] = (Bᵀ·d·B)[ξ], all its input channels: d the α×α input at `origin`
+// (through the prologue P), rows h0…, columns w0… of its image, zero outside unless
+// kInterior (it lies inside).
+template <int M, int Bytes, bool kInterior, Prologue P>
 MLIFAST_WINOGRAD_INLINE void transform_input_tile(const float* origin, const Geometry& g, int64_t h0, int64_t w0,
-                                                  int64_t plane, float* v) {
+                                                  int64_t plane, const InputAffine& affine, float* v) {
   MLIFAST_WINOGRAD_VECTOR;
   using T = Transforms<M>;
   constexpr int A = T::kAlpha;
@@ -188,14 +198,22 @@ MLIFAST_WINOGRAD_INLINE void transform_input_tile(const float* origin, const Geo
   for (int64_t c = 0; c < C; c += kWidth) {
     recompute_offsets_from(row);
     recompute_offsets_from(plane);
+    Vec scale{}, shift{};
+    if constexpr (P != Prologue::kNone) scale = load<Bytes>(affine.scale + c), shift = load<Bytes>(affine.shift + c);
     Vec rows[A][A];  // Bᵀ·d
 #pragma GCC unroll 8
     for (int b = 0; b < A; ++b) {
       Vec column[A], transformed[A];
 #pragma GCC unroll 8
       for (int a = 0; a < A; ++a) {
+        const bool inside = kInterior || (row_in[a] && col_in[b]);
         const float* at = origin + a * row + b * C + c;
-        column[a] = load<Bytes>(kInterior || (row_in[a] && col_in[b]) ? at : kZeros);
+        column[a] = load<Bytes>(inside ? at : kZeros);
+        if constexpr (P != Prologue::kNone) {
+          Vec mapped = column[a] * scale + shift;
+          if constexpr (P == Prologue::kAffineRelu) mapped = mapped < Vec{} ? Vec{} : mapped;
+          column[a] = inside ? mapped : Vec{};
+        }
       }
       T::input(column, transformed);
 #pragma GCC unroll 8
@@ -216,9 +234,10 @@ MLIFAST_WINOGRAD_INLINE void transform_input_tile(const float* origin, const Geo
 
 // V[ξ][t][ci] = (Bᵀ·d·B)[ξ] of block tile t's input tile d (zero outside the image, and for
 // the tiles past the batch's last); `stride` (≥ C_in) floats from one tile to the next.
-template <int M, int Bytes>
-MLIFAST_WINOGRAD_INLINE void transform_input(const float* x, const Geometry& g, int64_t first, int64_t tiles,
-                                             int64_t tiles_h, int64_t tiles_w, int64_t stride, float* V) {
+template <int M, int Bytes, Prologue P>
+MLIFAST_WINOGRAD_INLINE void transform_input(const float* x, const Geometry& g, const InputAffine& affine,
+                                             int64_t first, int64_t tiles, int64_t tiles_h, int64_t tiles_w,
+                                             int64_t stride, float* V) {
   MLIFAST_WINOGRAD_VECTOR;
   constexpr int A = Transforms<M>::kAlpha;
   const int64_t C = g.in_channels, plane = plane_floats(stride);
@@ -232,9 +251,9 @@ MLIFAST_WINOGRAD_INLINE void transform_input(const float* x, const Geometry& g, 
     const int64_t h0 = p.row - g.pad_h, w0 = p.col - g.pad_w;
     const float* origin = x + ((p.image * g.height + h0) * g.width + w0) * C;
     if (h0 >= 0 && w0 >= 0 && h0 + A <= g.height && w0 + A <= g.width) {
-      transform_input_tile<M, Bytes, true>(origin, g, h0, w0, plane, v);
+      transform_input_tile<M, Bytes, true, P>(origin, g, h0, w0, plane, affine, v);
     } else {
-      transform_input_tile<M, Bytes, false>(origin, g, h0, w0, plane, v);
+      transform_input_tile<M, Bytes, false, P>(origin, g, h0, w0, plane, affine, v);
     }
   }
 }
@@ -343,17 +362,18 @@ MLIFAST_WINOGRAD_INLINE void transform_output(const float* Mb, const float* bias
   }
 }
 
-// The tiles [first, first + tiles) (tiles ≤ kTiles) through the three steps; V and Mb are
+// The tiles [first, first + tiles) (tiles ≤ kTiles) through the three steps (the input
+// through the prologue P, the output through the bias, the addend and the ReLU); V and Mb are
 // α²·plane_floats(input_stride(C_in)) and α²·plane_floats(C_out) floats of scratch.
-template <int M, int Bytes, bool kAdd, bool kRelu>
-MLIFAST_WINOGRAD_INLINE void convolve_block(const float* x, const float* U, const float* bias, const float* addend,
-                                            const Geometry& g, int64_t first, int64_t tiles, float* V, float* Mb,
-                                            float* y) {
+template <int M, int Bytes, Prologue P, bool kAdd, bool kRelu>
+MLIFAST_WINOGRAD_INLINE void convolve_block(const float* x, const InputAffine& affine, const float* U,
+                                            const float* bias, const float* addend, const Geometry& g, int64_t first,
+                                            int64_t tiles, float* V, float* Mb, float* y) {
   constexpr int A = Transforms<M>::kAlpha;
   constexpr int64_t kWidth = Bytes / sizeof(float);
   const int64_t tiles_h = (g.out_height() + M - 1) / M, tiles_w = (g.out_width() + M - 1) / M;
   const int64_t Ci = g.in_channels, Co = g.out_channels, stride = input_stride(Ci);
-  transform_input<M, Bytes>(x, g, first, tiles, tiles_h, tiles_w, stride, V);
+  transform_input<M, Bytes, P>(x, g, affine, first, tiles, tiles_h, tiles_w, stride, V);
   for (int xi = 0; xi < A * A; ++xi) {
     const float* v = V + xi * plane_floats(stride);
     const float* u = U + xi * weight_plane_floats(Ci, Co);

@@ -181,9 +181,9 @@ class ConvRule(AffineInParamsRule):
                 x.numel() // (self.context.num_active * x.shape[1]) < self.PER_POINT_MIN_POSITIONS):
             return super().forward(x, *args, **kwargs)
         weight, bias = self.per_point("weight"), self.per_point("bias")
-        pending = PendingConvolution(self.inner, fold(x, self.context.num_active), weight, bias)
+        pending = PendingConvolution.of(self.inner, x, weight, bias)
         # (a batch norm, a residual addition and a ReLU after it join it)
-        return pending if self.context.may_defer(x, weight, bias) else pending.result()
+        return pending if self.context.may_defer(*pending.inputs, weight, bias) else pending.result()
 
 
 class EmbeddingRule(AffineInParamsRule):

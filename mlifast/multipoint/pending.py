@@ -13,7 +13,11 @@ saving a pass over the activations each:
   stride-1 convolutions of float32 on the CPU, `_winograd_applies`), or inside oneDNN's
   convolution as post-ops (other float32 convolutions on the CPU: the same numbers as the
   separate operations), or in the pass that applies a batch norm's statistics
-  (`mlifast.ops.channel_affine`). ResNets end every block with relu(bn(conv(·)) + shortcut).
+  (`mlifast.ops.channel_affine`). ResNets end every block with relu(bn(conv(·)) + shortcut);
+- a batch norm by batch statistics and the ReLU after it, before a convolution that
+  `winograd_conv3x3` computes, run in that convolution's input step (`PendingAffine` kept
+  pending through the ReLU, `PendingConvolution.of`): relu(bn1(conv1(x))) → conv2 in a
+  ResNet block's statistics pass.
 A pending result carries what it needs; any other operation computes it first
 (`materialize`) and then runs itself.
 
@@ -24,7 +28,7 @@ at once (`PointContext.defer_pending`).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from mlifast._extension import compiled
+from mlifast.multipoint.context import fold
 from mlifast.ops import channel_affine, winograd_conv3x3
 from mlifast.ops._checks import carries_derivatives
 from mlifast.ops.winograd import CHANNEL_MULTIPLE as WINOGRAD_CHANNEL_MULTIPLE
@@ -104,12 +109,20 @@ class PendingPostOps(Pending):
 
     def result(self, relu: bool = False) -> Tensor:
         """The result plus the addend, then ReLU if `relu`, as a plain tensor."""
+        self._check_unwritten()
+        return self._computed_with(relu)
+
+    def _check_unwritten(self) -> None:
         if _versions(*self._inputs, self._addend) != self._versions:
             raise PendingInputWritten(f"{self._name()}'s input or addend was written in place")
-        return self._computed_with(relu)
 
     def _name(self) -> str:
         return type(self).__name__
+
+    @property
+    def inputs(self) -> tuple:
+        """The tensors computing it reads (its addend aside)."""
+        return self._inputs
 
     @property
     def computed(self) -> bool:
@@ -158,21 +171,45 @@ class PendingPostOps(Pending):
         return None
 
 
+class InputMap(NamedTuple):
+    """What a convolution applies to its input rows first: x·scale + shift per point and
+    channel ((K_active, C_in) each), then max(·, 0) if `relu`."""
+
+    scale: Tensor
+    shift: Tensor
+    relu: bool
+
+
 class PendingConvolution(PendingPostOps):
     """(K_active·B, C_out, …) output of a convolution with each point's own weight.
 
     points: (K_active, B, C_in, …) input rows; weight: (K_active, C_out, C_in/groups, …);
-    bias: (K_active, C_out) or None; conv: the nn.Conv*d whose `_conv_forward` runs it.
+    bias: (K_active, C_out) or None; conv: the nn.Conv*d whose `_conv_forward` runs it;
+    input_map: applied to the rows first (only where `winograd_conv3x3` computes it), or None.
     """
 
     @staticmethod
+    def of(conv: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> "PendingConvolution":
+        """conv's pending output on x's (K_active·B, C_in, …) rows (K_active: weight's
+        first dimension). A pending batch norm x (`PendingAffine`, ReLU'd or not, no addend)
+        stays uncomputed where Winograd computes conv: its map runs in the convolution's input
+        step (W2's statistics pass: one of a block's two batch-norm passes fewer)."""
+        if isinstance(x, PendingAffine):
+            mapped = x.input_map(len(weight))
+            if mapped is not None and _winograd_applies(conv, mapped[0][0], weight, bias, None):
+                points, input_map, versions = mapped
+                return PendingConvolution(conv, points, weight, bias, versions=versions, input_map=input_map)
+        return PendingConvolution(conv, fold(x, len(weight)), weight, bias)
+
+    @staticmethod
     def __new__(cls, conv: nn.Module, points: Tensor, weight: Tensor, bias: Optional[Tensor],
-                addend: Optional[Tensor] = None, versions: tuple = ()) -> "PendingConvolution":
+                addend: Optional[Tensor] = None, versions: tuple = (),
+                input_map: Optional[InputMap] = None) -> "PendingConvolution":
         shape = _output_shape(conv, (points.shape[0] * points.shape[1], *points.shape[2:]))
         layout = torch.channels_last if len(shape) == 4 and _channels_last(points[0]) else torch.contiguous_format
         t = Tensor._make_wrapper_subclass(cls, shape, strides=_strides(shape, layout), dtype=points.dtype,
                                           device=points.device)
-        t._conv, t._weight, t._bias = conv, weight, bias
+        t._conv, t._weight, t._bias, t._input_map = conv, weight, bias, input_map
         t._init((points,), addend, versions)
         return t
 
@@ -182,7 +219,8 @@ class PendingConvolution(PendingPostOps):
         assert self.foldable
         weight = self._weight * scale.reshape(*scale.shape, *([1] * (self._weight.dim() - 2)))
         bias = shift if self._bias is None else torch.addcmul(shift, self._bias, scale)
-        return PendingConvolution(self._conv, self._inputs[0], weight, bias, versions=self._versions)
+        return PendingConvolution(self._conv, self._inputs[0], weight, bias, versions=self._versions,
+                                  input_map=self._input_map)
 
     @property
     def foldable(self) -> bool:
@@ -193,51 +231,80 @@ class PendingConvolution(PendingPostOps):
         return type(self._conv).__name__
 
     def _with_addend(self, addend: Tensor, versions: tuple) -> "PendingConvolution":
-        return PendingConvolution(self._conv, self._inputs[0], self._weight, self._bias, addend, versions)
+        return PendingConvolution(self._conv, self._inputs[0], self._weight, self._bias, addend, versions,
+                                  self._input_map)
 
     def _computed_with(self, relu: bool) -> Tensor:
-        (points,), outs, batch = self._inputs, [], self._inputs[0].shape[1]
+        (points,), outs, batch, mapped = self._inputs, [], self._inputs[0].shape[1], self._input_map
+        winograd = _winograd_applies(self._conv, points[0], self._weight, self._bias, self._addend)
+        if mapped is not None and not winograd:  # (an addend that joined since rules Winograd out)
+            points = fold(channel_affine(points.flatten(0, 1), mapped.scale, mapped.shift, None, mapped.relu),
+                          len(points))
+            mapped = None
         # Winograd writes each point's rows into one output (its conditions are the same for
         # every point); other kernels' outputs are concatenated (W2 in groups of 4 points:
         # 0.34 of 3.0 s)
         into = torch.empty(self.shape, dtype=self.dtype, device=self.device, memory_format=torch.channels_last) \
-            if len(points) > 1 and _winograd_applies(self._conv, points[0], self._weight, self._bias, self._addend) \
-            else None
+            if len(points) > 1 and winograd else None
         for k, rows in enumerate(points):
             bias = None if self._bias is None else self._bias[k]
             addend = None if self._addend is None else self._addend[k * batch:(k + 1) * batch]
             out = None if into is None else into[k * batch:(k + 1) * batch]
-            outs.append(_convolve(self._conv, rows, self._weight[k], bias, addend, relu, out))
+            input_map = None if mapped is None else InputMap(mapped.scale[k], mapped.shift[k], mapped.relu)
+            outs.append(_convolve(self._conv, rows, self._weight[k], bias, addend, relu, out, input_map))
         return into if into is not None else outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _release(self) -> None:
         super()._release()
-        self._weight = self._bias = None
+        self._weight = self._bias = self._input_map = None
 
 
 class PendingAffine(PendingPostOps):
     """(K_active·B, C, …) rows times each point's per-channel scale plus its shift: a batch
     norm with its statistics folded in (`mlifast.ops.channel_affine`, CPU float32/64).
 
-    rows: (K_active·B, C, …); scale, shift: (K_active, C) in the rows' dtype.
+    rows: (K_active·B, C, …); scale, shift: (K_active, C) in the rows' dtype; relu: a ReLU
+    after it, joined while there is no addend (kept pending for a convolution to take in,
+    `PendingConvolution.of`).
     """
 
     @staticmethod
     def __new__(cls, rows: Tensor, scale: Tensor, shift: Tensor, addend: Optional[Tensor] = None,
-                versions: tuple = ()) -> "PendingAffine":
+                versions: tuple = (), relu: bool = False) -> "PendingAffine":
         dense = rows.is_contiguous() or (rows.dim() == 4 and rows.is_contiguous(memory_format=torch.channels_last)) \
             or (rows.dim() == 5 and rows.is_contiguous(memory_format=torch.channels_last_3d))  # (kept by the op)
         strides = rows.stride() if dense else _strides(tuple(rows.shape), torch.contiguous_format)
         t = Tensor._make_wrapper_subclass(cls, rows.shape, strides=strides, dtype=rows.dtype, device=rows.device)
-        t._scale, t._shift = scale, shift
+        t._scale, t._shift, t._relu = scale, shift, relu
         t._init((rows,), addend, versions)
         return t
 
     def _with_addend(self, addend: Tensor, versions: tuple) -> "PendingAffine":
         return PendingAffine(self._inputs[0], self._scale, self._shift, addend, versions)
 
+    def _joined(self, func, args: tuple, kwargs: dict) -> Optional[Tensor]:
+        """As PendingPostOps, but a ReLU without an addend stays pending (a convolution may
+        take it in), and nothing is added after it (the addition would come first)."""
+        if self.computed or self._addend is not None:
+            return super()._joined(func, args, kwargs)
+        if func in RELU and len(args) == 1 and set(kwargs) <= {"inplace"}:
+            if func in _IN_PLACE or kwargs.get("inplace", False):
+                self._relu = True
+                return self
+            return PendingAffine(self._inputs[0], self._scale, self._shift, versions=self._versions, relu=True)
+        return None if self._relu else super()._joined(func, args, kwargs)
+
+    def input_map(self, points: int) -> Optional[tuple[Tensor, InputMap, tuple]]:
+        """(K_active, B, C, …) rows, the map a convolution applies to them first, and their
+        versions; None where a map cannot stand for this result (computed, or with an addend).
+        Raises PendingInputWritten if the rows were written since."""
+        if self.computed or self._addend is not None:
+            return None
+        self._check_unwritten()
+        return fold(self._inputs[0], points), InputMap(self._scale, self._shift, self._relu), self._versions
+
     def _computed_with(self, relu: bool) -> Tensor:
-        return channel_affine(self._inputs[0], self._scale, self._shift, self._addend, relu)
+        return channel_affine(self._inputs[0], self._scale, self._shift, self._addend, relu or self._relu)
 
     def _release(self) -> None:
         super()._release()
@@ -262,13 +329,16 @@ def _computed(value):
 
 
 def _convolve(conv: nn.Module, rows: Tensor, weight: Tensor, bias: Optional[Tensor], addend: Optional[Tensor],
-              relu: bool, out: Optional[Tensor] = None) -> Tensor:
-    """relu?(conv(rows; weight, bias) + addend?): a 3×3 stride-1 convolution of channels-last
-    float32 rows by `winograd_conv3x3` (into `out` where given: only where it applies), the
-    addend and ReLU in its last step; else, with an addend or a ReLU, on float32 CPU rows of
-    a Conv2d, in one oneDNN primitive with post-ops; else as separate operations."""
-    if out is not None or _winograd_applies(conv, rows, weight, bias, addend):
-        return winograd_conv3x3(rows, weight, bias, conv.padding, addend, relu, out=out)
+              relu: bool, out: Optional[Tensor] = None, input_map: Optional[InputMap] = None) -> Tensor:
+    """relu?(conv(map?(rows); weight, bias) + addend?): a 3×3 stride-1 convolution of
+    channels-last float32 rows by `winograd_conv3x3` (into `out`, and with an input map
+    (C_in,), where given: only where it applies), the map in its first step, the addend and
+    ReLU in its last; else, with an addend or a ReLU, on float32 CPU rows of a Conv2d, in one
+    oneDNN primitive with post-ops; else as separate operations."""
+    if out is not None or input_map is not None or _winograd_applies(conv, rows, weight, bias, addend):
+        scale, shift, input_relu = input_map or (None, None, False)
+        return winograd_conv3x3(rows, weight, bias, conv.padding, addend, relu, input_scale=scale,
+                                input_shift=shift, input_relu=input_relu, out=out)
     if (relu or addend is not None) and _ONEDNN_POINTWISE is not None and _plain_conv2d(conv) \
             and rows.dim() == 4 and rows.is_cpu and rows.dtype == torch.float32 and conv.padding_mode == "zeros" \
             and not isinstance(conv.padding, str):

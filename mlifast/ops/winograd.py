@@ -21,23 +21,32 @@ from mlifast._extension import register_op
 from mlifast.ops._checks import check_no_derivatives, check_tensors, describe
 
 SCHEMA = ("winograd_conv3x3(Tensor input, Tensor weight, Tensor? bias, int[2] padding, Tensor? addend, "
-          "bool relu=False) -> Tensor")
+          "bool relu=False, Tensor? input_scale=None, Tensor? input_shift=None, bool input_relu=False) -> Tensor")
 OUT_SCHEMA = ("winograd_conv3x3.out(Tensor input, Tensor weight, Tensor? bias, int[2] padding, Tensor? addend, "
-              "bool relu=False, *, Tensor(a!) out) -> Tensor(a!)")
+              "bool relu=False, Tensor? input_scale=None, Tensor? input_shift=None, bool input_relu=False, *, "
+              "Tensor(a!) out) -> Tensor(a!)")
 CHANNEL_MULTIPLE = 16
 
 
 def winograd_conv3x3_reference(input: Tensor, weight: Tensor, bias: Optional[Tensor], padding: Sequence[int],
-                               addend: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+                               addend: Optional[Tensor] = None, relu: bool = False,
+                               input_scale: Optional[Tensor] = None, input_shift: Optional[Tensor] = None,
+                               input_relu: bool = False) -> Tensor:
     """Pure-PyTorch `winograd_conv3x3` (a direct convolution: its oracle up to rounding)."""
+    if input_scale is not None:
+        input = torch.addcmul(input_shift.reshape(-1, 1, 1), input, input_scale.reshape(-1, 1, 1))
+    if input_relu:
+        input = torch.relu(input)
     y = F.conv2d(input, weight, bias, padding=tuple(padding))
     if addend is not None:
         y = y + addend
     return (torch.relu(y) if relu else y).contiguous(memory_format=torch.channels_last)
 
 
-def _winograd_conv3x3_out_reference(input, weight, bias, padding, addend=None, relu=False, *, out):
-    return out.copy_(winograd_conv3x3_reference(input, weight, bias, padding, addend, relu))
+def _winograd_conv3x3_out_reference(input, weight, bias, padding, addend=None, relu=False, input_scale=None,
+                                    input_shift=None, input_relu=False, *, out):
+    return out.copy_(winograd_conv3x3_reference(input, weight, bias, padding, addend, relu, input_scale, input_shift,
+                                                input_relu))
 
 
 register_op("winograd_conv3x3", SCHEMA, winograd_conv3x3_reference)
@@ -45,21 +54,25 @@ register_op("winograd_conv3x3.out", OUT_SCHEMA, _winograd_conv3x3_out_reference)
 
 
 @torch.library.register_fake("mlifast::winograd_conv3x3")
-def _(input, weight, bias, padding, addend=None, relu=False):
+def _(input, weight, bias, padding, addend=None, relu=False, input_scale=None, input_shift=None, input_relu=False):
     n, _, h, w = input.shape
     return input.new_empty((n, weight.shape[0], h + 2 * padding[0] - 2, w + 2 * padding[1] - 2)).contiguous(
         memory_format=torch.channels_last)
 
 
 @torch.library.register_fake("mlifast::winograd_conv3x3.out")
-def _(input, weight, bias, padding, addend=None, relu=False, *, out):
+def _(input, weight, bias, padding, addend=None, relu=False, input_scale=None, input_shift=None, input_relu=False, *,
+      out):
     return out
 
 
 def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                      padding: int | Sequence[int] = (1, 1), addend: Optional[Tensor] = None, relu: bool = False,
-                     *, out: Optional[Tensor] = None) -> Tensor:
-    """relu?(conv2d(input, weight, bias, stride=1, padding=padding) + addend?).
+                     *, input_scale: Optional[Tensor] = None, input_shift: Optional[Tensor] = None,
+                     input_relu: bool = False, out: Optional[Tensor] = None) -> Tensor:
+    """relu?(conv2d(x, weight, bias, stride=1, padding=padding) + addend?), x = relu?(input ·
+    input_scale + input_shift) per input channel (a batch norm and ReLU the input has not
+    had yet; the zero padding is x's).
 
     Args:
         input: (N, C_in, H, W) float32, C_in a multiple of 16 (read channels-last; another
@@ -70,14 +83,17 @@ def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         addend: a tensor of the output's shape (N, C_out, H + 2·rows − 2, W + 2·columns − 2),
             or None.
         relu: return max(y, 0) (NaN stays NaN).
+        input_scale, input_shift: (C_in,) float32 each, or both None.
+        input_relu: x = max(x, 0) (NaN stays NaN).
         out: a channels-last float32 tensor of the output's shape to write into (not
             overlapping input; it may be the addend), or None.
 
     Returns:
         (N, C_out, H', W') float32, channels-last (`out` where given).
     """
-    check_tensors("winograd_conv3x3", {"input": input, "weight": weight, "bias": bias, "addend": addend, "out": out})
-    check_no_derivatives("winograd_conv3x3", input, weight, bias, addend, out)
+    check_tensors("winograd_conv3x3", {"input": input, "weight": weight, "bias": bias, "addend": addend, "out": out,
+                                       "input_scale": input_scale, "input_shift": input_shift})
+    check_no_derivatives("winograd_conv3x3", input, weight, bias, addend, out, input_scale, input_shift)
     padding = (padding, padding) if isinstance(padding, int) else padding
     if isinstance(padding, str) or len(padding) != 2:
         raise ValueError(f"winograd_conv3x3: padding must be an int or (rows, columns), got {padding!r}")
@@ -87,9 +103,17 @@ def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     if input.shape[1] % CHANNEL_MULTIPLE or weight.shape[0] % CHANNEL_MULTIPLE:
         raise ValueError(f"winograd_conv3x3: channels must be multiples of {CHANNEL_MULTIPLE}, got "
                          f"{input.shape[1]} in and {weight.shape[0]} out (use torch.conv2d for these)")
-    for name, t in (("input", input), ("weight", weight), ("bias", bias), ("addend", addend)):
+    if (input_scale is None) != (input_shift is None):
+        raise ValueError("winograd_conv3x3: input_scale and input_shift come together (pass both or neither)")
+    for name, t in (("input_scale", input_scale), ("input_shift", input_shift)):
+        if t is not None and tuple(t.shape) != (input.shape[1],):
+            raise ValueError(f"winograd_conv3x3: {name} must be ({input.shape[1]},), one value per input channel, "
+                             f"got {describe(t)}")
+    for name, t in (("input", input), ("weight", weight), ("bias", bias), ("addend", addend),
+                    ("input_scale", input_scale), ("input_shift", input_shift)):
         if t is not None and (t.dtype != torch.float32 or t.device != input.device):
             raise TypeError(f"winograd_conv3x3: {name} must be float32 on input's device, got {describe(t)}")
+    args = (input, weight, bias, list(padding), addend, relu, input_scale, input_shift, input_relu)
     if out is None:
-        return torch.ops.mlifast.winograd_conv3x3(input, weight, bias, list(padding), addend, relu)
-    return torch.ops.mlifast.winograd_conv3x3.out(input, weight, bias, list(padding), addend, relu, out=out)
+        return torch.ops.mlifast.winograd_conv3x3(*args)
+    return torch.ops.mlifast.winograd_conv3x3.out(*args, out=out)
