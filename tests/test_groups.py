@@ -323,3 +323,21 @@ def test_a_group_stays_within_half_the_memory_budget(monkeypatch):
     monkeypatch.setattr(chunking, "memory_budget", lambda device: 2 * 3 * point.activations)
     per_pass, group = chunking.plan(fast, data, forward, torch.device("cpu"))
     assert group == 3 and per_pass >= 1  # (the rest of the budget: the passes' points)
+
+
+def test_points_whose_outputs_fill_a_cores_cache_run_in_groups_of_twice_the_bytes(monkeypatch):
+    """An output alone of CPU_STREAMING_OUTPUT_BYTES or more streams through memory whatever
+    the group: such points' groups hold twice CPU_GROUP_BYTES (the largest output counted)."""
+    from mlifast.engine import chunking
+
+    forward = lambda m, batch: (m(batch[0]), None)  # noqa: E731
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)).double()
+    fast = mlifast.MultiPointModel(model, mlifast.Line(model, copy.deepcopy(model)), 1)
+    data = [(torch.randn(64, 32, dtype=torch.float64), None)]
+    point = chunking.bytes_per_point(fast, data[0], forward, torch.device("cpu"))
+    assert point.largest == 64 * 64 * 8
+    monkeypatch.setattr(chunking, "weight_bytes", lambda space: 0)
+    monkeypatch.setattr(chunking, "CPU_GROUP_BYTES", 6 * point.live)
+    for threshold, group in ((point.largest + 1, 6), (point.largest, 12)):
+        monkeypatch.setattr(chunking, "CPU_STREAMING_OUTPUT_BYTES", threshold)
+        assert chunking.plan(fast, data, forward, torch.device("cpu"))[1] == group

@@ -27,6 +27,13 @@ CUDA_BUDGET_FRACTION = 0.5
 #   which the groups were sized by before): 1 point a group 5.5–5.9 s, 7 points 3.5–4.0 s,
 #   16 points 3.2–3.8 s (the loop 4.6 s).
 CPU_GROUP_BYTES = 32 << 20
+# ... unless one of a point's module outputs alone fills a core's L2 cache (2 MiB on the CI
+# CPU): then its layers stream through memory whatever the group, only the per-group costs
+# are left to share, and its groups hold twice the bytes. W2 (4.2 MB the largest output,
+# 16.8 MB at the peak): 2 → 4 points a group, 2.39 → 2.15–2.19 s; W1 (4.1 MB): 4 → 8,
+# 1.38–1.47 → 1.42–1.47 s; W5 (2.0 MB), W2 at batch 16 (1.0 MB) and the hidden-state MLP
+# (0.5 MB) unchanged.
+CPU_STREAMING_OUTPUT_BYTES = 2 << 20
 # ... but every group reads all the weights again (each moving layer's origin and its J
 # directions): a group is made at least as large as that traffic over one point's
 # activations, so that what keeping its activations in cache saves can outweigh it. On W3 (a
@@ -56,16 +63,18 @@ class PointBytes:
     kept: what a pass keeps for each of its points whatever its groups: the model's
         output and the loss's temporaries of the same size until the batch ends, and each
         batch norm's (2, C) float64 sums and recomputed statistics until the pass ends.
+    largest: the largest single module output.
     """
 
     activations: int
     kept: int
     live: int
+    largest: int = 1
 
 
 def bytes_per_point(fast, batch: Any, forward, device: torch.device, dtype=None) -> PointBytes:
     """PointBytes of `fast` for one point on `batch`, from one unchecked pass."""
-    activations, outputs, live, peak = 0, 0, 0, 0
+    activations, outputs, live, peak, largest = 0, 0, 0, 0, 0
     alive: set[int] = set()
 
     def tensors(output) -> list:
@@ -86,10 +95,11 @@ def bytes_per_point(fast, batch: Any, forward, device: torch.device, dtype=None)
         live -= size
 
     def count(module, _inputs, output):
-        nonlocal activations, outputs, live, peak
+        nonlocal activations, outputs, live, peak, largest
         for t in tensors(output):
             size = t.numel() * t.element_size()
             activations += size
+            largest = max(largest, size)
             if id(t) not in alive:
                 alive.add(id(t))
                 live += size
@@ -113,7 +123,7 @@ def bytes_per_point(fast, batch: Any, forward, device: torch.device, dtype=None)
         fast.set_coords(saved)
     statistics = sum(m.inner.num_features * (2 * 8 + 2 * m.inner.running_mean.element_size())
                      for m in fast.norms if m.inner.running_mean is not None)
-    return PointBytes(max(activations, 1), max(2 * outputs + statistics, 1), max(peak, 1))
+    return PointBytes(max(activations, 1), max(2 * outputs + statistics, 1), max(peak, 1), max(largest, 1))
 
 
 def weight_bytes(space) -> int:
@@ -133,7 +143,8 @@ def plan(fast, data: Iterable, forward, device: torch.device, dtype=None,
 
     On a GPU a pass runs all its points at once (a GPU wants wide passes): the memory
     budget over one point's activations. On the CPU a pass runs them in groups of
-    CPU_GROUP_BYTES over the peak of one point's live module outputs, and at least the
+    CPU_GROUP_BYTES (twice that where one output alone fills a core's cache,
+    CPU_STREAMING_OUTPUT_BYTES) over the peak of one point's live module outputs, and at least the
     weights' bytes over its activations (each group reads the weights again), within half
     the budget; a pass holds one
     group's activations and what it keeps for each of its points (PointBytes.kept), so it
@@ -147,7 +158,8 @@ def plan(fast, data: Iterable, forward, device: torch.device, dtype=None,
     budget = memory_budget(device)
     if device.type != "cpu":
         return max_points_per_pass or int(max(1, budget // point.activations)), None
-    group = max(1, CPU_GROUP_BYTES // point.live, -(-weight_bytes(fast.space) // point.activations))
+    group_bytes = CPU_GROUP_BYTES * (2 if point.largest >= CPU_STREAMING_OUTPUT_BYTES else 1)
+    group = max(1, group_bytes // point.live, -(-weight_bytes(fast.space) // point.activations))
     group = int(max(1, min(group, budget // 2 // point.activations)))  # (half the budget: passes of many points)
     per_pass = int(max(1, (budget - group * point.activations) // point.kept))
     return min(per_pass, max_points_per_pass or per_pass), group
