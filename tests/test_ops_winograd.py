@@ -228,10 +228,12 @@ def test_bad_input_is_named(case, error, match):
         winograd_conv3x3(x, weight, bias, padding, addend, input_scale=scale, input_shift=shift)
 
 
-def test_the_kernel_refuses_a_scale_without_a_shift():
+def test_the_kernel_and_the_reference_refuse_a_scale_without_a_shift():
     x, weight, bias, _ = operands(1, 16, 16, 5, 5, (1, 1))
     with pytest.raises(RuntimeError, match="come together"):
         torch.ops.mlifast.winograd_conv3x3(x, weight, bias, [1, 1], None, False, torch.ones(16), None, False)
+    with pytest.raises(ValueError, match="come together"):
+        winograd_conv3x3_reference(x, weight, bias, (1, 1), input_shift=torch.ones(16))
 
 
 def test_the_multipoint_resnet_computes_its_convolutions_with_it(monkeypatch):

@@ -371,6 +371,30 @@ def test_a_batch_norm_and_relu_run_in_the_next_convolutions_input_step(monkeypat
     assert sorted(applied) == [(False, True), (False, True), (True, True)]
 
 
+def test_a_relud_batch_norm_on_either_side_of_an_addition_lets_a_convolution_take_it_as_addend():
+    """relu(bn(·)) + conv(·) and conv(·) + relu(bn(·)): the ReLU'd batch norm, still pending,
+    cannot take an addend (its ReLU comes first), so the convolution is asked and takes it."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(8, 16, 24, 24, generator=g).contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.rand(2, 16, generator=g) + 0.5, torch.randn(2, 16, generator=g)
+    weight, bias = torch.randn(2, 16, 16, 3, 3, generator=g) * 0.1, torch.randn(2, 16, generator=g)
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+    expected = None
+    for left in (True, False):
+        with torch.no_grad():
+            relu_bn = torch.nn.functional.relu(pending.PendingAffine(rows, scale, shift))
+            c = pending.PendingConvolution(conv, rows.unflatten(0, (2, 4)), weight, bias)
+            total = relu_bn + c if left else c + relu_bn
+            assert type(total) is pending.PendingConvolution and total._addend is not None
+            result = total.materialize()
+        expected = result if expected is None else expected
+        assert torch.equal(result, expected)
+    plain = torch.relu(rows.unflatten(0, (2, -1)) * scale[:, None, :, None, None] + shift[:, None, :, None, None])
+    convolved = torch.cat([torch.nn.functional.conv2d(r, w, b_, padding=1) for r, w, b_ in
+                           zip(rows.unflatten(0, (2, 4)), weight, bias)])
+    assert torch.allclose(expected, plain.flatten(0, 1) + convolved, atol=1e-4)
+
+
 class WritesIntoMappedRows(torch.nn.Module):
     """Writes into a batch norm's input after the convolution after it took its map."""
 

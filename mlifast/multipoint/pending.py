@@ -165,9 +165,11 @@ class PendingPostOps(Pending):
     @classmethod
     def _join(cls, func, args: tuple, kwargs: dict) -> Optional[Tensor]:
         """A ReLU or an addition joined into the result (`_joined`)."""
-        if func in RELU or func in _ADD:
-            pending = next((a for a in args[:2] if isinstance(a, PendingPostOps) and not a.computed), None)
-            return None if pending is None else pending._joined(func, args, kwargs)
+        if func in RELU or func in _ADD:  # (each pending operand asked in turn: a ReLU'd batch norm refuses)
+            for pending in [a for a in args[:2] if isinstance(a, PendingPostOps)]:
+                joined = None if pending.computed else pending._joined(func, args, kwargs)
+                if joined is not None:
+                    return joined
         return None
 
 

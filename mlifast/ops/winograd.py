@@ -33,6 +33,8 @@ def winograd_conv3x3_reference(input: Tensor, weight: Tensor, bias: Optional[Ten
                                input_scale: Optional[Tensor] = None, input_shift: Optional[Tensor] = None,
                                input_relu: bool = False) -> Tensor:
     """Pure-PyTorch `winograd_conv3x3` (a direct convolution: its oracle up to rounding)."""
+    if (input_scale is None) != (input_shift is None):
+        raise ValueError("winograd_conv3x3: input_scale and input_shift come together (pass both or neither)")
     if input_scale is not None:
         input = torch.addcmul(input_shift.reshape(-1, 1, 1), input, input_scale.reshape(-1, 1, 1))
     if input_relu:
