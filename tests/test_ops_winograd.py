@@ -33,6 +33,7 @@ GEOMETRIES = [
     (1, 528, 16, 5, 5, (1, 1)),  # input rows beyond 512 floats: the stride the GEMM reads at run time
 ]
 POST_OPS = {"none": (False, False), "relu": (False, True), "addend": (True, False), "addend+relu": (True, True)}
+WINOGRAD_OUT = torch.ops.mlifast.winograd_conv3x3.out
 TOL = 2e-5  # of the largest output (measured: 1.5–3.7e-6; ATen's direct convolution 2–5e-7)
 
 
@@ -242,9 +243,9 @@ def test_the_multipoint_resnet_computes_its_convolutions_with_it(monkeypatch):
     32 × 32 images) run winograd_conv3x3, post-ops joined, and the outputs equal the
     one-point-at-a-time oracle's."""
     calls, into = [], []
-    monkeypatch.setattr(pending, "winograd_conv3x3", lambda *args, **kwargs: calls.append(
-        (tuple(args[1].shape[:2]), args[4] is not None, args[5])) or into.append(kwargs["out"] is not None)
-        or winograd_conv3x3(*args, **kwargs))
+    monkeypatch.setattr(pending, "_WINOGRAD_OUT", lambda *args, **kwargs: calls.append(
+        (tuple(args[1].shape[:2]), args[4] is not None, args[5])) or into.append(kwargs.get("out") is not None)
+        or WINOGRAD_OUT(*args, **kwargs))
     a, b = pair(lambda: ResNet20(width=16), torch.float32)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # (under autograd every convolution is ATen's)
@@ -265,8 +266,8 @@ def test_forward_mode_through_the_multipoint_resnet_keeps_its_derivatives(monkey
     derivatives, is never handed a tensor that carries them (before, their derivatives
     were silently zero: 4.34 for 4.60)."""
     handed = []
-    monkeypatch.setattr(pending, "winograd_conv3x3", lambda *args, **kwargs: handed.append(
-        carries_derivatives(*args[:2])) or winograd_conv3x3(*args, **kwargs))
+    monkeypatch.setattr(pending, "_WINOGRAD_OUT", lambda *args, **kwargs: handed.append(
+        carries_derivatives(*args[:2])) or WINOGRAD_OUT(*args, **kwargs))
     a, b = pair(lambda: ResNet20(width=16), torch.float32)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     length = gauss_length(a, mlifast.Line(a, b), [(x, x)], alphas=5)
@@ -294,8 +295,7 @@ class StandardisedNet(nn.Module):
 def test_a_conv2d_subclass_with_its_own_conv_forward_keeps_it(monkeypatch):
     """Not Winograd's plain convolution: the model stays fused and channels-last."""
     calls = []
-    monkeypatch.setattr(pending, "winograd_conv3x3",
-                        lambda *args, **kwargs: calls.append(1) or winograd_conv3x3(*args, **kwargs))
+    monkeypatch.setattr(pending, "_WINOGRAD_OUT", lambda *args, **kwargs: calls.append(1) or WINOGRAD_OUT(*args, **kwargs))
     torch.manual_seed(0)
     a, b = StandardisedNet().eval(), StandardisedNet().eval()
     x = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(2))

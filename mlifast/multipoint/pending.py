@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_map
 
 from mlifast._extension import compiled
 from mlifast.multipoint.context import fold
-from mlifast.ops import channel_affine, winograd_conv3x3
+from mlifast.ops import channel_affine
 from mlifast.ops._checks import carries_derivatives
 from mlifast.ops.winograd import CHANNEL_MULTIPLE as WINOGRAD_CHANNEL_MULTIPLE
 
@@ -237,24 +237,30 @@ class PendingConvolution(PendingPostOps):
                                   self._input_map)
 
     def _computed_with(self, relu: bool) -> Tensor:
-        (points,), outs, batch, mapped = self._inputs, [], self._inputs[0].shape[1], self._input_map
+        (points,), batch, mapped = self._inputs, self._inputs[0].shape[1], self._input_map
         winograd = _winograd_applies(self._conv, points[0], self._weight, self._bias, self._addend)
         if mapped is not None and not winograd:  # (an addend that joined since rules Winograd out)
             points = fold(channel_affine(points.flatten(0, 1), mapped.scale, mapped.shift, None, mapped.relu),
                           len(points))
             mapped = None
-        # Winograd writes each point's rows into one output (its conditions are the same for
-        # every point); other kernels' outputs are concatenated (W2 in groups of 4 points:
-        # 0.34 of 3.0 s)
-        into = torch.empty(self.shape, dtype=self.dtype, device=self.device, memory_format=torch.channels_last) \
-            if len(points) > 1 and winograd else None
-        for k, rows in enumerate(points):
-            bias = None if self._bias is None else self._bias[k]
-            addend = None if self._addend is None else self._addend[k * batch:(k + 1) * batch]
-            out = None if into is None else into[k * batch:(k + 1) * batch]
-            input_map = None if mapped is None else InputMap(mapped.scale[k], mapped.shift[k], mapped.relu)
-            outs.append(_convolve(self._conv, rows, self._weight[k], bias, addend, relu, out, input_map))
-        return into if into is not None else outs[0] if len(outs) == 1 else torch.cat(outs)
+        # (each point's operands as views taken in one call each: W2 computes 1,600 of these)
+        k = len(points)
+        weights = self._weight.unbind(0)
+        biases = self._bias.unbind(0) if self._bias is not None else (None,) * k
+        addends = self._addend.split(batch) if self._addend is not None else (None,) * k
+        if winograd:
+            # Winograd writes each point's rows into one output (W2 in groups of 4 points: a
+            # torch.cat took 0.34 of 3.0 s); its conditions, checked above, hold for every point
+            into = torch.empty(self.shape, dtype=self.dtype, device=self.device, memory_format=torch.channels_last)
+            maps = zip(mapped.scale.unbind(0), mapped.shift.unbind(0)) if mapped is not None else ((None, None),) * k
+            input_relu = mapped is not None and mapped.relu
+            for rows, weight, bias, addend, out, (scale, shift) in zip(points.unbind(0), weights, biases, addends,
+                                                                       into.split(batch), maps):
+                _WINOGRAD_OUT(rows, weight, bias, self._conv.padding, addend, relu, scale, shift, input_relu, out=out)
+            return into
+        outs = [_convolve(self._conv, rows, weight, bias, addend, relu)
+                for rows, weight, bias, addend in zip(points.unbind(0), weights, biases, addends)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _release(self) -> None:
         super()._release()
@@ -331,16 +337,10 @@ def _computed(value):
 
 
 def _convolve(conv: nn.Module, rows: Tensor, weight: Tensor, bias: Optional[Tensor], addend: Optional[Tensor],
-              relu: bool, out: Optional[Tensor] = None, input_map: Optional[InputMap] = None) -> Tensor:
-    """relu?(conv(map?(rows); weight, bias) + addend?): a 3×3 stride-1 convolution of
-    channels-last float32 rows by `winograd_conv3x3` (into `out`, and with an input map
-    (C_in,), where given: only where it applies), the map in its first step, the addend and
-    ReLU in its last; else, with an addend or a ReLU, on float32 CPU rows of a Conv2d, in one
-    oneDNN primitive with post-ops; else as separate operations."""
-    if out is not None or input_map is not None or _winograd_applies(conv, rows, weight, bias, addend):
-        scale, shift, input_relu = input_map or (None, None, False)
-        return winograd_conv3x3(rows, weight, bias, conv.padding, addend, relu, input_scale=scale,
-                                input_shift=shift, input_relu=input_relu, out=out)
+              relu: bool) -> Tensor:
+    """relu?(conv(rows; weight, bias) + addend?) where Winograd does not compute it: with an
+    addend or a ReLU, on float32 CPU rows of a Conv2d, in one oneDNN primitive with
+    post-ops; else as separate operations."""
     if (relu or addend is not None) and _ONEDNN_POINTWISE is not None and _plain_conv2d(conv) \
             and rows.dim() == 4 and rows.is_cpu and rows.dtype == torch.float32 and conv.padding_mode == "zeros" \
             and not isinstance(conv.padding, str):
@@ -354,6 +354,9 @@ def _convolve(conv: nn.Module, rows: Tensor, weight: Tensor, bias: Optional[Tens
         y = y.add_(addend)
     return y.relu_() if relu else y
 
+
+# `winograd_conv3x3.out` called directly: `_winograd_applies` has checked what its face would.
+_WINOGRAD_OUT = torch.ops.mlifast.winograd_conv3x3.out
 
 # Devices whose 3×3 stride-1 convolutions run `winograd_conv3x3` (its compiled kernel:
 # on the CPU 1.3–1.7× oneDNN's direct convolution on W2's shapes; W2 3.17 → 2.70 s in one process).
