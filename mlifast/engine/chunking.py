@@ -29,10 +29,10 @@ CUDA_BUDGET_FRACTION = 0.5
 CPU_GROUP_BYTES = 32 << 20
 # ... unless one of a point's module outputs alone fills a core's L2 cache (2 MiB on the CI
 # CPU): then its layers stream through memory whatever the group, only the per-group costs
-# are left to share, and its groups hold twice the bytes. W2 (4.2 MB the largest output,
-# 16.8 MB at the peak): 2 → 4 points a group, 2.39 → 2.15–2.19 s; W1 (4.1 MB): 4 → 8,
-# 1.38–1.47 → 1.42–1.47 s; W5 (2.0 MB), W2 at batch 16 (1.0 MB) and the hidden-state MLP
-# (0.5 MB) unchanged.
+# (each layer's Python) are left to share, and its groups hold twice the bytes. W2 (4.2 MB
+# the largest output, 16.8 MB at the peak): 2 → 4 points a group, median 2.32 → 2.26 s
+# over 8 rounds (8 points: 2.5–2.9 s); W1 (4.1 MB): 4 → 8, 1.38–1.47 → 1.42–1.47 s; W5
+# (2.0 MB), W2 at batch 16 (1.0 MB) and the hidden-state MLP (0.5 MB) unchanged.
 CPU_STREAMING_OUTPUT_BYTES = 2 << 20
 # ... but every group reads all the weights again (each moving layer's origin and its J
 # directions): a group is made at least as large as that traffic over one point's
