@@ -3,9 +3,9 @@
 // affine map and ReLU of its input in its first step, and the bias, a residual addend and a
 // ReLU in its last (winograd_conv.h has the algorithm).
 //
-// On W2's ResNet-20 shapes (64 images, 2 threads) it took 0.79, 0.59 and 0.51 ms where
-// oneDNN's direct convolution took 1.06, 0.95 and 0.87 ms (16 channels at 32 × 32, 32 at
-// 16 × 16, 64 at 8 × 8; with the addition and ReLU, 1.7× throughout:
+// On W2's ResNet-20 shapes (64 images, 2 threads) it took 0.64, 0.53 and 0.50 ms where
+// oneDNN's direct convolution took 1.08, 1.00 and 0.92 ms (16 channels at 32 × 32, 32 at
+// 16 × 16, 64 at 8 × 8; with the addition and ReLU, 1.9–2.1×:
 // benchmarks/winograd_conv.py).
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>

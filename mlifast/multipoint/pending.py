@@ -359,7 +359,8 @@ def _convolve(conv: nn.Module, rows: Tensor, weight: Tensor, bias: Optional[Tens
 _WINOGRAD_OUT = torch.ops.mlifast.winograd_conv3x3.out
 
 # Devices whose 3×3 stride-1 convolutions run `winograd_conv3x3` (its compiled kernel:
-# on the CPU 1.3–1.7× oneDNN's direct convolution on W2's shapes; W2 3.17 → 2.70 s in one process).
+# on the CPU 1.7–1.9× oneDNN's direct convolution on W2's shapes; W2 3.17 → 2.70 s in one
+# process when it came, before the ninth session's changes to the kernel).
 WINOGRAD_DEVICES = {"cpu"}
 # ... from this many 4 × 4 output tiles a call and up to this many input × output channels
 # (benchmarks/winograd_conv.py, 2 cores): each call transforms the weight, 36·C_in·C_out

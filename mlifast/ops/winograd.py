@@ -3,8 +3,10 @@ F(4×4, 3×3), with a residual addend and a ReLU in its last step.
 
 Each 4×4 output tile takes 36 multiply-adds per input and output channel where a direct
 convolution takes 144; transforming tiles costs some of that back. On W2's ResNet-20 shapes
-the CPU kernel (csrc/cpu/winograd_conv.cpp) is 1.3–1.7× oneDNN's direct convolution, 1.7×
-with the residual addition and ReLU (benchmarks/winograd_conv.py). Its rounding differs:
+the CPU kernel (csrc/cpu/winograd_conv.cpp) is 1.7–1.9× oneDNN's direct convolution,
+1.9–2.1× with the residual addition and ReLU (benchmarks/winograd_conv.py). An input map,
+x·scale + shift per input channel and a ReLU, runs in its first step: a batch norm and
+ReLU before it without a pass of their own. Its rounding differs:
 against float64, about 5e-6 of the largest output where the direct convolution's is 5e-7 to
 1e-6 (the transforms' constants, up to 8, amplify rounding), and a NaN or inf in an input
 tile reaches all 16 outputs of the tile. Channels must be multiples of 16; no derivatives (it refuses tensors that carry them).
