@@ -172,9 +172,13 @@ class ConvRule(AffineInParamsRule):
     call), take the J + 1 products."""
 
     # benchmarks/conv_crossover.py (2 cores, float32 NCHW, 3×3, 16–64 channels, 4–16
-    # points): from 4,096 positions a point the per-point form is 1.9–3.5× faster, at 1,024
-    # 0.4–1.6×, at ≤ 256 mostly slower (0.2–2.4×).
-    PER_POINT_MIN_POSITIONS = 2048
+    # points, each operation on its own): from 4,096 positions a point the per-point form is
+    # 1.9–3.5× faster, at 1,024 0.4–1.6×, at ≤ 256 mostly slower (0.2–2.4×). In a model,
+    # channels-last with the batch norm, addition and ReLU joined (and Winograd where it
+    # applies), the per-point form wins from 512: W2 (ResNet-20) at batch 16 3.40 → 2.72 s
+    # with 1,024 for 2,048 (3.95 for 4.27 without Winograd), at batch 8 3.85 → 3.64 s with
+    # 512 for 1,024; at batch 4, 256 for 512 lost (4.36 → 4.91 s).
+    PER_POINT_MIN_POSITIONS = 512
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if isinstance(x, SharedRows) or args or kwargs or not one_point_per_call(x) or (

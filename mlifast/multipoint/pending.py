@@ -365,10 +365,11 @@ WINOGRAD_DEVICES = {"cpu"}
 # ... from this many 4 × 4 output tiles a call and up to this many input × output channels
 # (benchmarks/winograd_conv.py, 2 cores): each call transforms the weight, 36·C_in·C_out
 # floats that every block of 48 tiles reads again, and its blocks are its threads' work.
-# Against oneDNN: 1.4–2.2× from 196 tiles at 64–128 channels (8×64×56×56: 2.1×,
-# 8×128×28×28 and 64×128×8×8: 1.7×; 16×256×14×14: 1.4×), 1.1× at 64 tiles of 16 channels,
-# 0.96× at 128 tiles of 256, 0.6× at 128 tiles of 512, 0.1–0.2× at 8–32 tiles of 512.
-WINOGRAD_MIN_TILES = 128
+# Against oneDNN (ninth session's kernel): 1.7–1.9× from 256 tiles at 16–128 channels
+# (8×128×28×28: 1.9×; 16×256×14×14: 1.4×); at 64 tiles 1.6× (16 channels), 1.3× (32),
+# 1.2× (64); at 32 tiles 1.5×, 1.1×, 0.87×; 0.95× at 128 tiles of 256, 0.65× at 128 tiles
+# of 512, 0.2× at 32 tiles of 512.
+WINOGRAD_MIN_TILES = 64
 WINOGRAD_MAX_CHANNEL_PAIRS = 128 * 128
 
 
