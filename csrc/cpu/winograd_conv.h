@@ -233,16 +233,17 @@ MLIFAST_WINOGRAD_INLINE void transform_input_tile(const float* origin, const Geo
 }
 
 // V[ξ][t][ci] = (Bᵀ·d·B)[ξ] of block tile t's input tile d (zero outside the image, and for
-// the tiles past the batch's last); `stride` (≥ C_in) floats from one tile to the next.
+// the tiles past the batch's last, up to `rows`: those the GEMMs read); `stride` (≥ C_in)
+// floats from one tile to the next.
 template <int M, int Bytes, Prologue P>
 MLIFAST_WINOGRAD_INLINE void transform_input(const float* x, const Geometry& g, const InputAffine& affine,
-                                             int64_t first, int64_t tiles, int64_t tiles_h, int64_t tiles_w,
-                                             int64_t stride, float* V) {
+                                             int64_t first, int64_t tiles, int64_t rows, int64_t tiles_h,
+                                             int64_t tiles_w, int64_t stride, float* V) {
   MLIFAST_WINOGRAD_VECTOR;
   constexpr int A = Transforms<M>::kAlpha;
   const int64_t C = g.in_channels, plane = plane_floats(stride);
   TileWalk p(first, tiles_h, tiles_w, M);
-  for (int64_t t = 0; t < kTiles; ++t, p.next(tiles_h)) {
+  for (int64_t t = 0; t < rows; ++t, p.next(tiles_h)) {
     float* v = V + t * stride;
     if (t >= tiles) {
       for (int xi = 0; xi < A * A; ++xi) std::fill(v + xi * plane, v + xi * plane + C, 0.0f);
@@ -258,18 +259,20 @@ MLIFAST_WINOGRAD_INLINE void transform_input(const float* x, const Geometry& g, 
   }
 }
 
-// Mb[ξ][t][co] = Σ_ci V[ξ][t][ci]·U[ξ][ci][co] for kRowTiles tiles and kVectors vectors of
-// output channels at a time, their sums in registers. V's tiles lie kStride floats apart
+// Mb[ξ][t][co] = Σ_ci V[ξ][t][ci]·U[ξ][ci][co] for the first `rows` tiles (a multiple of
+// kRowTiles), kRowTiles tiles and kVectors vectors of output channels at a time, their sums
+// in registers. V's tiles lie kStride floats apart
 // (0: `stride`): a constant stride lets each tile's value be read at a fixed offset from one
 // pointer, where 16 tiles at a variable stride took a register each and spilled.
 template <int Bytes, int kRowTiles, int kVectors, int kStride>
 MLIFAST_WINOGRAD_INLINE void multiply_position(const float* __restrict__ V, const float* __restrict__ U,
-                                               int64_t C_in, int64_t C_out, int64_t stride, float* __restrict__ Mb) {
+                                               int64_t C_in, int64_t C_out, int64_t stride, int64_t rows,
+                                               float* __restrict__ Mb) {
   MLIFAST_WINOGRAD_VECTOR;
   constexpr int64_t kWidth = Bytes / sizeof(float);
   const int64_t step = kStride ? kStride : stride;
   for (int64_t co = 0; co < C_out; co += kVectors * kWidth) {
-    for (int64_t t0 = 0; t0 < kTiles; t0 += kRowTiles) {
+    for (int64_t t0 = 0; t0 < rows; t0 += kRowTiles) {
       Vec acc[kRowTiles][kVectors] = {};
       const float* v = V + t0 * step;
       for (int64_t ci = 0; ci < C_in; ++ci) {
@@ -291,17 +294,23 @@ MLIFAST_WINOGRAD_INLINE void multiply_position(const float* __restrict__ V, cons
   }
 }
 
-// The GEMM of one position with the register blocking C_out allows.
+// Tiles a GEMM step holds in registers with the blocking C_out allows (4, 2 or 1 vectors of
+// output channels).
+template <int Bytes>
+MLIFAST_WINOGRAD_INLINE int64_t row_tiles(int64_t C_out) {
+  constexpr int64_t kWidth = Bytes / sizeof(float);
+  return C_out % (4 * kWidth) == 0 ? 6 : C_out % (2 * kWidth) == 0 ? 12 : 16;
+}
+
+// The GEMM of one position's first `rows` tiles (a multiple of row_tiles(C_out)) with the
+// register blocking C_out allows.
 template <int Bytes, int kStride>
 MLIFAST_WINOGRAD_INLINE void multiply_position(const float* V, const float* U, int64_t C_in, int64_t C_out,
-                                               int64_t stride, float* Mb) {
-  constexpr int64_t kWidth = Bytes / sizeof(float);
-  if (C_out % (4 * kWidth) == 0) {
-    multiply_position<Bytes, 6, 4, kStride>(V, U, C_in, C_out, stride, Mb);
-  } else if (C_out % (2 * kWidth) == 0) {
-    multiply_position<Bytes, 12, 2, kStride>(V, U, C_in, C_out, stride, Mb);
-  } else {
-    multiply_position<Bytes, 16, 1, kStride>(V, U, C_in, C_out, stride, Mb);
+                                               int64_t stride, int64_t rows, float* Mb) {
+  switch (row_tiles<Bytes>(C_out)) {
+    case 6: multiply_position<Bytes, 6, 4, kStride>(V, U, C_in, C_out, stride, rows, Mb); break;
+    case 12: multiply_position<Bytes, 12, 2, kStride>(V, U, C_in, C_out, stride, rows, Mb); break;
+    default: multiply_position<Bytes, 16, 1, kStride>(V, U, C_in, C_out, stride, rows, Mb);
   }
 }
 
@@ -370,22 +379,24 @@ MLIFAST_WINOGRAD_INLINE void convolve_block(const float* x, const InputAffine& a
                                             const float* bias, const float* addend, const Geometry& g, int64_t first,
                                             int64_t tiles, float* V, float* Mb, float* y) {
   constexpr int A = Transforms<M>::kAlpha;
-  constexpr int64_t kWidth = Bytes / sizeof(float);
   const int64_t tiles_h = (g.out_height() + M - 1) / M, tiles_w = (g.out_width() + M - 1) / M;
   const int64_t Ci = g.in_channels, Co = g.out_channels, stride = input_stride(Ci);
-  transform_input<M, Bytes, P>(x, g, affine, first, tiles, tiles_h, tiles_w, stride, V);
+  // (the GEMMs take the block's tiles rounded up to their register blocking, not kTiles: a
+  // call of 16–32 tiles, or a last block, would multiply zeros)
+  const int64_t step = row_tiles<Bytes>(Co), rows = std::min(kTiles, (tiles + step - 1) / step * step);
+  transform_input<M, Bytes, P>(x, g, affine, first, tiles, rows, tiles_h, tiles_w, stride, V);
   for (int xi = 0; xi < A * A; ++xi) {
     const float* v = V + xi * plane_floats(stride);
     const float* u = U + xi * weight_plane_floats(Ci, Co);
     float* mb = Mb + xi * plane_floats(Co);
     switch (stride) {
-      case 16: multiply_position<Bytes, 16>(v, u, Ci, Co, stride, mb); break;
-      case 32: multiply_position<Bytes, 32>(v, u, Ci, Co, stride, mb); break;
-      case 64: multiply_position<Bytes, 64>(v, u, Ci, Co, stride, mb); break;
-      case 128: multiply_position<Bytes, 128>(v, u, Ci, Co, stride, mb); break;
-      case 256: multiply_position<Bytes, 256>(v, u, Ci, Co, stride, mb); break;
-      case 512: multiply_position<Bytes, 512>(v, u, Ci, Co, stride, mb); break;
-      default: multiply_position<Bytes, 0>(v, u, Ci, Co, stride, mb);
+      case 16: multiply_position<Bytes, 16>(v, u, Ci, Co, stride, rows, mb); break;
+      case 32: multiply_position<Bytes, 32>(v, u, Ci, Co, stride, rows, mb); break;
+      case 64: multiply_position<Bytes, 64>(v, u, Ci, Co, stride, rows, mb); break;
+      case 128: multiply_position<Bytes, 128>(v, u, Ci, Co, stride, rows, mb); break;
+      case 256: multiply_position<Bytes, 256>(v, u, Ci, Co, stride, rows, mb); break;
+      case 512: multiply_position<Bytes, 512>(v, u, Ci, Co, stride, rows, mb); break;
+      default: multiply_position<Bytes, 0>(v, u, Ci, Co, stride, rows, mb);
     }
   }
   transform_output<M, Bytes, kAdd, kRelu>(Mb, bias, addend, g, first, tiles, tiles_h, tiles_w, y);
