@@ -367,7 +367,7 @@ WINOGRAD_DEVICES = {"cpu"}
 # floats that every block of 48 tiles reads again, and its blocks are its threads' work.
 # Against oneDNN (ninth session's kernel): 1.7–1.9× from 256 tiles at 16–128 channels
 # (8×128×28×28: 1.9×; 16×256×14×14: 1.4×); at 64 tiles 1.6× (16 channels), 1.3× (32),
-# 1.2× (64); at 32 tiles 1.5×, 1.1×, 0.87×; 0.95× at 128 tiles of 256, 0.65× at 128 tiles
+# 1.2× (64); at 32 tiles 1.5×, 1.2×, 1.0×; 0.95× at 128 tiles of 256, 0.65× at 128 tiles
 # of 512, 0.2× at 32 tiles of 512.
 WINOGRAD_MIN_TILES = 64
 WINOGRAD_MAX_CHANNEL_PAIRS = 128 * 128
