@@ -96,16 +96,36 @@ def test_which_calls_each_form_makes(form):
         assert calls == first_layer + [(2, True)] * 3
 
 
-@pytest.mark.parametrize("side, per_point", [(8, False), (32, True)])
-def test_convolutions_take_the_per_point_form_from_enough_positions(side, per_point):
+@pytest.mark.parametrize("side, channels, per_point", [(8, 8, False), (32, 8, True), (16, 8, False), (16, 64, True),
+                                                      (8, 64, False)])
+def test_convolutions_take_the_per_point_form_from_enough_positions(side, channels, per_point):
     """ConvRule.PER_POINT_MIN_POSITIONS: 2 images of 8×8 (128 positions a point) take the
-    stacked form, 2 of 32×32 (2,048) one call per point."""
-    a, b = test_interpolate.pair(lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 4, 1)),
-                                 torch.float32)
+    stacked form, 2 of 32×32 (2,048) one call per point; 2 of 16×16 (512) one call per point
+    only where the convolution is large (64 × 64 channel pairs, not 8 × 8)."""
+    a, b = test_interpolate.pair(lambda: torch.nn.Sequential(torch.nn.Conv2d(3, channels, 1),
+                                                             torch.nn.Conv2d(channels, channels, 1)), torch.float32)
     x = torch.randn(2, 3, side, side)
     fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float32)
     second_layer = conv2d_calls(fast, x)[2:]
     assert second_layer == ([(2, True)] * 3 if per_point else [(6, True)] * 2)
+
+
+@pytest.mark.parametrize("channels, per_point", [(16, True), (12, False)])
+def test_from_1024_positions_winograd_takes_the_per_point_form(channels, per_point):
+    """2 images of 16 × 32 (1,024 positions, 64 tiles a point): a 3 × 3 convolution of 16
+    channels, which Winograd computes, one call per point; of 12 channels (not a multiple of
+    16, and few channel pairs) the stacked form."""
+    a, b = test_interpolate.pair(lambda: torch.nn.Sequential(torch.nn.Conv2d(3, channels, 1),
+                                                             torch.nn.Conv2d(channels, 16, 3, padding=1)),
+                                 torch.float32)
+    x = torch.randn(2, 3, 16, 32)
+    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float32)
+    winograd, calls = pending._WINOGRAD_OUT, []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pending, "_WINOGRAD_OUT", lambda *args, **kwargs: calls.append(args[0].shape[0])
+                      or winograd(*args, **kwargs))
+        second_layer = conv2d_calls(fast, x)[2:]
+    assert (calls, second_layer) == (([2] * 3, []) if per_point else ([], [(6, True)] * 2))
 
 
 def test_gauss_length_through_convolutions_and_batch_norm(form):

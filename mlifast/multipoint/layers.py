@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from mlifast.multipoint.context import fold, rows_for_every_example, unfold
-from mlifast.multipoint.pending import Pending, PendingAffine, PendingConvolution
+from mlifast.multipoint.pending import Pending, PendingAffine, PendingConvolution, winograd_takes
 from mlifast.multipoint.relu_line import PendingLine
 from mlifast.multipoint.rule import MultiPointRule
 from mlifast.multipoint.shared import SharedRows
@@ -173,16 +173,30 @@ class ConvRule(AffineInParamsRule):
 
     # benchmarks/conv_crossover.py (2 cores, float32 NCHW, 3×3, 16–64 channels, 4–16
     # points, each operation on its own): from 4,096 positions a point the per-point form is
-    # 1.9–3.5× faster, at 1,024 0.4–1.6×, at ≤ 256 mostly slower (0.2–2.4×). In a model,
-    # channels-last with the batch norm, addition and ReLU joined (and Winograd where it
-    # applies), the per-point form wins from 512: W2 (ResNet-20) at batch 16 3.40 → 2.72 s
-    # with 1,024 for 2,048 (3.95 for 4.27 without Winograd), at batch 8 3.85 → 3.64 s with
-    # 512 for 1,024; at batch 4, 256 for 512 lost (4.36 → 4.91 s).
-    PER_POINT_MIN_POSITIONS = 512
+    # 1.9–3.5× faster, at 1,024 0.4–1.6×, at ≤ 256 mostly slower (0.2–2.4×).
+    PER_POINT_MIN_POSITIONS = 2048
+    # ... and from a quarter of that where each point's convolution is large, C_in·C_out of
+    # PER_POINT_LARGE_CHANNEL_PAIRS or more, or Winograd computes it. In models (channels-
+    # last, the batch norm, addition and ReLU joined): W2 (ResNet-20) at batch 16 3.22–3.44 →
+    # 2.62–2.68 s (stage 3: 1,024 positions, 64 channels, Winograd), at batch 8 3.71 → 3.64 s
+    # (512 positions, 64 channels), at batch 4 4.68 → 4.35–4.48 s (stage 2: 1,024 positions,
+    # Winograd); the review's convolutions at 512 positions: 64 channels 0.77–0.93× the
+    # stacked form's time, 16–32 channels without Winograd 1.15–2.2× (so not those).
+    PER_POINT_LARGE_CHANNEL_PAIRS = 64 * 64
+
+    def _per_point(self, x: Tensor) -> bool:
+        """Whether each point's rows go through the layer on their own (see above)."""
+        positions = x.numel() // (self.context.num_active * x.shape[1])
+        if positions >= self.PER_POINT_MIN_POSITIONS:
+            return True
+        if positions < self.PER_POINT_MIN_POSITIONS // 4:
+            return False
+        conv = self.inner
+        return (conv.in_channels // conv.groups * conv.out_channels >= self.PER_POINT_LARGE_CHANNEL_PAIRS
+                or winograd_takes(conv, x, self.context.num_active))
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if isinstance(x, SharedRows) or args or kwargs or not one_point_per_call(x) or (
-                x.numel() // (self.context.num_active * x.shape[1]) < self.PER_POINT_MIN_POSITIONS):
+        if isinstance(x, SharedRows) or args or kwargs or not one_point_per_call(x) or not self._per_point(x):
             return super().forward(x, *args, **kwargs)
         weight, bias = self.per_point("weight"), self.per_point("bias")
         pending = PendingConvolution.of(self.inner, x, weight, bias)

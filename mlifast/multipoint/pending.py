@@ -389,6 +389,17 @@ def _winograd_applies(conv: nn.Module, rows: Tensor, weight: Tensor, bias: Optio
             and _output_tiles(conv, rows) >= WINOGRAD_MIN_TILES and not carries_derivatives(rows, weight, bias, addend))
 
 
+def winograd_takes(conv: nn.Module, x: Tensor, points: int) -> bool:
+    """Whether `winograd_conv3x3` would compute conv on each point's rows of x (K·B, C, …),
+    K = `points`, as a PendingConvolution of them would (a pending batch norm's rows for
+    one that it takes as an input map; another pending result is not looked into)."""
+    if isinstance(x, PendingAffine) and x.input_map(points) is not None:
+        x = x.inputs[0]
+    elif isinstance(x, Pending):
+        return False
+    return _winograd_applies(conv, x[:x.shape[0] // points], None, None, None)
+
+
 def _output_tiles(conv: nn.Module, rows: Tensor) -> int:
     """4 × 4 output tiles of a 3 × 3 stride-1 conv on (N, C, H, W) rows."""
     n, _, h, w = rows.shape
