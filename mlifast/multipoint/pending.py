@@ -393,8 +393,8 @@ def winograd_takes(conv: nn.Module, x: Tensor, points: int) -> bool:
     """Whether `winograd_conv3x3` would compute conv on each point's rows of x (K·B, C, …),
     K = `points`, as a PendingConvolution of them would (a pending batch norm's rows for
     one that it takes as an input map; another pending result is not looked into)."""
-    if isinstance(x, PendingAffine) and x.input_map(points) is not None:
-        x = x.inputs[0]
+    if isinstance(x, PendingAffine) and not x.computed:
+        x = x.inputs[0]  # (the same shape, dtype and layout: channel_affine keeps them)
     elif isinstance(x, Pending):
         return False
     return _winograd_applies(conv, x[:x.shape[0] // points], None, None, None)
