@@ -7,6 +7,7 @@
 
 #include <limits>
 #include <optional>
+#include <vector>
 
 namespace mlifast {
 
@@ -78,6 +79,54 @@ inline AffineOperands affine_operands(const at::Tensor& input, const at::Tensor&
     o.addend = addend->strides() == o.input.strides() ? *addend : at::empty_like(o.input).copy_(*addend);
   }
   return o;
+}
+
+// channel_combine's operands: the n ≤ kMaxCombined inputs in one layout (B entries: one
+// point's), scales (K, n, C) and shift (K, C) contiguous.
+constexpr int64_t kMaxCombined = 8;
+
+struct CombineOperands {
+  ChannelLayout layout;  // points: K
+  std::vector<at::Tensor> inputs;
+  at::Tensor scales, shift;
+};
+
+inline CombineOperands combine_operands(at::TensorList inputs, const at::Tensor& scales, const at::Tensor& shift,
+                                        const char* op) {
+  TORCH_CHECK(!inputs.empty() && int64_t(inputs.size()) <= kMaxCombined, op, "expected 1 to ", kMaxCombined,
+              " inputs, got ", inputs.size());
+  CombineOperands o{{}, {inputs[0]}, {}, {}};
+  o.layout = channel_layout(o.inputs[0], 1, op);
+  const at::Tensor first = o.inputs[0];  // (a copy: pushing into o.inputs moves its elements)
+  for (size_t i = 1; i < inputs.size(); ++i) {
+    const at::Tensor& t = inputs[i];
+    TORCH_CHECK(t.sizes() == first.sizes() && t.scalar_type() == first.scalar_type() && t.device() == first.device(),
+                op, "expected inputs of one shape, dtype and device, got ", first.sizes(), " ", first.scalar_type(),
+                " and ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
+    o.inputs.push_back(t.strides() == first.strides() ? t : at::empty_like(first).copy_(t));
+  }
+  const int64_t n = int64_t(inputs.size()), C = first.size(1);
+  TORCH_CHECK(scales.dim() == 3 && scales.size(1) == n && scales.size(2) == C, op, "expected scales of shape (K, ",
+              n, ", ", C, "), got ", scales.sizes());
+  TORCH_CHECK(shift.dim() == 2 && shift.size(0) == scales.size(0) && shift.size(1) == C, op,
+              "expected shift of shape (", scales.size(0), ", ", C, "), got ", shift.sizes());
+  TORCH_CHECK(scales.scalar_type() == first.scalar_type() && shift.scalar_type() == first.scalar_type() &&
+                  scales.device() == first.device() && shift.device() == first.device(),
+              op, "expected scales and shift of the inputs' dtype ", first.scalar_type(), " on ", first.device());
+  o.layout.points = scales.size(0);
+  o.scales = scales.contiguous();
+  o.shift = shift.contiguous();
+  return o;
+}
+
+// (K·B, C, …) in the inputs' layout.
+inline at::Tensor combine_output(const CombineOperands& o) {
+  const at::Tensor& first = o.inputs[0];
+  std::vector<int64_t> sizes = first.sizes().vec();
+  sizes[0] *= o.layout.points;
+  const auto format = first.is_contiguous()                                                 ? at::MemoryFormat::Contiguous
+                      : first.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+  return at::empty(sizes, first.options().memory_format(format));
 }
 
 }  // namespace mlifast

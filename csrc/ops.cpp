@@ -36,6 +36,11 @@ TORCH_LIBRARY(mlifast, m) {
   // y = input·scale[k, c] + shift[k, c] (+ addend), then ReLU if relu, on point k's entries
   // of input (K·B, C, …); scale, shift: (K, C); addend: input's shape -> y in input's layout.
   m.def("channel_affine(Tensor input, Tensor scale, Tensor shift, Tensor? addend, bool relu=False) -> Tensor");
+  // y[k] = Σ_i inputs[i]·scales[k, i, c] + shift[k, c], then ReLU if relu: each point's
+  // per-channel combination of n tensors (B, C, …) that every point shares (a first
+  // convolution's products at the origin and along each direction, with a batch norm
+  // folded in); scales (K, n, C), shift (K, C) -> y (K·B, C, …) in the inputs' layout.
+  m.def("channel_combine(Tensor[] inputs, Tensor scales, Tensor shift, bool relu=False) -> Tensor");
   // y = conv2d(x, weight, bias, stride 1, padding) (+ addend), then ReLU if relu, by
   // Winograd's F(4×4, 3×3), where x = input·input_scale[c] + input_shift[c] (both (C_in,) or
   // None), then ReLU if input_relu (the zero padding is x's): input (N, C_in, H, W) float32,

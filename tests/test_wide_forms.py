@@ -10,7 +10,7 @@ import torch
 import mlifast
 import test_evaluate
 import test_interpolate
-from mlifast.multipoint import layers, pending
+from mlifast.multipoint import combination, layers, pending
 from models import ResNet20, vgg_like
 
 
@@ -245,6 +245,14 @@ class ConvBatchNorm(torch.nn.Module):
         return (self.b2(y) + y).flatten(1)
 
 
+def record_combinations(monkeypatch) -> list:
+    """(inputs, scales' shape, relu) of each channel_combine call from now on."""
+    combine, combined = combination.channel_combine, []
+    monkeypatch.setattr(combination, "channel_combine", lambda inputs, scales, shift, relu: combined.append(
+        (len(inputs), tuple(scales.shape), relu)) or combine(inputs, scales, shift, relu))
+    return combined
+
+
 def line_parity_on_images(factory, dtype, seed: int, side: int = 16):
     """check_parity of the multi-point model against the oracle, on a line of two of
     `factory`'s models at 3 points, for 2 images of 3 × side × side: (the model, the images)."""
@@ -261,9 +269,12 @@ def test_batch_norm_folds_into_the_convolution_before_it(monkeypatch):
     normalise, normalised = layers.BatchNormRule._pending_affine, []
     monkeypatch.setattr(layers.BatchNormRule, "_pending_affine",
                         lambda self, rows, *args: normalised.append(tuple(rows.shape[:2])) or normalise(self, rows, *args))
+    combined = record_combinations(monkeypatch)
     with torch.no_grad():
         fast(x)
-    assert normalised == [(3 * 2, 4)]  # b1 folded into c1; b2, whose input is read twice, in one pass of every point
+    # b1 and the ReLU in c1's combination of its products on the shared images; b2 folded
+    # into c2 (per point: 2,048 positions), whose output, read again, is computed as it is
+    assert normalised == [] and combined == [(2, (3, 2, 4), True)]
 
 
 
@@ -332,16 +343,17 @@ def test_residual_additions_and_relus_join_the_convolution(monkeypatch, dtype):
     """Batch norm folded, then the residual addition and the ReLU run as oneDNN post-ops
     of each point's convolution (float32), or as separate operations (float64): the
     oracle's answer either way. (The stem reads rows shared by every point: the J + 1
-    products, not pending; its batch norm and ReLU after it are one pass.)"""
+    products, combined with its batch norm and the ReLU after it in one pass.)"""
     monkeypatch.setattr(layers.ConvRule, "PER_POINT_MIN_POSITIONS", 0)
     fast, x = line_parity_on_images(ResidualBlocks, dtype, 7)
     affine, applied, post_ops = pending.channel_affine, [], []
     monkeypatch.setattr(pending, "channel_affine", lambda rows, scale, shift, addend, relu: applied.append(
         (rows.shape[0], addend is not None, relu)) or affine(rows, scale, shift, addend, relu))
+    combined = record_combinations(monkeypatch)
     with torch.no_grad():
         calls = conv2d_calls(fast, x, post_ops)
     assert len(calls) == 2 + 2 * 3  # the stem's products; c1 and c2 at each point
-    assert applied == [(3 * 2, False, True)]  # b0 and the ReLU after it, in one pass of every point
+    assert applied == [] and combined == [(2, (3, 2, 8), True)]  # b0 and its ReLU in the stem's combination
     joined = dtype == torch.float32 and pending._ONEDNN_POINTWISE is not None
     assert post_ops == ([(True, True)] * 2 * 3 if joined else [])
 
@@ -349,17 +361,17 @@ def test_residual_additions_and_relus_join_the_convolution(monkeypatch, dtype):
 class MappedInputs(torch.nn.Module):
     """Batch norms by batch statistics and ReLUs before 3 × 3 convolutions of 16 channels:
     one also read as a residual addend, one through an in-place ReLU module, one added to
-    after its ReLU."""
+    after its ReLU. (A 1 × 1 convolution first: the stem reads each point's own rows.)"""
 
     def __init__(self):
         super().__init__()
         conv = lambda c_in: torch.nn.Conv2d(c_in, 16, 3, padding=1)  # noqa: E731
-        self.stem, self.c1, self.c2, self.c3 = conv(3), conv(16), conv(16), conv(16)
+        self.pre, self.stem, self.c1, self.c2, self.c3 = torch.nn.Conv2d(3, 3, 1), conv(3), conv(16), conv(16), conv(16)
         self.b0, self.b1, self.b2, self.b3 = (torch.nn.BatchNorm2d(16) for _ in range(4))
         self.relu = torch.nn.ReLU(inplace=True)
 
     def forward(self, x):
-        h = torch.nn.functional.relu(self.b0(self.stem(x)))
+        h = torch.nn.functional.relu(self.b0(self.stem(self.pre(x))))
         y = torch.nn.functional.relu(self.b1(self.c1(h)) + h)
         z = self.relu(self.b2(self.c2(y)))
         out = torch.nn.functional.relu(self.b3(self.c3(z))) + y
@@ -416,15 +428,17 @@ def test_a_relud_batch_norm_on_either_side_of_an_addition_lets_a_convolution_tak
 
 
 class WritesIntoMappedRows(torch.nn.Module):
-    """Writes into a batch norm's input after the convolution after it took its map."""
+    """Writes into a batch norm's input after the convolution after it took its map (a
+    1 × 1 convolution first: the stem reads each point's own rows)."""
 
     def __init__(self):
         super().__init__()
-        self.stem, self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.pre, self.stem = torch.nn.Conv2d(3, 3, 1), torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.c1 = torch.nn.Conv2d(16, 16, 3, padding=1)
         self.b0, self.b1 = torch.nn.BatchNorm2d(16), torch.nn.BatchNorm2d(16)
 
     def forward(self, x):
-        s = self.stem(x)
+        s = self.stem(self.pre(x))
         y = self.c1(torch.relu(self.b0(s)))
         s.mul_(2.0)
         return (self.b1(y) + s).mean((2, 3))
@@ -453,16 +467,20 @@ def test_batch_statistics_residual_additions_and_relus_are_one_pass(monkeypatch,
     affine, applied = pending.channel_affine, []
     monkeypatch.setattr(pending, "channel_affine", lambda rows, scale, shift, addend, relu: applied.append(
         (addend is not None, relu)) or affine(rows, scale, shift, addend, relu))
+    combined = record_combinations(monkeypatch)
     line = mlifast.Line(a, b)
     res = mlifast.evaluate(a, line, data, coords=3, bn=bn, progress=False)
     losses, _ = test_evaluate.loop_evaluate(a, line, data, res.alphas.tolist(), bn)
     torch.testing.assert_close(res["loss"], losses, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=0)
-    # Per call of the model under batch statistics: b0 and its ReLU; b1, the shortcut and
-    # the ReLU; b2, `+= h` and the in-place ReLU module. Then for "recompute" each batch's
-    # evaluation with the recomputed statistics: b0 and its ReLU (b1, b2 fold into c1, c2).
+    # Per call of the model under batch statistics: b0 and its ReLU in the stem's
+    # combination (or, on inputs repeated for every point, its own pass); b1, the shortcut
+    # and the ReLU; b2, `+= h` and the in-place ReLU module. Then for "recompute" each
+    # batch's evaluation with the recomputed statistics: b0 and its ReLU in the combination
+    # (b1, b2 fold into c1, c2).
     statistics_calls = applied.count((True, True)) // 2
-    assert statistics_calls >= len(data) and set(applied) == {(False, True), (True, True)}
-    assert applied.count((False, True)) == statistics_calls + (len(data) if bn == "recompute" else 0)
+    assert statistics_calls >= len(data) and set(applied) <= {(False, True), (True, True)}
+    assert set(combined) == {(2, (3, 2, 8), True)} and len(combined) >= len(data) * (2 if bn == "recompute" else 1)
+    assert len(combined) + applied.count((False, True)) == statistics_calls + (len(data) if bn == "recompute" else 0)
 
 
 class WritesIntoBatchNormInput(torch.nn.Module):

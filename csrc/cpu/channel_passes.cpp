@@ -1,6 +1,7 @@
 // CPU kernels of mlifast::channel_moments and mlifast::channel_affine (schemas in
 // csrc/ops.cpp): the two passes of a batch norm over each point's rows, the second with the
-// residual addition and the ReLU that follow it in a ResNet.
+// residual addition and the ReLU that follow it in a ResNet; and of channel_combine, the
+// second pass where each point's rows are a per-channel combination of shared ones.
 //
 // ATen's training-mode batch norm reads its input three times (mean, variance, normalise)
 // and writes it once; the addition and the ReLU after it read and write it twice more. On
@@ -30,6 +31,7 @@ namespace {
 
 constexpr const char* kMoments = "mlifast::channel_moments: ";
 constexpr const char* kAffine = "mlifast::channel_affine: ";
+constexpr const char* kCombine = "mlifast::channel_combine: ";
 // Rows of C values per task of the moments: the tasks' moments are merged in a fixed
 // order, so the result does not depend on the number of threads.
 constexpr int64_t kRowsPerTask = 512;
@@ -207,6 +209,45 @@ MLIFAST_ALWAYS_INLINE void affine_values(const T* __restrict__ x, const T* __res
   }
 }
 
+// `count` lines of `width` values: y = Σ_j u[j]·scales[j·scale_step] + shift (ReLU: max(y, 0),
+// NaN kept), the scale and shift per value of a line (kPerValue: a row's channels) or one
+// for all (a run of one channel). The sum of a vector of `Bytes` bytes stays in registers
+// (summed in y instead, loads of y behind stores to it 4 MB from the inputs, which alias
+// in the store buffer, took twice the time).
+template <typename T, int Bytes, bool kRelu, bool kPerValue>
+MLIFAST_ALWAYS_INLINE void combine_values(const T* const* u, int64_t inputs, const T* __restrict__ scales,
+                                          int64_t scale_step, const T* __restrict__ shift, int64_t count,
+                                          int64_t width, T* __restrict__ y) {
+  typedef T Vector __attribute__((vector_size(Bytes)));
+  constexpr int64_t kWidth = Bytes / sizeof(T);
+  const auto load = [](const T* p) {
+    Vector v;
+    std::memcpy(&v, p, sizeof(Vector));
+    return v;
+  };
+  const auto scale_at = [&](int64_t j, int64_t i) {
+    return kPerValue ? load(scales + j * scale_step + i) : Vector{} + scales[j * scale_step];
+  };
+  const int64_t vectored = width / kWidth * kWidth;
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t line = r * width;
+    for (int64_t i = 0; i < vectored; i += kWidth) {
+      Vector v = load(u[0] + line + i) * scale_at(0, i);
+      for (int64_t j = 1; j < inputs; ++j) v += load(u[j] + line + i) * scale_at(j, i);
+      v += kPerValue ? load(shift + i) : Vector{} + shift[0];
+      if constexpr (kRelu) v = v < Vector{} ? Vector{} : v;
+      std::memcpy(y + line + i, &v, sizeof(Vector));
+    }
+    for (int64_t i = vectored; i < width; ++i) {
+      T v = u[0][line + i] * scales[kPerValue ? i : 0];
+      for (int64_t j = 1; j < inputs; ++j) v += u[j][line + i] * scales[j * scale_step + (kPerValue ? i : 0)];
+      v += shift[kPerValue ? i : 0];
+      if constexpr (kRelu) v = v < T(0) ? T(0) : v;
+      y[line + i] = v;
+    }
+  }
+}
+
 // One copy of each pass per instruction set, `Bytes` its vector width; `vector_bytes()`
 // picks one at run time.
 #define MLIFAST_FOR_EACH_WIDTH(name, params, args)                                               \
@@ -313,6 +354,48 @@ MLIFAST_FOR_EACH_WIDTH(affine_task,
                         int64_t begin, int64_t end, T* y),
                        (x, addend, scale, shift, L, relu, begin, end, y))
 
+// Spans [begin, end) of the shared inputs (rows of C values, or runs of S values), each
+// written for every point (span s of point k to y's span k·spans + s), kCombineSpanValues
+// values of the inputs at a time, read once from memory for all points.
+constexpr int64_t kCombineSpanValues = 2048;
+
+template <typename T, int Bytes, bool kRelu>
+MLIFAST_ALWAYS_INLINE void combine_span(const T* const* inputs, int64_t n, const T* scales, const T* shift,
+                                        const Layout& L, int64_t begin, int64_t end, T* y) {
+  const int64_t C = L.channels, S = L.positions;
+  const int64_t spans = L.rows ? L.batch * S : L.batch * C, values = L.rows ? C : S;
+  const int64_t step = std::max<int64_t>(1, kCombineSpanValues / std::max<int64_t>(1, values));
+  const T* u[kMaxCombined];
+  for (int64_t first = begin; first < end; first += step) {
+    const int64_t last = std::min(end, first + step);
+    for (int64_t k = 0; k < L.points; ++k) {
+      if (L.rows) {  // the chunk's rows at once
+        for (int64_t j = 0; j < n; ++j) u[j] = inputs[j] + first * C;
+        combine_values<T, Bytes, kRelu, true>(u, n, scales + k * n * C, C, shift + k * C, last - first, C,
+                                       y + (k * spans + first) * C);
+        continue;
+      }
+      for (int64_t s = first; s < last; ++s) {  // run by run, each of one channel
+        const int64_t c = s % C;
+        for (int64_t j = 0; j < n; ++j) u[j] = inputs[j] + s * S;
+        combine_values<T, Bytes, kRelu, false>(u, n, scales + k * n * C + c, C, shift + k * C + c, 1, S,
+                                        y + (k * spans + s) * S);
+      }
+    }
+  }
+}
+
+template <typename T, int Bytes>
+MLIFAST_ALWAYS_INLINE void combine_task(const T* const* inputs, int64_t n, const T* scales, const T* shift,
+                                        const Layout& L, bool relu, int64_t begin, int64_t end, T* y) {
+  if (relu) combine_span<T, Bytes, true>(inputs, n, scales, shift, L, begin, end, y);
+  else combine_span<T, Bytes, false>(inputs, n, scales, shift, L, begin, end, y);
+}
+MLIFAST_FOR_EACH_WIDTH(combine_task,
+                       (const T* const* inputs, int64_t n, const T* scales, const T* shift, const Layout& L,
+                        bool relu, int64_t begin, int64_t end, T* y),
+                       (inputs, n, scales, shift, L, relu, begin, end, y))
+
 template <typename T>
 void moments(const at::Tensor& input, const Layout& L, at::Tensor& mean, at::Tensor& var) {
   const T* x = input.const_data_ptr<T>();
@@ -372,11 +455,33 @@ at::Tensor channel_affine_cpu(const at::Tensor& input, const at::Tensor& scale, 
   return y;
 }
 
+at::Tensor channel_combine_cpu(at::TensorList inputs_, const at::Tensor& scales, const at::Tensor& shift,
+                               bool relu) {
+  CombineOperands o = combine_operands(inputs_, scales, shift, kCombine);
+  TORCH_CHECK(o.inputs[0].device().is_cpu(), kCombine, "expected CPU tensors, got inputs on ",
+              o.inputs[0].device());
+  const Layout& L = o.layout;
+  at::Tensor y = combine_output(o);
+  const int64_t spans = L.rows ? L.batch * L.positions : L.batch * L.channels;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, L.rows ? L.channels : L.positions));
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "channel_combine", [&] {
+    std::vector<const scalar_t*> u;
+    for (const at::Tensor& t : o.inputs) u.push_back(t.const_data_ptr<scalar_t>());
+    const scalar_t *sc = o.scales.const_data_ptr<scalar_t>(), *sh = o.shift.const_data_ptr<scalar_t>();
+    scalar_t* out = y.data_ptr<scalar_t>();
+    at::parallel_for(0, spans, grain, [&](int64_t begin, int64_t end) {
+      combine_task_any<scalar_t>(u.data(), int64_t(u.size()), sc, sh, L, relu, begin, end, out);
+    });
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mlifast, CPU, m) {
   m.impl("channel_moments", &channel_moments_cpu);
   m.impl("channel_affine", &channel_affine_cpu);
+  m.impl("channel_combine", &channel_combine_cpu);
 }
 
 }  // namespace mlifast

@@ -13,11 +13,14 @@
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from mlifast.multipoint.combination import PendingCombination, SharedProducts
 from mlifast.multipoint.context import fold, rows_for_every_example, unfold
 from mlifast.multipoint.pending import Pending, PendingAffine, PendingConvolution, winograd_takes
 from mlifast.multipoint.relu_line import PendingLine
@@ -149,8 +152,11 @@ class AffineInParamsRule(MultiPointRule):
             {**zeros, **{name: d[j] for name, d in self.directions.items()}} for j in range(c.shape[1])]
         products = (functional_call(self.inner, state, call, kwargs) for state in states)
         if shared and not args and not kwargs:  # the same for every group of points of this call
-            products = self.context.reuse(lambda: list(products), x, *self.origins.values(),
+            products = self.context.reuse(lambda: SharedProducts(products), x, *self.origins.values(),
                                           *self.directions.values(), owner=self)
+            if rows_shared and self._combination_applies(products):
+                return PendingCombination.of(products, c)
+            products = products.products
         products = iter(products)
         base = next(products)
         out = base.unsqueeze(0).expand(k, *base.shape) if shared else fold(base, k, dim)
@@ -160,6 +166,15 @@ class AffineInParamsRule(MultiPointRule):
         if rows_shared:
             return out.flatten(0, 1)
         return rows_for_every_example(out, self.context.batch_size) if shared else unfold(out, dim)
+
+
+    def _combination_applies(self, shared: SharedProducts) -> bool:
+        """Whether the output stays a PendingCombination of the products (see
+        multipoint/combination.py): on a device of CHANNEL_PASSES_DEVICES, where results
+        may stay pending."""
+        first = shared.products[0]
+        return (first.device.type in CHANNEL_PASSES_DEVICES and PendingCombination.applies(shared.products)
+                and self.context.may_defer(*shared.products))
 
 
 class ConvRule(AffineInParamsRule):
@@ -331,29 +346,32 @@ class BatchNormRule(_AffineNormRule):
         if isinstance(x, Pending):  # e.g. a convolution's output, perhaps not computed yet
             if not use_batch and isinstance(x, PendingConvolution) and x.foldable:
                 return self._folded_into(x)
-            x = x.materialize()
-        xk = self.split_points(x, 0)  # (K, B, C, …)
-        if use_batch and xk.numel() // (k * xk.shape[2]) <= 1:
+            if not (isinstance(x, PendingCombination) and x.foldable):  # (a first convolution's products)
+                x = x.materialize()
+        examples = x.shape[0] if isinstance(x, SharedRows) else x.shape[0] // k  # (a point's)
+        if use_batch and examples * math.prod(x.shape[2:]) <= 1:
             raise ValueError(
                 f"mlifast: batch norm '{self.path}' needs more than one value per channel "
                 f"for batch statistics, got input of shape {tuple(x.shape[1:])} with "
-                f"{xk.shape[1]} example(s) per point"
+                f"{examples} example(s) per point"
             )
         if not use_batch:
             stats = self._running_statistics()
-        elif mode == "collect":
-            stats = xk.new_zeros(2, k, xk.shape[2])  # filled with each point's mean and variance
+        elif mode == "collect":  # filled with each point's mean and variance
+            stats = torch.zeros(2, k, x.shape[1], dtype=x.dtype, device=x.device)
         else:
             stats = None
         weight, bias = self.per_point("weight"), self.per_point("bias")
-        if self._channel_passes_apply(x, weight, bias, *(stats if isinstance(stats, tuple) else ())):
+        if isinstance(x, PendingCombination):
+            y = self._folded_into_combination(x, stats, weight, bias, use_batch)
+        elif self._channel_passes_apply(x, weight, bias, *(stats if isinstance(stats, tuple) else ())):
             y = self._pending_affine(x, stats, weight, bias, use_batch)
             y = y if self.context.may_defer(x) else y.result()
         # (ATen's batch norm has no forward-mode derivative for running statistics)
-        elif one_point_per_call(xk) and (use_batch or not self.context.forward_mode):
-            y = self._normalize_each_point(xk, stats, weight, bias, use_batch)
+        elif one_point_per_call(x) and (use_batch or not self.context.forward_mode):
+            y = self._normalize_each_point(self.split_points(x, 0), stats, weight, bias, use_batch)
         else:
-            y = unfold(self._normalize_all_points(xk, stats, weight, bias, use_batch))
+            y = unfold(self._normalize_all_points(self.split_points(x, 0), stats, weight, bias, use_batch))
         if mode == "collect":
             sums, batches = self._sums
             start, stop = self.context.active_span
@@ -385,6 +403,21 @@ class BatchNormRule(_AffineNormRule):
             mean, var = stats
         scale, shift = self._scale_and_shift(mean, var, weight, bias)
         return PendingAffine(x, scale.to(x.dtype), shift.to(x.dtype))
+
+    def _folded_into_combination(self, x: PendingCombination, stats, weight, bias,
+                                 use_batch: bool) -> PendingCombination:
+        """x's rows normalised as `_pending_affine` does, folded into the combination
+        (each point's batch statistics from the products' moments), still pending."""
+        if use_batch:
+            mean, var = (m.to(x.dtype) for m in x.moments())
+            if stats is not None:
+                count = x.numel() // x.shape[1] // self.context.num_active
+                stats[0].copy_(mean)
+                stats[1].copy_(var * (count / (count - 1)))
+        else:
+            mean, var = stats
+        y = x.normalized(*self._scale_and_shift(mean, var, weight, bias))
+        return y if self.context.may_defer(*y.inputs) else y.result()
 
     def _scale_and_shift(self, mean: Tensor, var: Tensor, weight, bias) -> tuple[Tensor, Tensor]:
         """(K, C) scale and shift of each point's normalisation by `mean` and `var`, with

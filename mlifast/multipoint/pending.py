@@ -136,6 +136,11 @@ class PendingPostOps(Pending):
             self._release()
         return self._value
 
+    def point_rows(self, points: int) -> Optional[Tensor]:
+        """A point's rows of a tensor with the result's (K·B, …) shape, dtype and layout, K =
+        `points`, where one is at hand without computing (else None)."""
+        return None
+
     def _release(self) -> None:
         """Drop what computing needed (the result is kept)."""
         self._inputs, self._addend = (), None
@@ -311,6 +316,10 @@ class PendingAffine(PendingPostOps):
         self._check_unwritten()
         return fold(self._inputs[0], points), InputMap(self._scale, self._shift, self._relu), self._versions
 
+    def point_rows(self, points: int) -> Tensor:
+        rows = self._inputs[0]  # (its shape, dtype and layout: channel_affine keeps them)
+        return rows[:rows.shape[0] // points]
+
     def _computed_with(self, relu: bool) -> Tensor:
         return channel_affine(self._inputs[0], self._scale, self._shift, self._addend, relu or self._relu)
 
@@ -391,12 +400,11 @@ def _winograd_applies(conv: nn.Module, rows: Tensor, weight: Tensor, bias: Optio
 
 def winograd_takes(conv: nn.Module, x: Tensor, points: int) -> bool:
     """Whether `winograd_conv3x3` would compute conv on each point's rows of x (K·B, C, …),
-    K = `points`, as a PendingConvolution of them would (a pending batch norm's rows for
-    one that it takes as an input map; another pending result is not looked into)."""
-    if isinstance(x, PendingAffine) and not x.computed:
-        x = x.inputs[0]  # (the same shape, dtype and layout: channel_affine keeps them)
-    elif isinstance(x, Pending):
-        return False
+    K = `points`, as a PendingConvolution of them would (for a pending result, rows of its
+    layout: `point_rows`)."""
+    if isinstance(x, Pending):
+        rows = x.point_rows(points) if isinstance(x, PendingPostOps) and not x.computed else None
+        return rows is not None and _winograd_applies(conv, rows, None, None, None)
     return _winograd_applies(conv, x[:x.shape[0] // points], None, None, None)
 
 

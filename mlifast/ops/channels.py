@@ -26,6 +26,8 @@ from mlifast.ops._checks import check_no_derivatives, check_tensors, describe
 
 MOMENTS_SCHEMA = "channel_moments(Tensor input, int points) -> (Tensor, Tensor)"
 AFFINE_SCHEMA = "channel_affine(Tensor input, Tensor scale, Tensor shift, Tensor? addend, bool relu=False) -> Tensor"
+COMBINE_SCHEMA = "channel_combine(Tensor[] inputs, Tensor scales, Tensor shift, bool relu=False) -> Tensor"
+MAX_COMBINED = 8  # inputs of one channel_combine (kMaxCombined in csrc/channel_passes_checks.h)
 
 
 def in_kernel_layout(input: Tensor) -> Tensor:
@@ -55,8 +57,30 @@ def channel_affine_reference(input: Tensor, scale: Tensor, shift: Tensor, addend
     return torch.empty_like(in_kernel_layout(input)).copy_(torch.relu(y) if relu else y)
 
 
+def _points_of(first: Tensor, points: int) -> Tensor:
+    """An empty (K·B, C, …) tensor for K = `points` points' rows in the layout the kernels
+    give `first`'s (B, C, …) entries (`in_kernel_layout`)."""
+    first = in_kernel_layout(first)
+    layout = torch.contiguous_format if first.is_contiguous() else (
+        torch.channels_last if first.dim() == 4 else torch.channels_last_3d)
+    return torch.empty((points * first.shape[0], *first.shape[1:]), dtype=first.dtype, device=first.device,
+                       memory_format=layout)
+
+
+def channel_combine_reference(inputs: list[Tensor], scales: Tensor, shift: Tensor, relu: bool = False) -> Tensor:
+    """Pure-PyTorch `channel_combine`."""
+    k, n, c = scales.shape
+    view = (k, 1, c, *([1] * (inputs[0].dim() - 2)))
+    y = inputs[0].unsqueeze(0) * scales[:, 0].reshape(view)
+    for j in range(1, n):
+        y = y + inputs[j].unsqueeze(0) * scales[:, j].reshape(view)
+    y = (y + shift.reshape(view)).flatten(0, 1)
+    return _points_of(inputs[0], k).copy_(torch.relu(y) if relu else y)
+
+
 register_op("channel_moments", MOMENTS_SCHEMA, channel_moments_reference)
 register_op("channel_affine", AFFINE_SCHEMA, channel_affine_reference)
+register_op("channel_combine", COMBINE_SCHEMA, channel_combine_reference)
 
 
 @torch.library.register_fake("mlifast::channel_moments")
@@ -67,6 +91,11 @@ def _(input, points):
 @torch.library.register_fake("mlifast::channel_affine")
 def _(input, scale, shift, addend=None, relu=False):
     return torch.empty_like(in_kernel_layout(input))
+
+
+@torch.library.register_fake("mlifast::channel_combine")
+def _(inputs, scales, shift, relu=False):
+    return _points_of(inputs[0], scales.shape[0])
 
 
 def _check_input(op: str, input: Tensor, points: int) -> None:
@@ -119,3 +148,39 @@ def channel_affine(input: Tensor, scale: Tensor, shift: Tensor, addend: Optional
     if addend is not None and addend.shape != input.shape:
         raise ValueError(f"channel_affine: addend must have input's shape {tuple(input.shape)}, got {describe(addend)}")
     return torch.ops.mlifast.channel_affine(input, scale, shift, addend, relu)
+
+
+def channel_combine(inputs: list[Tensor], scales: Tensor, shift: Tensor, relu: bool = False) -> Tensor:
+    """relu?(Σ_j inputs[j]·scales[k, j] + shift[k]) for each point k, per channel: a
+    combination of entries every point shares (the products of a first convolution at the
+    origin and along each direction, with each point's batch norm folded into its scales).
+
+    Args:
+        inputs: n (1 ≤ n ≤ 8) tensors (B, C, …) of one shape, dtype (float32 or float64)
+            and device.
+        scales: (K, n, C), shift: (K, C), in the inputs' dtype.
+        relu: return max(y, 0) (NaN stays NaN).
+
+    Returns:
+        (K·B, C, …), point-major, in the first input's layout (channels-last stays so).
+    """
+    inputs = list(inputs)
+    check_tensors("channel_combine", {"scales": scales, "shift": shift,
+                                      **{f"inputs[{j}]": t for j, t in enumerate(inputs)}})
+    check_no_derivatives("channel_combine", scales, shift, *inputs)
+    if not 1 <= len(inputs) <= MAX_COMBINED:
+        raise ValueError(f"channel_combine: expected 1 to {MAX_COMBINED} inputs, got {len(inputs)}")
+    first = inputs[0]
+    _check_input("channel_combine", first, 1)
+    for j, t in enumerate(inputs[1:], 1):
+        if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
+            raise ValueError(f"channel_combine: inputs[{j}] must have inputs[0]'s shape, dtype and device "
+                             f"{describe(first)}, got {describe(t)}")
+    if scales.dim() != 3 or scales.shape[1:] != (len(inputs), first.shape[1]) or shift.shape != (
+            scales.shape[0], first.shape[1]):
+        raise ValueError(f"channel_combine: expected scales (K, {len(inputs)}, {first.shape[1]}) and shift "
+                         f"(K, {first.shape[1]}), got {describe(scales)} and {describe(shift)}")
+    for name, t in (("scales", scales), ("shift", shift)):
+        if t.dtype != first.dtype or t.device != first.device:
+            raise TypeError(f"channel_combine: {name} must have the inputs' dtype and device, got {describe(t)}")
+    return torch.ops.mlifast.channel_combine(inputs, scales, shift, relu)
