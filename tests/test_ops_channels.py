@@ -1,10 +1,12 @@
-"""channel_moments and channel_affine: compiled kernels vs their references vs a float64
-loop over the points, in every input layout, vector width and thread count."""
+"""channel_moments, channel_affine and channel_combine: compiled kernels vs their
+references vs a float64 loop over the points, in every input layout, vector width and
+thread count."""
 import pytest
 import torch
 
 import mlifast
-from mlifast.ops import channel_affine, channel_affine_reference, channel_moments, channel_moments_reference
+from mlifast.ops import (channel_affine, channel_affine_reference, channel_combine, channel_combine_reference,
+                         channel_moments, channel_moments_reference)
 
 LAYOUTS = {  # name: (shape, make the layout)
     "channels-last": ((6, 5, 7, 3), lambda t: t.contiguous(memory_format=torch.channels_last)),
@@ -47,7 +49,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_cpp_kernels_are_built():
     ops = mlifast.info()["ops"]
-    assert ops["channel_moments"]["cpu"] == "cpp" and ops["channel_affine"]["cpu"] == "cpp", ops
+    assert all(ops[name]["cpu"] == "cpp" for name in ("channel_moments", "channel_affine", "channel_combine")), ops
 
 
 @pytest.mark.parametrize("vector_bytes", [None, "32", "16"])
@@ -198,3 +200,83 @@ def test_opcheck_and_the_output_layout(layout):
     y = channel_affine(x, scale, shift)
     assert y.stride() == channel_affine_reference(x, scale, shift).stride()
     assert y.stride() == (x.stride() if layout != "permuted" else x.contiguous().stride())
+
+
+def loop_combine(products, scales, shift, relu):
+    """Per point k, float64 Σ_j products[j]·scales[k, j] + shift[k] per channel (K·B, C, …)."""
+    view = (1, -1, *([1] * (products[0].dim() - 2)))
+    outs = [sum(u.double() * scales[k, j].double().reshape(view) for j, u in enumerate(products))
+            + shift[k].double().reshape(view) for k in range(scales.shape[0])]
+    y = torch.cat(outs)
+    return y.clamp_min(0) if relu else y
+
+
+@pytest.mark.parametrize("vector_bytes", [None, "16"])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("inputs_", [1, 3])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_combine_equals_the_loop_in_the_inputs_layout(dtype, layout, inputs_, relu, vector_bytes, monkeypatch):
+    """Every point's rows, point-major, in the first input's layout where the kernels read
+    it in place (else contiguous); a second input in another layout is read as well."""
+    if vector_bytes:
+        monkeypatch.setenv("MLIFAST_VECTOR_BYTES", vector_bytes)
+    products = [inputs(layout, dtype, seed=j) for j in range(inputs_)]
+    if inputs_ > 1:
+        products[1] = products[1].clone(memory_format=torch.contiguous_format).transpose(0, 1).contiguous().transpose(0, 1)
+    g = torch.Generator().manual_seed(1)
+    points, channels = 4, products[0].shape[1]
+    scales = torch.randn(points, inputs_, channels, generator=g, dtype=torch.float64).to(dtype)
+    shift = torch.randn(points, channels, generator=g, dtype=torch.float64).to(dtype)
+    y = channel_combine(products, scales, shift, relu)
+    expected = loop_combine(products, scales, shift, relu)
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    assert y.shape == expected.shape and y.dtype == dtype and rel_err(y, expected) < tol
+    reference = channel_combine_reference(products, scales, shift, relu)
+    assert rel_err(reference, expected) < tol and y.stride() == reference.stride()
+    if layout.startswith("channels-last"):
+        assert not y.is_contiguous() and y[:6].stride() == products[0].stride()
+
+
+def test_combine_keeps_nan_changes_no_bit_with_the_threads_and_passes_opcheck():
+    x = inputs("channels-last", torch.float32, offset=10.0).repeat(400, 1, 1, 1)  # 2,400 × 21 rows
+    u = inputs("channels-last", torch.float32, seed=3).repeat(400, 1, 1, 1)
+    x[7, 2, 1, 1] = float("nan")
+    scales, shift = torch.rand(3, 2, 5), torch.full((3, 5), -100.0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = channel_combine([x, u], scales, shift, True)
+        torch.set_num_threads(max(2, threads))
+        several = channel_combine([x, u], scales, shift, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single.nan_to_num(-1), several.nan_to_num(-1))
+    for k in range(3):  # the NaN in every point's rows, the rest ReLU'd to 0
+        assert single[k * 2400 + 7, 2, 1, 1].isnan()
+    assert single.isnan().sum() == 3 and (single.nan_to_num() == 0).all()
+    clean = x[:12].nan_to_num()  # (opcheck compares outputs: NaN ≠ NaN)
+    torch.library.opcheck(torch.ops.mlifast.channel_combine.default, ([clean, u[:12]], scales, shift, True))
+
+
+def test_combine_bad_arguments_say_what_is_wrong():
+    x = inputs("channels-last", torch.float32)
+    scales, shift = torch.ones(3, 2, 5), torch.ones(3, 5)
+    with pytest.raises(ValueError, match="expected 1 to 8 inputs, got 0"):
+        channel_combine([], scales, shift)
+    with pytest.raises(ValueError, match="expected 1 to 8 inputs, got 9"):
+        channel_combine([x] * 9, torch.ones(3, 9, 5), shift)
+    with pytest.raises(ValueError, match=r"inputs\[1\] must have inputs\[0\]'s shape"):
+        channel_combine([x, x[:3]], scales, shift)
+    with pytest.raises(ValueError, match=r"expected scales \(K, 2, 5\) and shift \(K, 5\)"):
+        channel_combine([x, x], torch.ones(3, 5), shift)
+    with pytest.raises(ValueError, match=r"expected scales \(K, 2, 5\) and shift \(K, 5\)"):
+        channel_combine([x, x], scales, torch.ones(2, 5))
+    with pytest.raises(TypeError, match="scales must have the inputs' dtype"):
+        channel_combine([x, x], scales.double(), shift)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        channel_combine([x.bfloat16()], torch.ones(3, 1, 5, dtype=torch.bfloat16), shift.bfloat16())
+    with pytest.raises(RuntimeError, match="no derivatives"):
+        channel_combine([x, x], scales.requires_grad_(), shift)
+    with pytest.raises(RuntimeError, match="expected inputs of one shape"):  # the kernel's own check
+        torch.ops.mlifast.channel_combine([x, x[:3]], scales.detach(), shift)
