@@ -19,7 +19,9 @@ struct ChannelLayout {
   bool rows;
 };
 
-// The layout of `input`, made contiguous where it is neither of the two.
+// The layout of `input`, copied where it is neither of the two: into channels-last where
+// its channels are innermost (a strided view of channels-last images), else contiguous
+// (mlifast.ops.channels.in_kernel_layout says the same).
 inline ChannelLayout channel_layout(at::Tensor& input, int64_t points, const char* op) {
   TORCH_CHECK(input.dim() >= 2, op, "expected input of shape (N, C, …), got ", input.sizes());
   TORCH_CHECK(points > 0 && input.size(0) % points == 0, op, "expected the ", input.size(0),
@@ -30,7 +32,12 @@ inline ChannelLayout channel_layout(at::Tensor& input, int64_t points, const cha
   const int64_t s = n * c == 0 ? 0 : input.numel() / (n * c);
   const bool channels_last = (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
                              (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d));
-  if (!input.is_contiguous() && !channels_last) input = input.contiguous();
+  if (!input.is_contiguous() && !channels_last) {
+    const bool innermost = (input.dim() == 4 || input.dim() == 5) && input.stride(1) == 1 && c > 1;
+    input = !innermost          ? input.contiguous()
+            : input.dim() == 4 ? input.contiguous(at::MemoryFormat::ChannelsLast)
+                               : input.contiguous(at::MemoryFormat::ChannelsLast3d);
+  }
   return ChannelLayout{points, n / points, c, s, s == 1 || !input.is_contiguous()};
 }
 

@@ -15,6 +15,8 @@ LAYOUTS = {  # name: (shape, make the layout)
     "rows": ((12, 70), lambda t: t.contiguous()),  # (N, C): more channels than one block of 64
     "sequences": ((6, 4, 37), lambda t: t.contiguous()),  # (N, C, L): runs longer than 16 values
     "strided": ((6, 5, 7, 6), lambda t: t[..., ::2]),  # neither layout: made contiguous first
+    # every other row and column of channels-last images: copied to channels-last first
+    "subsampled channels-last": ((6, 5, 8, 6), lambda t: t.contiguous(memory_format=torch.channels_last)[:, :, ::2, ::2]),
 }
 
 
@@ -115,6 +117,8 @@ def test_affine_equals_the_loop_in_the_input_layout(dtype, layout, addend, relu,
     assert rel_err(channel_affine_reference(x, scale, shift, added, relu), expected) < tol
     if x.is_contiguous() or layout.startswith("channels-last"):
         assert y.stride() == x.stride()  # (the layout kept)
+    if layout == "subsampled channels-last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_the_threads_change_no_bit():
@@ -236,6 +240,8 @@ def test_combine_equals_the_loop_in_the_inputs_layout(dtype, layout, inputs_, re
     assert rel_err(reference, expected) < tol and y.stride() == reference.stride()
     if layout.startswith("channels-last"):
         assert not y.is_contiguous() and y[:6].stride() == products[0].stride()
+    if layout == "subsampled channels-last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_combine_keeps_nan_changes_no_bit_with_the_threads_and_passes_opcheck():

@@ -212,8 +212,8 @@ MLIFAST_ALWAYS_INLINE void affine_values(const T* __restrict__ x, const T* __res
 // `count` lines of `width` values: y = Σ_j u[j]·scales[j·scale_step] + shift (ReLU: max(y, 0),
 // NaN kept), the scale and shift per value of a line (kPerValue: a row's channels) or one
 // for all (a run of one channel). The sum of a vector of `Bytes` bytes stays in registers
-// (summed in y instead, loads of y behind stores to it 4 MB from the inputs, which alias
-// in the store buffer, took twice the time).
+// (summed into y, a pass over the line per input, it took twice the time: 4 points of 64
+// channels-last images of 16 × 32 × 32, 1.44 against 0.78 ms).
 template <typename T, int Bytes, bool kRelu, bool kPerValue>
 MLIFAST_ALWAYS_INLINE void combine_values(const T* const* u, int64_t inputs, const T* __restrict__ scales,
                                           int64_t scale_step, const T* __restrict__ shift, int64_t count,

@@ -63,22 +63,22 @@ def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 
 class Downsample(nn.Module):
-    """Option-A shortcut: subsample by ``stride`` (1×1 average pool), [BN over the input
-    channels], then zero-pad the channels from ``in_planes`` to ``out_planes``."""
+    """Option-A shortcut: subsample by ``stride`` (every stride-th row and column, the
+    official code's ``x[:, :, ::2, ::2]``), [BN over the input channels], then zero-pad the
+    channels from ``in_planes`` to ``out_planes``."""
 
     def __init__(self, in_planes: int, out_planes: int, stride: int, batch_norm: bool) -> None:
         super().__init__()
         if out_planes < in_planes:
             raise ValueError(f"an option-A shortcut cannot reduce channels ({in_planes} → {out_planes})")
-        self.extra = out_planes - in_planes
-        self.pool = nn.AvgPool2d(1, stride=stride)
+        self.extra, self.stride = out_planes - in_planes, stride
         self.bn0 = nn.BatchNorm2d(in_planes) if batch_norm else None
 
     def extra_repr(self) -> str:
-        return f"option A: zero-pad {self.extra} channels"
+        return f"option A: stride {self.stride}, zero-pad {self.extra} channels"
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.pool(x)
+        x = x[:, :, ::self.stride, ::self.stride]
         if self.bn0 is not None:
             x = self.bn0(x)
         return F.pad(x, (0, 0, 0, 0, 0, self.extra))

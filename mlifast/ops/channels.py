@@ -32,10 +32,14 @@ MAX_COMBINED = 8  # inputs of one channel_combine (kMaxCombined in csrc/channel_
 
 def in_kernel_layout(input: Tensor) -> Tensor:
     """`input` itself where the kernels read it in place (contiguous, or channels-last 4-d
-    or 5-d), else a contiguous copy: the layout of channel_affine's output."""
+    or 5-d), else a copy: channels-last where the channels are its innermost dimension (a
+    strided view of channels-last images, x[:, :, ::2, ::2]), else contiguous. The layout
+    of channel_affine's output."""
     if input.is_contiguous() or (input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last)) or (
             input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d)):
         return input
+    if input.dim() in (4, 5) and input.stride(1) == 1 and input.shape[1] > 1:
+        return input.contiguous(memory_format=torch.channels_last if input.dim() == 4 else torch.channels_last_3d)
     return input.contiguous()
 
 
