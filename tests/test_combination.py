@@ -29,7 +29,7 @@ def plainly(shared: SharedProducts, scales: torch.Tensor, shift: torch.Tensor) -
 def test_moments_are_those_of_the_combination_it_stands_for(monkeypatch, n, layout):
     """Each point's mean and biased variance from the products' moments equal channel_moments
     of the computed rows (float64), before and after a batch norm's scale and shift fold in;
-    in chunks of a few examples as in one."""
+    in chunks of a few rows as in one."""
     coeffs = torch.tensor([[0.0, 1.0, -0.5], [1.0, 0.25, 2.0], [0.5, -1.0, 0.0]])[:, :n - 1]
     for chunk_values in (combination.MOMENTS_CHUNK_VALUES, 2 * 6 * 4 * 7):
         monkeypatch.setattr(combination, "MOMENTS_CHUNK_VALUES", chunk_values)
@@ -103,7 +103,52 @@ def test_a_plane_through_a_stem_and_its_batch_norm_equals_the_oracle(monkeypatch
     g = torch.Generator().manual_seed(3)
     for x in (torch.randn(3, 3, 10, 10, generator=g, dtype=dtype),
               torch.randn(3, 3, 10, 10, generator=g, dtype=dtype).contiguous(memory_format=torch.channels_last)):
-        combined.clear()
-        with torch.no_grad():
-            test_interpolate.check_parity(models[0], plane, coords, x, dtype=dtype)
-        assert combined and set(combined) == {(3, True)}
+        for group in (None, 2):  # (batch statistics from the products' moments only for several groups)
+            combined.clear()
+            with torch.no_grad():
+                fast = mlifast.interpolate(models[0], plane, coords)
+                fast.points_per_group = group
+                fast(x)  # (the first call, checked against the model: rows shared from then on)
+                assert fast.shares_rows is True and combined
+                combined.clear()
+                out = fast(x)
+            for k, expected in enumerate(test_interpolate.oracle_outputs(models[0], plane, coords, x)):
+                assert test_interpolate.rel_err(out[k], expected) < test_interpolate.TOL[dtype], k
+            folded = not train or group is not None
+            assert combined == [(3, folded)] * (1 if group is None else 2)
+
+
+class StemBatchNormHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn, self.head = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["running statistics", "batch statistics"])
+def test_coordinates_that_carry_derivatives_take_the_products_through_autograd(train):
+    """d outputs / d coordinates through a stem and its batch norm (channel_combine has no
+    derivatives: the products are combined by autograd's operations then), against finite
+    differences; no derivative, the same outputs. (The second review's finding.)"""
+    a, b = test_interpolate.pair(StemBatchNormHead, torch.float64, 0)
+    a.train(train), b.train(train)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    coords = torch.tensor([[0.0], [0.3], [1.0]], dtype=torch.float64)
+    fast = mlifast.interpolate(a, mlifast.Line(a, b), coords)
+    with torch.no_grad():
+        expected = fast(x)
+    assert fast.shares_rows is True
+    c = coords.clone().requires_grad_()
+    fast.set_coords(c)
+    out = fast(x)
+    (grad,) = torch.autograd.grad(out.sum(), c)
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-12, atol=1e-12)
+    step = 1e-6
+    with torch.no_grad():
+        fast.set_coords(coords + step)
+        ahead = fast(x).flatten(1).sum(1)
+        fast.set_coords(coords - step)
+        behind = fast(x).flatten(1).sum(1)
+    torch.testing.assert_close(grad[:, 0], (ahead - behind) / (2 * step), rtol=1e-6, atol=1e-8)

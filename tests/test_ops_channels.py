@@ -286,3 +286,18 @@ def test_combine_bad_arguments_say_what_is_wrong():
         channel_combine([x, x], scales.requires_grad_(), shift)
     with pytest.raises(RuntimeError, match="expected inputs of one shape"):  # the kernel's own check
         torch.ops.mlifast.channel_combine([x, x[:3]], scales.detach(), shift)
+
+
+def test_combine_of_a_large_mean_is_as_accurate_as_channel_affine():
+    """shift + u·scale with shift ≈ −mean·scale (a batch norm folded into images far from
+    0): the shift first, so that u·scale is not rounded before it cancels; within 4× of
+    channel_affine's error (the shift added last: 280×). (The second review's finding.)"""
+    g = torch.Generator().manual_seed(0)
+    u = (1000 + torch.randn(16, 8, 8, 8, generator=g)).contiguous(memory_format=torch.channels_last)
+    scale = torch.full((1, 8), 0.7)
+    shift = -1000 * scale
+    exact = u.double() * scale.double()[:, :, None, None] + shift.double()[:, :, None, None]
+    err = lambda y: ((y.double() - exact).abs().max() / exact.abs().max()).item()  # noqa: E731
+    affine_err = err(channel_affine(u, scale, shift, None, False))
+    for combine in (channel_combine, channel_combine_reference):
+        assert err(combine([u], scale.unsqueeze(1), shift)) <= 4 * affine_err + 1e-7

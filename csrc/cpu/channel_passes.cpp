@@ -209,9 +209,13 @@ MLIFAST_ALWAYS_INLINE void affine_values(const T* __restrict__ x, const T* __res
   }
 }
 
-// `count` lines of `width` values: y = Σ_j u[j]·scales[j·scale_step] + shift (ReLU: max(y, 0),
+// `count` lines of `width` values: y = shift + Σ_j u[j]·scales[j·scale_step] (ReLU: max(y, 0),
 // NaN kept), the scale and shift per value of a line (kPerValue: a row's channels) or one
-// for all (a run of one channel). The sum of a vector of `Bytes` bytes stays in registers
+// for all (a run of one channel). The shift comes first, so that u[0]·scales[0] is not
+// rounded before a folded batch norm's shift (≈ −mean·scale) cancels it: with the
+// multiply-adds contracted, as accurate as channel_affine's x·scale + shift (images of
+// mean 1000: 3.8e-8 of the largest output, against 1.1e-5 with the shift added last).
+// The sum of a vector of `Bytes` bytes stays in registers
 // (summed into y, a pass over the line per input, it took twice the time: 4 points of 64
 // channels-last images of 16 × 32 × 32, 1.44 against 0.78 ms).
 template <typename T, int Bytes, bool kRelu, bool kPerValue>
@@ -232,16 +236,14 @@ MLIFAST_ALWAYS_INLINE void combine_values(const T* const* u, int64_t inputs, con
   for (int64_t r = 0; r < count; ++r) {
     const int64_t line = r * width;
     for (int64_t i = 0; i < vectored; i += kWidth) {
-      Vector v = load(u[0] + line + i) * scale_at(0, i);
-      for (int64_t j = 1; j < inputs; ++j) v += load(u[j] + line + i) * scale_at(j, i);
-      v += kPerValue ? load(shift + i) : Vector{} + shift[0];
+      Vector v = kPerValue ? load(shift + i) : Vector{} + shift[0];
+      for (int64_t j = 0; j < inputs; ++j) v += load(u[j] + line + i) * scale_at(j, i);
       if constexpr (kRelu) v = v < Vector{} ? Vector{} : v;
       std::memcpy(y + line + i, &v, sizeof(Vector));
     }
     for (int64_t i = vectored; i < width; ++i) {
-      T v = u[0][line + i] * scales[kPerValue ? i : 0];
-      for (int64_t j = 1; j < inputs; ++j) v += u[j][line + i] * scales[j * scale_step + (kPerValue ? i : 0)];
-      v += shift[kPerValue ? i : 0];
+      T v = shift[kPerValue ? i : 0];
+      for (int64_t j = 0; j < inputs; ++j) v += u[j][line + i] * scales[j * scale_step + (kPerValue ? i : 0)];
       if constexpr (kRelu) v = v < T(0) ? T(0) : v;
       y[line + i] = v;
     }

@@ -27,6 +27,7 @@ from mlifast.multipoint.relu_line import PendingLine
 from mlifast.multipoint.rule import MultiPointRule
 from mlifast.multipoint.shared import SharedRows
 from mlifast.ops import channel_moments, multipoint_combine
+from mlifast.ops._checks import carries_derivatives
 from mlifast.ops.channels import in_kernel_layout
 
 
@@ -171,10 +172,11 @@ class AffineInParamsRule(MultiPointRule):
     def _combination_applies(self, shared: SharedProducts) -> bool:
         """Whether the output stays a PendingCombination of the products (see
         multipoint/combination.py): on a device of CHANNEL_PASSES_DEVICES, where results
-        may stay pending."""
+        of the products and the coordinates may stay pending (not while the coordinates
+        carry derivatives: channel_combine has none)."""
         first = shared.products[0]
         return (first.device.type in CHANNEL_PASSES_DEVICES and PendingCombination.applies(shared.products)
-                and self.context.may_defer(*shared.products))
+                and self.context.may_defer(*shared.products, self.context.coeffs))
 
 
 class ConvRule(AffineInParamsRule):
@@ -346,8 +348,8 @@ class BatchNormRule(_AffineNormRule):
         if isinstance(x, Pending):  # e.g. a convolution's output, perhaps not computed yet
             if not use_batch and isinstance(x, PendingConvolution) and x.foldable:
                 return self._folded_into(x)
-            if not (isinstance(x, PendingCombination) and x.foldable):  # (a first convolution's products)
-                x = x.materialize()
+            if not (isinstance(x, PendingCombination) and x.foldable and (not use_batch or self.context.grouped)):
+                x = x.materialize()  # (batch statistics from a combination's products: once for several groups)
         examples = x.shape[0] if isinstance(x, SharedRows) else x.shape[0] // k  # (a point's)
         if use_batch and examples * math.prod(x.shape[2:]) <= 1:
             raise ValueError(
@@ -367,8 +369,8 @@ class BatchNormRule(_AffineNormRule):
         elif self._channel_passes_apply(x, weight, bias, *(stats if isinstance(stats, tuple) else ())):
             y = self._pending_affine(x, stats, weight, bias, use_batch)
             y = y if self.context.may_defer(x) else y.result()
-        # (ATen's batch norm has no forward-mode derivative for running statistics)
-        elif one_point_per_call(x) and (use_batch or not self.context.forward_mode):
+        # (ATen's batch norm has no derivative for running statistics, forward or backward)
+        elif one_point_per_call(x) and (use_batch or not (self.context.forward_mode or carries_derivatives(*stats))):
             y = self._normalize_each_point(self.split_points(x, 0), stats, weight, bias, use_batch)
         else:
             y = unfold(self._normalize_all_points(self.split_points(x, 0), stats, weight, bias, use_batch))

@@ -75,10 +75,10 @@ def channel_combine_reference(inputs: list[Tensor], scales: Tensor, shift: Tenso
     """Pure-PyTorch `channel_combine`."""
     k, n, c = scales.shape
     view = (k, 1, c, *([1] * (inputs[0].dim() - 2)))
-    y = inputs[0].unsqueeze(0) * scales[:, 0].reshape(view)
-    for j in range(1, n):
-        y = y + inputs[j].unsqueeze(0) * scales[:, j].reshape(view)
-    y = (y + shift.reshape(view)).flatten(0, 1)
+    y = shift.reshape(view)  # (first, as the kernel: a folded batch norm's shift cancels the products' mean)
+    for j in range(n):
+        y = torch.addcmul(y, inputs[j].unsqueeze(0), scales[:, j].reshape(view))
+    y = y.flatten(0, 1)
     return _points_of(inputs[0], k).copy_(torch.relu(y) if relu else y)
 
 
@@ -155,7 +155,7 @@ def channel_affine(input: Tensor, scale: Tensor, shift: Tensor, addend: Optional
 
 
 def channel_combine(inputs: list[Tensor], scales: Tensor, shift: Tensor, relu: bool = False) -> Tensor:
-    """relu?(Σ_j inputs[j]·scales[k, j] + shift[k]) for each point k, per channel: a
+    """relu?(shift[k] + Σ_j inputs[j]·scales[k, j]) for each point k, per channel: a
     combination of entries every point shares (the products of a first convolution at the
     origin and along each direction, with each point's batch norm folded into its scales).
 
