@@ -168,7 +168,6 @@ class AffineInParamsRule(MultiPointRule):
             return out.flatten(0, 1)
         return rows_for_every_example(out, self.context.batch_size) if shared else unfold(out, dim)
 
-
     def _combination_applies(self, shared: SharedProducts) -> bool:
         """Whether the output stays a PendingCombination of the products (see
         multipoint/combination.py): on a device of CHANNEL_PASSES_DEVICES, where results

@@ -1,7 +1,7 @@
 """Results not computed until something reads them (`Pending`); here the per-point
 channel results whose post-ops join them (`PendingPostOps`): a convolution's output
-(`PendingConvolution`) and a batch norm's (`PendingAffine`). `relu_line.PendingLine` is
-the other kind.
+(`PendingConvolution`) and a batch norm's (`PendingAffine`). `relu_line.PendingLine` and
+`combination.PendingCombination` (a first layer's products on shared rows) are the others.
 
 What the layers after a convolution or a batch norm do to its output can often join it,
 saving a pass over the activations each:
