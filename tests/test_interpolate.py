@@ -215,6 +215,31 @@ def test_rows_before_the_first_moving_layer_are_computed_once():
         assert rel_err(out[k], e) < 1e-9
 
 
+@pytest.mark.parametrize("family", ["no_bn", "fixup"])
+def test_a_resnet_shortcuts_subsampling_keeps_rows_shared(family):
+    """x[:, :, ::2, ::2] (the option-A shortcut) of rows every point shares stays shared:
+    with the first two stages frozen, the second stage's shortcut gives B rows, not K·B.
+    (The second review found that slicing copied them for every point.)"""
+    from mlifast.models import resnet20
+    from mlifast.multipoint.shared import SharedRows
+
+    torch.manual_seed(0)
+    a, b = resnet20(family).double().eval(), resnet20(family).double().eval()
+    moving = {n for n, _ in a.named_parameters() if n.startswith(("layer3.", "fc."))}
+    with torch.no_grad():
+        for (name, p), q in zip(b.named_parameters(), a.parameters()):
+            p.copy_(p if name in moving else q)
+            if name in moving:
+                p.add_(0.01 * torch.randn_like(p))
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    fast = check_parity(a, mlifast.Line(a, b), torch.linspace(0, 1, 4), x, dtype=torch.float64)
+    seen = []
+    fast.model.layer2[0].downsample.register_forward_hook(lambda m, inp, out: seen.append((type(out), out.shape[0])))
+    with torch.no_grad():
+        fast(x)
+    assert fast.shares_rows is True and seen == [(SharedRows, 3)]
+
+
 def test_model_that_captures_the_batch_size_does_not_share_rows():
     torch.manual_seed(0)
     a, b = CapturesBatch().double(), CapturesBatch().double()

@@ -20,7 +20,7 @@ Architecture: a 3×3 conv stem with ``width`` channels, three stages of n basic 
 global average pooling and a Linear classifier; depth = 6n + 2.
 
 Shortcuts are option A, as in the official code: where a block downsamples, the
-shortcut is a strided 1×1 average pool (i.e. subsampling), followed in the BN families by
+shortcut subsamples (``x[:, :, ::2, ::2]``), followed in the BN families by
 a BatchNorm over the input channels (``downsample.bn0``), then zero channels are
 concatenated up to the block's width. It has no conv. Other blocks use the identity.
 

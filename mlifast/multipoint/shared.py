@@ -73,6 +73,9 @@ class SharedRows(Tensor):
         shared = [a for a in tensors_in((args, kwargs)) if isinstance(a, SharedRows)]
         if _writes_in_place(func, args, shared):
             raise SharedRowsWritten(getattr(func, "__name__", repr(func)))
+        if func is Tensor.__getitem__ and args[0] is shared[0] and _keeps_every_row(args[1]):
+            with torch._C.DisableTorchFunctionSubclass():
+                return SharedRows(args[0].rows()[args[1]], shared[0].points)  # (x[:, :, ::2, ::2]: a view)
         if func in _ROWWISE_UNARY or func in _ELEMENTWISE:
             batch = shared[0].shape[0]
             if _only_constants_besides(args, kwargs, shared[0].dim(), first_only=func in _ROWWISE_UNARY):
@@ -98,6 +101,14 @@ def _writes_in_place(func, args, shared) -> bool:
     in_place = name == "__setitem__" or (name.startswith("__i") and name.endswith("__")) or (
         name.endswith("_") and not name.startswith("_"))
     return in_place and bool(args) and any(args[0] is t for t in shared)
+
+
+def _keeps_every_row(index) -> bool:
+    """Whether indexing with `index` keeps dimension 0 whole and first: a tuple of a full
+    slice then basic indices (slices, ints, Ellipsis, None) — row-wise."""
+    return (isinstance(index, tuple) and len(index) > 0 and isinstance(index[0], slice) and index[0] == slice(None)
+            and all(isinstance(i, (slice, int)) or i is Ellipsis or i is None for i in index[1:])
+            and not any(isinstance(i, bool) for i in index))
 
 
 def _rows(value: Tensor, _path: str = "") -> Tensor:
