@@ -131,8 +131,9 @@ inline at::Tensor combine_output(const CombineOperands& o) {
   const at::Tensor& first = o.inputs[0];
   std::vector<int64_t> sizes = first.sizes().vec();
   sizes[0] *= o.layout.points;
-  const auto format = first.is_contiguous()                                                 ? at::MemoryFormat::Contiguous
-                      : first.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+  const auto format = first.is_contiguous() ? at::MemoryFormat::Contiguous
+                      : first.dim() == 4      ? at::MemoryFormat::ChannelsLast
+                                              : at::MemoryFormat::ChannelsLast3d;
   return at::empty(sizes, first.options().memory_format(format));
 }
 

@@ -88,9 +88,9 @@ class PendingCombination(PendingPostOps):
         """Whether products (B, C, …) can be combined so: at most MAX_COMBINED of them,
         float32/64 contiguous or channels-last images."""
         first = products[0]
+        images = first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last)
         return (len(products) <= MAX_COMBINED and first.dim() >= 2 and first.dtype in (torch.float32, torch.float64)
-                and (first.is_contiguous() or (first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last)))
-                and all(u.stride() == first.stride() for u in products))
+                and (first.is_contiguous() or images) and all(u.stride() == first.stride() for u in products))
 
     @property
     def foldable(self) -> bool:
