@@ -10,6 +10,8 @@ from mlifast.multipoint import combination
 from mlifast.multipoint.combination import PendingCombination, SharedProducts
 from mlifast.ops import channel_moments
 
+_MOMENTS = SharedProducts.moments
+
 
 def products(n: int, layout=torch.channels_last, dtype=torch.float64, seed: int = 0) -> SharedProducts:
     g = torch.Generator().manual_seed(seed)
@@ -114,8 +116,8 @@ def test_a_plane_through_a_stem_and_its_batch_norm_equals_the_oracle(monkeypatch
                 out = fast(x)
             for k, expected in enumerate(test_interpolate.oracle_outputs(models[0], plane, coords, x)):
                 assert test_interpolate.rel_err(out[k], expected) < test_interpolate.TOL[dtype], k
-            folded = not train or group is not None
-            assert combined == [(3, folded)] * (1 if group is None else 2)
+            # (batch statistics from the products' moments from the second group on)
+            assert combined == ([(3, not train)] if group is None else [(3, not train), (3, True)])
 
 
 class StemBatchNormHead(torch.nn.Module):
@@ -152,3 +154,38 @@ def test_coordinates_that_carry_derivatives_take_the_products_through_autograd(t
         fast.set_coords(coords - step)
         behind = fast(x).flatten(1).sum(1)
     torch.testing.assert_close(grad[:, 0], (ahead - behind) / (2 * step), rtol=1e-6, atol=1e-8)
+
+
+class TransformsItsInput(torch.nn.Module):
+    """x * 2 - 1 (new memory in every group of points), then a stem, its batch norm, a ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.stem(x * 2 - 1))).mean((2, 3))
+
+
+def test_products_made_again_for_each_group_take_the_usual_passes(monkeypatch):
+    """Products that no later group reuses (the model transforms its input into new memory:
+    `reuse` cannot match it) never pay for their moments: under batch statistics each group
+    computes its combination and the usual passes; the oracle's outputs."""
+    combine, combined = combination.channel_combine, []
+    monkeypatch.setattr(combination, "channel_combine", lambda inputs, scales, shift, relu: combined.append(
+        relu) or combine(inputs, scales, shift, relu))
+    moments = []
+    monkeypatch.setattr(SharedProducts, "moments", lambda self: moments.append(1) or _MOMENTS(self))
+    a, b = test_interpolate.pair(TransformsItsInput, torch.float64)
+    a.train(), b.train()
+    coords = torch.linspace(0, 1, 6)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        fast = mlifast.interpolate(a, mlifast.Line(a, b), coords)
+        fast.points_per_group = 2
+        fast(x)
+        combined.clear()
+        out = fast(x)
+    for k, expected in enumerate(test_interpolate.oracle_outputs(a, fast.space, fast.coords[:, 0], x)):
+        assert test_interpolate.rel_err(out[k], expected) < 1e-9, k
+    assert combined == [False] * 3 and moments == []

@@ -5,8 +5,8 @@ the input images) computes its output at the origin and along each direction onc
 J + 1 `SharedProducts`; each point's output is then their combination with its
 coefficients, y_k = u_0 + Σ_j c_kj·u_j. Kept pending, a batch norm after it folds in as a
 per-channel scale of each product and a shift, by batch statistics too (each point's
-mean and variance follow from the products' own per-channel moments, `moments`), and a
-ReLU after that joins: the whole of conv → batch norm → ReLU is one pass writing each
+mean and variance follow from the products' own per-channel moments, `moments`, once a
+second group of points combines the same products), and a ReLU after that joins: the whole of conv → batch norm → ReLU is one pass writing each
 point's rows (`mlifast.ops.channel_combine`), where it took three (W2: the combination,
 the batch norm's moments and its affine pass).
 """
@@ -34,6 +34,7 @@ class SharedProducts:
 
     def __init__(self, products) -> None:
         self.products = tuple(products)
+        self.uses = 0  # groups of points combined from them (PendingCombination.of)
         self._moments: Optional[tuple[Tensor, Tensor]] = None
 
     def moments(self) -> tuple[Tensor, Tensor]:
@@ -77,6 +78,7 @@ class PendingCombination(PendingPostOps):
     @staticmethod
     def of(shared: SharedProducts, coeffs: Tensor) -> "PendingCombination":
         """Each point's u_0 + Σ_j coeffs[k, j]·u_j, `coeffs` (K_active, J)."""
+        shared.uses += 1
         first = shared.products[0]
         k, channels = coeffs.shape[0], first.shape[1]
         weights = torch.cat([coeffs.new_ones(k, 1), coeffs], 1).to(first.dtype)
@@ -91,6 +93,12 @@ class PendingCombination(PendingPostOps):
         images = first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last)
         return (len(products) <= MAX_COMBINED and first.dim() >= 2 and first.dtype in (torch.float32, torch.float64)
                 and (first.is_contiguous() or images) and all(u.stride() == first.stride() for u in products))
+
+    @property
+    def reused(self) -> bool:
+        """Whether an earlier group of points of the call combined the same products (kept:
+        `PointContext.reuse`), so that moments computed from them serve several groups."""
+        return self._shared.uses > 1
 
     @property
     def foldable(self) -> bool:

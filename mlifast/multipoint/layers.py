@@ -347,8 +347,8 @@ class BatchNormRule(_AffineNormRule):
         if isinstance(x, Pending):  # e.g. a convolution's output, perhaps not computed yet
             if not use_batch and isinstance(x, PendingConvolution) and x.foldable:
                 return self._folded_into(x)
-            if not (isinstance(x, PendingCombination) and x.foldable and (not use_batch or self.context.grouped)):
-                x = x.materialize()  # (batch statistics from a combination's products: once for several groups)
+            if not (isinstance(x, PendingCombination) and x.foldable and (not use_batch or x.reused)):
+                x = x.materialize()  # (batch statistics from a combination's products: once they serve several groups)
         examples = x.shape[0] if isinstance(x, SharedRows) else x.shape[0] // k  # (a point's)
         if use_batch and examples * math.prod(x.shape[2:]) <= 1:
             raise ValueError(
