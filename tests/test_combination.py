@@ -8,9 +8,10 @@ import mlifast
 import test_interpolate
 from mlifast.multipoint import combination
 from mlifast.multipoint.combination import PendingCombination, SharedProducts
+from mlifast.multipoint.context import PointContext
 from mlifast.ops import channel_moments
 
-_MOMENTS = SharedProducts.moments
+_MOMENTS, _INIT = SharedProducts.moments, SharedProducts.__init__
 
 
 def products(n: int, layout=torch.channels_last, dtype=torch.float64, seed: int = 0) -> SharedProducts:
@@ -167,10 +168,35 @@ class TransformsItsInput(torch.nn.Module):
         return torch.relu(self.bn(self.stem(x * 2 - 1))).mean((2, 3))
 
 
+def test_an_input_transformed_before_the_stem_is_computed_once_a_call(monkeypatch):
+    """x * 2 - 1 on the shared images is kept for the call's next groups of points (the
+    operation and its constants in `reuse`'s key), and with it the stem's products and their
+    moments: one SharedProducts a call, batch statistics from its moments from the second
+    group on; the oracle's outputs."""
+    built = []
+    monkeypatch.setattr(SharedProducts, "__init__", lambda self, products: built.append(1) or _INIT(self, products))
+    combine, combined = combination.channel_combine, []
+    monkeypatch.setattr(combination, "channel_combine", lambda inputs, scales, shift, relu: combined.append(
+        relu) or combine(inputs, scales, shift, relu))
+    a, b = test_interpolate.pair(TransformsItsInput, torch.float64)
+    a.train(), b.train()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        fast = mlifast.interpolate(a, mlifast.Line(a, b), torch.linspace(0, 1, 6))
+        fast.points_per_group = 2
+        fast(x)
+        built.clear(), combined.clear()
+        out = fast(x)
+    for k, expected in enumerate(test_interpolate.oracle_outputs(a, fast.space, fast.coords[:, 0], x)):
+        assert test_interpolate.rel_err(out[k], expected) < 1e-9, k
+    assert built == [1] and combined == [False, True, True]
+
+
 def test_products_made_again_for_each_group_take_the_usual_passes(monkeypatch):
-    """Products that no later group reuses (the model transforms its input into new memory:
-    `reuse` cannot match it) never pay for their moments: under batch statistics each group
-    computes its combination and the usual passes; the oracle's outputs."""
+    """Products that no later group reuses (here: nothing is kept between groups) never pay
+    for their moments: under batch statistics each group computes its combination and the
+    usual passes; the oracle's outputs."""
+    monkeypatch.setattr(PointContext, "reuse", lambda self, compute, *tensors, owner=None, key=None: compute())
     combine, combined = combination.channel_combine, []
     monkeypatch.setattr(combination, "channel_combine", lambda inputs, scales, shift, relu: combined.append(
         relu) or combine(inputs, scales, shift, relu))

@@ -77,20 +77,23 @@ class PointContext:
             self._indices = torch.arange(k, device=device)
         self.active, self.active_span = self._indices[start:stop], (start, stop)
 
-    def reuse(self, compute: Callable[[], Any], *tensors: Tensor, owner: Any = None) -> Any:
+    def reuse(self, compute: Callable[[], Any], *tensors: Tensor, owner: Any = None, key: Any = None) -> Any:
         """compute(), computed once per call of the model for the same `tensors` (and
-        `owner`) while its points run in groups (`grouped`); otherwise simply compute().
+        `owner`, and hashable `key`) while its points run in groups (`grouped`); otherwise
+        simply compute().
 
         `tensors` are everything the result depends on besides `owner` (the module whose
-        configuration it depends on, if any): rows shared by every point, weights. They
-        are matched by memory and version, and held until `forget`, so that no other
-        tensor can take their memory meanwhile.
+        configuration it depends on, if any) and `key` (a function and its other
+        arguments): rows shared by every point, weights. They are matched by memory and
+        version, and held until `forget`, so that no other tensor can take their memory
+        meanwhile.
         """
         if not self.grouped:
             return compute()
-        key = (id(owner), *(_identity(t) for t in tensors))
-        if None in key:
+        identities = tuple(_identity(t) for t in tensors)
+        if None in identities:
             return compute()
+        key = (id(owner), key, identities)
         kept = self._kept.get(key)
         if kept is None:
             kept = self._kept[key] = (tensors, compute())

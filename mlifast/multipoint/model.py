@@ -336,7 +336,7 @@ class MultiPointModel(nn.Module):
             # A copy either way: in-place operations of the model never reach the caller's tensor.
             # (SharedRows is a new leaf: an input that needs gradients is repeated instead.)
             if share_rows and not (t.requires_grad and torch.is_grad_enabled()):
-                return SharedRows(t if copied else self._copy(t), k)
+                return SharedRows(t if copied else self._copy(t), k, self.context)
             if k == 1:
                 return self._copy(t)
             return _repeat_points(t, k, dim).contiguous(memory_format=self._layout(t))

@@ -9,7 +9,7 @@ K·B. Any other operation first materialises the K·B rows, point-major, and run
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,17 +45,19 @@ _METADATA = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.__len__, Tensor.is_fl
 
 
 class SharedRows(Tensor):
-    """B rows that are the same for each of `points` points (see module doc)."""
+    """B rows that are the same for each of `points` points (see module doc). `context`:
+    the PointContext whose `reuse` keeps what row-wise operations compute from them for the
+    call's next groups of points (None: computed each time)."""
 
     points: int
 
     @staticmethod
-    def __new__(cls, rows: Tensor, points: int) -> "SharedRows":
+    def __new__(cls, rows: Tensor, points: int, context: Any = None) -> "SharedRows":
         t = Tensor._make_subclass(cls, rows, rows.requires_grad)
-        t.points = points
+        t.points, t.context = points, context
         return t
 
-    def __init__(self, rows: Tensor, points: int) -> None:
+    def __init__(self, rows: Tensor, points: int, context: Any = None) -> None:
         pass
 
     def rows(self) -> Tensor:
@@ -73,16 +75,24 @@ class SharedRows(Tensor):
         shared = [a for a in tensors_in((args, kwargs)) if isinstance(a, SharedRows)]
         if _writes_in_place(func, args, shared):
             raise SharedRowsWritten(getattr(func, "__name__", repr(func)))
+        points, context = shared[0].points, shared[0].context
         if func is Tensor.__getitem__ and args[0] is shared[0] and _keeps_every_row(args[1]):
             with torch._C.DisableTorchFunctionSubclass():
-                return SharedRows(args[0].rows()[args[1]], shared[0].points)  # (x[:, :, ::2, ::2]: a view)
+                return SharedRows(args[0].rows()[args[1]], points, context)  # (x[:, :, ::2, ::2]: a view)
         if func in _ROWWISE_UNARY or func in _ELEMENTWISE:
             batch = shared[0].shape[0]
             if _only_constants_besides(args, kwargs, shared[0].dim(), first_only=func in _ROWWISE_UNARY):
-                with torch._C.DisableTorchFunctionSubclass():
-                    out = func(*map_tensors(_rows, args), **map_tensors(_rows, kwargs))
+                def compute():
+                    with torch._C.DisableTorchFunctionSubclass():
+                        return func(*map_tensors(_rows, args), **map_tensors(_rows, kwargs))
+
+                constants = _constants(args, kwargs)
+                if context is None or constants is None or func in _RANDOM:
+                    out = compute()
+                else:  # (kept for the call's next groups: x * 2 - 1 before a first layer)
+                    out = context.reuse(compute, *map(_rows, tensors_in((args, kwargs))), key=(func, constants))
                 if isinstance(out, Tensor) and out.dim() > 0 and out.shape[0] == batch:
-                    return SharedRows(out, shared[0].points)
+                    return SharedRows(out, points, context)
         if func in _METADATA or getattr(func, "__name__", "") == "__get__":
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)  # metadata (shape, dtype, …) of the B rows
@@ -101,6 +111,30 @@ def _writes_in_place(func, args, shared) -> bool:
     in_place = name == "__setitem__" or (name.startswith("__i") and name.endswith("__")) or (
         name.endswith("_") and not name.startswith("_"))
     return in_place and bool(args) and any(args[0] is t for t in shared)
+
+
+_RANDOM = {F.dropout}  # (row-wise, but each call draws anew)
+
+
+def _constants(args: tuple, kwargs: dict) -> Optional[tuple]:
+    """A hashable description of the non-tensor arguments (tensors as placeholders), or
+    None where one cannot be hashed."""
+    def describe(value):
+        if isinstance(value, Tensor):
+            return Tensor
+        if isinstance(value, (list, tuple)):
+            return type(value), tuple(describe(v) for v in value)
+        if isinstance(value, dict):
+            return dict, tuple((k, describe(v)) for k, v in sorted(value.items()))
+        if isinstance(value, float):
+            return float, value.hex()  # (0.0 and -0.0 differ)
+        hash(value)
+        return type(value), value
+
+    try:
+        return describe(args), describe(kwargs)
+    except TypeError:
+        return None
 
 
 def _keeps_every_row(index) -> bool:
