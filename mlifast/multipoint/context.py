@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
+from mlifast.multipoint.trees import tensors_in
 from mlifast.ops import multipoint_linear, multipoint_linear_reference
 
 # Bytes of per-point parameter values (`kept_at_every_point`) kept between calls of the
@@ -86,7 +87,8 @@ class PointContext:
         configuration it depends on, if any) and `key` (a function and its other
         arguments): rows shared by every point, weights. They are matched by memory and
         version, and held until `forget`, so that no other tensor can take their memory
-        meanwhile.
+        meanwhile. A kept result written into since (an activation with inplace=True on
+        it) is computed again.
         """
         if not self.grouped:
             return compute()
@@ -95,8 +97,9 @@ class PointContext:
             return compute()
         key = (id(owner), key, identities)
         kept = self._kept.get(key)
-        if kept is None:
-            kept = self._kept[key] = (tensors, compute())
+        if kept is None or _versions_in(kept[1]) != kept[2]:
+            value = compute()
+            kept = self._kept[key] = (tensors, value, _versions_in(value))
         return kept[1]
 
     def forget(self) -> None:
@@ -206,6 +209,11 @@ def _version(t: Tensor) -> int | None:
         return t._version
     except (RuntimeError, NotImplementedError):
         return None
+
+
+def _versions_in(value: Any) -> tuple:
+    """Memory and version of the tensors in a nested structure (a result `reuse` keeps)."""
+    return tuple(_identity(t) for t in tensors_in(value))
 
 
 def _identity(t: Tensor) -> tuple | None:
