@@ -14,7 +14,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from mlifast.multipoint.context import PointContext
 from mlifast.multipoint.layers import BatchNormRule, InPlaceActivation, LinearRule
-from mlifast.multipoint.pending import Pending, PendingInputWritten
+from mlifast.multipoint.pending import Pending, PendingInputWritten, _versions
 from mlifast.multipoint.reference import PerPointModel, alias_groups, first_disagreement, rounds_float32_to_tf32
 from mlifast.multipoint.registry import check_supported, rule_for
 from mlifast.multipoint.shared import SharedRows, SharedRowsWritten, materialize
@@ -276,13 +276,13 @@ class MultiPointModel(nn.Module):
             return self._split(self._run(args, kwargs, share_rows), batch)
         everyone, out = context.active_span, None
         inputs = self._copy_inputs(args, kwargs) if share_rows else (args, kwargs)
-        versions = _versions(inputs)
+        versions = _versions(*tensors_in(inputs))
         context.grouped = True
         try:
             for start in range(0, k, group):
-                if share_rows and _versions(inputs) != versions:  # (an activation with inplace=True on them)
+                if share_rows and _versions(*tensors_in(inputs)) != versions:  # (an activation with inplace=True on them)
                     inputs = self._copy_inputs(args, kwargs)
-                    versions = _versions(inputs)
+                    versions = _versions(*tensors_in(inputs))
                 context.select_points(everyone[0] + start, everyone[0] + min(start + group, k))
                 part = self._split(self._run(*inputs, share_rows, copied=True), batch)
                 # Outputs for all K points, allocated once, each group's copied in and freed
@@ -360,11 +360,6 @@ class MultiPointModel(nn.Module):
             undo()
             self.context.defer_pending = False  # (it writes into activations a pending result read)
             return self._run(args, kwargs, share_rows, copied=copied)
-
-
-def _versions(tree: Any) -> tuple:
-    """Version counters of the tensors in a nested structure (None for inference tensors)."""
-    return tuple(None if t.is_inference() else t._version for t in tensors_in(tree))
 
 
 def _computed(value: Tensor, _path: str = "") -> Tensor:
