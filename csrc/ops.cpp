@@ -50,9 +50,11 @@ TORCH_LIBRARY(mlifast, m) {
       "winograd_conv3x3(Tensor input, Tensor weight, Tensor? bias, int[2] padding, Tensor? addend, "
       "bool relu=False, Tensor? input_scale=None, Tensor? input_shift=None, bool input_relu=False) -> Tensor");
   // The same into a channels-last `out` of the output's shape (a caller writing each
-  // point's rows into one tensor for all points).
+  // point's rows into one tensor for all points); `moments`, if given, (2, C_out) float64,
+  // receives the per-channel mean and biased variance of what it wrote (a batch norm's
+  // statistics, read back from each block of tiles while it is in cache).
   m.def(
       "winograd_conv3x3.out(Tensor input, Tensor weight, Tensor? bias, int[2] padding, Tensor? addend, "
       "bool relu=False, Tensor? input_scale=None, Tensor? input_shift=None, bool input_relu=False, *, "
-      "Tensor(a!) out) -> Tensor(a!)");
+      "Tensor(a!) out, Tensor(b!)? moments=None) -> Tensor(a!)");
 }

@@ -125,6 +125,83 @@ def test_the_same_bits_on_one_and_two_threads():
     assert torch.equal(*results)
 
 
+def float64_moments(y):
+    var, mean = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+@pytest.mark.parametrize("vector_bytes", [None, "32", "16"])
+@pytest.mark.parametrize("post", ["none", "addend+relu"])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_moments_are_the_outputs_mean_and_variance(geometry, post, vector_bytes, monkeypatch):
+    """`moments` receives the per-channel mean and biased variance of what the kernel wrote
+    (after the addend and ReLU), against float64 statistics of its own output: every way
+    blocks and tiles cut the output, channel counts of 1 to 5 vectors."""
+    if vector_bytes:
+        monkeypatch.setenv("MLIFAST_VECTOR_BYTES", vector_bytes)
+    n, c_in, c_out, h, w, padding = geometry
+    x, weight, bias, addend = operands(n, c_in, c_out, h, w, padding)
+    with_addend, relu = POST_OPS[post]
+    moments = torch.full((2, c_out), float("nan"), dtype=torch.float64)
+    with torch.no_grad():
+        y = winograd_conv3x3(x, weight, bias, padding, addend if with_addend else None, relu, moments=moments)
+        plain = winograd_conv3x3(x, weight, bias, padding, addend if with_addend else None, relu)
+    assert torch.equal(y, plain)  # (gathering them changes nothing written)
+    mean, var = float64_moments(y)
+    assert (moments[0] - mean).abs().max() <= 1e-6 * mean.abs().max().clamp_min(1)
+    assert ((moments[1] - var).abs() <= 1e-6 * var + 1e-12).all()
+
+
+def test_moments_keep_the_variance_under_a_large_mean():
+    """Outputs near 1000 with a spread near 1: Σx² − n·x̄² in float32 would lose the
+    variance; the two passes about the block's mean keep it to float32's rounding."""
+    x, weight, bias, _ = operands(8, 16, 32, 16, 16, (1, 1))
+    moments = torch.empty(2, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y = winograd_conv3x3(x, weight, bias + 1000, (1, 1), moments=moments)
+    mean, var = float64_moments(y)
+    assert ((moments[1] - var).abs() <= 1e-6 * var).all() and (moments[0] - mean).abs().max() < 1e-7 * 1000
+
+
+def test_moments_into_a_slice_the_same_bits_on_one_and_two_threads():
+    """Each block's moments are merged in block order: the thread count changes no bit.
+    `out` and `moments` may be slices of larger tensors (a point's rows and statistics)."""
+    x, weight, bias, addend = operands(4, 32, 32, 16, 16, (1, 1))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out, moments = torch.empty(8, 32, 16, 16).contiguous(memory_format=torch.channels_last), \
+                torch.zeros(3, 2, 32, dtype=torch.float64)
+            with torch.no_grad():
+                WINOGRAD_OUT(x, weight, bias, [1, 1], addend, True, out=out[4:], moments=moments[1])
+            results.append(moments)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*results) and not results[0][0].any() and not results[0][2].any()
+    mean, var = float64_moments(out[4:])
+    assert torch.allclose(results[0][1][0], mean, rtol=1e-6, atol=1e-7) and torch.allclose(results[0][1][1], var,
+                                                                                           rtol=1e-6)
+
+
+def test_moments_of_a_nan_channel_are_nan_and_the_others_are_kept():
+    x, weight, bias, _ = operands(2, 16, 16, 8, 8, (1, 1))
+    bias[3] = float("nan")
+    moments = torch.empty(2, 16, dtype=torch.float64)
+    with torch.no_grad():
+        winograd_conv3x3(x, weight, bias, (1, 1), moments=moments)
+    assert moments[:, 3].isnan().all() and not moments[:, [0, 1, 2, *range(4, 16)]].isnan().any()
+
+
+def test_opcheck_with_moments():
+    x, weight, bias, addend = operands(2, 16, 16, 6, 7, (1, 2))
+    out = torch.empty_like(addend, memory_format=torch.channels_last)
+    torch.library.opcheck(WINOGRAD_OUT, (x, weight, bias, [1, 2], addend, True),
+                          {"out": out, "moments": torch.empty(2, 16, dtype=torch.float64)},
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_a_nan_stays_in_its_image():
     """A NaN pixel makes NaN every output whose tile reads it (more than a direct
     convolution's 3 × 3 neighbourhood: the transforms mix a whole 6 × 6 input tile), and no
@@ -206,6 +283,8 @@ def test_tensors_carrying_forward_derivatives_are_refused():
     ("scale alone", ValueError, "come together"),
     ("scale shape", ValueError, r"input_scale must be \(16,\), one value per input channel"),
     ("shift dtype", TypeError, "input_shift must be float32"),
+    ("moments dtype", TypeError, r"moments must be float64 of shape \(2, 16\)"),
+    ("moments shape", TypeError, r"moments must be float64 of shape \(2, 16\)"),
 ])
 def test_bad_input_is_named(case, error, match):
     x, weight, bias, addend = operands(1, 16, 16, 5, 5, (1, 1))
@@ -225,8 +304,10 @@ def test_bad_input_is_named(case, error, match):
     maps = {"scale alone": (torch.ones(16), None), "scale shape": (torch.ones(8), torch.zeros(8)),
             "shift dtype": (torch.ones(16), torch.zeros(16, dtype=torch.float64))}
     scale, shift = maps.get(case, (None, None))
+    moments = {"moments dtype": torch.empty(2, 16), "moments shape": torch.empty(16, 2, dtype=torch.float64)}
     with pytest.raises(error, match=match):
-        winograd_conv3x3(x, weight, bias, padding, addend, input_scale=scale, input_shift=shift)
+        winograd_conv3x3(x, weight, bias, padding, addend, input_scale=scale, input_shift=shift,
+                         moments=moments.get(case))
 
 
 def test_the_kernel_and_the_reference_refuse_a_scale_without_a_shift():

@@ -2,6 +2,7 @@
 ATen's kernel once per point with that point's parameters (the CPU's form) and one wide
 call over the rows of all points (a GPU's form, forced here on the CPU), each against
 the one-point-at-a-time oracle."""
+import collections
 import warnings
 
 import pytest
@@ -628,3 +629,30 @@ def test_float32_resnet_evaluation_joins_its_blocks(monkeypatch, bn):
     losses, _ = test_evaluate.loop_evaluate(a, line, data, res.alphas.tolist(), bn)
     torch.testing.assert_close(res["loss"], losses, rtol=1e-4, atol=0)
     assert pointwise is None or len(joined) > 0
+
+
+def test_batch_statistics_of_a_winograd_convolution_come_from_its_own_pass(monkeypatch):
+    """Under batch statistics a batch norm right after a convolution that Winograd computes
+    takes each point's mean and variance from the kernel's `moments`, not from a pass of
+    channel_moments of its own: float32 ResNet-20 at width 16 on 32 × 32 images (stages 1
+    and 2 Winograd's, stage 3 too few tiles), the loop's losses."""
+    gathered, passes = [], []
+    winograd_out, moments = pending._WINOGRAD_OUT, layers.channel_moments
+    monkeypatch.setattr(pending, "_WINOGRAD_OUT", lambda *args, **kwargs: gathered.append(
+        kwargs["moments"] is not None) or winograd_out(*args, **kwargs))
+    monkeypatch.setattr(layers, "channel_moments", lambda x, k: passes.append((k, *x.shape[1:3])) or moments(x, k))
+    a, b = test_interpolate.pair(lambda: ResNet20(width=16, num_classes=5), torch.float32)
+    data = [(x.float(), y) for x, y in test_evaluate.batches(n=8, batch=4, shape=(3, 32, 32))]
+    line = mlifast.Line(a, b)
+    res = mlifast.evaluate(a, line, data, coords=3, bn="batch", progress=False)
+    losses, _ = test_evaluate.loop_evaluate(a, line, data, res.alphas.tolist(), "batch")
+    torch.testing.assert_close(res["loss"], losses, rtol=1e-4, atol=0)
+    # Per call of the 3 points (channels, side): a pass for the stem's batch norm (16, 32),
+    # for those after the stride-2 convolutions (32, 16 and 64, 8), the shortcuts' (16, 16
+    # and 32, 8) and stage 3's five others (64, 8); the other eleven of stages 1 and 2 from
+    # the kernel. (The chunking's probe of one point runs neither.)
+    assert gathered and all(gathered)
+    per_call = collections.Counter(p[1:] for p in passes if p[0] == 3)
+    calls = per_call[(16, 32)]
+    assert calls == len(data) and per_call == {(16, 32): calls, (32, 16): calls, (16, 16): calls, (64, 8): 6 * calls,
+                                               (32, 8): calls}

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "channel_passes_checks.h"
+#include "moments.h"
 #include "vector_width.h"
 
 #define MLIFAST_ALWAYS_INLINE __attribute__((always_inline)) inline
@@ -41,16 +42,9 @@ constexpr int64_t kChunkVectors = 4;  // vectors of channels a row step holds in
 using Layout = ChannelLayout;
 
 // Moments of a set of values, float64: count, mean and sum of squared deviations M2.
-// Sets are merged by Chan, Golub and LeVeque's formula, exact in exact arithmetic; with
-// each block's M2 summed about a pivot near its mean it avoids the cancellation of
-// Σx² − n·x̄² (which loses float32's variance to a mean far from zero).
-MLIFAST_ALWAYS_INLINE void merge(double& n, double& mean, double& m2, double nb, double mean_b, double m2_b) {
-  if (nb == 0) return;
-  const double total = n + nb, delta = mean_b - mean, share = nb / total;
-  mean += delta * share;
-  m2 += m2_b + delta * (delta * (n * share));  // (in this order: no inf · 0 while n = 0)
-  n = total;
-}
+// Sets are merged by `merge_moments`; with each block's M2 summed about a pivot near its
+// mean it avoids the cancellation of Σx² − n·x̄² (which loses float32's variance to a mean
+// far from zero).
 
 // Where a block's pivot sits far from its values, M2 = Σd² − (Σd)²/n cancels: a block
 // whose Σd² exceeds kCancellation·M2 in any channel (or is not finite) is summed again
@@ -77,7 +71,7 @@ MLIFAST_ALWAYS_INLINE void block_sums(const T* x, int64_t C, int64_t parts, int6
 // Channels [c0, c0 + width) of rows [begin, end) of C values into their (mean, M2), zero
 // at first: blocks of kBlockRows rows summed in T about the mean of the blocks before (the
 // first block about its first row; read again about its own mean where that cancels), the
-// blocks' moments merged in float64 (`merge`, for all channels at once). `Chunk` channels
+// blocks' moments merged in float64 (`merge_moments`, for all channels at once). `Chunk` channels
 // a step: full vectors (GCC's vector extensions, kChunkVectors of them, held in
 // registers), or one channel at a time for the rest.
 template <typename T, typename Chunk>
@@ -190,10 +184,10 @@ MLIFAST_ALWAYS_INLINE void run_moments(const T* x, int64_t n, double& count, dou
       if (s2 <= kCancellation * block_m2 && std::isfinite(s2)) break;
       pivot = T(block_mean);
     }
-    merge(count, mean, m2, double(values), block_mean, block_m2);
+    merge_moments(count, mean, m2, double(values), block_mean, block_m2);
     i += values;
   }
-  for (; i < n; ++i) merge(count, mean, m2, 1.0, double(x[i]), 0.0);
+  for (; i < n; ++i) merge_moments(count, mean, m2, 1.0, double(x[i]), 0.0);
 }
 
 // y = x·scale + shift (+ addend) (ReLU: max(y, 0), NaN kept) over n values.
@@ -417,7 +411,7 @@ void moments(const at::Tensor& input, const Layout& L, at::Tensor& mean, at::Ten
       double n = 0, point_mean = 0, m2 = 0;
       for (int64_t t = k * tasks.per_point; t < (k + 1) * tasks.per_point; ++t) {
         const double* p = partials.data() + t * 2 * C;
-        merge(n, point_mean, m2, double(task_values(L, tasks, t)), p[c], p[C + c]);
+        merge_moments(n, point_mean, m2, double(task_values(L, tasks, t)), p[c], p[C + c]);
       }
       m[k * C + c] = T(point_mean);
       v[k * C + c] = T(m2 < 0 ? 0.0 : m2 / n);  // (a block's M2 less its mean's rounding may be −ε; NaN stays)

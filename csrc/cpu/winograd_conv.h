@@ -20,6 +20,8 @@
 #ifndef MLIFAST_WINOGRAD_INLINE
 #define MLIFAST_WINOGRAD_INLINE __attribute__((always_inline)) inline
 #endif
+// A lambda inlined into its caller (and so compiled for the caller's instruction set).
+#define MLIFAST_WINOGRAD_LAMBDA __attribute__((always_inline))
 
 namespace mlifast {
 namespace winograd {
@@ -81,6 +83,12 @@ struct Vector {
   typedef float type __attribute__((vector_size(Bytes)));
 };
 #define MLIFAST_WINOGRAD_VECTOR typedef typename Vector<Bytes>::type Vec
+
+// As many doubles as Vector<Bytes> has floats.
+template <int Bytes>
+struct Wide {
+  typedef double type __attribute__((vector_size(2 * Bytes)));
+};
 
 template <int Bytes>
 MLIFAST_WINOGRAD_INLINE typename Vector<Bytes>::type load(const float* p) {
@@ -371,13 +379,111 @@ MLIFAST_WINOGRAD_INLINE void transform_output(const float* Mb, const float* bias
   }
 }
 
+// Σ over `pixels` consecutive outputs at y (C floats apart) of kVectors vectors of channels
+// (kSquares: of (x − centre)²) added to `total`: four sums a vector in float, so that the
+// additions do not wait on each other, taken into float64 every 16 outputs.
+template <int Bytes, int kVectors, bool kSquares>
+MLIFAST_WINOGRAD_INLINE void add_run(const float* y, int64_t pixels, int64_t C,
+                                     const typename Vector<Bytes>::type* centre,
+                                     typename Wide<Bytes>::type* total) {
+  MLIFAST_WINOGRAD_VECTOR;
+  constexpr int64_t kWidth = Bytes / sizeof(float), kSums = 4, kTaken = 16;
+  const auto add = [&](Vec& sum, int64_t s, int j) MLIFAST_WINOGRAD_LAMBDA {
+    const Vec v = load<Bytes>(y + s * C + j * kWidth);
+    if constexpr (kSquares) sum += (v - centre[j]) * (v - centre[j]);
+    else sum += v;
+  };
+  for (int64_t s0 = 0; s0 < pixels; s0 += kTaken) {
+    const int64_t s1 = std::min(pixels, s0 + kTaken);
+    Vec sums[kVectors][kSums] = {};
+    int64_t s = s0;
+    for (; s + kSums <= s1; s += kSums) {
+#pragma GCC unroll 8
+      for (int u = 0; u < kSums; ++u) {
+#pragma GCC unroll 8
+        for (int j = 0; j < kVectors; ++j) add(sums[j][u], s + u, j);
+      }
+    }
+    for (; s < s1; ++s) {
+#pragma GCC unroll 8
+      for (int j = 0; j < kVectors; ++j) add(sums[j][0], s, j);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < kVectors; ++j)
+      total[j] += __builtin_convertvector((sums[j][0] + sums[j][1]) + (sums[j][2] + sums[j][3]),
+                                         typename Wide<Bytes>::type);
+  }
+}
+
+// `add_run` over the block's outputs, a row of a run of tiles at a time (a run: the block's
+// tiles in one row of tiles, whose outputs lie in consecutive memory row by row).
+template <int M, int Bytes, int kVectors, bool kSquares>
+MLIFAST_WINOGRAD_INLINE void add_block(const float* y, const Geometry& g, int64_t first, int64_t tiles,
+                                       int64_t tiles_h, int64_t tiles_w, const typename Vector<Bytes>::type* centre,
+                                       typename Wide<Bytes>::type* total) {
+  const int64_t C = g.out_channels, Ho = g.out_height(), Wo = g.out_width();
+  TileWalk p(first, tiles_h, tiles_w, M);
+  for (int64_t t = 0; t < tiles;) {
+    const int64_t run = std::min(tiles - t, tiles_w - p.col / M), rows = std::min<int64_t>(M, Ho - p.row);
+    const int64_t pixels = std::min(Wo, p.col + run * M) - p.col;
+    for (int64_t r = 0; r < rows; ++r)
+      add_run<Bytes, kVectors, kSquares>(y + ((p.image * Ho + p.row + r) * Wo + p.col) * C, pixels, C, centre, total);
+    for (int64_t i = 0; i < run; ++i) p.next(tiles_h);
+    t += run;
+  }
+}
+
+// Mean and M2 of kVectors vectors of channels over the block's outputs (y at the first
+// channel): two passes, the second about the first's mean.
+template <int M, int Bytes, int kVectors>
+MLIFAST_WINOGRAD_INLINE void chunk_moments(const float* y, const Geometry& g, int64_t first, int64_t tiles,
+                                           int64_t tiles_h, int64_t tiles_w, double n, double* mean, double* m2) {
+  MLIFAST_WINOGRAD_VECTOR;
+  typedef typename Wide<Bytes>::type Doubles;
+  constexpr int64_t kWidth = Bytes / sizeof(float);
+  Vec centre[kVectors] = {};
+  Doubles sum[kVectors] = {}, squares[kVectors] = {}, mu[kVectors];
+  add_block<M, Bytes, kVectors, false>(y, g, first, tiles, tiles_h, tiles_w, centre, sum);
+  for (int j = 0; j < kVectors; ++j) mu[j] = sum[j] / n, centre[j] = __builtin_convertvector(mu[j], Vec);
+  add_block<M, Bytes, kVectors, true>(y, g, first, tiles, tiles_h, tiles_w, centre, squares);
+  for (int j = 0; j < kVectors; ++j) {
+    const Doubles off = mu[j] - __builtin_convertvector(centre[j], Doubles);  // Σ(x − centre)² = M2 + n·off²
+    const Doubles deviations = squares[j] - off * off * n;
+    std::memcpy(mean + j * kWidth, &mu[j], sizeof(Doubles));
+    std::memcpy(m2 + j * kWidth, &deviations, sizeof(Doubles));
+  }
+}
+
+// Per-channel moments of the block's outputs, read back from y while they are in cache
+// (a batch norm's statistics without a pass over the output of its own): `count` values a
+// channel, their float64 `mean` and sum of squared deviations `m2` (C_out each).
+template <int M, int Bytes>
+MLIFAST_WINOGRAD_INLINE void block_moments(const float* y, const Geometry& g, int64_t first, int64_t tiles,
+                                           int64_t tiles_h, int64_t tiles_w, double* count, double* mean,
+                                           double* m2) {
+  constexpr int64_t kWidth = Bytes / sizeof(float);
+  const int64_t Ho = g.out_height(), Wo = g.out_width();
+  double n = 0;
+  TileWalk p(first, tiles_h, tiles_w, M);
+  for (int64_t t = 0; t < tiles; ++t, p.next(tiles_h))
+    n += double(std::min<int64_t>(M, Ho - p.row) * std::min<int64_t>(M, Wo - p.col));
+  *count = n;
+  int64_t c = 0;
+  for (; c + 4 * kWidth <= g.out_channels; c += 4 * kWidth)
+    chunk_moments<M, Bytes, 4>(y + c, g, first, tiles, tiles_h, tiles_w, n, mean + c, m2 + c);
+  for (; c < g.out_channels; c += kWidth)
+    chunk_moments<M, Bytes, 1>(y + c, g, first, tiles, tiles_h, tiles_w, n, mean + c, m2 + c);
+}
+
 // The tiles [first, first + tiles) (tiles ≤ kTiles) through the three steps (the input
 // through the prologue P, the output through the bias, the addend and the ReLU); V and Mb are
 // α²·plane_floats(input_stride(C_in)) and α²·plane_floats(C_out) floats of scratch.
+// `moments` (or nullptr): 1 + 2·C_out doubles that receive the block's count, mean and m2
+// (block_moments).
 template <int M, int Bytes, Prologue P, bool kAdd, bool kRelu>
 MLIFAST_WINOGRAD_INLINE void convolve_block(const float* x, const InputAffine& affine, const float* U,
                                             const float* bias, const float* addend, const Geometry& g, int64_t first,
-                                            int64_t tiles, float* V, float* Mb, float* y) {
+                                            int64_t tiles, float* V, float* Mb, float* y, double* moments) {
   constexpr int A = Transforms<M>::kAlpha;
   const int64_t tiles_h = (g.out_height() + M - 1) / M, tiles_w = (g.out_width() + M - 1) / M;
   const int64_t Ci = g.in_channels, Co = g.out_channels, stride = input_stride(Ci);
@@ -400,6 +506,8 @@ MLIFAST_WINOGRAD_INLINE void convolve_block(const float* x, const InputAffine& a
     }
   }
   transform_output<M, Bytes, kAdd, kRelu>(Mb, bias, addend, g, first, tiles, tiles_h, tiles_w, y);
+  if (moments != nullptr)
+    block_moments<M, Bytes>(y, g, first, tiles, tiles_h, tiles_w, moments, moments + 1, moments + 1 + Co);
 }
 
 }  // namespace winograd

@@ -344,10 +344,14 @@ class BatchNormRule(_AffineNormRule):
         inner, mode = self.inner, self.context.bn_mode
         k = self.context.num_active
         use_batch = mode in ("batch", "collect") or inner.training or self.origin("running_mean") is None
+        moments = None  # each point's (mean, biased variance), where computing x gathered them
         if isinstance(x, Pending):  # e.g. a convolution's output, perhaps not computed yet
             if not use_batch and isinstance(x, PendingConvolution) and x.foldable:
                 return self._folded_into(x)
-            if not (isinstance(x, PendingCombination) and x.foldable and (not use_batch or x.reused)):
+            computed = x.computed_with_moments() if use_batch and isinstance(x, PendingConvolution) else None
+            if computed is not None:
+                x, moments = computed[0], computed[1:]
+            elif not (isinstance(x, PendingCombination) and x.foldable and (not use_batch or x.reused)):
                 x = x.materialize()  # (batch statistics from a combination's products: once they serve several groups)
         examples = x.shape[0] if isinstance(x, SharedRows) else x.shape[0] // k  # (a point's)
         if use_batch and examples * math.prod(x.shape[2:]) <= 1:
@@ -366,7 +370,7 @@ class BatchNormRule(_AffineNormRule):
         if isinstance(x, PendingCombination):
             y = self._folded_into_combination(x, stats, weight, bias, use_batch)
         elif self._channel_passes_apply(x, weight, bias, *(stats if isinstance(stats, tuple) else ())):
-            y = self._pending_affine(x, stats, weight, bias, use_batch)
+            y = self._pending_affine(x, stats, weight, bias, use_batch, moments)
             y = y if self.context.may_defer(x) else y.result()
         # (ATen's batch norm has no derivative for running statistics, forward or backward)
         elif one_point_per_call(x) and (use_batch or not (self.context.forward_mode or carries_derivatives(*stats))):
@@ -388,14 +392,16 @@ class BatchNormRule(_AffineNormRule):
             torch.float32, torch.float64) and not (self.context.forward_mode or (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, *tensors))))
 
-    def _pending_affine(self, x: Tensor, stats, weight, bias, use_batch: bool) -> PendingAffine:
+    def _pending_affine(self, x: Tensor, stats, weight, bias, use_batch: bool,
+                        moments: tuple[Tensor, Tensor] | None = None) -> PendingAffine:
         """(K·B, C, …) rows x normalised, pending: with `use_batch` by each point's batch
-        statistics (`channel_moments`), which `stats`, if given, receive as mean and
-        unbiased variance; else by the running statistics `stats`. A residual addition and
-        a ReLU after it join the pass that applies them (`channel_affine`)."""
+        statistics (`moments` where computing x gathered them, else `channel_moments`),
+        which `stats`, if given, receive as mean and unbiased variance; else by the running
+        statistics `stats`. A residual addition and a ReLU after it join the pass that
+        applies them (`channel_affine`)."""
         k, x = self.context.num_active, in_kernel_layout(x)  # (made contiguous once for both passes)
         if use_batch:
-            mean, var = channel_moments(x, k)
+            mean, var = (m.to(x.dtype) for m in moments) if moments is not None else channel_moments(x, k)
             if stats is not None:
                 count = x.numel() // (k * x.shape[1])
                 stats[0].copy_(mean)

@@ -241,9 +241,27 @@ class PendingConvolution(PendingPostOps):
         return PendingConvolution(self._conv, self._inputs[0], self._weight, self._bias, addend, versions,
                                   self._input_map)
 
-    def _computed_with(self, relu: bool) -> Tensor:
+    def computed_with_moments(self) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+        """(result, mean, variance) where Winograd computes the result (else None): each
+        point's per-channel mean and biased variance of its rows, (K_active, C_out) float64
+        each, gathered in the same pass (a batch norm's statistics without one of its own).
+        The result is kept as if materialized."""
+        if self.computed or not self._winograd():
+            return None
+        self._check_unwritten()
+        moments = torch.empty(len(self._weight), 2, self.shape[1], dtype=torch.float64, device=self.device)
+        self._value = self._computed_with(False, moments)
+        self._release()
+        return self._value, moments[:, 0], moments[:, 1]
+
+    def _winograd(self) -> bool:
+        return _winograd_applies(self._conv, self._inputs[0][0], self._weight, self._bias, self._addend)
+
+    def _computed_with(self, relu: bool, moments: Optional[Tensor] = None) -> Tensor:
+        """`moments` (Winograd only): (K_active, 2, C_out) float64 that receives each point's
+        mean and biased variance."""
         (points,), batch, mapped = self._inputs, self._inputs[0].shape[1], self._input_map
-        winograd = _winograd_applies(self._conv, points[0], self._weight, self._bias, self._addend)
+        winograd = self._winograd()
         if mapped is not None and not winograd:  # (an addend that joined since rules Winograd out)
             points = fold(channel_affine(points.flatten(0, 1), mapped.scale, mapped.shift, None, mapped.relu),
                           len(points))
@@ -259,9 +277,11 @@ class PendingConvolution(PendingPostOps):
             into = torch.empty(self.shape, dtype=self.dtype, device=self.device, memory_format=torch.channels_last)
             maps = zip(mapped.scale.unbind(0), mapped.shift.unbind(0)) if mapped is not None else ((None, None),) * k
             input_relu = mapped is not None and mapped.relu
-            for rows, weight, bias, addend, out, (scale, shift) in zip(points.unbind(0), weights, biases, addends,
-                                                                       into.split(batch), maps):
-                _WINOGRAD_OUT(rows, weight, bias, self._conv.padding, addend, relu, scale, shift, input_relu, out=out)
+            gathered = moments.unbind(0) if moments is not None else (None,) * k
+            for rows, weight, bias, addend, out, (scale, shift), point_moments in zip(
+                    points.unbind(0), weights, biases, addends, into.split(batch), maps, gathered):
+                _WINOGRAD_OUT(rows, weight, bias, self._conv.padding, addend, relu, scale, shift, input_relu, out=out,
+                              moments=point_moments)
             return into
         outs = [_convolve(self._conv, rows, weight, bias, addend, relu)
                 for rows, weight, bias, addend in zip(points.unbind(0), weights, biases, addends)]

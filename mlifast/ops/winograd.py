@@ -26,7 +26,7 @@ SCHEMA = ("winograd_conv3x3(Tensor input, Tensor weight, Tensor? bias, int[2] pa
           "bool relu=False, Tensor? input_scale=None, Tensor? input_shift=None, bool input_relu=False) -> Tensor")
 OUT_SCHEMA = ("winograd_conv3x3.out(Tensor input, Tensor weight, Tensor? bias, int[2] padding, Tensor? addend, "
               "bool relu=False, Tensor? input_scale=None, Tensor? input_shift=None, bool input_relu=False, *, "
-              "Tensor(a!) out) -> Tensor(a!)")
+              "Tensor(a!) out, Tensor(b!)? moments=None) -> Tensor(a!)")
 CHANNEL_MULTIPLE = 16
 
 
@@ -48,9 +48,13 @@ def winograd_conv3x3_reference(input: Tensor, weight: Tensor, bias: Optional[Ten
 
 
 def _winograd_conv3x3_out_reference(input, weight, bias, padding, addend=None, relu=False, input_scale=None,
-                                    input_shift=None, input_relu=False, *, out):
-    return out.copy_(winograd_conv3x3_reference(input, weight, bias, padding, addend, relu, input_scale, input_shift,
-                                                input_relu))
+                                    input_shift=None, input_relu=False, *, out, moments=None):
+    out.copy_(winograd_conv3x3_reference(input, weight, bias, padding, addend, relu, input_scale, input_shift,
+                                         input_relu))
+    if moments is not None:
+        var, mean = torch.var_mean(out.to(torch.float64), dim=(0, 2, 3), correction=0)
+        moments.copy_(torch.stack((mean, var)))
+    return out
 
 
 register_op("winograd_conv3x3", SCHEMA, winograd_conv3x3_reference)
@@ -66,14 +70,15 @@ def _(input, weight, bias, padding, addend=None, relu=False, input_scale=None, i
 
 @torch.library.register_fake("mlifast::winograd_conv3x3.out")
 def _(input, weight, bias, padding, addend=None, relu=False, input_scale=None, input_shift=None, input_relu=False, *,
-      out):
+      out, moments=None):
     return out
 
 
 def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                      padding: int | Sequence[int] = (1, 1), addend: Optional[Tensor] = None, relu: bool = False,
                      *, input_scale: Optional[Tensor] = None, input_shift: Optional[Tensor] = None,
-                     input_relu: bool = False, out: Optional[Tensor] = None) -> Tensor:
+                     input_relu: bool = False, out: Optional[Tensor] = None,
+                     moments: Optional[Tensor] = None) -> Tensor:
     """relu?(conv2d(x, weight, bias, stride=1, padding=padding) + addend?), x = relu?(input ·
     input_scale + input_shift) per input channel (a batch norm and ReLU the input has not
     had yet; the zero padding is x's).
@@ -91,12 +96,14 @@ def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         input_relu: x = max(x, 0) (NaN stays NaN).
         out: a channels-last float32 tensor of the output's shape to write into (not
             overlapping input; it may be the addend), or None.
+        moments: a (2, C_out) float64 tensor that receives the output's per-channel mean
+            and biased variance (over images and positions), or None.
 
     Returns:
         (N, C_out, H', W') float32, channels-last (`out` where given).
     """
     check_tensors("winograd_conv3x3", {"input": input, "weight": weight, "bias": bias, "addend": addend, "out": out,
-                                       "input_scale": input_scale, "input_shift": input_shift})
+                                       "moments": moments, "input_scale": input_scale, "input_shift": input_shift})
     check_no_derivatives("winograd_conv3x3", input, weight, bias, addend, out, input_scale, input_shift)
     padding = (padding, padding) if isinstance(padding, int) else padding
     if isinstance(padding, str) or len(padding) != 2:
@@ -117,7 +124,15 @@ def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
                     ("input_scale", input_scale), ("input_shift", input_shift)):
         if t is not None and (t.dtype != torch.float32 or t.device != input.device):
             raise TypeError(f"winograd_conv3x3: {name} must be float32 on input's device, got {describe(t)}")
+    if moments is not None and (moments.dtype != torch.float64 or tuple(moments.shape) != (2, weight.shape[0])
+                                or moments.device != input.device):
+        raise TypeError(f"winograd_conv3x3: moments must be float64 of shape (2, {weight.shape[0]}) on input's "
+                        f"device (mean and variance per output channel), got {describe(moments)}")
     args = (input, weight, bias, list(padding), addend, relu, input_scale, input_shift, input_relu)
-    if out is None:
+    if out is None and moments is None:
         return torch.ops.mlifast.winograd_conv3x3(*args)
-    return torch.ops.mlifast.winograd_conv3x3.out(*args, out=out)
+    if out is None:
+        n, _, h, w = input.shape
+        out = torch.empty((n, weight.shape[0], h + 2 * padding[0] - 2, w + 2 * padding[1] - 2), dtype=input.dtype,
+                          device=input.device, memory_format=torch.channels_last)
+    return torch.ops.mlifast.winograd_conv3x3.out(*args, out=out, moments=moments)
