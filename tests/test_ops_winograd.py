@@ -202,6 +202,46 @@ def test_opcheck_with_moments():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("vector_bytes", [None, "16"])
+@pytest.mark.parametrize("geometry", [GEOMETRIES[i] for i in (1, 5, 7, 9)], ids=str)
+def test_a_weight_of_k_points_is_k_calls_in_one(geometry, vector_bytes, monkeypatch):
+    """A (K, C_out, C_in, 3, 3) weight: point k's weight (bias, input map, moments) on images
+    [k·N/K, (k+1)·N/K): the same bits as K calls, addend and ReLU included, and the
+    reference agrees."""
+    if vector_bytes:
+        monkeypatch.setenv("MLIFAST_VECTOR_BYTES", vector_bytes)
+    n, c_in, c_out, h, w, padding = geometry
+    k = 3
+    parts = [operands(n, c_in, c_out, h, w, padding, seed=s) for s in range(k)]
+    x, addend = torch.cat([p[0] for p in parts]), torch.cat([p[3] for p in parts])
+    weight, bias = torch.stack([p[1] for p in parts]), torch.stack([p[2] for p in parts])
+    g = torch.Generator().manual_seed(5)
+    scale, shift = torch.rand(k, c_in, generator=g) + 0.5, torch.randn(k, c_in, generator=g)
+    moments = torch.empty(k, 2, c_out, dtype=torch.float64)
+    with torch.no_grad():
+        y = winograd_conv3x3(x, weight, bias, padding, addend, True, input_scale=scale, input_shift=shift,
+                             input_relu=True, moments=moments)
+        one = torch.empty(2, c_out, dtype=torch.float64)
+        for p in range(k):
+            rows = slice(p * n, (p + 1) * n)
+            expected = winograd_conv3x3(x[rows], weight[p], bias[p], padding, addend[rows], True, input_scale=scale[p],
+                                        input_shift=shift[p], input_relu=True, moments=one)
+            assert torch.equal(y[rows], expected) and torch.equal(moments[p], one)
+    reference = winograd_conv3x3_reference(x, weight, bias, padding, addend, True, scale, shift, True)
+    assert rel_err(y, reference) < TOL
+
+
+def test_a_weight_of_k_points_passes_opcheck():
+    parts = [operands(2, 16, 16, 6, 7, (1, 2), seed=s) for s in range(2)]
+    x, addend = torch.cat([p[0] for p in parts]), torch.cat([p[3] for p in parts])
+    weight, bias = torch.stack([p[1] for p in parts]), torch.stack([p[2] for p in parts])
+    torch.library.opcheck(torch.ops.mlifast.winograd_conv3x3.default, (x, weight, bias, [1, 2], addend, True))
+    torch.library.opcheck(WINOGRAD_OUT, (x, weight, bias, [1, 2], addend, True),
+                          {"out": torch.empty_like(addend, memory_format=torch.channels_last),
+                           "moments": torch.empty(2, 2, 16, dtype=torch.float64)},
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_a_nan_stays_in_its_image():
     """A NaN pixel makes NaN every output whose tile reads it (more than a direct
     convolution's 3 × 3 neighbourhood: the transforms mix a whole 6 × 6 input tile), and no
@@ -285,6 +325,8 @@ def test_tensors_carrying_forward_derivatives_are_refused():
     ("shift dtype", TypeError, "input_shift must be float32"),
     ("moments dtype", TypeError, r"moments must be float64 of shape \(2, 16\)"),
     ("moments shape", TypeError, r"moments must be float64 of shape \(2, 16\)"),
+    ("points' images", ValueError, "a weight of 2 points needs a multiple of 2 images"),
+    ("points' bias", ValueError, r"bias must be \(2, 16\), one value per output channel and point"),
 ])
 def test_bad_input_is_named(case, error, match):
     x, weight, bias, addend = operands(1, 16, 16, 5, 5, (1, 1))
@@ -301,6 +343,10 @@ def test_bad_input_is_named(case, error, match):
         addend = addend[:, :, :4]
     elif case == "too small":
         x, padding = x[:, :, :1, :1], (0, 0)
+    elif case == "points' images":
+        weight, bias = torch.stack([weight, weight]), torch.stack([bias, bias])
+    elif case == "points' bias":
+        x, addend, weight = torch.cat([x, x]), torch.cat([addend, addend]), torch.stack([weight, weight])
     maps = {"scale alone": (torch.ones(16), None), "scale shape": (torch.ones(8), torch.zeros(8)),
             "shift dtype": (torch.ones(16), torch.zeros(16, dtype=torch.float64))}
     scale, shift = maps.get(case, (None, None))
@@ -321,20 +367,19 @@ def test_the_kernel_and_the_reference_refuse_a_scale_without_a_shift():
 def test_the_multipoint_resnet_computes_its_convolutions_with_it(monkeypatch):
     """A float32 ResNet-20 of width 16 along a line: the 3 × 3 stride-1 convolutions it
     computes one point at a time (from PER_POINT_MIN_POSITIONS: the first stage's, on two
-    32 × 32 images) run winograd_conv3x3, post-ops joined, and the outputs equal the
-    one-point-at-a-time oracle's."""
+    32 × 32 images) run winograd_conv3x3, post-ops joined, in one call for the 3 points,
+    and the outputs equal the one-point-at-a-time oracle's."""
     calls, into = [], []
     monkeypatch.setattr(pending, "_WINOGRAD_OUT", lambda *args, **kwargs: calls.append(
-        (tuple(args[1].shape[:2]), args[4] is not None, args[5])) or into.append(
-            kwargs["out"]._base is not None and kwargs["out"]._base.shape[0] == 3 * kwargs["out"].shape[0])
-        or WINOGRAD_OUT(*args, **kwargs))
+        (tuple(args[1].shape[:3]), args[4] is not None, args[5])) or into.append(
+            kwargs["out"].shape[0] == args[0].shape[0] == 3 * 2) or WINOGRAD_OUT(*args, **kwargs))
     a, b = pair(lambda: ResNet20(width=16), torch.float32)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # (under autograd every convolution is ATen's)
         fast = check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float32)
     # each of stage 1's 3 blocks: conv1 → bn → ReLU joined, conv2 → bn → + x → ReLU joined;
-    # the 3 points' rows written into one output
-    assert set(calls) == {((16, 16), False, True), ((16, 16), True, True)} and all(into)
+    # the 3 points' rows in one call
+    assert set(calls) == {((3, 16, 16), False, True), ((3, 16, 16), True, True)} and all(into)
     calls.clear()
     monkeypatch.setattr(pending, "WINOGRAD_DEVICES", set())
     with torch.no_grad():

@@ -114,8 +114,9 @@ def test_convolutions_take_the_per_point_form_from_enough_positions(side, channe
 @pytest.mark.parametrize("channels, per_point", [(16, True), (12, False)])
 def test_from_1024_positions_winograd_takes_the_per_point_form(channels, per_point):
     """2 images of 16 × 32 (1,024 positions, 64 tiles a point): a 3 × 3 convolution of 16
-    channels, which Winograd computes, one call per point; of 12 channels (not a multiple of
-    16, and few channel pairs) the stacked form."""
+    channels, which Winograd computes, in the per-point form (one call, each point's weight
+    on its own 2 images); of 12 channels (not a multiple of 16, and few channel pairs) the
+    stacked form."""
     a, b = test_interpolate.pair(lambda: torch.nn.Sequential(torch.nn.Conv2d(3, channels, 1),
                                                              torch.nn.Conv2d(channels, 16, 3, padding=1)),
                                  torch.float32)
@@ -123,10 +124,10 @@ def test_from_1024_positions_winograd_takes_the_per_point_form(channels, per_poi
     fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x, dtype=torch.float32)
     winograd, calls = pending._WINOGRAD_OUT, []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pending, "_WINOGRAD_OUT", lambda *args, **kwargs: calls.append(args[0].shape[0])
-                      or winograd(*args, **kwargs))
+        patch.setattr(pending, "_WINOGRAD_OUT", lambda *args, **kwargs: calls.append(
+            (args[0].shape[0], tuple(args[1].shape[:2]))) or winograd(*args, **kwargs))
         second_layer = conv2d_calls(fast, x)[2:]
-    assert (calls, second_layer) == (([2] * 3, []) if per_point else ([], [(6, True)] * 2))
+    assert (calls, second_layer) == (([(6, (3, 16))], []) if per_point else ([], [(6, True)] * 2))
 
 
 def test_gauss_length_through_convolutions_and_batch_norm(form):
@@ -399,7 +400,7 @@ def test_a_batch_norm_and_relu_run_in_the_next_convolutions_input_step(monkeypat
         mapped.clear(), applied.clear()
         fast(x)
     assert not fast.per_point_fallback
-    assert mapped == [(True, True)] * 3 + [(False, False)] * 3 + [(True, True)] * 3  # c1, c2, c3 at each point
+    assert mapped == [(True, True), (False, False), (True, True)]  # c1, c2, c3, each one call for the 3 points
     # b0 (for h the addend), b1 with the addend, b3 then + y; not b2
     assert sorted(applied) == [(False, True), (False, True), (True, True)]
 

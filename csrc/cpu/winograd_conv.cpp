@@ -31,16 +31,27 @@ constexpr const char* kOp = "mlifast::winograd_conv3x3: ";
 constexpr int kM = 4;                    // outputs per tile side: F(4×4, 3×3)
 constexpr int64_t kChannelMultiple = 16;  // channels come in whole vectors of every width
 
+int64_t block_moment_doubles(int64_t Co) { return 1 + 2 * Co; }
+
+// A call's work: K points, each its own weight (bias, input map) on its own images, one
+// after the other in x and y; `g` and `tiles` are one point's.
 struct Job {
   const float *x, *w_taps, *bias, *addend;
   winograd::InputAffine affine;
   float *U, *y;
   double* moments;  // each block's count, mean and m2 (1 + 2·C_out doubles a block), or nullptr
   winograd::Geometry g;
-  int64_t tiles;
-};
+  int64_t tiles, blocks;  // a point's
+  int64_t affine_step;    // floats from one point's input map to the next (0: one for all)
 
-int64_t block_moment_doubles(int64_t Co) { return 1 + 2 * Co; }
+  int64_t x_floats() const { return g.batch * g.height * g.width * g.in_channels; }
+  int64_t y_floats() const { return g.batch * g.out_height() * g.out_width() * g.out_channels; }
+  int64_t w_floats() const { return 9 * g.in_channels * g.out_channels; }
+  int64_t u_floats() const {
+    constexpr int A = winograd::Transforms<kM>::kAlpha;
+    return A * A * winograd::weight_plane_floats(g.in_channels, g.out_channels);
+  }
+};
 
 // The calling worker's V and Mb (winograd::convolve_block), kept between calls.
 float* worker_scratch(int64_t floats) {
@@ -49,9 +60,14 @@ float* worker_scratch(int64_t floats) {
   return kept.data();
 }
 
+// Rows [begin, end) of the K points' C_in rows of weight, point after point.
 template <int Bytes>
 MLIFAST_WINOGRAD_INLINE void transform_weight_task(const Job& j, int64_t begin, int64_t end) {
-  winograd::transform_weight<kM, Bytes>(j.w_taps, j.g, begin, end, j.U);
+  const int64_t Ci = j.g.in_channels;
+  for (int64_t k = begin / Ci; k * Ci < end; ++k) {
+    winograd::transform_weight<kM, Bytes>(j.w_taps + k * j.w_floats(), j.g, std::max(begin - k * Ci, int64_t(0)),
+                                          std::min(end - k * Ci, Ci), j.U + k * j.u_floats());
+  }
 }
 
 template <int Bytes, winograd::Prologue P, bool kAdd, bool kRelu>
@@ -61,10 +77,13 @@ MLIFAST_WINOGRAD_INLINE void blocks(const Job& j, int64_t begin, int64_t end) {
   const int64_t v_floats = A * A * plane_floats(input_stride(j.g.in_channels));
   float* V = worker_scratch(v_floats + A * A * plane_floats(j.g.out_channels));
   for (int64_t b = begin; b < end; ++b) {
-    const int64_t first = b * kTiles;
+    const int64_t k = b / j.blocks, first = b % j.blocks * kTiles, y_at = k * j.y_floats();
+    const InputAffine affine{j.affine.scale == nullptr ? nullptr : j.affine.scale + k * j.affine_step,
+                             j.affine.shift == nullptr ? nullptr : j.affine.shift + k * j.affine_step};
     convolve_block<kM, Bytes, P, kAdd, kRelu>(
-        j.x, j.affine, j.U, j.bias, j.addend, j.g, first, std::min(kTiles, j.tiles - first), V, V + v_floats, j.y,
-        j.moments == nullptr ? nullptr : j.moments + b * block_moment_doubles(j.g.out_channels));
+        j.x + k * j.x_floats(), affine, j.U + k * j.u_floats(), j.bias == nullptr ? nullptr : j.bias + k * j.g.out_channels,
+        j.addend == nullptr ? nullptr : j.addend + y_at, j.g, first, std::min(kTiles, j.tiles - first), V,
+        V + v_floats, j.y + y_at, j.moments == nullptr ? nullptr : j.moments + b * block_moment_doubles(j.g.out_channels));
   }
 }
 
@@ -114,32 +133,42 @@ std::optional<at::Tensor> channels_last_float(const std::optional<at::Tensor>& t
                                        : std::nullopt;
 }
 
-// (C_in,) float32 CPU `scale` and `shift` of the input's prologue, contiguous (both or neither).
+// `points` followed by `rest`: a per-point operand's shape ((K, …) for a weight of K points).
+std::vector<int64_t> shape_of(at::IntArrayRef points, std::initializer_list<int64_t> rest) {
+  std::vector<int64_t> shape(points.begin(), points.end());
+  shape.insert(shape.end(), rest);
+  return shape;
+}
+
+// Float32 CPU `scale` and `shift` of the input's prologue of shape `shape`, contiguous (both or neither).
 std::optional<std::pair<at::Tensor, at::Tensor>> input_affine(const std::optional<at::Tensor>& scale,
-                                                              const std::optional<at::Tensor>& shift, int64_t Ci) {
+                                                              const std::optional<at::Tensor>& shift,
+                                                              const std::vector<int64_t>& shape) {
   const bool has_scale = scale.has_value() && scale->defined(), has_shift = shift.has_value() && shift->defined();
   TORCH_CHECK(has_scale == has_shift, kOp, "input_scale and input_shift come together, got only ",
               has_scale ? "input_scale" : "input_shift");
   if (!has_scale) return std::nullopt;
   for (const at::Tensor* t : {&*scale, &*shift}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == Ci && t->scalar_type() == at::kFloat && t->device().is_cpu(), kOp,
-                "expected float32 CPU input_scale and input_shift of shape (", Ci, ",), got ", t->sizes(), " ",
-                t->scalar_type(), " on ", t->device());
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(shape) && t->scalar_type() == at::kFloat && t->device().is_cpu(), kOp,
+                "expected float32 CPU input_scale and input_shift of shape ", at::IntArrayRef(shape), ", got ",
+                t->sizes(), " ", t->scalar_type(), " on ", t->device());
   }
   return std::make_pair(scale->contiguous(), shift->contiguous());
 }
 
-// The blocks' moments merged in block order (the result does not depend on the number of
-// threads) into `moments` (2, C_out) float64: mean and biased variance.
-void merge_block_moments(const std::vector<double>& blocks_moments, int64_t blocks, int64_t Co,
+// Each point's blocks' moments merged in block order (the result does not depend on the
+// number of threads) into `moments` (K, 2, C_out) float64: mean and biased variance.
+void merge_block_moments(const std::vector<double>& blocks_moments, int64_t points, int64_t blocks, int64_t Co,
                          const at::Tensor& moments) {
-  std::vector<double> n(Co, 0.0), mean(Co, 0.0), m2(Co, 0.0);
-  for (int64_t b = 0; b < blocks; ++b) {
-    const double* block = blocks_moments.data() + b * block_moment_doubles(Co);
-    for (int64_t c = 0; c < Co; ++c) merge_moments(n[c], mean[c], m2[c], block[0], block[1 + c], block[1 + Co + c]);
+  auto into = moments.accessor<double, 3>();
+  for (int64_t k = 0; k < points; ++k) {
+    std::vector<double> n(Co, 0.0), mean(Co, 0.0), m2(Co, 0.0);
+    for (int64_t b = k * blocks; b < (k + 1) * blocks; ++b) {
+      const double* block = blocks_moments.data() + b * block_moment_doubles(Co);
+      for (int64_t c = 0; c < Co; ++c) merge_moments(n[c], mean[c], m2[c], block[0], block[1 + c], block[1 + Co + c]);
+    }
+    for (int64_t c = 0; c < Co; ++c) into[k][0][c] = mean[c], into[k][1][c] = m2[c] / n[c];
   }
-  auto into = moments.accessor<double, 2>();
-  for (int64_t c = 0; c < Co; ++c) into[0][c] = mean[c], into[1][c] = m2[c] / n[c];
 }
 
 at::Tensor& winograd_conv3x3_out_cpu(const at::Tensor& input_, const at::Tensor& weight_,
@@ -152,30 +181,40 @@ at::Tensor& winograd_conv3x3_out_cpu(const at::Tensor& input_, const at::Tensor&
               "expected a 4-d float32 CPU input (N, C_in, H, W), got ", input_.sizes(), " ", input_.scalar_type(),
               " on ", input_.device());
   const int64_t N = input_.size(0), Ci = input_.size(1), H = input_.size(2), W = input_.size(3);
-  TORCH_CHECK(weight_.dim() == 4 && weight_.size(1) == Ci && weight_.size(2) == 3 && weight_.size(3) == 3 &&
-                  weight_.scalar_type() == at::kFloat && weight_.device().is_cpu(),
-              kOp, "expected a float32 CPU weight (C_out, ", Ci, ", 3, 3), got ", weight_.sizes(), " ",
-              weight_.scalar_type(), " on ", weight_.device());
-  const int64_t Co = weight_.size(0);
+  // A 5-d weight: K points, each its own (C_out, C_in, 3, 3) on N / K images.
+  const int64_t wd = weight_.dim();
+  TORCH_CHECK((wd == 4 || wd == 5) && weight_.size(wd - 3) == Ci && weight_.size(wd - 2) == 3 &&
+                  weight_.size(wd - 1) == 3 && weight_.scalar_type() == at::kFloat && weight_.device().is_cpu(),
+              kOp, "expected a float32 CPU weight (C_out, ", Ci, ", 3, 3), or (K, C_out, ", Ci,
+              ", 3, 3) for K points, got ", weight_.sizes(), " ", weight_.scalar_type(), " on ", weight_.device());
+  const at::IntArrayRef points = weight_.sizes().slice(0, wd - 4);
+  const int64_t K = wd == 5 ? weight_.size(0) : 1, Co = weight_.size(wd - 4);
+  TORCH_CHECK(K >= 1 && N % K == 0, kOp, "a weight of ", K, " points needs a multiple of ", K,
+              " images, each point's in turn, got ", N);
   TORCH_CHECK(Ci % kChannelMultiple == 0 && Co % kChannelMultiple == 0, kOp, "input and output channels must be ",
               "multiples of ", kChannelMultiple, ", got ", Ci, " and ", Co, " (use torch.conv2d for these)");
   TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, kOp,
               "expected padding of two values >= 0, got ", padding);
-  const winograd::Geometry g{N, H, W, Ci, Co, padding[0], padding[1]};
+  const winograd::Geometry g{N / K, H, W, Ci, Co, padding[0], padding[1]};
   TORCH_CHECK(g.out_height() >= 1 && g.out_width() >= 1, kOp, "a ", H, " x ", W, " input with padding ", padding,
               " is smaller than the 3 x 3 kernel");
   const at::Tensor input = input_.contiguous(at::MemoryFormat::ChannelsLast);
-  std::optional<std::pair<at::Tensor, at::Tensor>> affine = input_affine(input_scale, input_shift, Ci);
+  std::optional<std::pair<at::Tensor, at::Tensor>> affine = input_affine(input_scale, input_shift, shape_of(points, {Ci}));
+  const bool shared_affine = !affine.has_value();  // (a ReLU alone: one identity map for every point)
   if (input_relu && !affine) affine = std::make_pair(at::ones({Ci}, input.options()), at::zeros({Ci}, input.options()));
   const winograd::Prologue prologue = !affine       ? winograd::Prologue::kNone
                                       : input_relu ? winograd::Prologue::kAffineRelu
                                                    : winograd::Prologue::kAffine;
-  const at::Tensor weight = weight_.permute({1, 2, 3, 0}).contiguous();  // (C_in, 3, 3, C_out): vectors of C_out
+  // (…, C_in, 3, 3, C_out): vectors of C_out
+  const at::Tensor weight = wd == 5 ? weight_.permute({0, 2, 3, 4, 1}).contiguous()
+                                    : weight_.permute({1, 2, 3, 0}).contiguous();
   const std::optional<at::Tensor> bias =
       bias_.has_value() && bias_->defined() ? std::optional<at::Tensor>(bias_->contiguous()) : std::nullopt;
   if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == Co && bias->scalar_type() == at::kFloat && bias->device().is_cpu(),
-                kOp, "expected a float32 CPU bias (", Co, ",), got ", bias->sizes(), " ", bias->scalar_type());
+    TORCH_CHECK(bias->sizes() == at::IntArrayRef(shape_of(points, {Co})) && bias->scalar_type() == at::kFloat &&
+                    bias->device().is_cpu(),
+                kOp, "expected a float32 CPU bias ", at::IntArrayRef(shape_of(points, {Co})), ", got ", bias->sizes(),
+                " ", bias->scalar_type());
   }
   const std::vector<int64_t> out_sizes{N, Co, g.out_height(), g.out_width()};
   const std::optional<at::Tensor> addend = channels_last_float(addend_);
@@ -195,44 +234,47 @@ at::Tensor& winograd_conv3x3_out_cpu(const at::Tensor& input_, const at::Tensor&
   if (bias) at::assert_no_overlap(out, *bias);
   if (affine) at::assert_no_overlap(out, affine->first), at::assert_no_overlap(out, affine->second);
   const bool gather = moments.has_value() && moments->defined();
+  const std::vector<int64_t> moments_shape = shape_of(points, {2, Co});
   if (gather) {
-    TORCH_CHECK(moments->dim() == 2 && moments->size(0) == 2 && moments->size(1) == Co &&
-                    moments->scalar_type() == at::kDouble && moments->device().is_cpu(),
-                kOp, "moments must be a float64 CPU tensor of shape (2, ", Co, "), got ", moments->sizes(), " ",
-                moments->scalar_type(), " on ", moments->device());
+    TORCH_CHECK(moments->sizes() == at::IntArrayRef(moments_shape) && moments->scalar_type() == at::kDouble &&
+                    moments->device().is_cpu(),
+                kOp, "moments must be a float64 CPU tensor of shape ", at::IntArrayRef(moments_shape), ", got ",
+                moments->sizes(), " ", moments->scalar_type(), " on ", moments->device());
   }
   if (out.numel() == 0) {
     if (gather) moments->fill_(std::nan(""));  // (the moments of no values)
     return out;
   }
-  constexpr int A = winograd::Transforms<kM>::kAlpha;
-  at::Tensor U = at::empty({A * A * winograd::weight_plane_floats(Ci, Co)}, input.options());
-  const int64_t tiles = N * ((g.out_height() + kM - 1) / kM) * ((g.out_width() + kM - 1) / kM);
+  const int64_t tiles = g.batch * ((g.out_height() + kM - 1) / kM) * ((g.out_width() + kM - 1) / kM);
   const int64_t blocks = (tiles + winograd::kTiles - 1) / winograd::kTiles;
-  std::vector<double> block_moments(gather ? blocks * block_moment_doubles(Co) : 0);
-  const Job job{input.const_data_ptr<float>(),
-                weight.const_data_ptr<float>(),
-                bias ? bias->const_data_ptr<float>() : nullptr,
-                addend ? addend->const_data_ptr<float>() : nullptr,
-                {affine ? affine->first.const_data_ptr<float>() : nullptr,
-                 affine ? affine->second.const_data_ptr<float>() : nullptr},
-                U.data_ptr<float>(),
-                out.data_ptr<float>(),
-                gather ? block_moments.data() : nullptr,
-                g,
-                tiles};
+  std::vector<double> block_moments(gather ? K * blocks * block_moment_doubles(Co) : 0);
+  Job job{input.const_data_ptr<float>(),
+          weight.const_data_ptr<float>(),
+          bias ? bias->const_data_ptr<float>() : nullptr,
+          addend ? addend->const_data_ptr<float>() : nullptr,
+          {affine ? affine->first.const_data_ptr<float>() : nullptr,
+           affine ? affine->second.const_data_ptr<float>() : nullptr},
+          nullptr,
+          out.data_ptr<float>(),
+          gather ? block_moments.data() : nullptr,
+          g,
+          tiles,
+          blocks,
+          shared_affine ? 0 : Ci};
+  at::Tensor U = at::empty({K * job.u_floats()}, input.options());
+  job.U = U.data_ptr<float>();
   const int bytes = vector_bytes();
-  at::parallel_for(0, Ci, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, K * Ci, 8, [&](int64_t begin, int64_t end) {
     if (bytes == 64) weight_64(job, begin, end);
     else if (bytes == 32) weight_32(job, begin, end);
     else weight_16(job, begin, end);
   });
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, K * blocks, 1, [&](int64_t begin, int64_t end) {
     if (bytes == 64) blocks_64(job, prologue, relu, begin, end);
     else if (bytes == 32) blocks_32(job, prologue, relu, begin, end);
     else blocks_16(job, prologue, relu, begin, end);
   });
-  if (gather) merge_block_moments(block_moments, blocks, Co, *moments);
+  if (gather) merge_block_moments(block_moments, K, blocks, Co, wd == 5 ? *moments : moments->unsqueeze(0));
   return out;
 }
 
@@ -241,13 +283,14 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& input, const at::Tensor& weigh
                                 const std::optional<at::Tensor>& addend, bool relu,
                                 const std::optional<at::Tensor>& input_scale,
                                 const std::optional<at::Tensor>& input_shift, bool input_relu) {
-  TORCH_CHECK(input.dim() == 4 && weight.dim() == 4 && padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
-              kOp, "expected a 4-d input and weight and two paddings >= 0, got ", input.sizes(), ", ", weight.sizes(),
-              " and ", padding);
+  TORCH_CHECK(input.dim() == 4 && (weight.dim() == 4 || weight.dim() == 5) && padding.size() == 2 &&
+                  padding[0] >= 0 && padding[1] >= 0,
+              kOp, "expected a 4-d input, a 4-d or 5-d weight and two paddings >= 0, got ", input.sizes(), ", ",
+              weight.sizes(), " and ", padding);
   const int64_t height = input.size(2) + 2 * padding[0] - 2, width = input.size(3) + 2 * padding[1] - 2;
   TORCH_CHECK(height >= 1 && width >= 1, kOp, "a ", input.size(2), " x ", input.size(3), " input with padding ",
               padding, " is smaller than the 3 x 3 kernel");
-  at::Tensor out = at::empty({input.size(0), weight.size(0), height, width},
+  at::Tensor out = at::empty({input.size(0), weight.size(weight.dim() - 4), height, width},
                              input.options().memory_format(at::MemoryFormat::ChannelsLast));
   return winograd_conv3x3_out_cpu(input, weight, bias, padding, addend, relu, input_scale, input_shift, input_relu,
                                   out, std::nullopt);

@@ -37,6 +37,13 @@ def winograd_conv3x3_reference(input: Tensor, weight: Tensor, bias: Optional[Ten
     """Pure-PyTorch `winograd_conv3x3` (a direct convolution: its oracle up to rounding)."""
     if (input_scale is None) != (input_shift is None):
         raise ValueError("winograd_conv3x3: input_scale and input_shift come together (pass both or neither)")
+    if weight.dim() == 5:  # (K points, each its own operands on its own images)
+        parts = [winograd_conv3x3_reference(x, w, None if bias is None else bias[k], padding,
+                                            None if addend is None else addend.chunk(len(weight))[k], relu,
+                                            None if input_scale is None else input_scale[k],
+                                            None if input_shift is None else input_shift[k], input_relu)
+                 for k, (x, w) in enumerate(zip(input.chunk(len(weight)), weight))]
+        return torch.cat(parts).contiguous(memory_format=torch.channels_last)
     if input_scale is not None:
         input = torch.addcmul(input_shift.reshape(-1, 1, 1), input, input_scale.reshape(-1, 1, 1))
     if input_relu:
@@ -52,8 +59,9 @@ def _winograd_conv3x3_out_reference(input, weight, bias, padding, addend=None, r
     out.copy_(winograd_conv3x3_reference(input, weight, bias, padding, addend, relu, input_scale, input_shift,
                                          input_relu))
     if moments is not None:
-        var, mean = torch.var_mean(out.to(torch.float64), dim=(0, 2, 3), correction=0)
-        moments.copy_(torch.stack((mean, var)))
+        points = out.unflatten(0, (-1, out.shape[0] // len(weight) if weight.dim() == 5 else out.shape[0]))
+        var, mean = torch.var_mean(points.to(torch.float64), dim=(1, 3, 4), correction=0)
+        moments.copy_(torch.stack((mean, var), 1).reshape(moments.shape))
     return out
 
 
@@ -64,7 +72,7 @@ register_op("winograd_conv3x3.out", OUT_SCHEMA, _winograd_conv3x3_out_reference)
 @torch.library.register_fake("mlifast::winograd_conv3x3")
 def _(input, weight, bias, padding, addend=None, relu=False, input_scale=None, input_shift=None, input_relu=False):
     n, _, h, w = input.shape
-    return input.new_empty((n, weight.shape[0], h + 2 * padding[0] - 2, w + 2 * padding[1] - 2)).contiguous(
+    return input.new_empty((n, weight.shape[-4], h + 2 * padding[0] - 2, w + 2 * padding[1] - 2)).contiguous(
         memory_format=torch.channels_last)
 
 
@@ -86,7 +94,10 @@ def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     Args:
         input: (N, C_in, H, W) float32, C_in a multiple of 16 (read channels-last; another
             layout is copied first).
-        weight: (C_out, C_in, 3, 3) float32, C_out a multiple of 16.
+        weight: (C_out, C_in, 3, 3) float32, C_out a multiple of 16; or (K, C_out, C_in, 3, 3)
+            for K points, point k's weight on images [k·N/K, (k+1)·N/K) (one call for a
+            group of points: one dispatch, and every thread busy to the end). Then bias,
+            input_scale, input_shift and moments have a leading K dimension too.
         bias: (C_out,) or None.
         padding: zeros on each side: (rows, columns), or one int for both.
         addend: a tensor of the output's shape (N, C_out, H + 2·rows − 2, W + 2·columns − 2),
@@ -108,31 +119,37 @@ def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     padding = (padding, padding) if isinstance(padding, int) else padding
     if isinstance(padding, str) or len(padding) != 2:
         raise ValueError(f"winograd_conv3x3: padding must be an int or (rows, columns), got {padding!r}")
-    if input.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[1:]) != (input.shape[1], 3, 3):
-        raise ValueError(f"winograd_conv3x3: expected input (N, C_in, H, W) and weight (C_out, C_in, 3, 3), got "
-                         f"{describe(input)} and {describe(weight)}")
-    if input.shape[1] % CHANNEL_MULTIPLE or weight.shape[0] % CHANNEL_MULTIPLE:
+    if input.dim() != 4 or weight.dim() not in (4, 5) or tuple(weight.shape[-3:]) != (input.shape[1], 3, 3):
+        raise ValueError(f"winograd_conv3x3: expected input (N, C_in, H, W) and weight (C_out, C_in, 3, 3) or "
+                         f"(K, C_out, C_in, 3, 3), got {describe(input)} and {describe(weight)}")
+    points, c_in, c_out = tuple(weight.shape[:-4]), input.shape[1], weight.shape[-4]
+    if points and input.shape[0] % points[0]:
+        raise ValueError(f"winograd_conv3x3: a weight of {points[0]} points needs a multiple of {points[0]} images "
+                         f"(each point's in turn), got {describe(input)}")
+    if c_in % CHANNEL_MULTIPLE or c_out % CHANNEL_MULTIPLE:
         raise ValueError(f"winograd_conv3x3: channels must be multiples of {CHANNEL_MULTIPLE}, got "
-                         f"{input.shape[1]} in and {weight.shape[0]} out (use torch.conv2d for these)")
+                         f"{c_in} in and {c_out} out (use torch.conv2d for these)")
     if (input_scale is None) != (input_shift is None):
         raise ValueError("winograd_conv3x3: input_scale and input_shift come together (pass both or neither)")
-    for name, t in (("input_scale", input_scale), ("input_shift", input_shift)):
-        if t is not None and tuple(t.shape) != (input.shape[1],):
-            raise ValueError(f"winograd_conv3x3: {name} must be ({input.shape[1]},), one value per input channel, "
-                             f"got {describe(t)}")
+    for name, t, shape, what in (("input_scale", input_scale, (*points, c_in), "input channel"),
+                                 ("input_shift", input_shift, (*points, c_in), "input channel"),
+                                 ("bias", bias, (*points, c_out), "output channel")):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"winograd_conv3x3: {name} must be {shape}, one value per {what}"
+                             f"{' and point' if points else ''}, got {describe(t)}")
     for name, t in (("input", input), ("weight", weight), ("bias", bias), ("addend", addend),
                     ("input_scale", input_scale), ("input_shift", input_shift)):
         if t is not None and (t.dtype != torch.float32 or t.device != input.device):
             raise TypeError(f"winograd_conv3x3: {name} must be float32 on input's device, got {describe(t)}")
-    if moments is not None and (moments.dtype != torch.float64 or tuple(moments.shape) != (2, weight.shape[0])
+    if moments is not None and (moments.dtype != torch.float64 or tuple(moments.shape) != (*points, 2, c_out)
                                 or moments.device != input.device):
-        raise TypeError(f"winograd_conv3x3: moments must be float64 of shape (2, {weight.shape[0]}) on input's "
+        raise TypeError(f"winograd_conv3x3: moments must be float64 of shape {(*points, 2, c_out)} on input's "
                         f"device (mean and variance per output channel), got {describe(moments)}")
     args = (input, weight, bias, list(padding), addend, relu, input_scale, input_shift, input_relu)
     if out is None and moments is None:
         return torch.ops.mlifast.winograd_conv3x3(*args)
     if out is None:
         n, _, h, w = input.shape
-        out = torch.empty((n, weight.shape[0], h + 2 * padding[0] - 2, w + 2 * padding[1] - 2), dtype=input.dtype,
+        out = torch.empty((n, c_out, h + 2 * padding[0] - 2, w + 2 * padding[1] - 2), dtype=input.dtype,
                           device=input.device, memory_format=torch.channels_last)
     return torch.ops.mlifast.winograd_conv3x3.out(*args, out=out, moments=moments)
