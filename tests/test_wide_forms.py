@@ -202,6 +202,26 @@ def test_evaluate_probes_in_the_models_own_layout():
     torch.testing.assert_close(res["loss"], expected, rtol=1e-5, atol=0)
 
 
+def test_the_probe_runs_images_channels_last_while_undecided_and_decides_nothing():
+    """chunking's probe of one point's activation sizes runs images channels-last (the
+    faster convolutions), measures the same sizes as in the model's own layout, and leaves
+    the layout undecided for the first-call check."""
+    from mlifast.engine import chunking
+    from mlifast.engine.batches import default_forward
+
+    a, b = test_interpolate.pair(lambda: ResNet20(width=16, num_classes=5), torch.float32)
+    batch = (torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,)))
+    fast = mlifast.interpolate(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]))
+    layouts = []
+    handle = fast.model.register_forward_pre_hook(lambda _m, args: layouts.append(
+        args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
+    sizes = chunking.bytes_per_point(fast, batch, default_forward, torch.device("cpu"))
+    own = chunking._one_pass_bytes(fast, batch, default_forward, images_channels_last=False)
+    handle.remove()
+    assert layouts == [True, False] and sizes == own
+    assert fast.images_channels_last is None and len(fast.coords) == 3
+
+
 def test_a_model_reading_raw_memory_keeps_its_layout():
     """Reinterpreting an activation's memory as contiguous gives wrong numbers, silently,
     on channels-last activations: the check sees the disagreement and the images travel

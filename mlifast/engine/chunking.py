@@ -73,7 +73,22 @@ class PointBytes:
 
 
 def bytes_per_point(fast, batch: Any, forward, device: torch.device, dtype=None) -> PointBytes:
-    """PointBytes of `fast` for one point on `batch`, from one unchecked pass."""
+    """PointBytes of `fast` for one point on `batch`, from one unchecked pass: images
+    channels-last while undecided, or in the model's own layout where that raises (a
+    `.view` of an activation: LeNet)."""
+    saved = fast.coords
+    fast.set_coords(saved[:1])
+    batch = to_device(batch, device, dtype)
+    try:
+        try:
+            return _one_pass_bytes(fast, batch, forward, images_channels_last=True)
+        except Exception:  # noqa: BLE001 — the model's own layout may not raise
+            return _one_pass_bytes(fast, batch, forward, images_channels_last=False)
+    finally:
+        fast.set_coords(saved)
+
+
+def _one_pass_bytes(fast, batch: Any, forward, images_channels_last: bool) -> PointBytes:
     activations, outputs, live, peak, largest = 0, 0, 0, 0, 0
     alive: set[int] = set()
 
@@ -108,19 +123,15 @@ def bytes_per_point(fast, batch: Any, forward, device: torch.device, dtype=None)
         if module is fast.model:
             outputs = sum(t.numel() * t.element_size() for t in tensors(output))
 
-    saved = fast.coords
-    fast.set_coords(saved[:1])
-    batch = to_device(batch, device, dtype)
     # One unchecked pass (MultiPointModel.unchecked): the first-call check belongs to the
     # real passes, and a probe of one point would check a shape no pass uses.
     handles = [m.register_forward_hook(count) for m in fast.model.modules()]
     try:
-        with torch.no_grad(), fast.unchecked():
+        with torch.no_grad(), fast.unchecked(images_channels_last):
             forward(fast, batch)
     finally:
         for h in handles:
             h.remove()
-        fast.set_coords(saved)
     statistics = sum(m.inner.num_features * (2 * 8 + 2 * m.inner.running_mean.element_size())
                      for m in fast.norms if m.inner.running_mean is not None)
     return PointBytes(max(activations, 1), max(2 * outputs + statistics, 1), max(peak, 1), max(largest, 1))

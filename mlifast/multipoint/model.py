@@ -138,15 +138,21 @@ class MultiPointModel(nn.Module):
         return self._run_points(args, kwargs, self.shares_rows is True)
 
     @contextmanager
-    def unchecked(self) -> Iterator[MultiPointModel]:
+    def unchecked(self, images_channels_last: bool = False) -> Iterator[MultiPointModel]:
         """Calls inside run the copied model without the first-call check, on inputs
         repeated for every point unless sharing rows is already known to agree; they mark
-        no shape as checked and decide nothing (chunking's probe of activation sizes)."""
-        saved, self._unchecked = self._unchecked, True
+        no shape as checked and decide nothing (chunking's probe of activation sizes).
+        `images_channels_last`: images travel channels-last while that is undecided (the
+        probe's sizes are the same in either layout, and W2's probe took 45 ms in NCHW,
+        where Winograd does not take its convolutions)."""
+        saved = self._unchecked, self.images_channels_last, self._images_converted
+        self._unchecked = True
+        if images_channels_last and self.images_channels_last is None:
+            self.images_channels_last = True
         try:
             yield self
         finally:
-            self._unchecked = saved
+            self._unchecked, self.images_channels_last, self._images_converted = saved
 
     def _check_reference_follows_policy(self) -> None:
         """The one-point-at-a-time fallback runs the model as it is (batch norm from its
