@@ -204,8 +204,9 @@ def test_evaluate_probes_in_the_models_own_layout():
 
 def test_the_probe_runs_images_channels_last_while_undecided_and_decides_nothing():
     """chunking's probe of one point's activation sizes runs images channels-last (the
-    faster convolutions), measures the same sizes as in the model's own layout, and leaves
-    the layout undecided for the first-call check."""
+    layout and so the forms the passes will most likely take: each point's own convolution,
+    where the model's own layout takes the products, larger), and leaves the layout
+    undecided for the first-call check."""
     from mlifast.engine import chunking
     from mlifast.engine.batches import default_forward
 
@@ -218,8 +219,9 @@ def test_the_probe_runs_images_channels_last_while_undecided_and_decides_nothing
     sizes = chunking.bytes_per_point(fast, batch, default_forward, torch.device("cpu"))
     own = chunking._one_pass_bytes(fast, batch, default_forward, images_channels_last=False)
     handle.remove()
-    assert layouts == [True, False] and sizes == own
-    assert fast.images_channels_last is None and len(fast.coords) == 3
+    assert layouts == [True, False] and fast.images_channels_last is None and len(fast.coords) == 3
+    first_stage = 4 * 16 * 32 * 32 * 4  # bytes of one point's stage-1 activation
+    assert sizes.largest == first_stage < own.largest
 
 
 def test_a_model_reading_raw_memory_keeps_its_layout():
