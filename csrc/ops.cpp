@@ -45,14 +45,15 @@ TORCH_LIBRARY(mlifast, m) {
   // Winograd's F(4×4, 3×3), where x = input·input_scale[c] + input_shift[c] (both (C_in,) or
   // None), then ReLU if input_relu (the zero padding is x's): input (N, C_in, H, W) float32,
   // weight (C_out, C_in, 3, 3), channels multiples of 16; addend: the output's shape ->
-  // y (N, C_out, H', W') channels-last.
+  // y (N, C_out, H', W') channels-last. A weight (K, C_out, C_in, 3, 3) is K points', each
+  // on its N/K images in turn, with bias (K, C_out) and input_scale, input_shift (K, C_in).
   m.def(
       "winograd_conv3x3(Tensor input, Tensor weight, Tensor? bias, int[2] padding, Tensor? addend, "
       "bool relu=False, Tensor? input_scale=None, Tensor? input_shift=None, bool input_relu=False) -> Tensor");
-  // The same into a channels-last `out` of the output's shape (a caller writing each
-  // point's rows into one tensor for all points); `moments`, if given, (2, C_out) float64,
-  // receives the per-channel mean and biased variance of what it wrote (a batch norm's
-  // statistics, read back from each block of tiles while it is in cache).
+  // The same into a channels-last `out` of the output's shape; `moments`, if given, (2, C_out)
+  // float64 ((K, 2, C_out) for K points), receives each point's per-channel mean and biased
+  // variance of what it wrote (a batch norm's statistics, read back from each block of
+  // tiles while it is in cache).
   m.def(
       "winograd_conv3x3.out(Tensor input, Tensor weight, Tensor? bias, int[2] padding, Tensor? addend, "
       "bool relu=False, Tensor? input_scale=None, Tensor? input_shift=None, bool input_relu=False, *, "

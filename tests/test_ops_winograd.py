@@ -163,6 +163,35 @@ def test_moments_keep_the_variance_under_a_large_mean():
     assert ((moments[1] - var).abs() <= 1e-6 * var).all() and (moments[0] - mean).abs().max() < 1e-7 * 1000
 
 
+def test_moments_of_constant_channels_are_exactly_zero_variance_and_sums_beyond_float_are_kept():
+    """Outputs equal in each channel (a zero weight, biases up to 1e6): variance 0, never
+    below (a batch norm's rsqrt(var + eps) would be NaN); outputs near 3e37, whose float
+    sums overflow: the block is summed again in float64."""
+    x = torch.randn(3, 16, 9, 13).contiguous(memory_format=torch.channels_last)
+    bias = torch.logspace(0, 6, 16) * 1.2345
+    moments = torch.empty(2, 16, dtype=torch.float64)
+    with torch.no_grad():
+        y = winograd_conv3x3(x, torch.zeros(16, 16, 3, 3), bias, 1, moments=moments)
+    assert torch.equal(moments[1], torch.zeros(16, dtype=torch.float64))
+    assert torch.equal(moments[0], float64_moments(y)[0])
+    huge = torch.full((16,), 3e37)
+    huge[::2] = -1e37
+    with torch.no_grad():
+        y = winograd_conv3x3(x, torch.zeros(16, 16, 3, 3), huge, 1, moments=moments)
+    assert y.isfinite().all() and torch.equal(moments[0], float64_moments(y)[0]) and not moments[1].any()
+
+
+def test_moments_written_bump_their_version():
+    """A write into `moments` is seen as one (autograd's saved tensors, a pending result's
+    inputs), as a write into `out` is."""
+    x, weight, bias, _ = operands(2, 16, 16, 8, 8, (1, 1))
+    out, moments = torch.empty(2, 16, 8, 8).contiguous(memory_format=torch.channels_last), \
+        torch.zeros(3, 2, 16, dtype=torch.float64)
+    before = out._version, moments._version
+    WINOGRAD_OUT(x, weight, bias, [1, 1], None, False, out=out, moments=moments[1])
+    assert (out._version, moments._version) == (before[0] + 1, before[1] + 1)
+
+
 def test_moments_into_a_slice_the_same_bits_on_one_and_two_threads():
     """Each block's moments are merged in block order: the thread count changes no bit.
     `out` and `moments` may be slices of larger tensors (a point's rows and statistics)."""
@@ -323,8 +352,10 @@ def test_tensors_carrying_forward_derivatives_are_refused():
     ("scale alone", ValueError, "come together"),
     ("scale shape", ValueError, r"input_scale must be \(16,\), one value per input channel"),
     ("shift dtype", TypeError, "input_shift must be float32"),
-    ("moments dtype", TypeError, r"moments must be float64 of shape \(2, 16\)"),
-    ("moments shape", TypeError, r"moments must be float64 of shape \(2, 16\)"),
+    ("moments dtype", TypeError, "moments must be float64 on input's device"),
+    ("moments shape", ValueError, r"moments must be of shape \(2, 16\) \(mean and variance per output channel\)"),
+    ("moments grad", RuntimeError, "no derivatives"),
+    ("no points", ValueError, "a weight of 0 points"),
     ("points' images", ValueError, "a weight of 2 points needs a multiple of 2 images"),
     ("points' bias", ValueError, r"bias must be \(2, 16\), one value per output channel and point"),
 ])
@@ -350,7 +381,10 @@ def test_bad_input_is_named(case, error, match):
     maps = {"scale alone": (torch.ones(16), None), "scale shape": (torch.ones(8), torch.zeros(8)),
             "shift dtype": (torch.ones(16), torch.zeros(16, dtype=torch.float64))}
     scale, shift = maps.get(case, (None, None))
-    moments = {"moments dtype": torch.empty(2, 16), "moments shape": torch.empty(16, 2, dtype=torch.float64)}
+    moments = {"moments dtype": torch.empty(2, 16), "moments shape": torch.empty(16, 2, dtype=torch.float64),
+               "moments grad": torch.empty(2, 16, dtype=torch.float64, requires_grad=True)}
+    if case == "no points":
+        weight, bias = weight[None].expand(0, 16, 16, 3, 3), bias[None].expand(0, 16)
     with pytest.raises(error, match=match):
         winograd_conv3x3(x, weight, bias, padding, addend, input_scale=scale, input_shift=shift,
                          moments=moments.get(case))

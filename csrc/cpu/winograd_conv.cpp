@@ -13,7 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -303,10 +303,26 @@ TORCH_LIBRARY_IMPL(mlifast, CPU, m) {
   m.impl("winograd_conv3x3.out", &winograd_conv3x3_out_cpu);
 }
 
-// `.out` writes in place: the version counter of out goes up (autograd and
-// PendingInputWritten see the write).
+// `.out` writes in place: the version counters of out and moments go up (autograd and
+// PendingInputWritten see the write; torch's fallback would bump only what it returns).
+void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  const size_t first = stack->size() - arguments.size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const auto& alias = arguments[i].alias_info();
+    const c10::IValue& value = (*stack)[first + i];
+    if (alias != nullptr && alias->isWrite() && value.isTensor()) written.push_back(value.toTensor());
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written) torch::autograd::impl::bump_version(t);
+}
+
 TORCH_LIBRARY_IMPL(mlifast, ADInplaceOrView, m) {
-  m.impl("winograd_conv3x3.out", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+  m.impl("winograd_conv3x3.out", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
 }
 
 }  // namespace mlifast

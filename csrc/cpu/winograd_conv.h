@@ -14,6 +14,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -380,61 +381,93 @@ MLIFAST_WINOGRAD_INLINE void transform_output(const float* Mb, const float* bias
 }
 
 // Σ over `pixels` consecutive outputs at y (C floats apart) of kVectors vectors of channels
-// (kSquares: of (x − centre)²) added to `total`: four sums a vector in float, so that the
-// additions do not wait on each other, taken into float64 every 16 outputs.
-template <int Bytes, int kVectors, bool kSquares>
+// of x into `sum` (kDeviations: of d = x − centre into `sum` and of d² into `squares`): a
+// few sums a vector in float, so that the additions do not wait on each other, taken into
+// float64 every 16 outputs.
+template <int Bytes, int kVectors, bool kDeviations>
 MLIFAST_WINOGRAD_INLINE void add_run(const float* y, int64_t pixels, int64_t C,
-                                     const typename Vector<Bytes>::type* centre,
-                                     typename Wide<Bytes>::type* total) {
+                                     const typename Vector<Bytes>::type* centre, typename Wide<Bytes>::type* sum,
+                                     typename Wide<Bytes>::type* squares) {
   MLIFAST_WINOGRAD_VECTOR;
-  constexpr int64_t kWidth = Bytes / sizeof(float), kSums = 4, kTaken = 16;
-  const auto add = [&](Vec& sum, int64_t s, int j) MLIFAST_WINOGRAD_LAMBDA {
-    const Vec v = load<Bytes>(y + s * C + j * kWidth);
-    if constexpr (kSquares) sum += (v - centre[j]) * (v - centre[j]);
-    else sum += v;
-  };
+  typedef typename Wide<Bytes>::type Doubles;
+  constexpr int64_t kWidth = Bytes / sizeof(float), kSums = kDeviations ? 2 : 4, kTaken = 16;
   for (int64_t s0 = 0; s0 < pixels; s0 += kTaken) {
     const int64_t s1 = std::min(pixels, s0 + kTaken);
-    Vec sums[kVectors][kSums] = {};
+    Vec sums[kVectors][kSums] = {}, sums2[kVectors][kSums] = {};
+    const auto add = [&](int64_t s, int u, int j) MLIFAST_WINOGRAD_LAMBDA {
+      const Vec v = load<Bytes>(y + s * C + j * kWidth);
+      if constexpr (kDeviations) {
+        const Vec d = v - centre[j];
+        sums[j][u] += d, sums2[j][u] += d * d;
+      } else {
+        sums[j][u] += v;
+      }
+    };
     int64_t s = s0;
     for (; s + kSums <= s1; s += kSums) {
 #pragma GCC unroll 8
       for (int u = 0; u < kSums; ++u) {
 #pragma GCC unroll 8
-        for (int j = 0; j < kVectors; ++j) add(sums[j][u], s + u, j);
+        for (int j = 0; j < kVectors; ++j) add(s + u, u, j);
       }
     }
     for (; s < s1; ++s) {
 #pragma GCC unroll 8
-      for (int j = 0; j < kVectors; ++j) add(sums[j][0], s, j);
+      for (int j = 0; j < kVectors; ++j) add(s, 0, j);
     }
 #pragma GCC unroll 8
-    for (int j = 0; j < kVectors; ++j)
-      total[j] += __builtin_convertvector((sums[j][0] + sums[j][1]) + (sums[j][2] + sums[j][3]),
-                                         typename Wide<Bytes>::type);
+    for (int j = 0; j < kVectors; ++j) {
+#pragma GCC unroll 8
+      for (int u = 1; u < kSums; ++u) sums[j][0] += sums[j][u], sums2[j][0] += sums2[j][u];
+      sum[j] += __builtin_convertvector(sums[j][0], Doubles);
+      if constexpr (kDeviations) squares[j] += __builtin_convertvector(sums2[j][0], Doubles);
+    }
   }
 }
 
 // `add_run` over the block's outputs, a row of a run of tiles at a time (a run: the block's
 // tiles in one row of tiles, whose outputs lie in consecutive memory row by row).
-template <int M, int Bytes, int kVectors, bool kSquares>
+template <int M, int Bytes, int kVectors, bool kDeviations>
 MLIFAST_WINOGRAD_INLINE void add_block(const float* y, const Geometry& g, int64_t first, int64_t tiles,
                                        int64_t tiles_h, int64_t tiles_w, const typename Vector<Bytes>::type* centre,
-                                       typename Wide<Bytes>::type* total) {
+                                       typename Wide<Bytes>::type* sum, typename Wide<Bytes>::type* squares) {
   const int64_t C = g.out_channels, Ho = g.out_height(), Wo = g.out_width();
   TileWalk p(first, tiles_h, tiles_w, M);
   for (int64_t t = 0; t < tiles;) {
     const int64_t run = std::min(tiles - t, tiles_w - p.col / M), rows = std::min<int64_t>(M, Ho - p.row);
     const int64_t pixels = std::min(Wo, p.col + run * M) - p.col;
     for (int64_t r = 0; r < rows; ++r)
-      add_run<Bytes, kVectors, kSquares>(y + ((p.image * Ho + p.row + r) * Wo + p.col) * C, pixels, C, centre, total);
+      add_run<Bytes, kVectors, kDeviations>(y + ((p.image * Ho + p.row + r) * Wo + p.col) * C, pixels, C, centre, sum,
+                                            squares);
     for (int64_t i = 0; i < run; ++i) p.next(tiles_h);
     t += run;
   }
 }
 
+// Mean and M2 of one channel over the block's outputs (y at the channel) in float64, two
+// passes: where float's sums overflow.
+template <int M>
+MLIFAST_WINOGRAD_INLINE void channel_moments_float64(const float* y, const Geometry& g, int64_t first, int64_t tiles,
+                                                     int64_t tiles_h, int64_t tiles_w, double n, double& mean,
+                                                     double& m2) {
+  const int64_t C = g.out_channels, Ho = g.out_height(), Wo = g.out_width();
+  const auto each = [&](auto&& f) {
+    TileWalk p(first, tiles_h, tiles_w, M);
+    for (int64_t t = 0; t < tiles; ++t, p.next(tiles_h))
+      for (int64_t r = p.row; r < std::min(Ho, p.row + M); ++r)
+        for (int64_t c = p.col; c < std::min(Wo, p.col + M); ++c) f(double(y[((p.image * Ho + r) * Wo + c) * C]));
+  };
+  double sum = 0, squares = 0;
+  each([&](double v) { sum += v; });
+  mean = sum / n;
+  each([&](double v) { squares += (v - mean) * (v - mean); });
+  m2 = squares;
+}
+
 // Mean and M2 of kVectors vectors of channels over the block's outputs (y at the first
-// channel): two passes, the second about the first's mean.
+// channel): a pass for the mean, then one for the deviations d = x − c about it rounded to
+// float (c), from which mean = c + Σd/n and M2 = Σd² − (Σd)²/n (no cancellation: c lies
+// within rounding of the mean; M2 ≥ 0).
 template <int M, int Bytes, int kVectors>
 MLIFAST_WINOGRAD_INLINE void chunk_moments(const float* y, const Geometry& g, int64_t first, int64_t tiles,
                                            int64_t tiles_h, int64_t tiles_w, double n, double* mean, double* m2) {
@@ -442,15 +475,20 @@ MLIFAST_WINOGRAD_INLINE void chunk_moments(const float* y, const Geometry& g, in
   typedef typename Wide<Bytes>::type Doubles;
   constexpr int64_t kWidth = Bytes / sizeof(float);
   Vec centre[kVectors] = {};
-  Doubles sum[kVectors] = {}, squares[kVectors] = {}, mu[kVectors];
-  add_block<M, Bytes, kVectors, false>(y, g, first, tiles, tiles_h, tiles_w, centre, sum);
-  for (int j = 0; j < kVectors; ++j) mu[j] = sum[j] / n, centre[j] = __builtin_convertvector(mu[j], Vec);
-  add_block<M, Bytes, kVectors, true>(y, g, first, tiles, tiles_h, tiles_w, centre, squares);
+  Doubles sum[kVectors] = {}, deviations[kVectors] = {}, squares[kVectors] = {};
+  add_block<M, Bytes, kVectors, false>(y, g, first, tiles, tiles_h, tiles_w, centre, sum, nullptr);
+  for (int j = 0; j < kVectors; ++j) centre[j] = __builtin_convertvector(sum[j] / n, Vec);
+  add_block<M, Bytes, kVectors, true>(y, g, first, tiles, tiles_h, tiles_w, centre, deviations, squares);
   for (int j = 0; j < kVectors; ++j) {
-    const Doubles off = mu[j] - __builtin_convertvector(centre[j], Doubles);  // Σ(x − centre)² = M2 + n·off²
-    const Doubles deviations = squares[j] - off * off * n;
-    std::memcpy(mean + j * kWidth, &mu[j], sizeof(Doubles));
-    std::memcpy(m2 + j * kWidth, &deviations, sizeof(Doubles));
+    const Doubles mu = __builtin_convertvector(centre[j], Doubles) + deviations[j] / n;
+    Doubles spread = squares[j] - deviations[j] * deviations[j] / n;
+    spread = spread < Doubles{} ? Doubles{} : spread;  // (NaN kept)
+    std::memcpy(mean + j * kWidth, &mu, sizeof(Doubles));
+    std::memcpy(m2 + j * kWidth, &spread, sizeof(Doubles));
+  }
+  for (int64_t i = 0; i < kVectors * kWidth; ++i) {
+    if (!std::isfinite(mean[i] + m2[i]))  // (float's sums overflowed; or the outputs are not finite)
+      channel_moments_float64<M>(y + i, g, first, tiles, tiles_h, tiles_w, n, mean[i], m2[i]);
   }
 }
 

@@ -387,9 +387,10 @@ _WINOGRAD_OUT = torch.ops.mlifast.winograd_conv3x3.out
 # on the CPU 1.7–1.9× oneDNN's direct convolution on W2's shapes; W2 3.17 → 2.70 s in one
 # process when it came, before the ninth session's changes to the kernel).
 WINOGRAD_DEVICES = {"cpu"}
-# ... from this many 4 × 4 output tiles a call and up to this many input × output channels
-# (benchmarks/winograd_conv.py, 2 cores): each call transforms the weight, 36·C_in·C_out
-# floats that every block of 48 tiles reads again, and its blocks are its threads' work.
+# ... from this many 4 × 4 output tiles a point and up to this many input × output channels
+# (benchmarks/winograd_conv.py, 2 cores, a call a point): each point's weight is
+# transformed, 36·C_in·C_out floats that every block of 48 tiles reads again. (Measured
+# before a group's points took one call, which keeps both threads busy to the end.)
 # Against oneDNN (ninth session's kernel): 1.7–1.9× from 256 tiles at 16–128 channels
 # (8×128×28×28: 1.9×; 16×256×14×14: 1.4×); at 64 tiles 1.6× (16 channels), 1.3× (32),
 # 1.2× (64); at 32 tiles 1.5×, 1.2×, 1.0×; 0.95× at 128 tiles of 256, 0.65× at 128 tiles

@@ -1,5 +1,8 @@
 """`winograd_conv3x3`: a 3×3, stride-1 convolution of float32 images by Winograd's
-F(4×4, 3×3), with a residual addend and a ReLU in its last step.
+F(4×4, 3×3), with a residual addend and a ReLU in its last step; for one point, or for K
+points in one call (a (K, C_out, C_in, 3, 3) weight, each point's on its own images); and,
+if asked, the per-channel mean and variance of its output (`moments`: a batch norm's
+statistics without a pass of their own).
 
 Each 4×4 output tile takes 36 multiply-adds per input and output channel where a direct
 convolution takes 144; transforming tiles costs some of that back. On W2's ResNet-20 shapes
@@ -38,6 +41,9 @@ def winograd_conv3x3_reference(input: Tensor, weight: Tensor, bias: Optional[Ten
     if (input_scale is None) != (input_shift is None):
         raise ValueError("winograd_conv3x3: input_scale and input_shift come together (pass both or neither)")
     if weight.dim() == 5:  # (K points, each its own operands on its own images)
+        if len(weight) == 0 or input.shape[0] % len(weight):
+            raise ValueError(f"winograd_conv3x3: a weight of {len(weight)} points needs a multiple of {len(weight)} "
+                             f"images (each point's in turn), got {input.shape[0]}")
         parts = [winograd_conv3x3_reference(x, w, None if bias is None else bias[k], padding,
                                             None if addend is None else addend.chunk(len(weight))[k], relu,
                                             None if input_scale is None else input_scale[k],
@@ -59,7 +65,8 @@ def _winograd_conv3x3_out_reference(input, weight, bias, padding, addend=None, r
     out.copy_(winograd_conv3x3_reference(input, weight, bias, padding, addend, relu, input_scale, input_shift,
                                          input_relu))
     if moments is not None:
-        points = out.unflatten(0, (-1, out.shape[0] // len(weight) if weight.dim() == 5 else out.shape[0]))
+        k = len(weight) if weight.dim() == 5 else 1
+        points = out.unflatten(0, (k, out.shape[0] // k))
         var, mean = torch.var_mean(points.to(torch.float64), dim=(1, 3, 4), correction=0)
         moments.copy_(torch.stack((mean, var), 1).reshape(moments.shape))
     return out
@@ -98,24 +105,25 @@ def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
             for K points, point k's weight on images [k·N/K, (k+1)·N/K) (one call for a
             group of points: one dispatch, and every thread busy to the end). Then bias,
             input_scale, input_shift and moments have a leading K dimension too.
-        bias: (C_out,) or None.
+        bias: (C_out,) ((K, C_out) for K points) or None.
         padding: zeros on each side: (rows, columns), or one int for both.
         addend: a tensor of the output's shape (N, C_out, H + 2·rows − 2, W + 2·columns − 2),
             or None.
         relu: return max(y, 0) (NaN stays NaN).
-        input_scale, input_shift: (C_in,) float32 each, or both None.
+        input_scale, input_shift: (C_in,) ((K, C_in)) float32 each, or both None.
         input_relu: x = max(x, 0) (NaN stays NaN).
         out: a channels-last float32 tensor of the output's shape to write into (not
             overlapping input; it may be the addend), or None.
-        moments: a (2, C_out) float64 tensor that receives the output's per-channel mean
-            and biased variance (over images and positions), or None.
+        moments: a (2, C_out) ((K, 2, C_out)) float64 tensor that receives the output's
+            per-channel mean and biased variance over images and positions (each point's),
+            or None. About 1e-8 of the variance from float64's; a constant channel's is 0.
 
     Returns:
         (N, C_out, H', W') float32, channels-last (`out` where given).
     """
     check_tensors("winograd_conv3x3", {"input": input, "weight": weight, "bias": bias, "addend": addend, "out": out,
                                        "moments": moments, "input_scale": input_scale, "input_shift": input_shift})
-    check_no_derivatives("winograd_conv3x3", input, weight, bias, addend, out, input_scale, input_shift)
+    check_no_derivatives("winograd_conv3x3", input, weight, bias, addend, out, input_scale, input_shift, moments)
     padding = (padding, padding) if isinstance(padding, int) else padding
     if isinstance(padding, str) or len(padding) != 2:
         raise ValueError(f"winograd_conv3x3: padding must be an int or (rows, columns), got {padding!r}")
@@ -123,6 +131,8 @@ def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         raise ValueError(f"winograd_conv3x3: expected input (N, C_in, H, W) and weight (C_out, C_in, 3, 3) or "
                          f"(K, C_out, C_in, 3, 3), got {describe(input)} and {describe(weight)}")
     points, c_in, c_out = tuple(weight.shape[:-4]), input.shape[1], weight.shape[-4]
+    if points and points[0] == 0:
+        raise ValueError(f"winograd_conv3x3: a weight of 0 points, {describe(weight)}: give it at least one")
     if points and input.shape[0] % points[0]:
         raise ValueError(f"winograd_conv3x3: a weight of {points[0]} points needs a multiple of {points[0]} images "
                          f"(each point's in turn), got {describe(input)}")
@@ -141,15 +151,16 @@ def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
                     ("input_scale", input_scale), ("input_shift", input_shift)):
         if t is not None and (t.dtype != torch.float32 or t.device != input.device):
             raise TypeError(f"winograd_conv3x3: {name} must be float32 on input's device, got {describe(t)}")
-    if moments is not None and (moments.dtype != torch.float64 or tuple(moments.shape) != (*points, 2, c_out)
-                                or moments.device != input.device):
-        raise TypeError(f"winograd_conv3x3: moments must be float64 of shape {(*points, 2, c_out)} on input's "
-                        f"device (mean and variance per output channel), got {describe(moments)}")
+    if moments is not None and tuple(moments.shape) != (*points, 2, c_out):
+        raise ValueError(f"winograd_conv3x3: moments must be of shape {(*points, 2, c_out)} (mean and variance per "
+                         f"output channel{' and point' if points else ''}), got {describe(moments)}")
+    if moments is not None and (moments.dtype != torch.float64 or moments.device != input.device):
+        raise TypeError(f"winograd_conv3x3: moments must be float64 on input's device, got {describe(moments)}")
     args = (input, weight, bias, list(padding), addend, relu, input_scale, input_shift, input_relu)
     if out is None and moments is None:
         return torch.ops.mlifast.winograd_conv3x3(*args)
-    if out is None:
+    if out is None:  # (a kernel's output the op checks)
         n, _, h, w = input.shape
-        out = torch.empty((n, c_out, h + 2 * padding[0] - 2, w + 2 * padding[1] - 2), dtype=input.dtype,
-                          device=input.device, memory_format=torch.channels_last)
+        out = torch.empty((n, c_out, max(h + 2 * padding[0] - 2, 0), max(w + 2 * padding[1] - 2, 0)),
+                          dtype=input.dtype, device=input.device, memory_format=torch.channels_last)
     return torch.ops.mlifast.winograd_conv3x3.out(*args, out=out, moments=moments)
