@@ -192,6 +192,20 @@ def test_moments_written_bump_their_version():
     assert (out._version, moments._version) == (before[0] + 1, before[1] + 1)
 
 
+def test_the_out_op_itself_refuses_tensors_that_require_grad():
+    """Called directly (not through the face), `.out` refuses a tensor that requires grad
+    while grad mode is on: its derivative would silently be wrong."""
+    x, weight, bias, _ = operands(2, 16, 16, 8, 8, (1, 1))
+    out = torch.empty(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    moments = torch.zeros(2, 16, dtype=torch.float64, requires_grad=True) * 2
+    with pytest.raises(RuntimeError, match="no derivatives, and moments requires grad"):
+        WINOGRAD_OUT(x, weight, bias, [1, 1], None, False, out=out, moments=moments)
+    with pytest.raises(RuntimeError, match="no derivatives, and weight requires grad"):
+        WINOGRAD_OUT(x, weight.requires_grad_(), bias, [1, 1], None, False, out=out)
+    with torch.no_grad():
+        WINOGRAD_OUT(x, weight, bias, [1, 1], None, False, out=out, moments=moments)
+
+
 def test_moments_into_a_slice_the_same_bits_on_one_and_two_threads():
     """Each block's moments are merged in block order: the thread count changes no bit.
     `out` and `moments` may be slices of larger tensors (a point's rows and statistics)."""

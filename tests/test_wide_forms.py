@@ -205,8 +205,8 @@ def test_evaluate_probes_in_the_models_own_layout():
 def test_the_probe_runs_images_channels_last_while_undecided_and_decides_nothing():
     """chunking's probe of one point's activation sizes runs images channels-last (the
     layout and so the forms the passes will most likely take: each point's own convolution,
-    where the model's own layout takes the products, larger), and leaves the layout
-    undecided for the first-call check."""
+    its output one point's activation), and leaves the layout undecided for the first-call
+    check."""
     from mlifast.engine import chunking
     from mlifast.engine.batches import default_forward
 
@@ -217,11 +217,20 @@ def test_the_probe_runs_images_channels_last_while_undecided_and_decides_nothing
     handle = fast.model.register_forward_pre_hook(lambda _m, args: layouts.append(
         args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
     sizes = chunking.bytes_per_point(fast, batch, default_forward, torch.device("cpu"))
-    own = chunking._one_pass_bytes(fast, batch, default_forward, images_channels_last=False)
     handle.remove()
-    assert layouts == [True, False] and fast.images_channels_last is None and len(fast.coords) == 3
-    first_stage = 4 * 16 * 32 * 32 * 4  # bytes of one point's stage-1 activation
-    assert sizes.largest == first_stage < own.largest
+    assert layouts == [True] and fast.images_channels_last is None and len(fast.coords) == 3
+    assert sizes.largest == 4 * 16 * 32 * 32 * 4  # bytes of one point's stage-1 activation
+
+
+def test_a_model_failing_in_either_layout_fails_once_in_the_probe():
+    """Where channels-last cannot matter (no image travels so: an MLP), the probe runs the
+    model once: a bad input raises the model's own error, not chained to a first attempt's."""
+    model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    other = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    data = [(torch.randn(5, 12), torch.randint(0, 2, (5,)))]
+    with pytest.raises(Exception) as raised:
+        mlifast.evaluate(model, mlifast.Line(model, other), data, coords=3, progress=False)
+    assert raised.value.__context__ is None and raised.value.__cause__ is None
 
 
 def test_a_model_reading_raw_memory_keeps_its_layout():

@@ -305,6 +305,7 @@ TORCH_LIBRARY_IMPL(mlifast, CPU, m) {
 
 // `.out` writes in place: the version counters of out and moments go up (autograd and
 // PendingInputWritten see the write; torch's fallback would bump only what it returns).
+// It has no derivatives: a tensor that requires grad is refused while grad mode is on.
 void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const auto& arguments = op.schema().arguments();
   const size_t first = stack->size() - arguments.size();
@@ -312,6 +313,8 @@ void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
   for (size_t i = 0; i < arguments.size(); ++i) {
     const auto& alias = arguments[i].alias_info();
     const c10::IValue& value = (*stack)[first + i];
+    TORCH_CHECK(!(value.isTensor() && value.toTensor().requires_grad() && at::GradMode::is_enabled()), kOp,
+                "has no derivatives, and ", arguments[i].name(), " requires grad: call it under torch.no_grad()");
     if (alias != nullptr && alias->isWrite() && value.isTensor()) written.push_back(value.toTensor());
   }
   {

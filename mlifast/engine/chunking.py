@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from mlifast.engine.batches import to_device
+from mlifast.multipoint.model import CHANNELS_LAST_DEVICES
 
 CPU_BUDGET_FRACTION = 0.25
 CUDA_BUDGET_FRACTION = 0.5
@@ -74,16 +75,21 @@ class PointBytes:
 
 def bytes_per_point(fast, batch: Any, forward, device: torch.device, dtype=None) -> PointBytes:
     """PointBytes of `fast` for one point on `batch`, from one unchecked pass: images
-    channels-last while undecided, or in the model's own layout where that raises (a
-    `.view` of an activation: LeNet)."""
+    channels-last while the layout is undecided on a device where they may travel so (the
+    forms the passes will most likely take; where the first-call check then keeps the
+    model's own layout, its activations may be some 10 % larger), or in the model's own
+    layout where that raises (a `.view` of an activation: LeNet)."""
     saved = fast.coords
     fast.set_coords(saved[:1])
     batch = to_device(batch, device, dtype)
     try:
-        try:
-            return _one_pass_bytes(fast, batch, forward, images_channels_last=True)
-        except Exception:  # noqa: BLE001 — the model's own layout may not raise
-            return _one_pass_bytes(fast, batch, forward, images_channels_last=False)
+        if fast.images_channels_last is None and device.type in CHANNELS_LAST_DEVICES:
+            try:
+                return _one_pass_bytes(fast, batch, forward, images_channels_last=True)
+            except Exception:  # noqa: BLE001 — the model's own layout may not raise
+                pass
+        # (outside the handler: the failed attempt's activations are freed, no chained traceback)
+        return _one_pass_bytes(fast, batch, forward, images_channels_last=False)
     finally:
         fast.set_coords(saved)
 

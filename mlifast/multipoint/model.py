@@ -141,10 +141,11 @@ class MultiPointModel(nn.Module):
     def unchecked(self, images_channels_last: bool = False) -> Iterator[MultiPointModel]:
         """Calls inside run the copied model without the first-call check, on inputs
         repeated for every point unless sharing rows is already known to agree; they mark
-        no shape as checked and decide nothing (chunking's probe of activation sizes).
+        no shape as checked and decide nothing that a check would (chunking's probe of
+        activation sizes; a write into a pending result's input still turns deferring off).
         `images_channels_last`: images travel channels-last while that is undecided (the
-        probe's sizes are the same in either layout, and W2's probe took 45 ms in NCHW,
-        where Winograd does not take its convolutions)."""
+        forms the passes will most likely take; W2's probe took 45 ms in NCHW, where
+        Winograd does not take its convolutions, 30 so)."""
         saved = self._unchecked, self.images_channels_last, self._images_converted
         self._unchecked = True
         if images_channels_last and self.images_channels_last is None:

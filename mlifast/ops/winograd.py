@@ -116,7 +116,8 @@ def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
             overlapping input; it may be the addend), or None.
         moments: a (2, C_out) ((K, 2, C_out)) float64 tensor that receives the output's
             per-channel mean and biased variance over images and positions (each point's),
-            or None. About 1e-8 of the variance from float64's; a constant channel's is 0.
+            or None. About 1e-8 of the variance from float64's (up to 1e-7 on a few
+            partial tiles); a constant channel's is 0.
 
     Returns:
         (N, C_out, H', W') float32, channels-last (`out` where given).
