@@ -250,31 +250,33 @@ class PendingConvolution(PendingPostOps):
             return None
         self._check_unwritten()
         moments = torch.empty(len(self._weight), 2, self.shape[1], dtype=torch.float64, device=self.device)
-        self._value = self._computed_with(False, moments)
+        self._value = self._by_winograd(False, moments)
         self._release()
         return self._value, moments[:, 0], moments[:, 1]
 
     def _winograd(self) -> bool:
         return _winograd_applies(self._conv, self._inputs[0][0], self._weight, self._bias, self._addend)
 
-    def _computed_with(self, relu: bool, moments: Optional[Tensor] = None) -> Tensor:
-        """`moments` (Winograd only): (K_active, 2, C_out) float64 that receives each point's
-        mean and biased variance."""
+    def _by_winograd(self, relu: bool, moments: Optional[Tensor] = None) -> Tensor:
+        """The result by one `winograd_conv3x3` call for every point, each its own weight on
+        its own rows (W2 in groups of 4 points: a call a point took 0.46 ms a point at 64
+        channels, one for all 0.36; the threads stood idle at the end of each point's short
+        call). `moments`: (K_active, 2, C_out) float64 that receives each point's mean and
+        biased variance, or None."""
+        (points,), mapped = self._inputs, self._input_map
+        into = torch.empty(self.shape, dtype=self.dtype, device=self.device, memory_format=torch.channels_last)
+        scale, shift = (mapped.scale, mapped.shift) if mapped is not None else (None, None)
+        _WINOGRAD_OUT(points.flatten(0, 1), self._weight, self._bias, self._conv.padding, self._addend, relu, scale,
+                      shift, mapped is not None and mapped.relu, out=into, moments=moments)
+        return into
+
+    def _computed_with(self, relu: bool) -> Tensor:
+        if self._winograd():
+            return self._by_winograd(relu)
         (points,), batch, mapped = self._inputs, self._inputs[0].shape[1], self._input_map
-        winograd = self._winograd()
-        if mapped is not None and not winograd:  # (an addend that joined since rules Winograd out)
+        if mapped is not None:  # (an addend that joined since rules Winograd out)
             points = fold(channel_affine(points.flatten(0, 1), mapped.scale, mapped.shift, None, mapped.relu),
                           len(points))
-            mapped = None
-        if winograd:
-            # One call for every point, each its own weight on its own rows (W2 in groups of
-            # 4 points: a call a point took 0.46 ms a point at 64 channels, one for all 0.36;
-            # the threads stood idle at the end of each point's short call)
-            into = torch.empty(self.shape, dtype=self.dtype, device=self.device, memory_format=torch.channels_last)
-            scale, shift = (mapped.scale, mapped.shift) if mapped is not None else (None, None)
-            _WINOGRAD_OUT(points.flatten(0, 1), self._weight, self._bias, self._conv.padding, self._addend, relu, scale,
-                          shift, mapped is not None and mapped.relu, out=into, moments=moments)
-            return into
         # (each point's operands as views taken in one call each)
         k = len(points)
         biases = self._bias.unbind(0) if self._bias is not None else (None,) * k
