@@ -1,6 +1,6 @@
 // CPU kernel of mlifast::multipoint_linear (schema and shapes in csrc/ops.cpp).
 //
-// Two algorithms; neither ever holds more than one extra copy of the weight:
+// Three algorithms; none ever holds more than one extra copy of the weight:
 //  * stacked: one GEMM of the input rows against W and one against all J directions,
 //    then a fused per-row combine  y = x·Wᵀ + b_k + Σ_j c_kj · (x·D_jᵀ).
 //    (J+1)× the FLOPs of a plain linear layer, but one pass over the weights; it is the
@@ -9,6 +9,11 @@
 //    (ATen's vectorised add; the buffer is kept between calls, see weight_workspace) and
 //    run one GEMM on that point's rows. 1× FLOPs plus J axpys over the weight per point,
 //    which pays from kPerPointWeightMinRows rows per point.
+//  * weights formed in registers (float32, kFormedWeightMinRows to kFormedWeightMaxRows
+//    rows per point, where it beats both others; csrc/cpu/formed_weight_linear.h): W and D
+//    packed into panels in cache a block of output features at a time, each point's W_k
+//    formed one vector at a time right before it multiplies that point's rows. 1 + J/8
+//    multiply-adds per useful one, one pass over the weights.
 //
 // mlifast::multipoint_combine is the stacked algorithm's second half alone, for callers
 // that keep x·Wᵀ and x·Dᵀ of a shared input and combine them for one group of points at
@@ -22,7 +27,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "formed_weight_linear.h"
 #include "multipoint_linear_checks.h"
+#include "vector_width.h"
 
 namespace mlifast {
 namespace {
@@ -32,6 +39,16 @@ namespace {
 // float32; benchmarks/crossover.py): stacked 8.7 ms vs per-point
 // 13.2 ms at 32 rows, even at 64, per-point ahead from ~96 (24.7 vs 34.5 ms at 128).
 constexpr int64_t kPerPointWeightMinRows = 64;
+
+// Weights formed in registers (float32), against the stacked form below and per-point
+// weights above; same CPU, K = 16, O × I = 1024² and 4096 × 1024, one direction, ms:
+//   rows   1: 1.25 / 0.68 (stacked),   4.47 / 2.65        rows  96: 18.4 / 17.4 (per-point),  72.6 / 71.0
+//   rows   3: 1.31 / 1.13,             4.72 / 4.14        rows 128: 23.2 / 21.8,             102.6 / 99.6
+//   rows   4: 1.30 / 1.37,             4.77 / 5.11        rows 256: 48.5 / 36.3,             202.4 / 161.7
+//   rows   8: 1.62 / 2.34 (two GEMMs in PyTorch),  6.31 / 8.82
+// With one row a tile, two vectors of sums cannot hide the FMA latency.
+constexpr int64_t kFormedWeightMinRows = 4;
+constexpr int64_t kFormedWeightMaxRows = 127;
 
 // (K, O): b + Σ_j c_kj·db_j in the weight's dtype, or an undefined tensor without bias.
 at::Tensor point_biases(const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bias_dirs,
@@ -206,6 +223,64 @@ void per_point_weights(const at::Tensor& input, const at::Tensor& weight, const 
   }
 }
 
+// One copy of the formed-weight blocks per instruction set (formed_weight_linear.h inlined,
+// so compiled for it); `vector_bytes()` picks one at run time.
+__attribute__((target("avx512f,avx2,fma"))) void formed_blocks_64(const formed::Job& j, int64_t b, int64_t e,
+                                                                   float* scratch) {
+  formed::blocks<64>(j, b, e, scratch);
+}
+__attribute__((target("avx2,fma"))) void formed_blocks_32(const formed::Job& j, int64_t b, int64_t e, float* scratch) {
+  formed::blocks<32>(j, b, e, scratch);
+}
+void formed_blocks_16(const formed::Job& j, int64_t b, int64_t e, float* scratch) {
+  formed::blocks<16>(j, b, e, scratch);
+}
+
+// `floats` floats of scratch, kept in `kept` between calls up to kKeptWorkspaceBytes (as
+// weight_workspace, for the same page faults), else this object's own until it goes.
+class Scratch {
+ public:
+  Scratch(std::vector<float>& kept, int64_t floats) {
+    std::vector<float>& use = floats * int64_t{sizeof(float)} <= kKeptWorkspaceBytes ? kept : own_;
+    if (static_cast<int64_t>(use.size()) < floats) use.resize(floats);
+    data_ = use.data();
+  }
+  float* data() const { return data_; }
+
+ private:
+  std::vector<float> own_;
+  float* data_;
+};
+
+template <int Bytes>
+void formed_weights_with(formed::Job job, void (*blocks)(const formed::Job&, int64_t, int64_t, float*)) {
+  static thread_local std::vector<float> kept_rows;
+  const Scratch rows(kept_rows, formed::interleaved_floats<Bytes>(job));
+  job.interleaved = rows.data();
+  at::parallel_for(0, job.K, 1, [&](int64_t begin, int64_t end) { formed::interleave_rows<Bytes>(job, begin, end); });
+  const int64_t NB = formed::tile_features<Bytes>();
+  at::parallel_for(0, (job.O + NB - 1) / NB, 1, [&](int64_t begin, int64_t end) {
+    static thread_local std::vector<float> kept_panels;
+    const Scratch panels(kept_panels, formed::scratch_floats<Bytes>(job));
+    blocks(job, begin, end, panels.data());
+  });
+}
+
+void formed_weights(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_dirs,
+                    const at::Tensor& bias_k, const at::Tensor& coeffs, bool relu, const LinearSizes& s,
+                    at::Tensor& y) {
+  const at::Tensor x = input.contiguous(), w = weight.contiguous(), d = weight_dirs.contiguous();
+  const at::Tensor c = coeffs.to(at::kFloat).contiguous();
+  const formed::Job job{x.const_data_ptr<float>(), nullptr, w.const_data_ptr<float>(), d.const_data_ptr<float>(),
+                        c.const_data_ptr<float>(), bias_k.defined() ? bias_k.const_data_ptr<float>() : nullptr,
+                        y.data_ptr<float>(), s.points, s.rows, s.in_features, s.out_features, s.directions, relu};
+  switch (vector_bytes()) {
+    case 64: return formed_weights_with<64>(job, formed_blocks_64);
+    case 32: return formed_weights_with<32>(job, formed_blocks_32);
+    default: return formed_weights_with<16>(job, formed_blocks_16);
+  }
+}
+
 at::Tensor multipoint_linear_cpu(const at::Tensor& input, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, const at::Tensor& weight_dirs,
                                  const std::optional<at::Tensor>& bias_dirs, const at::Tensor& coeffs,
@@ -217,7 +292,10 @@ at::Tensor multipoint_linear_cpu(const at::Tensor& input, const at::Tensor& weig
   at::Tensor y = at::empty({s.points, s.rows, s.out_features}, input.options());
   if (y.numel() == 0) return y;
   const at::Tensor bias_k = point_biases(bias, bias_dirs, coeffs);
-  if (!s.shared_input && s.rows >= kPerPointWeightMinRows) {
+  if (!s.shared_input && input.scalar_type() == at::kFloat && s.rows >= kFormedWeightMinRows &&
+      s.rows <= kFormedWeightMaxRows) {
+    formed_weights(input, weight, weight_dirs, bias_k, coeffs, relu, s, y);
+  } else if (!s.shared_input && s.rows >= kPerPointWeightMinRows) {
     per_point_weights(input, weight, weight_dirs, bias_k, coeffs, relu, s, y);
   } else {
     stacked(input, weight, weight_dirs, bias_k, coeffs, relu, s, y);
