@@ -1,10 +1,11 @@
-"""Where the fused linear op's per-point-weight path overtakes its stacked path.
+"""Where the fused linear op's CPU forms cross over.
 
     python benchmarks/crossover.py
 
 Times mlifast.ops.multipoint_linear against the two-GEMM form and the per-point loop for
 K=16 points, 1024×1024 weights, one direction, float32, as the rows per point grow; the
-kernel switches paths at kPerPointWeightMinRows (csrc/cpu/multipoint_linear.cpp).
+kernel takes the stacked form below kFormedWeightMinRows, weights formed in registers up to
+kFormedWeightMaxRows and per-point weights above (csrc/cpu/multipoint_linear.cpp).
 """
 import torch, time
 from mlifast.ops import multipoint_linear
@@ -15,7 +16,7 @@ def tm(f, n=5):
     f(); t = time.perf_counter()
     for _ in range(n): f()
     return (time.perf_counter() - t) / n * 1e3
-for R in (8, 16, 24, 31, 32, 48, 64, 128, 256):
+for R in (1, 3, 4, 8, 16, 32, 64, 96, 127, 128, 256):
     x = torch.randn(K, R, I)
     t_op = tm(lambda: multipoint_linear(x, w, b, d, None, c))
     two = lambda: (x @ w.t()) + c[:, :, None] * (x @ d[0].t()) + b
