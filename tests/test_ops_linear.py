@@ -78,18 +78,26 @@ def test_noncontiguous_inputs(dtype, shared, R):
     assert rel_err(multipoint_linear(*args).double(), expected) < RTOL[dtype]
 
 
-# Weights formed in registers (float32, 4 to 127 rows a point): rows in whole tiles and
-# tails (8 a tile at AVX-512, 6 at AVX2 and SSE), input features across the kernel's
-# 1024-deep steps and not a multiple of a vector, output features in whole blocks of 2
-# vectors and partial ones, one direction and several.
+# Weights formed in registers (float32, 4 to 95 rows a point, at least 64 output features
+# a thread): rows in whole tiles and tails (8 a tile at AVX-512, 6 at AVX2 and SSE), input
+# features across the kernel's 1024-deep steps and not a multiple of a vector, output
+# features in whole blocks of 2 vectors and partial ones, one direction and several.
 FORMED = [  # K, R, I, O, J
-    (1, 4, 5, 1, 1),
-    (3, 8, 16, 32, 1),
-    (2, 7, 33, 33, 2),
-    (4, 9, 1030, 70, 1),
-    (2, 17, 100, 64, 3),
-    (1, 127, 20, 17, 1),
+    (1, 4, 5, 128, 1),
+    (3, 8, 16, 129, 1),
+    (2, 7, 33, 161, 2),
+    (4, 9, 1030, 300, 1),
+    (2, 17, 100, 256, 3),
+    (1, 95, 20, 140, 1),
 ]
+
+
+def runs_without_a_gemm(call) -> bool:
+    """Whether `call` ran no ATen matrix product of the input (the formed path; the others
+    run mm)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        call()
+    return not any(e.name == "aten::mm" for e in prof.events())
 
 
 @pytest.mark.parametrize("vector_bytes", [None, "32", "16"])
@@ -104,17 +112,28 @@ def test_formed_weights_equal_the_float64_loop(sizes, relu, vector_bytes, monkey
     expected = expected.clamp_min(0) if relu else expected
     got = torch.ops.mlifast.multipoint_linear(*args, relu)
     assert got.shape == (K, R, O) and rel_err(got.double(), expected) < RTOL[torch.float32]
+    assert runs_without_a_gemm(lambda: torch.ops.mlifast.multipoint_linear(*args, relu))
+
+
+@pytest.mark.parametrize("R", [3, 8, 130])
+def test_no_input_features_give_the_bias(R):
+    x, w, b, d, db, c = make_args(2, R, 0, 300, 1, False, "moving", torch.float32)
+    bias = (b + c @ db).double()[:, None].expand(2, R, 300)
+    for relu in (False, True):
+        expected = bias.clamp_min(0) if relu else bias
+        assert rel_err(torch.ops.mlifast.multipoint_linear(x, w, b, d, db, c, relu).double(), expected) < 1e-6
 
 
 def test_formed_weights_the_same_bits_on_one_and_two_threads():
     """Each block of output features is one thread's, summed in one order."""
-    args = make_args(5, 8, 300, 100, 1, False, "moving", torch.float32)
+    args = make_args(5, 8, 300, 300, 1, False, "moving", torch.float32)
     threads = torch.get_num_threads()
     try:
         results = []
         for n in (1, 2):
             torch.set_num_threads(n)
             results.append(torch.ops.mlifast.multipoint_linear(*args, False))
+            assert runs_without_a_gemm(lambda: torch.ops.mlifast.multipoint_linear(*args, False))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(*results)

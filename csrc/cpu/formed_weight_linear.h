@@ -71,8 +71,8 @@ void interleave_rows(const Job& j, int64_t begin, int64_t end) {
       float* out = j.interleaved + (k * blocks + b) * j.I * MR;
       for (int r = 0; r < MR; ++r) {
         const int64_t row = b * MR + r;
-        const float* in = j.x + (k * j.R + row) * j.I;
         if (row < j.R) {
+          const float* in = j.x + (k * j.R + row) * j.I;
           for (int64_t i = 0; i < j.I; ++i) out[i * MR + r] = in[i];
         } else {
           for (int64_t i = 0; i < j.I; ++i) out[i * MR + r] = 0.0f;
@@ -82,10 +82,12 @@ void interleave_rows(const Job& j, int64_t begin, int64_t end) {
   }
 }
 
-// Floats of scratch a thread needs: the panels, and a partial block's outputs.
+// Floats of scratch a thread needs: the panels, and the outputs of the last block where
+// it is partial and the thread's.
 template <int Bytes>
-int64_t scratch_floats(const Job& j) {
-  return ((j.J + 1) * j.I + j.K * j.R) * tile_features<Bytes>();
+int64_t scratch_floats(const Job& j, bool takes_last_block) {
+  constexpr int NB = tile_features<Bytes>();
+  return ((j.J + 1) * j.I + (takes_last_block && j.O % NB != 0 ? j.K * j.R : 0)) * NB;
 }
 
 template <int Bytes>
@@ -229,10 +231,10 @@ MLIFAST_FORMED_INLINE void transpose(typename Vector<Bytes>::type* r) {
 // rows o0… transposed, V×V blocks in registers where the compiler has the shuffles.
 template <int Bytes>
 MLIFAST_FORMED_INLINE void pack(float* panel, const float* src, int64_t I, int64_t o0, int64_t width) {
-  constexpr int V = Bytes / 4;
   constexpr int NB = tile_features<Bytes>();
   int64_t i0 = 0;
 #ifdef MLIFAST_FORMED_SHUFFLES
+  constexpr int V = Bytes / 4;
   typename Vector<Bytes>::type r[V];
   for (; i0 + V <= I; i0 += V) {
     for (int half = 0; half < NB / V; ++half) {

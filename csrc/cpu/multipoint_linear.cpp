@@ -21,13 +21,13 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <type_traits>
 #include <vector>
 
 #include "formed_weight_linear.h"
+#include "kept_scratch.h"
 #include "multipoint_linear_checks.h"
 #include "vector_width.h"
 
@@ -40,15 +40,29 @@ namespace {
 // 13.2 ms at 32 rows, even at 64, per-point ahead from ~96 (24.7 vs 34.5 ms at 128).
 constexpr int64_t kPerPointWeightMinRows = 64;
 
-// Weights formed in registers (float32), against the stacked form below and per-point
-// weights above; same CPU, K = 16, O × I = 1024² and 4096 × 1024, one direction, ms:
-//   rows   1: 1.25 / 0.68 (stacked),   4.47 / 2.65        rows  96: 18.4 / 17.4 (per-point),  72.6 / 71.0
-//   rows   3: 1.31 / 1.13,             4.72 / 4.14        rows 128: 23.2 / 21.8,             102.6 / 99.6
-//   rows   4: 1.30 / 1.37,             4.77 / 5.11        rows 256: 48.5 / 36.3,             202.4 / 161.7
-//   rows   8: 1.62 / 2.34 (two GEMMs in PyTorch),  6.31 / 8.82
-// With one row a tile, two vectors of sums cannot hide the FMA latency.
+// Weights formed in registers (float32) against the stacked form below them and per-point
+// weights above; same CPU, 2 threads, K = 16, O × I = 1024² | 4096 × 1024, one
+// direction, ms (formed / the other):
+//   rows   1: 1.25 / 0.68 (stacked) | 4.47 / 2.65      rows  96: 17.4 / 18.4 (per-point) | 71.0 / 72.6
+//   rows   3: 1.31 / 1.13           | 4.72 / 4.14      rows 128: 23.2 / 21.8             | 102.6 / 99.6
+//   rows   4: 1.30 / 1.37           | 4.77 / 5.11      rows 256: 48.5 / 36.3             | 202.4 / 161.7
+//   rows   8: 1.62 / 2.34 (two GEMMs in PyTorch) | 6.31 / 8.82
+// and, K = 256, 127 rows, one thread: 1076 against 683 ms for per-point weights at 128.
+// With one row a tile, two vectors of sums cannot hide the FMA latency. Every block of
+// output features reads all the input rows again: up to 32 MiB of them (K = 256, 32 rows,
+// I = 1024: 123 against 140 ms for the two GEMMs), beyond that they come from memory. A
+// thread takes whole blocks of 32 output features, at least two of them.
 constexpr int64_t kFormedWeightMinRows = 4;
-constexpr int64_t kFormedWeightMaxRows = 127;
+constexpr int64_t kFormedWeightMaxRows = 95;
+constexpr int64_t kFormedWeightMaxInputBytes = int64_t{32} << 20;
+constexpr int64_t kFormedWeightMinFeaturesPerThread = 64;
+
+bool formed_weights_apply(const at::Tensor& input, const LinearSizes& s) {
+  return !s.shared_input && input.scalar_type() == at::kFloat && s.in_features > 0 &&
+         s.rows >= kFormedWeightMinRows && s.rows <= kFormedWeightMaxRows &&
+         s.points * s.rows * s.in_features * int64_t{sizeof(float)} <= kFormedWeightMaxInputBytes &&
+         s.out_features >= kFormedWeightMinFeaturesPerThread * at::get_num_threads();
+}
 
 // (K, O): b + Σ_j c_kj·db_j in the weight's dtype, or an undefined tensor without bias.
 at::Tensor point_biases(const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bias_dirs,
@@ -153,22 +167,13 @@ at::Tensor multipoint_combine_cpu(const at::Tensor& base, const at::Tensor& alon
   return y;
 }
 
-// A buffer for W_k of `like`'s shape. Up to kKeptWorkspaceBytes it is kept between calls
-// (one per thread): evaluation calls the op once per layer, batch and group of points,
-// and forming W_k in freshly allocated memory each time cost page faults and cache misses
-// (1.3 vs 0.3 ms for a 1024² float32 weight on the 2-core CI CPU).
+// A buffer for W_k of `like`'s shape, kept between calls up to kKeptWorkspaceBytes (one per
+// thread): evaluation calls the op once per layer, batch and group of points.
 constexpr int64_t kKeptWorkspaceBytes = int64_t{32} << 20;
 
 at::Tensor weight_workspace(const at::Tensor& like) {
   static thread_local at::Tensor kept;
-  const int64_t bytes = like.numel() * like.element_size();
-  if (bytes > kKeptWorkspaceBytes) return at::empty_like(like, at::MemoryFormat::Contiguous);
-  if (!kept.defined() || kept.numel() < like.numel() || kept.scalar_type() != like.scalar_type() ||
-      kept.device() != like.device()) {
-    c10::InferenceMode normal(false);  // a normal tensor: written in place in and outside inference mode
-    kept = at::empty({like.numel()}, like.options());
-  }
-  return kept.narrow(0, 0, like.numel()).view(like.sizes());
+  return kept_scratch(kept, like.sizes(), like.options(), kKeptWorkspaceBytes);
 }
 
 // y_k (R, O) = max(y_k + bias, 0) (bias (O,) if given; NaN stays NaN): one pass over each
@@ -236,33 +241,19 @@ void formed_blocks_16(const formed::Job& j, int64_t b, int64_t e, float* scratch
   formed::blocks<16>(j, b, e, scratch);
 }
 
-// `floats` floats of scratch, kept in `kept` between calls up to kKeptWorkspaceBytes (as
-// weight_workspace, for the same page faults), else this object's own until it goes.
-class Scratch {
- public:
-  Scratch(std::vector<float>& kept, int64_t floats) {
-    std::vector<float>& use = floats * int64_t{sizeof(float)} <= kKeptWorkspaceBytes ? kept : own_;
-    if (static_cast<int64_t>(use.size()) < floats) use.resize(floats);
-    data_ = use.data();
-  }
-  float* data() const { return data_; }
-
- private:
-  std::vector<float> own_;
-  float* data_;
-};
-
 template <int Bytes>
 void formed_weights_with(formed::Job job, void (*blocks)(const formed::Job&, int64_t, int64_t, float*)) {
-  static thread_local std::vector<float> kept_rows;
-  const Scratch rows(kept_rows, formed::interleaved_floats<Bytes>(job));
-  job.interleaved = rows.data();
+  static thread_local at::Tensor kept_rows;
+  const at::Tensor rows =
+      kept_scratch(kept_rows, {formed::interleaved_floats<Bytes>(job)}, at::kFloat, kKeptWorkspaceBytes);
+  job.interleaved = rows.data_ptr<float>();
   at::parallel_for(0, job.K, 1, [&](int64_t begin, int64_t end) { formed::interleave_rows<Bytes>(job, begin, end); });
-  const int64_t NB = formed::tile_features<Bytes>();
-  at::parallel_for(0, (job.O + NB - 1) / NB, 1, [&](int64_t begin, int64_t end) {
-    static thread_local std::vector<float> kept_panels;
-    const Scratch panels(kept_panels, formed::scratch_floats<Bytes>(job));
-    blocks(job, begin, end, panels.data());
+  const int64_t NB = formed::tile_features<Bytes>(), blocks_count = (job.O + NB - 1) / NB;
+  at::parallel_for(0, blocks_count, 1, [&](int64_t begin, int64_t end) {
+    static thread_local at::Tensor kept_panels;
+    const at::Tensor panels = kept_scratch(kept_panels, {formed::scratch_floats<Bytes>(job, end == blocks_count)},
+                                           at::kFloat, kKeptWorkspaceBytes);
+    blocks(job, begin, end, panels.data_ptr<float>());
   });
 }
 
@@ -292,8 +283,7 @@ at::Tensor multipoint_linear_cpu(const at::Tensor& input, const at::Tensor& weig
   at::Tensor y = at::empty({s.points, s.rows, s.out_features}, input.options());
   if (y.numel() == 0) return y;
   const at::Tensor bias_k = point_biases(bias, bias_dirs, coeffs);
-  if (!s.shared_input && input.scalar_type() == at::kFloat && s.rows >= kFormedWeightMinRows &&
-      s.rows <= kFormedWeightMaxRows) {
+  if (formed_weights_apply(input, s)) {
     formed_weights(input, weight, weight_dirs, bias_k, coeffs, relu, s, y);
   } else if (!s.shared_input && s.rows >= kPerPointWeightMinRows) {
     per_point_weights(input, weight, weight_dirs, bias_k, coeffs, relu, s, y);

@@ -28,11 +28,10 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
-#include <c10/core/InferenceMode.h>
-#include <c10/util/accumulate.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include "kept_scratch.h"
 #include "vector_width.h"
 
 #include <algorithm>
@@ -110,22 +109,14 @@ inline int64_t first_switch(scalar_t a, scalar_t e, bool on_first, const scalar_
   return base + 1;
 }
 
-// Scratch memory of the calling thread, kept between calls up to kKeptScratchBytes a
-// slot: fresh, it is mapped anew by glibc on every call, and the page faults of touching
-// it cost about as much as the work done in it (W5: 21 lines of 500 rows a call).
+// Scratch memory of the calling thread (kept_scratch.h), kept up to kKeptScratchBytes a slot
+// (W5: 21 lines of 500 rows a call).
 constexpr int64_t kKeptScratchBytes = int64_t{64} << 20;
 enum ScratchSlot { kMasked, kProducts, kPacked, kScratchSlots };
 
 at::Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
   static thread_local at::Tensor kept[kScratchSlots];
-  const int64_t numel = c10::multiply_integers(sizes);
-  if (numel * int64_t(options.dtype().itemsize()) > kKeptScratchBytes) return at::empty(sizes, options);
-  at::Tensor& t = kept[slot];
-  if (!t.defined() || t.numel() < numel || t.dtype() != options.dtype()) {
-    c10::InferenceMode normal(false);  // a normal tensor: written in place in and outside inference mode
-    t = at::empty({numel}, options);
-  }
-  return t.narrow(0, 0, numel).view(sizes);
+  return kept_scratch(kept[slot], sizes, options, kKeptScratchBytes);
 }
 
 // The thread's kept vectors, like its scratch tensors, stay allocated up to kKeptScratchBytes.
