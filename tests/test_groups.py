@@ -341,3 +341,31 @@ def test_points_whose_outputs_fill_a_cores_cache_run_in_groups_of_twice_the_byte
     for threshold, group in ((point.largest + 1, 6), (point.largest, 12)):
         monkeypatch.setattr(chunking, "CPU_STREAMING_OUTPUT_BYTES", threshold)
         assert chunking.plan(fast, data, forward, torch.device("cpu"))[1] == group
+
+
+def test_the_probe_of_sizes_computes_no_linear_layer(monkeypatch):
+    """Linear layers at points give zeros of their shape while the probe measures sizes:
+    the same PointBytes as a probe that computes them, without one multipoint_linear."""
+    from mlifast.engine import chunking
+    from mlifast.multipoint import context as point_context
+    from mlifast.multipoint import model as point_model
+
+    calls = []
+    counted = point_context.multipoint_linear
+    monkeypatch.setattr(point_context, "multipoint_linear", lambda *a, **k: calls.append(1) or counted(*a, **k))
+    forward = lambda m, batch: (m(*batch), None)  # noqa: E731
+    tokens = torch.randint(1, 13, (6, 7))
+    for factory, x in ((mlp, (torch.randn(64, 12, dtype=torch.float64),)),
+                       (TransformerClassifier, (tokens, tokens == 1)), (LSTMLanguageModel, (tokens % 11,))):
+        model = factory().double().eval()
+        fast = mlifast.MultiPointModel(model, mlifast.Line(model, factory().double().eval()), 3)
+        calls.clear()
+        point = chunking.bytes_per_point(fast, x, forward, torch.device("cpu"))
+        assert calls == [], factory.__name__
+        unchecked = point_model.MultiPointModel.unchecked
+        monkeypatch.setattr(point_model.MultiPointModel, "unchecked",
+                            lambda self, layout=False, sizes_only=False: unchecked(self, layout))
+        computed = chunking.bytes_per_point(fast, x, forward, torch.device("cpu"))
+        monkeypatch.setattr(point_model.MultiPointModel, "unchecked", unchecked)
+        assert calls and point == computed, factory.__name__
+

@@ -133,7 +133,7 @@ def _one_pass_bytes(fast, batch: Any, forward, images_channels_last: bool) -> Po
     # real passes, and a probe of one point would check a shape no pass uses.
     handles = [m.register_forward_hook(count) for m in fast.model.modules()]
     try:
-        with torch.no_grad(), fast.unchecked(images_channels_last):
+        with torch.no_grad(), fast.unchecked(images_channels_last, sizes_only=True):
             forward(fast, batch)
     finally:
         for h in handles:

@@ -23,6 +23,11 @@ from mlifast.ops import multipoint_linear, multipoint_linear_reference
 KEPT_POINT_VALUES_BYTES = 64 << 20
 
 
+def _linear_output_zeros(x: Tensor, w: Tensor, b, w_dirs, b_dirs, c: Tensor, relu: bool = False) -> Tensor:
+    """Zeros of multipoint_linear(x, w, b, w_dirs, b_dirs, c, relu)'s output, (K, R, O)."""
+    return x.new_zeros(c.shape[0], x.shape[-2], w.shape[0])
+
+
 @dataclass
 class PointContext:
     """Coordinates of the points in flight and how batch norm behaves.
@@ -46,6 +51,9 @@ class PointContext:
     defer_pending: whether per-point convolutions and batch norms on the CPU may return
         their output pending (multipoint.pending), to join the batch norm, addition and
         ReLU after them; False once a model wrote into a pending result's input.
+    sizes_only: True while a probe measures activation sizes (chunking.bytes_per_point):
+        linear layers at points then give zeros of their output's shape, uncomputed (W3's
+        probe read all 2.55 GB of weights and directions for values nobody looks at).
     bn_mode: "running" — running statistics of each point (interpolated or recomputed);
         "batch" — per-point batch statistics; "collect" — per-point batch statistics,
         also accumulated as running statistics (the "recompute" policy's pass).
@@ -62,6 +70,7 @@ class PointContext:
     flat_indices_fit_rows: bool = False
     grouped: bool = False
     defer_pending: bool = True
+    sizes_only: bool = False
     _kept: dict = field(default_factory=dict, repr=False)
     _active_coeffs: tuple | None = field(default=None, repr=False)
     _indices: Tensor | None = field(default=None, repr=False)
@@ -149,7 +158,9 @@ class PointContext:
     @property
     def linear(self) -> Callable[..., Tensor]:
         """The multi-point linear operation: the compiled one, or in forward mode its
-        pure-PyTorch reference."""
+        pure-PyTorch reference (`sizes_only`: zeros of its output's shape)."""
+        if self.sizes_only:
+            return _linear_output_zeros
         return multipoint_linear_reference if self.forward_mode else multipoint_linear
 
     @property

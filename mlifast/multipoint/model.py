@@ -138,22 +138,23 @@ class MultiPointModel(nn.Module):
         return self._run_points(args, kwargs, self.shares_rows is True)
 
     @contextmanager
-    def unchecked(self, images_channels_last: bool = False) -> Iterator[MultiPointModel]:
+    def unchecked(self, images_channels_last: bool = False, sizes_only: bool = False) -> Iterator[MultiPointModel]:
         """Calls inside run the copied model without the first-call check, on inputs
         repeated for every point unless sharing rows is already known to agree; they mark
         no shape as checked and decide nothing that a check would (chunking's probe of
         activation sizes; a write into a pending result's input still turns deferring off).
         `images_channels_last`: images travel channels-last while that is undecided (the
         forms the passes will most likely take; W2's probe took 45 ms in NCHW, where
-        Winograd does not take its convolutions, 30 so)."""
-        saved = self._unchecked, self.images_channels_last, self._images_converted
-        self._unchecked = True
+        Winograd does not take its convolutions, 30 so). `sizes_only`: see
+        PointContext.sizes_only."""
+        saved = self._unchecked, self.images_channels_last, self._images_converted, self.context.sizes_only
+        self._unchecked, self.context.sizes_only = True, sizes_only
         if images_channels_last and self.images_channels_last is None:
             self.images_channels_last = True
         try:
             yield self
         finally:
-            self._unchecked, self.images_channels_last, self._images_converted = saved
+            self._unchecked, self.images_channels_last, self._images_converted, self.context.sizes_only = saved
 
     def _check_reference_follows_policy(self) -> None:
         """The one-point-at-a-time fallback runs the model as it is (batch norm from its
