@@ -377,12 +377,6 @@ def test_state_at_into_an_earlier_state_equals_a_fresh_one():
         reused = span.state_at(coord, out=buffer)
         assert all(reused[k] is buffer[k] for k in buffer)
         assert all(torch.equal(reused[k], fresh[k]) for k in fresh)
-        entry = span.entries_at(coord)  # one entry at a time: the same values, the origin's layout
-        assert all(torch.equal(entry(k), fresh[k]) and entry(k).stride() == fresh[k].stride() for k in fresh)
-    with pytest.raises(KeyError, match="'nope' is not an entry"):
-        span.entries_at([0.0, 0.0])("nope")
-    with pytest.raises(ValueError, match="not finite"):
-        span.entries_at([float("nan"), 0.0])
     mismatched = {"w": torch.zeros(5, 4), "h": torch.zeros(6)}  # wrong shape, wrong dtype: allocated anew
     state = span.state_at([0.3, -1.25], out=mismatched)
     assert state["w"] is not mismatched["w"] and state["h"] is not mismatched["h"]

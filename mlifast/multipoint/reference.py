@@ -15,7 +15,7 @@ torch.func.functional_call.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -50,11 +50,12 @@ class _ModuleWeights:
     """Forward hooks on the private copy that build each module's own entries of the
     state at `coord` before its forward and drop its parameters after. Buffers are built
     once a forward and kept to its end: a module may update one in place (a batch norm's
-    running statistics) and read it in a later call. `forward` sets `entry` for one
-    forward only: the hooks hold no reference to the space between."""
+    running statistics) and read it in a later call. `forward` sets `space` and `coord`
+    for one forward only: the hooks hold no reference to the space between."""
 
     def __init__(self, module: nn.Module, groups: dict[str, str]) -> None:
-        self.entry: Callable[[str], Tensor] | None = None  # Span.entries_at of the point
+        self.space: Span | None = None
+        self.coord: list[float] = []
         self.entries: dict[int, list[tuple[dict, str, str, Tensor]]] = {}
         self.depth: dict[int, int] = {}
         self.buffers: dict[str, Tensor] = {}
@@ -69,33 +70,33 @@ class _ModuleWeights:
                 m.register_forward_hook(self._drop, always_call=True)  # (after them)
 
     def _build(self, m: nn.Module, _args: tuple) -> None:
-        if self.entry is None:
+        if self.space is None:
             return
         depth = self.depth[id(m)] = self.depth.get(id(m), 0) + 1
         if depth == 1:  # (a module inside its own forward keeps what its first call built)
             for d, name, key, _ in self.entries[id(m)]:
                 if d is m._buffers:
                     if key not in self.buffers:
-                        self.buffers[key] = self.entry(key)
+                        self.buffers[key] = self.space.entry_at(key, self.coord)
                     d[name] = self.buffers[key]
                 else:
-                    d[name] = self.entry(key)
+                    d[name] = self.space.entry_at(key, self.coord)
 
     def _drop(self, m: nn.Module, _args: tuple, _output: Any) -> None:
-        if self.entry is None:
+        if self.space is None:
             return
         self.depth[id(m)] -= 1
         if self.depth[id(m)] == 0:
             for d, name, _, unbuilt in self.entries[id(m)]:
                 d[name] = unbuilt
 
-    def forward(self, module: nn.Module, entry: Callable[[str], Tensor], args: tuple, kwargs: dict) -> Any:
-        """module(*args, **kwargs) with the weights `entry` builds, module by module."""
-        self.entry, self.depth, self.buffers = entry, {}, {}
+    def forward(self, module: nn.Module, space: Span, coord: list[float], args: tuple, kwargs: dict) -> Any:
+        """module(*args, **kwargs) at `coord`, its weights built module by module."""
+        self.space, self.coord, self.depth, self.buffers = space, coord, {}, {}
         try:
             out = module(*args, **kwargs)
         finally:
-            self.entry, self.buffers = None, {}
+            self.space, self.buffers = None, {}
             for own in self.entries.values():
                 for d, name, _, unbuilt in own:
                     d[name] = unbuilt
@@ -163,7 +164,7 @@ class PerPointModel:
         copy_of = lambda t, _path: t.clone()  # noqa: E731 — in-place ops of the model stay here
         if self._module_weights is not None:
             try:
-                return self._module_weights.forward(self.module, self.space.entries_at(coord.tolist()),
+                return self._module_weights.forward(self.module, self.space, coord.tolist(),
                                                     map_tensors(copy_of, args), map_tensors(copy_of, kwargs))
             except Exception:  # noqa: BLE001 — a weight read outside its module, or the model's own error (again below)
                 self._module_weights = None

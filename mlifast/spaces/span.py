@@ -16,7 +16,7 @@ as read-only.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Union
 
 import torch
@@ -321,17 +321,12 @@ class Span:
         c = self._coord_list(coord)
         return {k: self._entry_at(k, c, None if out is None else out.get(k)) for k in self._origin}
 
-    def entries_at(self, coord: Any) -> Callable[[str], Tensor]:
-        """A function key → that entry of ``state_at(coord)``, computed alone into new
-        memory (the same values: a model's weights built one module at a time)."""
-        c = self._coord_list(coord)
-
-        def entry(key: str) -> Tensor:
-            if key not in self._origin:
-                raise KeyError(f"{key!r} is not an entry of this {self.kind}.")
-            return self._entry_at(key, c, None)
-
-        return entry
+    def entry_at(self, key: str, coord: Any) -> Tensor:
+        """One entry of ``state_at(coord)``, computed alone into new memory (the same
+        values: a model's weights built one module at a time)."""
+        if key not in self._origin:
+            raise KeyError(f"{key!r} is not an entry of this {self.kind}.")
+        return self._entry_at(key, self._coord_list(coord), None)
 
     def _entry_at(self, k: str, c: list[float], t: Tensor | None) -> Tensor:
         o = self._origin[k]
