@@ -48,17 +48,14 @@ class Unbuilt(Tensor):
 
 class _ModuleWeights:
     """Forward hooks on the private copy that build each module's own entries of the
-    state at `coord` before its forward and drop its parameters after. Buffers are built
-    once a forward and kept to its end: a module may update one in place (a batch norm's
-    running statistics) and read it in a later call. `forward` sets `space` and `coord`
-    for one forward only: the hooks hold no reference to the space between."""
+    state at `coord` before its forward and drop them after (`at` sets `space` and
+    `coord` for one forward only: the hooks hold no reference to the space between)."""
 
     def __init__(self, module: nn.Module, groups: dict[str, str]) -> None:
         self.space: Span | None = None
         self.coord: list[float] = []
         self.entries: dict[int, list[tuple[dict, str, str, Tensor]]] = {}
         self.depth: dict[int, int] = {}
-        self.buffers: dict[str, Tensor] = {}
         for path, m in module.named_modules(remove_duplicate=False):
             if id(m) in self.entries:
                 continue
@@ -66,8 +63,8 @@ class _ModuleWeights:
                    for d in (m._parameters, m._buffers) for name, t in d.items() if isinstance(t, Unbuilt)]
             if own:
                 self.entries[id(m)] = own
-                m.register_forward_pre_hook(self._build, prepend=True)  # (before the user's hooks)
-                m.register_forward_hook(self._drop, always_call=True)  # (after them)
+                m.register_forward_pre_hook(self._build)
+                m.register_forward_hook(self._drop, always_call=True)
 
     def _build(self, m: nn.Module, _args: tuple) -> None:
         if self.space is None:
@@ -75,12 +72,7 @@ class _ModuleWeights:
         depth = self.depth[id(m)] = self.depth.get(id(m), 0) + 1
         if depth == 1:  # (a module inside its own forward keeps what its first call built)
             for d, name, key, _ in self.entries[id(m)]:
-                if d is m._buffers:
-                    if key not in self.buffers:
-                        self.buffers[key] = self.space.entry_at(key, self.coord)
-                    d[name] = self.buffers[key]
-                else:
-                    d[name] = self.space.entry_at(key, self.coord)
+                d[name] = self.space.entry_at(key, self.coord)
 
     def _drop(self, m: nn.Module, _args: tuple, _output: Any) -> None:
         if self.space is None:
@@ -92,11 +84,11 @@ class _ModuleWeights:
 
     def forward(self, module: nn.Module, space: Span, coord: list[float], args: tuple, kwargs: dict) -> Any:
         """module(*args, **kwargs) at `coord`, its weights built module by module."""
-        self.space, self.coord, self.depth, self.buffers = space, coord, {}, {}
+        self.space, self.coord, self.depth = space, coord, {}
         try:
             out = module(*args, **kwargs)
         finally:
-            self.space, self.buffers = None, {}
+            self.space = None
             for own in self.entries.values():
                 for d, name, _, unbuilt in own:
                     d[name] = unbuilt
