@@ -12,7 +12,7 @@ from torch import nn
 import mlifast
 from mlifast.engine import chunking
 from mlifast.multipoint import MultiPointModel
-from mlifast.multipoint.reference import PerPointModel, Unbuilt
+from mlifast.multipoint.reference import PerPointModel
 from mlifast.spaces import Span
 from models import CapturesBatch
 from oracle import oracle_outputs, rel_err
@@ -39,10 +39,10 @@ def assert_oracle(out, model, space, coords, *args, tol=1e-9):
 
 @pytest.fixture
 def state_builds(monkeypatch):
-    """The points the model itself ran at (PerPointModel.at: each point's weights built)."""
+    """Counts Span.state_at calls (each a full state of the model)."""
     calls = []
-    original = PerPointModel.at
-    monkeypatch.setattr(PerPointModel, "at", lambda self, c, *a, **k: calls.append(c.tolist()) or original(self, c, *a, **k))
+    original = Span.state_at
+    monkeypatch.setattr(Span, "state_at", lambda self, *a, **k: calls.append(a[0]) or original(self, *a, **k))
     return calls
 
 
@@ -277,62 +277,16 @@ def test_reference_reuses_one_state_and_keeps_outputs_that_alias_it():
         assert torch.equal(out[k], expected), k
 
 
-class TiedHead(nn.Module):
-    """Reads its embedding's weight outside the embedding's forward (a tied LM head)."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(10, 4)
-        self.mix = nn.Linear(4, 4)
-
-    def forward(self, idx):
-        return F.linear(self.mix(self.emb(idx)), self.emb.weight)
-
-
-class SharedAndNested(nn.Module):
-    """One module called twice, and a module whose own weight is read while a child runs."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-        self.scale = nn.Parameter(torch.randn(4))
-        self.inner = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
-
-    def forward(self, x):
-        return self.inner(self.fc(self.fc(x)) * self.scale) + self.scale
-
-
-def test_reference_builds_one_module_at_a_time(monkeypatch):
-    """The model itself at a point, its weights built module by module: the oracle's outputs
-    bit for bit, and no full state built."""
-    for factory in (mlp, SharedAndNested):
-        a, line = line_of(factory)
-        ref = PerPointModel(a, line)
-        full_states = []
-        monkeypatch.setattr(Span, "state_at", lambda self, *a, **k: full_states.append(a) or None)
-        x = torch.randn(3, 4, dtype=torch.float64)
-        coords = torch.tensor([[0.0], [0.3], [1.0]], dtype=torch.float64)
-        outs = [ref.at(c, (x,), {}) for c in coords]
-        monkeypatch.undo()
-        assert full_states == [] and ref._module_weights is not None
-        for out, expected in zip(outs, oracle_outputs(a, line, coords, x)):
-            assert torch.equal(out, expected)
-        assert all(isinstance(p, Unbuilt) for p in ref.module.parameters())  # nothing kept between points
-
-
-def test_a_weight_read_outside_its_module_falls_back_to_full_states(state_builds):
-    """A tied head touches an unbuilt weight and raises; the model then gets each point's
-    full state (written into the same memory under reusing_state), with the same outputs."""
-    a, line = line_of(TiedHead)
+def test_reference_outside_reuse_builds_a_fresh_state_each_time(state_builds):
+    a, line = line_of(mlp)
     ref = PerPointModel(a, line)
-    idx = torch.tensor([[1, 2, 3], [4, 5, 9]])
-    out = ref.at(torch.tensor([0.5], dtype=torch.float64), (idx,), {})
-    assert ref._module_weights is None and ref._state is None  # nothing held between calls
-    assert torch.equal(out, oracle_outputs(a, line, torch.tensor([0.5]), idx)[0])
+    x = torch.randn(2, 4, dtype=torch.float64)
+    ref.at(torch.tensor([0.5], dtype=torch.float64), (x,), {})
+    assert ref._state is None  # nothing held between calls
     with ref.reusing_state():
-        ref.at(torch.tensor([0.0], dtype=torch.float64), (idx,), {})
+        ref.at(torch.tensor([0.0], dtype=torch.float64), (x,), {})
         held = ref._state
-        ref.at(torch.tensor([1.0], dtype=torch.float64), (idx,), {})
+        ref.at(torch.tensor([1.0], dtype=torch.float64), (x,), {})
         assert all(ref._state[k] is held[k] for k in held)  # the same memory, rewritten
     assert ref._state is None and len(state_builds) == 3
 

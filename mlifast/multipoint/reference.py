@@ -2,15 +2,8 @@
 checked against on its first call of each shape, and the fallback when they disagree.
 
 A private copy of the user's module tree whose parameters and persistent buffers are
-placeholders (`Unbuilt`: no memory, and any operation on one raises), so the user's
-model is never touched. A point's weights are built one module at a time: each module's
-own entries of the state right before its forward, dropped right after, so that a point
-costs no full copy of the weights (a 1.28 GB state's fresh pages took longer than the
-forward itself; on a large model the copy may not fit at all). A model that reads a
-module's weights outside that module's forward (a tied head through
-`F.linear(x, self.embedding.weight)`, `nn.MultiheadAttention`'s output projection)
-touches a placeholder and raises; from then on it gets each point's full state through
-torch.func.functional_call.
+meta tensors (no memory); each point's full state from the space is supplied with
+torch.func.functional_call, so the user's model is never touched.
 """
 from __future__ import annotations
 
@@ -29,74 +22,6 @@ from mlifast.multipoint.trees import map_tensors, tensors_in
 from mlifast.spaces import Span
 
 
-class Unbuilt(Tensor):
-    """A parameter or buffer of the private copy while no point's value is in it: the
-    shape, dtype and device of the user's, no memory; any operation on it raises."""
-
-    @staticmethod
-    def __new__(cls, like: Tensor) -> Unbuilt:
-        return Tensor._make_wrapper_subclass(cls, like.shape, strides=like.stride(), dtype=like.dtype,
-                                             device=like.device, requires_grad=False)
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        raise RuntimeError(f"{func} read a weight outside its module's forward")
-
-    def __repr__(self) -> str:  # (Tensor's repr would read the values)
-        return f"Unbuilt({tuple(self.shape)}, {self.dtype}, {self.device})"
-
-
-class _ModuleWeights:
-    """Forward hooks on the private copy that build each module's own entries of the
-    state at `coord` before its forward and drop them after (`at` sets `space` and
-    `coord` for one forward only: the hooks hold no reference to the space between)."""
-
-    def __init__(self, module: nn.Module, groups: dict[str, str]) -> None:
-        self.space: Span | None = None
-        self.coord: list[float] = []
-        self.entries: dict[int, list[tuple[dict, str, str, Tensor]]] = {}
-        self.depth: dict[int, int] = {}
-        for path, m in module.named_modules(remove_duplicate=False):
-            if id(m) in self.entries:
-                continue
-            own = [(d, name, groups[f"{path}.{name}" if path else name], t)
-                   for d in (m._parameters, m._buffers) for name, t in d.items() if isinstance(t, Unbuilt)]
-            if own:
-                self.entries[id(m)] = own
-                m.register_forward_pre_hook(self._build)
-                m.register_forward_hook(self._drop, always_call=True)
-
-    def _build(self, m: nn.Module, _args: tuple) -> None:
-        if self.space is None:
-            return
-        depth = self.depth[id(m)] = self.depth.get(id(m), 0) + 1
-        if depth == 1:  # (a module inside its own forward keeps what its first call built)
-            for d, name, key, _ in self.entries[id(m)]:
-                d[name] = self.space.entry_at(key, self.coord)
-
-    def _drop(self, m: nn.Module, _args: tuple, _output: Any) -> None:
-        if self.space is None:
-            return
-        self.depth[id(m)] -= 1
-        if self.depth[id(m)] == 0:
-            for d, name, _, unbuilt in self.entries[id(m)]:
-                d[name] = unbuilt
-
-    def forward(self, module: nn.Module, space: Span, coord: list[float], args: tuple, kwargs: dict) -> Any:
-        """module(*args, **kwargs) at `coord`, its weights built module by module."""
-        self.space, self.coord, self.depth = space, coord, {}
-        try:
-            out = module(*args, **kwargs)
-        finally:
-            self.space = None
-            for own in self.entries.values():
-                for d, name, _, unbuilt in own:
-                    d[name] = unbuilt
-        if any(isinstance(t, Unbuilt) for t in tensors_in(out)):
-            raise RuntimeError("the output holds a weight itself")
-        return out
-
-
 class PerPointModel:
     """out[k] = model with space.state_at(coords[k]), stacked along a new leading dim."""
 
@@ -105,13 +30,12 @@ class PerPointModel:
             id(t) for m in model.modules() for n, t in m._buffers.items()
             if t is not None and n not in m._non_persistent_buffers_set
         } | {id(p) for p in model.parameters()}
-        memo = {id(t): Unbuilt(t) for t in list(model.parameters()) + list(model.buffers()) if id(t) in persistent}
+        memo = {id(t): torch.empty_like(t, device="meta")
+                for t in list(model.parameters()) + list(model.buffers()) if id(t) in persistent}
         self.module = copy.deepcopy(model, memo)
         self.space = space
-        groups = alias_groups(model)
         # functional_call takes one key per tied tensor.
-        self.keys = list(dict.fromkeys(groups.values()))
-        self._module_weights: _ModuleWeights | None = _ModuleWeights(self.module, groups)
+        self.keys = list(dict.fromkeys(alias_groups(model).values()))
         self._reusing = False  # see reusing_state
         self._state: dict[str, Tensor] | None = None
 
@@ -153,17 +77,11 @@ class PerPointModel:
 
     def at(self, coord: Tensor, args: tuple, kwargs: dict) -> Any:
         """The model's output at one point (coord: (J,))."""
-        copy_of = lambda t, _path: t.clone()  # noqa: E731 — in-place ops of the model stay here
-        if self._module_weights is not None:
-            try:
-                return self._module_weights.forward(self.module, self.space, coord.tolist(),
-                                                    map_tensors(copy_of, args), map_tensors(copy_of, kwargs))
-            except Exception:  # noqa: BLE001 — a weight read outside its module, or the model's own error (again below)
-                self._module_weights = None
         if self._reusing:
             state = self._state = self.space.state_at(coord.tolist(), out=self._state)
         else:
             state = self.space.state_at(coord.tolist())
+        copy_of = lambda t, _path: t.clone()  # noqa: E731 — in-place ops of the model stay here
         out = functional_call(self.module, {k: state[k] for k in self.keys}, map_tensors(copy_of, args),
                               map_tensors(copy_of, kwargs))
         if self._reusing:  # an output that is (a view of) a state tensor: the next point overwrites it

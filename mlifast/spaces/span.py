@@ -319,28 +319,21 @@ class Span:
             of origin[k] for the others. Same dtypes and devices as the origin.
         """
         c = self._coord_list(coord)
-        return {k: self._entry_at(k, c, None if out is None else out.get(k)) for k in self._origin}
-
-    def entry_at(self, key: str, coord: Any) -> Tensor:
-        """One entry of ``state_at(coord)``, computed alone into new memory (the same
-        values: a model's weights built one module at a time)."""
-        if key not in self._origin:
-            raise KeyError(f"{key!r} is not an entry of this {self.kind}.")
-        return self._entry_at(key, self._coord_list(coord), None)
-
-    def _entry_at(self, k: str, c: list[float], t: Tensor | None) -> Tensor:
-        o = self._origin[k]
-        if not (isinstance(t, Tensor) and t.shape == o.shape and t.dtype == o.dtype and t.device == o.device
-                and t.stride() == o.stride() and _distinct_memory(t, o)):
-            t = torch.empty_like(o, memory_format=torch.preserve_format)
-        d = self._directions.get(k)
-        if d is None:
-            t.copy_(o)
-        else:  # origin + c_0·d_0 in one pass over memory, as o.clone().add_(d_0, alpha=c_0) computes it
-            torch.add(o, d[0], alpha=c[0], out=t)
-            for j in range(1, len(c)):
-                t.add_(d[j], alpha=c[j])
-        return t
+        result = {}
+        for k, o in self._origin.items():
+            t = None if out is None else out.get(k)
+            if not (isinstance(t, Tensor) and t.shape == o.shape and t.dtype == o.dtype and t.device == o.device
+                    and t.stride() == o.stride() and _distinct_memory(t, o)):
+                t = torch.empty_like(o, memory_format=torch.preserve_format)
+            d = self._directions.get(k)
+            if d is None:
+                t.copy_(o)
+            else:  # origin + c_0·d_0 in one pass over memory, as o.clone().add_(d_0, alpha=c_0) computes it
+                torch.add(o, d[0], alpha=c[0], out=t)
+                for j in range(1, len(c)):
+                    t.add_(d[j], alpha=c[j])
+            result[k] = t
+        return result
 
     def coords_tensor(self, coords: Any) -> Tensor:
         """Normalise user coordinates to a float64 CPU tensor of shape (K, J), K ≥ 1.
