@@ -364,8 +364,31 @@ def test_the_probe_of_sizes_computes_no_linear_layer(monkeypatch):
         assert calls == [], factory.__name__
         unchecked = point_model.MultiPointModel.unchecked
         monkeypatch.setattr(point_model.MultiPointModel, "unchecked",
-                            lambda self, layout=False, sizes_only=False: unchecked(self, layout))
+                            lambda self, layout=False, sizes_only=False: unchecked(self, layout, False))
         computed = chunking.bytes_per_point(fast, x, forward, torch.device("cpu"))
         monkeypatch.setattr(point_model.MultiPointModel, "unchecked", unchecked)
         assert calls and point == computed, factory.__name__
+
+
+def test_a_model_raising_on_zeros_is_probed_with_its_values():
+    """The probe's zeros are not the model's values: where they make it raise, the probe
+    computes the linear layers, with the same sizes."""
+    from mlifast.engine import chunking
+
+    class RaisesOnZeros(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 16)
+
+        def forward(self, x):
+            h = self.fc(x)
+            if not bool(h.abs().sum() > 0):
+                raise ValueError("all-zero activations")
+            return h
+
+    model = RaisesOnZeros().double()
+    fast = mlifast.MultiPointModel(model, mlifast.Line(model, RaisesOnZeros().double()), 3)
+    point = chunking.bytes_per_point(fast, (torch.randn(8, 12, dtype=torch.float64),), lambda m, b: (m(*b), None),
+                                     torch.device("cpu"))
+    assert point.largest == 8 * 16 * 8
 

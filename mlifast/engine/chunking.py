@@ -78,23 +78,28 @@ def bytes_per_point(fast, batch: Any, forward, device: torch.device, dtype=None)
     channels-last while the layout is undecided on a device where they may travel so (the
     forms the passes will most likely take; where the first-call check then keeps the
     model's own layout, its activations may be some 10 % larger), or in the model's own
-    layout where that raises (a `.view` of an activation: LeNet)."""
+    layout where that raises (a `.view` of an activation: LeNet). Linear layers give zeros
+    of their shape uncomputed (PointContext.sizes_only), or their values where a model
+    raises on zeros."""
     saved = fast.coords
     fast.set_coords(saved[:1])
     batch = to_device(batch, device, dtype)
+    attempts = [(False, True), (False, False)]  # (images channels-last, sizes only)
+    if fast.images_channels_last is None and device.type in CHANNELS_LAST_DEVICES:
+        attempts.insert(0, (True, True))
     try:
-        if fast.images_channels_last is None and device.type in CHANNELS_LAST_DEVICES:
+        for layout, sizes_only in attempts[:-1]:
             try:
-                return _one_pass_bytes(fast, batch, forward, images_channels_last=True)
-            except Exception:  # noqa: BLE001 — the model's own layout may not raise
+                return _one_pass_bytes(fast, batch, forward, layout, sizes_only)
+            except Exception:  # noqa: BLE001 — the next attempt may not raise
                 pass
         # (outside the handler: the failed attempt's activations are freed, no chained traceback)
-        return _one_pass_bytes(fast, batch, forward, images_channels_last=False)
+        return _one_pass_bytes(fast, batch, forward, *attempts[-1])
     finally:
         fast.set_coords(saved)
 
 
-def _one_pass_bytes(fast, batch: Any, forward, images_channels_last: bool) -> PointBytes:
+def _one_pass_bytes(fast, batch: Any, forward, images_channels_last: bool, sizes_only: bool) -> PointBytes:
     activations, outputs, live, peak, largest = 0, 0, 0, 0, 0
     alive: set[int] = set()
 
@@ -133,7 +138,7 @@ def _one_pass_bytes(fast, batch: Any, forward, images_channels_last: bool) -> Po
     # real passes, and a probe of one point would check a shape no pass uses.
     handles = [m.register_forward_hook(count) for m in fast.model.modules()]
     try:
-        with torch.no_grad(), fast.unchecked(images_channels_last, sizes_only=True):
+        with torch.no_grad(), fast.unchecked(images_channels_last, sizes_only):
             forward(fast, batch)
     finally:
         for h in handles:
