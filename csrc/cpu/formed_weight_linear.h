@@ -15,6 +15,8 @@
 #include <cstring>
 #include <utility>
 
+#include "vector_width.h"
+
 #define MLIFAST_FORMED_INLINE __attribute__((always_inline)) inline
 
 namespace mlifast {
@@ -88,23 +90,6 @@ template <int Bytes>
 int64_t scratch_floats(const Job& j, bool takes_last_block) {
   constexpr int NB = tile_features<Bytes>();
   return ((j.J + 1) * j.I + (takes_last_block && j.O % NB != 0 ? j.K * j.R : 0)) * NB;
-}
-
-template <int Bytes>
-struct Vector {
-  typedef float type __attribute__((vector_size(Bytes)));
-};
-
-template <int Bytes>
-MLIFAST_FORMED_INLINE typename Vector<Bytes>::type load(const float* p) {
-  typename Vector<Bytes>::type v;
-  std::memcpy(&v, p, Bytes);
-  return v;
-}
-
-template <int Bytes>
-MLIFAST_FORMED_INLINE void store(float* p, typename Vector<Bytes>::type v) {
-  std::memcpy(p, &v, Bytes);
 }
 
 // Walks the next block's rows of the weight and its directions (planes, rows, cache

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 
 namespace mlifast {
 
@@ -15,6 +16,27 @@ inline int vector_bytes() {
   const char* asked = std::getenv("MLIFAST_VECTOR_BYTES");
   const int bytes = asked == nullptr ? widest : std::atoi(asked);
   return bytes == 16 || bytes == 32 || bytes == 64 ? std::min(bytes, widest) : widest;
+}
+
+// A vector of `Bytes` bytes of floats (GCC's vector extensions; a template argument of
+// such a type loses its attribute, so functions take Bytes and name the type from it),
+// and its unaligned load and store; compiled for the instruction set of the function they
+// are inlined into.
+template <int Bytes>
+struct Vector {
+  typedef float type __attribute__((vector_size(Bytes)));
+};
+
+template <int Bytes>
+__attribute__((always_inline)) inline typename Vector<Bytes>::type load(const float* p) {
+  typename Vector<Bytes>::type v;
+  std::memcpy(&v, p, Bytes);
+  return v;
+}
+
+template <int Bytes>
+__attribute__((always_inline)) inline void store(float* p, typename Vector<Bytes>::type v) {
+  std::memcpy(p, &v, Bytes);
 }
 
 }  // namespace mlifast

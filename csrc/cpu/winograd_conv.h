@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "vector_width.h"
+
 #ifndef MLIFAST_WINOGRAD_INLINE
 #define MLIFAST_WINOGRAD_INLINE __attribute__((always_inline)) inline
 #endif
@@ -77,12 +79,6 @@ constexpr int64_t kTiles = 48;  // tiles a block takes through the three steps (
 // the L1 cache (at 64 input channels the planes lay 3 × 4096 bytes apart).
 MLIFAST_WINOGRAD_INLINE int64_t plane_floats(int64_t row) { return kTiles * row + 16; }
 
-// A vector of `Bytes` bytes of floats (GCC's vector extensions; a template argument of
-// such a type loses its attribute, so functions take Bytes and name the type from it).
-template <int Bytes>
-struct Vector {
-  typedef float type __attribute__((vector_size(Bytes)));
-};
 #define MLIFAST_WINOGRAD_VECTOR typedef typename Vector<Bytes>::type Vec
 
 // As many doubles as Vector<Bytes> has floats.
@@ -90,18 +86,6 @@ template <int Bytes>
 struct Wide {
   typedef double type __attribute__((vector_size(2 * Bytes)));
 };
-
-template <int Bytes>
-MLIFAST_WINOGRAD_INLINE typename Vector<Bytes>::type load(const float* p) {
-  typename Vector<Bytes>::type v;
-  std::memcpy(&v, p, Bytes);
-  return v;
-}
-
-template <int Bytes>
-MLIFAST_WINOGRAD_INLINE void store(float* p, typename Vector<Bytes>::type v) {
-  std::memcpy(p, &v, Bytes);
-}
 
 // `step` to the compiler's eye changed on every pass of a channel loop: offsets made from
 // it are computed where used, not the α² of them hoisted out of the loop, where they took
