@@ -17,8 +17,6 @@
 
 #include "vector_width.h"
 
-#define MLIFAST_FORMED_INLINE __attribute__((always_inline)) inline
-
 namespace mlifast {
 namespace formed {
 
@@ -106,7 +104,7 @@ struct Prefetcher {
     o0 = first, rows = width, plane = row = line = 0;
     row_ptr = width > 0 ? w + o0 * I : nullptr;
   }
-  MLIFAST_FORMED_INLINE void step() {
+  MLIFAST_ALWAYS_INLINE void step() {
     if (row_ptr == nullptr) return;
     __builtin_prefetch(row_ptr + line * 16, 0, 2);
     if (++line < lines_per_row) return;
@@ -122,7 +120,7 @@ struct Prefetcher {
 // panels P_m lie `plane` floats apart, NB floats a row. C starts from what it holds;
 // `relu` clamps it at the end.
 template <int Bytes, int Rows, bool OneDirection>
-MLIFAST_FORMED_INLINE void multiply(const float* x, const float* panel, int64_t plane, int64_t depth,
+MLIFAST_ALWAYS_INLINE void multiply(const float* x, const float* panel, int64_t plane, int64_t depth,
                                     const float* c, int64_t J, float* C, int64_t ldc, bool relu,
                                     Prefetcher& pf, int64_t every) {
   typedef typename Vector<Bytes>::type Vec;
@@ -165,7 +163,7 @@ MLIFAST_FORMED_INLINE void multiply(const float* x, const float* panel, int64_t 
 }
 
 template <int Bytes, bool OneDirection>
-MLIFAST_FORMED_INLINE void multiply_rows(int rows, const float* x, const float* panel, int64_t plane,
+MLIFAST_ALWAYS_INLINE void multiply_rows(int rows, const float* x, const float* panel, int64_t plane,
                                          int64_t depth, const float* c, int64_t J, float* C, int64_t ldc,
                                          bool relu, Prefetcher& pf, int64_t every) {
 #define MLIFAST_FORMED_ROWS(n) \
@@ -194,7 +192,7 @@ MLIFAST_FORMED_INLINE void multiply_rows(int rows, const float* x, const float* 
 // each stage H = V/2, …, 1, rows a and a + H (bit H of a clear) swap their off-diagonal
 // H×H blocks. V·log2(V) two-vector shuffles (vpermt2ps at AVX-512): 4 per 16 floats.
 template <int Bytes, int H, std::size_t... M>
-MLIFAST_FORMED_INLINE void swap_blocks(typename Vector<Bytes>::type& a, typename Vector<Bytes>::type& b,
+MLIFAST_ALWAYS_INLINE void swap_blocks(typename Vector<Bytes>::type& a, typename Vector<Bytes>::type& b,
                                        std::index_sequence<M...>) {
   constexpr int V = Bytes / 4;
   const typename Vector<Bytes>::type x = a, y = b;
@@ -203,7 +201,7 @@ MLIFAST_FORMED_INLINE void swap_blocks(typename Vector<Bytes>::type& a, typename
 }
 
 template <int Bytes, int H = Bytes / 8>
-MLIFAST_FORMED_INLINE void transpose(typename Vector<Bytes>::type* r) {
+MLIFAST_ALWAYS_INLINE void transpose(typename Vector<Bytes>::type* r) {
   constexpr int V = Bytes / 4;
   for (int a = 0; a < V; ++a) {
     if ((a & H) == 0) swap_blocks<Bytes, H>(r[a], r[a + H], std::make_index_sequence<V>());
@@ -215,7 +213,7 @@ MLIFAST_FORMED_INLINE void transpose(typename Vector<Bytes>::type* r) {
 // panel[i, o] = src[(o0 + o)·I + i] for o < width, 0 for width ≤ o < NB: the weight's
 // rows o0… transposed, V×V blocks in registers where the compiler has the shuffles.
 template <int Bytes>
-MLIFAST_FORMED_INLINE void pack(float* panel, const float* src, int64_t I, int64_t o0, int64_t width) {
+MLIFAST_ALWAYS_INLINE void pack(float* panel, const float* src, int64_t I, int64_t o0, int64_t width) {
   constexpr int NB = tile_features<Bytes>();
   int64_t i0 = 0;
 #ifdef MLIFAST_FORMED_SHUFFLES
@@ -238,18 +236,18 @@ MLIFAST_FORMED_INLINE void pack(float* panel, const float* src, int64_t I, int64
 }
 
 // Output features [begin·NB, end·NB) of every point's rows, in blocks of NB. `scratch`:
-// scratch_floats<Bytes>(j) floats, this thread's own.
+// scratch_floats<Bytes>(j, end takes the last block) floats, this thread's own.
 template <int Bytes, bool OneDirection>
-MLIFAST_FORMED_INLINE void blocks_with(const Job& j, int64_t begin, int64_t end, float* scratch) {
+MLIFAST_ALWAYS_INLINE void blocks_with(const Job& j, int64_t begin, int64_t end, float* scratch) {
   constexpr int NB = tile_features<Bytes>();
   constexpr int MR = tile_rows<Bytes>();
   const int64_t I = j.I, O = j.O, plane = I * NB, rows = j.K * j.R;
   float* panel = scratch;
   float* partial = scratch + (j.J + 1) * plane;
-  const int64_t lines_per_row = (I + 15) / 16;
+  const int64_t lines_per_row = row_blocks(I, 16);
   Prefetcher pf{j.w, j.d, O, I, j.J + 1, lines_per_row};
   // Multiply-add steps a block takes, over the cache lines of a block's weights.
-  const int64_t every = std::max<int64_t>(1, I * j.K * ((j.R + MR - 1) / MR) / ((j.J + 1) * NB * lines_per_row));
+  const int64_t every = std::max<int64_t>(1, I * j.K * row_blocks(j.R, MR) / ((j.J + 1) * NB * lines_per_row));
   for (int64_t b = begin; b < end; ++b) {
     const int64_t o0 = b * NB, width = std::min<int64_t>(NB, O - o0);
     pf.start(o0 + NB, b + 1 < end ? std::min<int64_t>(NB, O - o0 - NB) : 0);
@@ -282,7 +280,7 @@ MLIFAST_FORMED_INLINE void blocks_with(const Job& j, int64_t begin, int64_t end,
 }
 
 template <int Bytes>
-MLIFAST_FORMED_INLINE void blocks(const Job& j, int64_t begin, int64_t end, float* scratch) {
+MLIFAST_ALWAYS_INLINE void blocks(const Job& j, int64_t begin, int64_t end, float* scratch) {
   if (j.J == 1) blocks_with<Bytes, true>(j, begin, end, scratch);
   else blocks_with<Bytes, false>(j, begin, end, scratch);
 }

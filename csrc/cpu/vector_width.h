@@ -5,6 +5,10 @@
 #include <cstdlib>
 #include <cstring>
 
+// A function inlined into its caller, and so compiled for the caller's instruction set
+// (the kernels keep one copy per set through `target` attributes).
+#define MLIFAST_ALWAYS_INLINE __attribute__((always_inline)) inline
+
 namespace mlifast {
 
 // In bytes: the widest this CPU has (64: AVX-512, 32: AVX2 with FMA, 16: the x86-64
@@ -20,22 +24,21 @@ inline int vector_bytes() {
 
 // A vector of `Bytes` bytes of floats (GCC's vector extensions; a template argument of
 // such a type loses its attribute, so functions take Bytes and name the type from it),
-// and its unaligned load and store; compiled for the instruction set of the function they
-// are inlined into.
+// and its unaligned load and store.
 template <int Bytes>
 struct Vector {
   typedef float type __attribute__((vector_size(Bytes)));
 };
 
 template <int Bytes>
-__attribute__((always_inline)) inline typename Vector<Bytes>::type load(const float* p) {
+MLIFAST_ALWAYS_INLINE typename Vector<Bytes>::type load(const float* p) {
   typename Vector<Bytes>::type v;
   std::memcpy(&v, p, Bytes);
   return v;
 }
 
 template <int Bytes>
-__attribute__((always_inline)) inline void store(float* p, typename Vector<Bytes>::type v) {
+MLIFAST_ALWAYS_INLINE void store(float* p, typename Vector<Bytes>::type v) {
   std::memcpy(p, &v, Bytes);
 }
 

@@ -21,7 +21,7 @@
 #include "vector_width.h"
 
 #ifndef MLIFAST_WINOGRAD_INLINE
-#define MLIFAST_WINOGRAD_INLINE __attribute__((always_inline)) inline
+#define MLIFAST_WINOGRAD_INLINE MLIFAST_ALWAYS_INLINE
 #endif
 // A lambda inlined into its caller (and so compiled for the caller's instruction set).
 #define MLIFAST_WINOGRAD_LAMBDA __attribute__((always_inline))
