@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "moments.h"
@@ -76,14 +77,25 @@ MLIFAST_WINOGRAD_INLINE void blocks(const Job& j, int64_t begin, int64_t end) {
   constexpr int A = Transforms<kM>::kAlpha;
   const int64_t v_floats = A * A * plane_floats(input_stride(j.g.in_channels));
   float* V = worker_scratch(v_floats + A * A * plane_floats(j.g.out_channels));
-  for (int64_t b = begin; b < end; ++b) {
+  // (block b's point, first tile, its tiles, and its images x, addend and y)
+  const auto block = [&](int64_t b) MLIFAST_WINOGRAD_LAMBDA {
     const int64_t k = b / j.blocks, first = b % j.blocks * kTiles, y_at = k * j.y_floats();
+    return std::make_tuple(k, first, std::min(kTiles, j.tiles - first), j.x + k * j.x_floats(),
+                           j.addend == nullptr ? nullptr : j.addend + y_at, j.y + y_at);
+  };
+  for (int64_t b = begin; b < end; ++b) {
+    const auto [k, first, tiles, x, addend, y] = block(b);
+    Ahead ahead;
+    if (b + 1 < end) {
+      const auto [k_, first_, tiles_, x_, addend_, y_] = block(b + 1);
+      ahead = block_ahead<kM>(x_, addend_, y_, j.g, first_, tiles_);
+    }
     const InputAffine affine{j.affine.scale == nullptr ? nullptr : j.affine.scale + k * j.affine_step,
                              j.affine.shift == nullptr ? nullptr : j.affine.shift + k * j.affine_step};
     convolve_block<kM, Bytes, P, kAdd, kRelu>(
-        j.x + k * j.x_floats(), affine, j.U + k * j.u_floats(), j.bias == nullptr ? nullptr : j.bias + k * j.g.out_channels,
-        j.addend == nullptr ? nullptr : j.addend + y_at, j.g, first, std::min(kTiles, j.tiles - first), V,
-        V + v_floats, j.y + y_at, j.moments == nullptr ? nullptr : j.moments + b * block_moment_doubles(j.g.out_channels));
+        x, affine, j.U + k * j.u_floats(), j.bias == nullptr ? nullptr : j.bias + k * j.g.out_channels, addend, j.g,
+        first, tiles, V, V + v_floats, y, j.moments == nullptr ? nullptr : j.moments + b * block_moment_doubles(j.g.out_channels),
+        ahead);
   }
 }
 
