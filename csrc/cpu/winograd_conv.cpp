@@ -17,10 +17,12 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
 
+#include "kept_scratch.h"
 #include "moments.h"
 #include "vector_width.h"
 #include "winograd_conv.h"
@@ -54,11 +56,11 @@ struct Job {
   }
 };
 
-// The calling worker's V and Mb (winograd::convolve_block), kept between calls.
+// The calling worker's V and Mb (winograd::convolve_block), kept between calls; 64-byte
+// aligned (ATen's allocator), so that no vector of them straddles two cache lines.
 float* worker_scratch(int64_t floats) {
-  static thread_local std::vector<float> kept;
-  if (int64_t(kept.size()) < floats) kept.resize(floats);
-  return kept.data();
+  static thread_local at::Tensor kept;
+  return kept_scratch(kept, {floats}, at::kFloat, std::numeric_limits<int64_t>::max()).data_ptr<float>();
 }
 
 // Rows [begin, end) of the K points' C_in rows of weight, point after point.
