@@ -13,11 +13,13 @@ from mlifast.engine import allocator
 
 pytestmark = pytest.mark.skipif(allocator._glibc() is None, reason="glibc's malloc only")
 
-# A process whose glibc thresholds are at their initial 128 KiB, then a churn of 1 MiB
-# tensors (what a pass through a CNN does per layer): the page faults of each step.
+# A process whose glibc thresholds are at their initial 128 KiB, then a churn of tensors
+# of SIZE floats (what a pass through a network does per layer): the page faults of each step.
 SCRIPT = textwrap.dedent("""
-    import resource, torch
+    import resource, sys, torch
     from mlifast.engine import allocator
+
+    size = int(sys.argv[1])
 
     libc = allocator._glibc()
     libc.mallopt(allocator.M_MMAP_THRESHOLD, 128 << 10)
@@ -30,7 +32,7 @@ SCRIPT = textwrap.dedent("""
 
     def churn():
         for _ in range(4):
-            tensors = [torch.ones(1 << 18) for _ in range(8)]
+            tensors = [torch.ones(size) for _ in range(8)]
             del tensors
 
     print(faults(churn))
@@ -40,10 +42,12 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_freed_memory_is_reused_inside_the_block():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True).stdout
+@pytest.mark.parametrize("mib", [1, 40])  # (40: above the largest mmap threshold glibc allows)
+def test_freed_memory_is_reused_inside_the_block(mib):
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(mib << 18)], capture_output=True, text=True,
+                         check=True).stdout
     outside, inside = map(int, out.split())
-    pages = 4 * 8 * (1 << 20) // 4096  # the churn's bytes in 4 KiB pages
+    pages = 4 * 8 * (mib << 20) // 4096  # the churn's bytes in 4 KiB pages
     assert outside >= pages // 2, out  # fresh pages for every tensor
     assert inside < pages // 50, out
 
@@ -76,8 +80,10 @@ def test_evaluate_keeps_freed_memory_for_the_whole_call_and_trims_once(monkeypat
         return model(batch[0]), batch[1]
 
     mlifast.evaluate(net, space, data, coords=3, metrics=(), progress=False, forward=evaluate_inside_a_pass)
-    assert libc.calls[:2] == [("mallopt", allocator.M_MMAP_THRESHOLD, allocator.MMAP_THRESHOLD),
-                              ("mallopt", allocator.M_TRIM_THRESHOLD, allocator.KEPT_BYTES)]
-    assert libc.calls[-2:] == [("mallopt", allocator.M_TRIM_THRESHOLD, 2 * allocator.MMAP_THRESHOLD),
+    assert libc.calls[:3] == [("mallopt", allocator.M_MMAP_THRESHOLD, allocator.MMAP_THRESHOLD),
+                              ("mallopt", allocator.M_TRIM_THRESHOLD, allocator.KEPT_BYTES),
+                              ("mallopt", allocator.M_MMAP_MAX, 0)]
+    assert libc.calls[-3:] == [("mallopt", allocator.M_MMAP_MAX, allocator.DEFAULT_MMAP_MAX),
+                               ("mallopt", allocator.M_TRIM_THRESHOLD, 2 * allocator.MMAP_THRESHOLD),
                                ("malloc_trim", 0)]
-    assert [c for c in libc.calls if c[0] != "nested"] == libc.calls[:2] + libc.calls[-2:]
+    assert [c for c in libc.calls if c[0] != "nested"] == libc.calls[:3] + libc.calls[-3:]
