@@ -1,10 +1,15 @@
 """The generic path: any module with moving tensors of its own and no fused rule.
 
-Runs the module once per active point, on that point's rows, with that point's values
-of its own tensors (torch.func.functional_call). Children keep answering through their
-own rules, restricted to the one point in flight. Correct for any module whose inputs
-and outputs carry the batch in `batch_dim` (0, or 1 for sequence-first RNNs); K× the
-calls of a fused rule.
+First once for all active points: the module's forward on all their rows, its own moving
+tensors standing for every point's value (`point_values.PointValues`, which computes the
+elementwise glue such tensors usually take part in: a position embedding added, a class
+token expanded, a LayerScale). Where the forward does anything else with them, the module
+is marked and the call runs again (MultiPointModel), with the module run once per active
+point from then on, on that point's rows, with that point's values of its own tensors
+(torch.func.functional_call). Children keep answering through their own rules, for all
+points or restricted to the one in flight. Correct for any module whose inputs and
+outputs carry the batch in `batch_dim` (0, or 1 for sequence-first RNNs); per point, K×
+the calls of a fused rule.
 """
 from __future__ import annotations
 
@@ -14,11 +19,23 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from mlifast.multipoint.point_values import PointValues, PointValuesRefused
 from mlifast.multipoint.rule import MultiPointRule
 from mlifast.multipoint.shared import materialize_all
+from mlifast.multipoint.trees import tensors_in
+
+
+# The most bytes of its own moving tensors a point that a module may have to run once for
+# all points: PointValues holds every active point's values at once, where glue is small
+# (a ViT-L's position embedding, 1 MB) and a weight that would be refused may not be.
+ALL_AT_ONCE_MAX_BYTES = 4 << 20
 
 
 class GenericRule(MultiPointRule):
+    # Whether the forward may run once for all points (see the module doc); False once
+    # it did something with its own tensors that PointValues refuses.
+    all_at_once: bool = True
+
     def batch_dims(self, args: tuple, kwargs: dict) -> tuple[list, dict]:
         """For each argument, the dim holding the batch (None: not split)."""
         return [0] * len(args), {name: 0 for name in kwargs}
@@ -28,6 +45,14 @@ class GenericRule(MultiPointRule):
 
     def forward(self, *args, **kwargs) -> Any:
         args, kwargs = materialize_all((args, kwargs))
+        if self._runs_all_at_once():
+            rows = self.context.num_active * self.context.batch_size
+            state = {name: PointValues(self.per_point(name), rows, self) for name in self.directions}
+            out = functional_call(self.inner, state, args, kwargs)
+            if any(isinstance(t, PointValues) for t in tensors_in(out)):  # (its own tensor, returned)
+                self.all_at_once = False
+                raise PointValuesRefused(f"'{self.path}' returns its own moving tensor")
+            return out
         k = self.context.num_active
         rows = k * self.context.batch_size
         arg_dims, kwarg_dims = self.batch_dims(args, kwargs)
@@ -45,8 +70,21 @@ class GenericRule(MultiPointRule):
         return _concat(outputs, self.output_dim, ())
 
 
+    def _runs_all_at_once(self) -> bool:
+        """Whether to try the forward once for all points: batch in dim 0, no derivatives
+        (PointValues computes outside autograd's view of the module's tensors)."""
+        context = self.context
+        if self.all_at_once and sum(self.origins[n].numel() * self.origins[n].element_size()
+                                    for n in self.directions) > ALL_AT_ONCE_MAX_BYTES:
+            self.all_at_once = False
+        return (self.all_at_once and bool(self.directions) and context.batch_dim == 0 and context.batch_size > 0
+                and not context.forward_mode and not torch.is_grad_enabled())
+
+
 class RecurrentRule(GenericRule):
     """nn.RNN / nn.LSTM / nn.GRU: input batch dim by batch_first, hidden states in dim 1."""
+
+    all_at_once = False  # (its forward hands its weights to the recurrence kernel: refused)
 
     def batch_dims(self, args, kwargs):
         first = 0 if self.inner.batch_first else 1

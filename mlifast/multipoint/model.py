@@ -15,6 +15,7 @@ from torch.nn.modules.conv import _ConvNd
 from mlifast.multipoint.context import PointContext
 from mlifast.multipoint.layers import BatchNormRule, InPlaceActivation, LinearRule
 from mlifast.multipoint.pending import Pending, PendingInputWritten, _versions
+from mlifast.multipoint.point_values import PointValuesRefused
 from mlifast.multipoint.reference import PerPointModel, alias_groups, first_disagreement, rounds_float32_to_tf32
 from mlifast.multipoint.registry import check_supported, rule_for
 from mlifast.multipoint.shared import SharedRows, SharedRowsWritten, materialize
@@ -367,6 +368,9 @@ class MultiPointModel(nn.Module):
         except PendingInputWritten:
             undo()
             self.context.defer_pending = False  # (it writes into activations a pending result read)
+            return self._run(args, kwargs, share_rows, copied=copied)
+        except PointValuesRefused:  # (the module that refused runs point by point from now on)
+            undo()
             return self._run(args, kwargs, share_rows, copied=copied)
 
 
