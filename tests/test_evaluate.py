@@ -49,15 +49,19 @@ def resnet_pair():
     return a, b
 
 
-@pytest.mark.parametrize("bn", ["interpolate", "recompute", "batch"])
-def test_bn_policies_match_the_loop(bn):
-    a, b = resnet_pair()
-    data = batches(n=14, batch=4, shape=(3, 8, 8))
+def assert_matches_the_loop(a, b, data, bn, coords=4):
+    """evaluate's loss and accuracy on the line a → b equal loop_evaluate's."""
     line = mlifast.Line(a, b)
-    res = mlifast.evaluate(a, line, data, coords=4, bn=bn, progress=False)
+    res = mlifast.evaluate(a, line, data, coords=coords, bn=bn, progress=False)
     losses, accs = loop_evaluate(a, line, data, res.alphas.tolist(), bn)
     torch.testing.assert_close(res["loss"], losses, rtol=1e-9, atol=0)
     torch.testing.assert_close(res["accuracy"], accs, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bn", ["interpolate", "recompute", "batch"])
+def test_bn_policies_match_the_loop(bn):
+    a, b = resnet_pair()
+    assert_matches_the_loop(a, b, batches(n=14, batch=4, shape=(3, 8, 8)), bn)
 
 
 def test_chunks_give_the_same_numbers():

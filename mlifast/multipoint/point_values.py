@@ -28,6 +28,7 @@ from torch import Tensor
 
 from mlifast.multipoint.pending import Pending
 from mlifast.multipoint.shared import materialize
+from mlifast.multipoint.trees import tensors_in
 
 
 class PointValuesRefused(Exception):
@@ -71,29 +72,19 @@ class PointValues(Tensor):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         args = tuple(_plain(a) for a in args)
-        owner = next(a._owner for a in args if isinstance(a, PointValues)) if any(
-            isinstance(a, PointValues) for a in args) else None
-        if not kwargs and len(args) == 2:
-            if func in _BINARY:
-                result = _binary(func, *args)
-            elif func in _IN_PLACE and not isinstance(args[0], PointValues):
-                result = _binary(func, *args)
-            else:
-                result = None
-            if result is not None:
-                return result
-        if func in (Tensor.expand,) and isinstance(args[0], PointValues) and not kwargs:
+        glue = not kwargs and any(isinstance(a, PointValues) for a in args)
+        result = None
+        if glue and len(args) == 2 and (func in _BINARY or (func in _IN_PLACE and not isinstance(args[0], PointValues))):
+            result = _binary(func, *args)
+        elif glue and func is Tensor.expand and isinstance(args[0], PointValues):
             result = args[0]._expanded(args[1:])
-            if result is not None:
-                return result
-        if owner is None:  # (a PointValues only in kwargs or nested: refused below)
-            owner = next((t._owner for t in _tensors(kwargs) if isinstance(t, PointValues)), None)
-        _refuse(owner, func)
+        if result is None:
+            _refuse(next(t._owner for t in tensors_in((args, kwargs)) if isinstance(t, PointValues)), func)
+        return result
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # (operators reached from C++)
-        owner = next((t._owner for t in _tensors((args, kwargs)) if isinstance(t, PointValues)), None)
-        _refuse(owner, func)
+        _refuse(next(t._owner for t in tensors_in((args, kwargs)) if isinstance(t, PointValues)), func)
 
     def _aligned(self, ndim: int) -> Tensor:
         """values as (K_active, 1, …): S padded with leading 1s to `ndim` dimensions, whose
@@ -161,21 +152,7 @@ def _plain(value: Any) -> Any:
     return materialize(value) if isinstance(value, Tensor) and not isinstance(value, PointValues) else value
 
 
-def _tensors(tree: Any) -> list:
-    found, stack = [], [tree]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, Tensor):
-            found.append(value)
-        elif isinstance(value, (tuple, list)):
-            stack.extend(value)
-        elif isinstance(value, dict):
-            stack.extend(value.values())
-    return found
-
-
 def _refuse(owner: Any, func) -> None:
-    if owner is not None:
-        owner.all_at_once = False
+    owner.all_at_once = False
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     raise PointValuesRefused(f"{name} on a module's own moving tensor")
