@@ -185,6 +185,36 @@ def test_multihead_attention_weights_and_masks(batch_first):
         assert rel_err(out[0][i], o) < 1e-9 and rel_err(out[1][i], w) < 1e-9
 
 
+@pytest.mark.parametrize("masks", ["none", "causal", "bool", "float", "padding", "padding+causal"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_without_weights_takes_the_fused_kernel(batch_first, masks, monkeypatch):
+    torch.manual_seed(0)
+    a, b = (nn.MultiheadAttention(8, 2, batch_first=batch_first).double().eval() for _ in range(2))
+    x = torch.randn(3, 6, 8, dtype=torch.float64)
+    x = x if batch_first else x.transpose(0, 1)
+    g = torch.Generator().manual_seed(1)
+    kwargs = {"need_weights": False}
+    if masks in ("causal", "padding+causal"):
+        kwargs.update(attn_mask=nn.Transformer.generate_square_subsequent_mask(6, dtype=torch.float64), is_causal=True)
+    if masks == "bool":
+        kwargs["attn_mask"] = torch.rand(6, 6, generator=g) < 0.3
+        kwargs["attn_mask"].fill_diagonal_(False)
+    if masks == "float":
+        kwargs["attn_mask"] = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    if masks.startswith("padding"):
+        kwargs["key_padding_mask"] = torch.tensor([[False] * 6, [False] * 4 + [True] * 2, [False] * 5 + [True]])
+    line, coords = mlifast.Line(a, b), torch.tensor([0.0, 0.3, 1.0])
+    expected = oracle_outputs(a, line, coords, x, x, x, **kwargs)
+    fused = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kw: fused.append(1) or sdpa(*args, **kw))
+    out, weights = mlifast.interpolate(a, line, coords, batch_dim=0 if batch_first else 1)(x, x, x, **kwargs)
+    assert weights is None and fused
+    for i, (o, _) in enumerate(expected):
+        assert rel_err(out[i], o) < 1e-9
+
+
 def test_frozen_batch_norm_in_train_mode_leaves_the_space_untouched():
     a, b = pair(ResNet20, torch.float64)
     b.bn1.load_state_dict(a.bn1.state_dict())  # the first BN does not move: a plain module in the copy

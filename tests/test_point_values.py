@@ -1,6 +1,8 @@
 """A module's own moving tensors used as glue (a ViT's class token and position embedding,
 a LayerScale) run once for all points (PointValues), against the one-point oracle; what
 PointValues refuses runs point by point, with the same results."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,3 +163,57 @@ def test_gradients_take_the_point_by_point_path():
     sum(o.sum() for o in expected).backward()
     assert x2.grad.abs().max() > 0.01
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-12)
+
+
+class OwnCode(nn.Module):
+    """A module whose own code does `step` with its own tensors g (shape `g`) and a child fc."""
+
+    def __init__(self, step, g=(6,)):
+        super().__init__()
+        self.step, self.fc = step, nn.Linear(6, 6)
+        self.g = nn.Parameter(torch.randn(*g))
+
+    def forward(self, x):
+        return self.step(self, x)
+
+
+HARD_CASES = {  # name: (step, shape of g, input shape); K = 4 points
+    # the batch's rows mixed by the module's own code: all points' rows, run at once
+    "batch_statistics": (lambda m, x: (x - x.mean(0)) / (x.var(0) + 1e-5).sqrt() * m.g, (6,), (3, 6)),
+    "batch_sum": (lambda m, x: m.fc(x) + x.sum(0) * m.g, (6,), (3, 6)),
+    "flip_batch": (lambda m, x: m.fc(x).flip(0) + m.g, (6,), (3, 6)),
+    # a dimension of K·B = 12 that is not the batch
+    "sequence_first_scale": (lambda m, x: (m.fc(x).transpose(0, 1) * m.g).transpose(0, 1), (6,), (3, 12, 6)),
+    "sequence_first_in_place": (lambda m, x: m.fc(x).transpose(0, 1).mul_(m.g).transpose(0, 1), (6,), (3, 12, 6)),
+    "sequence_first_bias": (lambda m, x: (m.fc(x).transpose(0, 1) + m.g).transpose(0, 1), (3, 6), (3, 12, 6)),
+    "constant_of_k_b_rows": (lambda m, x: m.fc(x) + (m.g + torch.ones(12, 6, dtype=x.dtype)).sum(0), (6,), (3, 6)),
+    # an activation without the batch in dim 0 (windows): K of it would be held
+    "windows": (lambda m, x: (m.fc(x).reshape(-1, 2, 6) * m.g).reshape(x.shape[0], -1, 6), (6,), (3, 4, 6)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HARD_CASES))
+def test_what_glue_cannot_see_is_caught_by_the_first_call_check(name):
+    step, g, shape = HARD_CASES[name]
+    a, b = pair(lambda: OwnCode(step, g))
+    line, coords = mlifast.Line(a, b), torch.linspace(0, 1, 4)
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    expected = oracle_outputs(a, line, coords, x)
+    fast = mlifast.interpolate(a, line, coords)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no fallback of the whole model to one point at a time)
+        with torch.no_grad():
+            out = fast(x)
+    for k, e in enumerate(expected):
+        assert rel_err(out[k], e) < 1e-12, k
+
+
+def test_never_all_at_once_without_a_check():
+    """Active dropout makes the first-call check impossible: generic modules run per point."""
+    a, b = pair(lambda: nn.Sequential(TinyViT(), nn.Dropout(0.5)))
+    a.train()
+    fast = mlifast.interpolate(a, mlifast.Line(a, b), torch.linspace(0, 1, 3))
+    TinyViT.calls = 0
+    with torch.no_grad():
+        fast(torch.randn(2, 5, 8, dtype=torch.float64))
+    assert TinyViT.calls == 3

@@ -54,6 +54,10 @@ class PointContext:
     sizes_only: True while a probe measures activation sizes (chunking.bytes_per_point):
         linear layers at points then give zeros of their output's shape, uncomputed (W3's
         probe read all 2.55 GB of weights and directions for values nobody looks at).
+    glue_all_at_once: whether generic modules run their forward once for all points, their
+        own tensors as PointValues (generic.py); only once a first-call check found that it
+        agrees with the model (a module's own code may mix the rows of its batch, which then
+        holds every point's), so never in a model whose dropout makes checks impossible.
     bn_mode: "running" — running statistics of each point (interpolated or recomputed);
         "batch" — per-point batch statistics; "collect" — per-point batch statistics,
         also accumulated as running statistics (the "recompute" policy's pass).
@@ -71,6 +75,7 @@ class PointContext:
     grouped: bool = False
     defer_pending: bool = True
     sizes_only: bool = False
+    glue_all_at_once: bool = False
     _kept: dict = field(default_factory=dict, repr=False)
     _active_coeffs: tuple | None = field(default=None, repr=False)
     _indices: Tensor | None = field(default=None, repr=False)

@@ -6,7 +6,10 @@ elementwise glue such tensors usually take part in: a position embedding added, 
 token expanded, a LayerScale). Where the forward does anything else with them, the module
 is marked and the call runs again (MultiPointModel), with the module run once per active
 point from then on, on that point's rows, with that point's values of its own tensors
-(torch.func.functional_call). Children keep answering through their own rules, for all
+(torch.func.functional_call). What PointValues cannot see is the module's own code mixing
+the rows of its batch (a statistic over dim 0), which would then mix the points': so
+modules run once for all points only where a first-call check found that the model agrees
+(`PointContext.glue_all_at_once`; else the check tries again with them point by point). Children keep answering through their own rules, for all
 points or restricted to the one in flight. Correct for any module whose inputs and
 outputs carry the batch in `batch_dim` (0, or 1 for sequence-first RNNs); per point, K×
 the calls of a fused rule.
@@ -71,9 +74,12 @@ class GenericRule(MultiPointRule):
 
 
     def _runs_all_at_once(self) -> bool:
-        """Whether to try the forward once for all points: batch in dim 0, no derivatives
+        """Whether to try the forward once for all points: where a first-call check has found
+        that it agrees (PointContext.glue_all_at_once), batch in dim 0, no derivatives
         (PointValues computes outside autograd's view of the module's tensors)."""
         context = self.context
+        if not context.glue_all_at_once:
+            return False
         if self.all_at_once and sum(self.origins[n].numel() * self.origins[n].element_size()
                                     for n in self.directions) > ALL_AT_ONCE_MAX_BYTES:
             self.all_at_once = False

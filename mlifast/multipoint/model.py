@@ -13,6 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from mlifast.multipoint.context import PointContext
+from mlifast.multipoint.generic import GenericRule
 from mlifast.multipoint.layers import BatchNormRule, InPlaceActivation, LinearRule
 from mlifast.multipoint.pending import Pending, PendingInputWritten, _versions
 from mlifast.multipoint.point_values import PointValuesRefused
@@ -252,8 +253,10 @@ class MultiPointModel(nn.Module):
         then inputs repeated for each point; within each, 1-d embedding indices as rows,
         then the same for every example (PointContext.flat_indices_shared; the other way
         round with `indices_shared_first`, and only the latter once a check found it);
-        within each, images channels-last, then in the model's own layout. Sets the flags
-        for the next attempt and yields whether it shares rows.
+        within each, images channels-last, then in the model's own layout; within each,
+        generic modules once for all points, then point by point
+        (PointContext.glue_all_at_once). Sets the flags for the next attempt and yields
+        whether it shares rows.
 
         Indices shared come before inputs repeated: indices read as rows are a guess from
         a length that is a multiple of K·B (nanoGPT's position ids), the likelier culprit
@@ -272,8 +275,12 @@ class MultiPointModel(nn.Module):
                     if not images and images_start and not self._images_converted:
                         break  # (no image went channels-last: the same again)
                     self.images_channels_last = images
-                    yield share
-                    seen_flat = seen_flat or context.flat_indices_fit_rows
+                    for glue in (True, False):
+                        if not glue and not any(isinstance(m, GenericRule) and m.all_at_once for m in self.rules()):
+                            break  # (no module ran its own tensors for all points: the same again)
+                        context.glue_all_at_once = glue
+                        yield share
+                        seen_flat = seen_flat or context.flat_indices_fit_rows
 
     def _run_points(self, args: tuple, kwargs: dict, share_rows: bool) -> Any:
         """Outputs (K, …) for every point: the copied model run on all points at once, or

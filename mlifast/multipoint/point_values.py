@@ -21,6 +21,7 @@ MultiPointModel then runs the call again (nothing computed so far is kept).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -74,10 +75,13 @@ class PointValues(Tensor):
         args = tuple(_plain(a) for a in args)
         glue = not kwargs and any(isinstance(a, PointValues) for a in args)
         result = None
-        if glue and len(args) == 2 and (func in _BINARY or (func in _IN_PLACE and not isinstance(args[0], PointValues))):
-            result = _binary(func, *args)
-        elif glue and func is Tensor.expand and isinstance(args[0], PointValues):
-            result = args[0]._expanded(args[1:])
+        try:
+            if glue and len(args) == 2 and (func in _BINARY or (func in _IN_PLACE and not isinstance(args[0], PointValues))):
+                result = _binary(func, *args)
+            elif glue and func is Tensor.expand and isinstance(args[0], PointValues):
+                result = args[0]._expanded(args[1:])
+        except RuntimeError:  # (shapes that do not broadcast as glue: the model's own error, point by point)
+            result = None
         if result is None:
             _refuse(next(t._owner for t in tensors_in((args, kwargs)) if isinstance(t, PointValues)), func)
         return result
@@ -136,7 +140,12 @@ def _binary(func, a: Any, b: Any) -> Tensor | None:
         return None  # (into a PointValues; or rows S does not broadcast over)
     if not isinstance(other, (Tensor, int, float, bool)):
         return None
-    # PointValues again: the values against the other's values, a number or a constant
+    # PointValues again: the values against the other's values, a number or a constant, no
+    # larger than its own tensors (K of those are held: not K activations' worth)
+    shapes = [tuple(t.shape) for t in (a, b) if isinstance(t, Tensor)]
+    own = max(math.prod(t.shape) for t in (a, b) if isinstance(t, PointValues))
+    if math.prod(torch.broadcast_shapes(*shapes)) > own:
+        return None
     ndim = max(t.dim() if isinstance(t, Tensor) else 0 for t in (a, b))
 
     def lifted(t):
