@@ -9,8 +9,9 @@ point from then on, on that point's rows, with that point's values of its own te
 (torch.func.functional_call). What PointValues cannot see is the module's own code mixing
 the rows of its batch (a statistic over dim 0), which would then mix the points': so
 modules run once for all points only where a first-call check found that the model agrees
-(`PointContext.glue_all_at_once`; else the check tries again with them point by point). Children keep answering through their own rules, for all
-points or restricted to the one in flight. Correct for any module whose inputs and
+(`PointContext.glue_all_at_once`; else the check tries again with them point by point).
+Children keep answering through their own rules, for all points or restricted to the one
+in flight. Correct for any module whose inputs and
 outputs carry the batch in `batch_dim` (0, or 1 for sequence-first RNNs); per point, K×
 the calls of a fused rule.
 """
@@ -48,16 +49,15 @@ class GenericRule(MultiPointRule):
 
     def forward(self, *args, **kwargs) -> Any:
         args, kwargs = materialize_all((args, kwargs))
+        k = self.context.num_active
+        rows = k * self.context.batch_size
         if self._runs_all_at_once():
-            rows = self.context.num_active * self.context.batch_size
             state = {name: PointValues(self.per_point(name), rows, self) for name in self.directions}
             out = functional_call(self.inner, state, args, kwargs)
             if any(isinstance(t, PointValues) for t in tensors_in(out)):  # (its own tensor, returned)
                 self.all_at_once = False
                 raise PointValuesRefused(f"'{self.path}' returns its own moving tensor")
             return out
-        k = self.context.num_active
-        rows = k * self.context.batch_size
         arg_dims, kwarg_dims = self.batch_dims(args, kwargs)
         split_args = [_split(a, d, k, rows) for a, d in zip(args, arg_dims)]
         split_kwargs = {n: _split(v, kwarg_dims[n], k, rows) for n, v in kwargs.items()}
@@ -72,19 +72,16 @@ class GenericRule(MultiPointRule):
                 ))
         return _concat(outputs, self.output_dim, ())
 
-
     def _runs_all_at_once(self) -> bool:
         """Whether to try the forward once for all points: where a first-call check has found
-        that it agrees (PointContext.glue_all_at_once), batch in dim 0, no derivatives
-        (PointValues computes outside autograd's view of the module's tensors)."""
+        that it agrees (PointContext.glue_all_at_once), own moving tensors within
+        ALL_AT_ONCE_MAX_BYTES, batch in dim 0, no derivatives (PointValues computes outside
+        autograd's view of the module's tensors)."""
         context = self.context
-        if not context.glue_all_at_once:
-            return False
-        if self.all_at_once and sum(self.origins[n].numel() * self.origins[n].element_size()
-                                    for n in self.directions) > ALL_AT_ONCE_MAX_BYTES:
-            self.all_at_once = False
-        return (self.all_at_once and bool(self.directions) and context.batch_dim == 0 and context.batch_size > 0
-                and not context.forward_mode and not torch.is_grad_enabled())
+        own_bytes = sum(self.origins[n].numel() * self.origins[n].element_size() for n in self.directions)
+        return (context.glue_all_at_once and self.all_at_once and 0 < own_bytes <= ALL_AT_ONCE_MAX_BYTES
+                and context.batch_dim == 0 and context.batch_size > 0 and not context.forward_mode
+                and not torch.is_grad_enabled())
 
 
 class RecurrentRule(GenericRule):

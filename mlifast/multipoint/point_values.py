@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mlifast.multipoint.pending import Pending
+from mlifast.multipoint.pending import _METADATA, _PROPERTIES, Pending
 from mlifast.multipoint.shared import materialize
 from mlifast.multipoint.trees import tensors_in
 
@@ -44,8 +44,6 @@ _BINARY = {
 }
 _IN_PLACE = {Tensor.__iadd__, Tensor.__isub__, Tensor.__imul__, Tensor.__itruediv__,
              Tensor.add_, Tensor.sub_, Tensor.mul_, Tensor.div_}
-_METADATA = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.element_size, Tensor.is_floating_point, Tensor.__len__}
-_PROPERTIES = {"shape", "dtype", "device", "ndim", "is_cpu", "is_cuda", "requires_grad", "layout"}
 
 
 class PointValues(Tensor):
