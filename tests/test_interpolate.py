@@ -215,6 +215,31 @@ def test_multihead_attention_without_weights_takes_the_fused_kernel(batch_first,
         assert rel_err(out[i], o) < 1e-9
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("geometry", [dict(), dict(stride=2), dict(dilation=2, padding=2), dict(bias=False),
+                                      dict(kernel_size=(1, 3), padding=(0, 1))])
+def test_wide_convolutions_at_few_positions_as_products_of_patches(geometry, dtype, monkeypatch):
+    """128 → 128 channels on 4 × 4 images: each point's patches through multipoint_linear."""
+    from mlifast.multipoint import layers
+
+    conv = dict(kernel_size=3, padding=1) | geometry
+    factory = lambda: nn.Sequential(nn.Conv2d(128, 128, **conv), nn.BatchNorm2d(128), nn.ReLU(),  # noqa: E731
+                                    nn.Conv2d(128, 128, 3, padding=1), nn.Flatten(), nn.Linear(128 * 16, 3)
+                                    if conv.get("stride", 1) == 1 else nn.LazyLinear(3))
+    torch.manual_seed(0)
+    x = torch.randn(2, 128, 4, 4, dtype=dtype)
+    a, b = factory(), factory()
+    a(x.float()), b(x.float())  # (a lazy layer takes its shape)
+    a, b = randomize_bn(a, 0).to(dtype).eval(), randomize_bn(b, 1).to(dtype).eval()
+    unfolded = []
+    original = layers.ConvRule._by_unfolded_patches
+    monkeypatch.setattr(layers.ConvRule, "_by_unfolded_patches",
+                        lambda self, rows: unfolded.append(1) or original(self, rows))
+    with torch.no_grad():
+        check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.4, 1.0, 1.3]), x, dtype=dtype)
+    assert unfolded
+
+
 def test_frozen_batch_norm_in_train_mode_leaves_the_space_untouched():
     a, b = pair(ResNet20, torch.float64)
     b.bn1.load_state_dict(a.bn1.state_dict())  # the first BN does not move: a plain module in the copy

@@ -211,13 +211,50 @@ class ConvRule(AffineInParamsRule):
         return (conv.in_channels // conv.groups * conv.out_channels >= self.PER_POINT_LARGE_CHANNEL_PAIRS
                 or winograd_takes(conv, x, self.context.num_active))
 
+    # Where a point has too few positions to go through the layer on its own, a 2-d
+    # convolution of this many input × output channels or more is a linear layer of each
+    # point's unfolded patches (`multipoint_linear`: one product a point, the weight formed
+    # in registers), not the J + 1 convolutions over every point's rows. ResNet-18's 3 × 3
+    # convolutions at 2 × 2 and 4 × 4 (64 px inputs, batch 16: 64 and 256 positions a
+    # point): K = 8, 512 channels, 64 rows a point 13.8 against 47 ms (a survey, BENCHMARKS.md).
+    UNFOLDED_MIN_CHANNEL_PAIRS = 128 * 128
+
+    def _unfolded(self, x: Tensor) -> bool:
+        """Whether the layer runs as a linear layer of each point's patches (see above)."""
+        conv = self.inner
+        return (type(conv) is nn.Conv2d and conv.groups == 1 and conv.padding_mode == "zeros"
+                and not isinstance(conv.padding, str) and x.dim() == 4 and not x.is_complex()
+                and conv.in_channels * conv.out_channels >= self.UNFOLDED_MIN_CHANNEL_PAIRS)
+
+    def _by_unfolded_patches(self, x: Tensor) -> Tensor:
+        """(K·B, C_out, H', W') by multipoint_linear on each point's (B·H'·W', C_in·kh·kw)
+        patches; channels-last, as the product gives it."""
+        conv, k = self.inner, self.context.num_active
+        patches = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (K·B, C_in·kh·kw, L)
+        n, features, positions = patches.shape
+        rows = patches.transpose(1, 2).reshape(k, n // k * positions, features)
+        weight, weight_dirs = self.origin("weight"), self.directions.get("weight")
+        y = linear_at_points(self.context, rows, weight.reshape(weight.shape[0], -1), self.origin("bias"),
+                             None if weight_dirs is None else weight_dirs.flatten(2), self.directions.get("bias"))
+        h, w = (_conv_output_size(size, conv, d) for d, size in enumerate(x.shape[2:]))
+        return y.reshape(n, h, w, conv.out_channels).permute(0, 3, 1, 2)
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if isinstance(x, SharedRows) or args or kwargs or not one_point_per_call(x) or not self._per_point(x):
+        if isinstance(x, SharedRows) or args or kwargs or not one_point_per_call(x):
+            return super().forward(x, *args, **kwargs)
+        if not self._per_point(x):
+            if self._unfolded(x):
+                return self._by_unfolded_patches(x.materialize() if isinstance(x, Pending) else x)
             return super().forward(x, *args, **kwargs)
         weight, bias = self.per_point("weight"), self.per_point("bias")
         pending = PendingConvolution.of(self.inner, x, weight, bias)
         # (a batch norm, a residual addition and a ReLU after it join it)
         return pending if self.context.may_defer(*pending.inputs, weight, bias) else pending.result()
+
+
+def _conv_output_size(size: int, conv: nn.Module, d: int) -> int:
+    """The output size of `conv` along spatial dimension d of an input `size` long."""
+    return (size + 2 * conv.padding[d] - conv.dilation[d] * (conv.kernel_size[d] - 1) - 1) // conv.stride[d] + 1
 
 
 class EmbeddingRule(AffineInParamsRule):
