@@ -217,3 +217,18 @@ def test_never_all_at_once_without_a_check():
     with torch.no_grad():
         fast(torch.randn(2, 5, 8, dtype=torch.float64))
     assert TinyViT.calls == 3
+
+
+def test_refusals_happen_in_the_probe_of_one_point(monkeypatch):
+    """evaluate's probe of activation sizes (one point) meets a module's refusal, not the
+    first-call check's K-point call, which would run again for each refusing module."""
+    from mlifast.multipoint import point_values
+
+    refused_at = []
+    refuse = point_values._refuse
+    monkeypatch.setattr(point_values, "_refuse",
+                        lambda owner, func: refused_at.append(owner.context.num_active) or refuse(owner, func))
+    a, b = pair(lambda: nn.Sequential(RefusedGlue(), RefusedGlue(), nn.Linear(6, 3)))
+    data = [(torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))) for _ in range(2)]
+    assert_matches_the_loop(a, b, data, "interpolate")
+    assert refused_at == [1, 1]
