@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from mlifast.multipoint.combination import PendingCombination, SharedProducts
 from mlifast.multipoint.context import fold, rows_for_every_example, unfold
-from mlifast.multipoint.pending import Pending, PendingAffine, PendingConvolution, winograd_takes
+from mlifast.multipoint.pending import Pending, PendingAffine, PendingConvolution, _output_shape, winograd_takes
 from mlifast.multipoint.relu_line import PendingLine
 from mlifast.multipoint.rule import MultiPointRule
 from mlifast.multipoint.shared import SharedRows
@@ -236,8 +236,8 @@ class ConvRule(AffineInParamsRule):
         weight, weight_dirs = self.origin("weight"), self.directions.get("weight")
         y = linear_at_points(self.context, rows, weight.reshape(weight.shape[0], -1), self.origin("bias"),
                              None if weight_dirs is None else weight_dirs.flatten(2), self.directions.get("bias"))
-        h, w = (_conv_output_size(size, conv, d) for d, size in enumerate(x.shape[2:]))
-        return y.reshape(n, h, w, conv.out_channels).permute(0, 3, 1, 2)
+        _, c_out, h, w = _output_shape(conv, tuple(x.shape))
+        return y.reshape(n, h, w, c_out).permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if isinstance(x, SharedRows) or args or kwargs or not one_point_per_call(x):
@@ -250,11 +250,6 @@ class ConvRule(AffineInParamsRule):
         pending = PendingConvolution.of(self.inner, x, weight, bias)
         # (a batch norm, a residual addition and a ReLU after it join it)
         return pending if self.context.may_defer(*pending.inputs, weight, bias) else pending.result()
-
-
-def _conv_output_size(size: int, conv: nn.Module, d: int) -> int:
-    """The output size of `conv` along spatial dimension d of an input `size` long."""
-    return (size + 2 * conv.padding[d] - conv.dilation[d] * (conv.kernel_size[d] - 1) - 1) // conv.stride[d] + 1
 
 
 class EmbeddingRule(AffineInParamsRule):
