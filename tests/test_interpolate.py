@@ -185,7 +185,7 @@ def test_multihead_attention_weights_and_masks(batch_first):
         assert rel_err(out[0][i], o) < 1e-9 and rel_err(out[1][i], w) < 1e-9
 
 
-@pytest.mark.parametrize("masks", ["none", "causal", "bool", "float", "padding", "padding+causal"])
+@pytest.mark.parametrize("masks", ["none", "causal", "bool", "float", "per_head", "padding", "padding+causal"])
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_multihead_attention_without_weights_takes_the_fused_kernel(batch_first, masks, monkeypatch):
     torch.manual_seed(0)
@@ -201,6 +201,8 @@ def test_multihead_attention_without_weights_takes_the_fused_kernel(batch_first,
         kwargs["attn_mask"].fill_diagonal_(False)
     if masks == "float":
         kwargs["attn_mask"] = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    if masks == "per_head":  # (B·H, L, S)
+        kwargs["attn_mask"] = torch.randn(3 * 2, 6, 6, generator=g, dtype=torch.float64)
     if masks.startswith("padding"):
         kwargs["key_padding_mask"] = torch.tensor([[False] * 6, [False] * 4 + [True] * 2, [False] * 5 + [True]])
     line, coords = mlifast.Line(a, b), torch.tensor([0.0, 0.3, 1.0])
@@ -215,6 +217,13 @@ def test_multihead_attention_without_weights_takes_the_fused_kernel(batch_first,
         assert rel_err(out[i], o) < 1e-9
 
 
+class ViewFlat(nn.Module):
+    """x.view(B, -1): what a classic CNN head does to a contiguous convolution output."""
+
+    def forward(self, x):
+        return x.view(x.shape[0], -1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("geometry", [dict(), dict(stride=2), dict(dilation=2, padding=2), dict(bias=False),
                                       dict(kernel_size=(1, 3), padding=(0, 1))])
@@ -224,7 +233,7 @@ def test_wide_convolutions_at_few_positions_as_products_of_patches(geometry, dty
 
     conv = dict(kernel_size=3, padding=1) | geometry
     factory = lambda: nn.Sequential(nn.Conv2d(128, 128, **conv), nn.BatchNorm2d(128), nn.ReLU(),  # noqa: E731
-                                    nn.Conv2d(128, 128, 3, padding=1), nn.Flatten(), nn.Linear(128 * 16, 3)
+                                    nn.Conv2d(128, 128, 3, padding=1), ViewFlat(), nn.Linear(128 * 16, 3)
                                     if conv.get("stride", 1) == 1 else nn.LazyLinear(3))
     torch.manual_seed(0)
     x = torch.randn(2, 128, 4, 4, dtype=dtype)

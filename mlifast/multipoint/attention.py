@@ -108,6 +108,8 @@ def _additive_mask(attn_mask, key_padding_mask, is_causal, n, heads, tgt_len, sr
         attn_mask = torch.ones(tgt_len, src_len, dtype=torch.bool, device=like.device).triu(1)
     if attn_mask is not None:
         m = _as_float(attn_mask, like)
+        if m.dim() == 3 and m.shape[0] != n * heads and n * heads % m.shape[0] == 0:
+            m = m.repeat(n * heads // m.shape[0], 1, 1)  # (one (B·H, L, S) mask for every point)
         total = total + (m.reshape(n, heads, tgt_len, src_len) if m.dim() == 3 else m)
     if key_padding_mask is not None:
         padding = _as_float(key_padding_mask, like)

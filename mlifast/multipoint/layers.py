@@ -22,7 +22,8 @@ from torch.func import functional_call
 
 from mlifast.multipoint.combination import PendingCombination, SharedProducts
 from mlifast.multipoint.context import fold, rows_for_every_example, unfold
-from mlifast.multipoint.pending import Pending, PendingAffine, PendingConvolution, _output_shape, winograd_takes
+from mlifast.multipoint.pending import (Pending, PendingAffine, PendingConvolution, _channels_last, _output_shape,
+                                       winograd_takes)
 from mlifast.multipoint.relu_line import PendingLine
 from mlifast.multipoint.rule import MultiPointRule
 from mlifast.multipoint.shared import SharedRows
@@ -228,7 +229,8 @@ class ConvRule(AffineInParamsRule):
 
     def _by_unfolded_patches(self, x: Tensor) -> Tensor:
         """(K·B, C_out, H', W') by multipoint_linear on each point's (B·H'·W', C_in·kh·kw)
-        patches; channels-last, as the product gives it."""
+        patches, in the layout the convolution gives (channels-last for channels-last x: as
+        the product gives it; else contiguous, which a model's `.view` may rely on)."""
         conv, k = self.inner, self.context.num_active
         patches = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (K·B, C_in·kh·kw, L)
         n, features, positions = patches.shape
@@ -237,7 +239,8 @@ class ConvRule(AffineInParamsRule):
         y = linear_at_points(self.context, rows, weight.reshape(weight.shape[0], -1), self.origin("bias"),
                              None if weight_dirs is None else weight_dirs.flatten(2), self.directions.get("bias"))
         _, c_out, h, w = _output_shape(conv, tuple(x.shape))
-        return y.reshape(n, h, w, c_out).permute(0, 3, 1, 2)
+        out = y.reshape(n, h, w, c_out).permute(0, 3, 1, 2)
+        return out if _channels_last(x) else out.contiguous()
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if isinstance(x, SharedRows) or args or kwargs or not one_point_per_call(x):
