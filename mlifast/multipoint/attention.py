@@ -108,15 +108,18 @@ def _additive_mask(attn_mask, key_padding_mask, is_causal, n, heads, tgt_len, sr
         attn_mask = torch.ones(tgt_len, src_len, dtype=torch.bool, device=like.device).triu(1)
     if attn_mask is not None:
         m = _as_float(attn_mask, like)
-        if m.dim() == 3 and m.shape[0] != n * heads and n * heads % m.shape[0] == 0:
-            m = m.repeat(n * heads // m.shape[0], 1, 1)  # (one (B·H, L, S) mask for every point)
-        total = total + (m.reshape(n, heads, tgt_len, src_len) if m.dim() == 3 else m)
+        total = total + (_for_every_point(m, n * heads).reshape(n, heads, tgt_len, src_len) if m.dim() == 3 else m)
     if key_padding_mask is not None:
-        padding = _as_float(key_padding_mask, like)
-        if padding.shape[0] != n and n % padding.shape[0] == 0:  # (one for every point: an input whose
-            padding = padding.repeat(n // padding.shape[0], 1)   # batch is not at the model's batch_dim)
-        total = total + padding.reshape(n, 1, 1, src_len)
+        total = total + _for_every_point(_as_float(key_padding_mask, like), n).reshape(n, 1, 1, src_len)
     return total
+
+
+def _for_every_point(mask: Tensor, rows: int) -> Tensor:
+    """A mask with `rows` leading rows: one given once for every point's rows (an input whose
+    batch is not at the model's batch_dim is not repeated for the points) repeated for each."""
+    if mask.shape[0] != rows and rows % mask.shape[0] == 0:
+        return mask.repeat(rows // mask.shape[0], *[1] * (mask.dim() - 1))
+    return mask
 
 
 def _as_float(mask: Tensor, like: Tensor) -> Tensor:
