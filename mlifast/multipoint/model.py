@@ -15,11 +15,11 @@ from torch.nn.modules.conv import _ConvNd
 from mlifast.multipoint.context import PointContext
 from mlifast.multipoint.generic import GenericRule
 from mlifast.multipoint.layers import BatchNormRule, InPlaceActivation, LinearRule
-from mlifast.multipoint.pending import Pending, PendingInputWritten, _versions
+from mlifast.multipoint.pending import PendingInputWritten, _versions, plain
 from mlifast.multipoint.point_values import PointValuesRefused
 from mlifast.multipoint.reference import PerPointModel, alias_groups, first_disagreement, rounds_float32_to_tf32
 from mlifast.multipoint.registry import check_supported, rule_for
-from mlifast.multipoint.shared import SharedRows, SharedRowsWritten, materialize
+from mlifast.multipoint.shared import SharedRows, SharedRowsWritten
 from mlifast.multipoint.trees import map_tensors, tensors_in
 from mlifast.multipoint.unhandled import UnhandledTensor
 from mlifast.spaces import Span
@@ -371,7 +371,7 @@ class MultiPointModel(nn.Module):
         try:
             out = self.model(*map_tensors(lift, args, "args"), **map_tensors(lift, kwargs, "kwargs"))
             # (a pending output reads its inputs here, where a write into them runs the call again)
-            return map_tensors(_computed, out, "output")
+            return map_tensors(plain, out, "output")
         except SharedRowsWritten:
             if not share_rows:
                 raise
@@ -385,11 +385,6 @@ class MultiPointModel(nn.Module):
         except PointValuesRefused:  # (the module that refused runs point by point from now on)
             undo()
             return self._run(args, kwargs, share_rows, copied=copied)
-
-
-def _computed(value: Tensor, _path: str = "") -> Tensor:
-    """An output as a plain tensor: shared rows repeated, a pending result computed."""
-    return value.materialize() if isinstance(value, Pending) else materialize(value)
 
 
 def interpolate(model: nn.Module, space: Span, coords: Any, *, batch_dim: int = 0) -> MultiPointModel:

@@ -28,7 +28,7 @@ at once (`PointContext.defer_pending`).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_map
 
 from mlifast._extension import compiled
 from mlifast.multipoint.context import fold
+from mlifast.multipoint.shared import materialize
 from mlifast.ops import channel_affine
 from mlifast.ops._checks import carries_derivatives
 from mlifast.ops.winograd import CHANNEL_MULTIPLE as WINOGRAD_CHANNEL_MULTIPLE
@@ -361,6 +362,12 @@ def _versions(*tensors: Optional[Tensor]) -> tuple:
 
 def _computed(value):
     return value.materialize() if isinstance(value, Pending) else value
+
+
+def plain(value: Any, _path: str = "") -> Any:
+    """A value as a plain tensor: a pending result computed, shared rows repeated; anything
+    else as it is (map_tensors' signature)."""
+    return value.materialize() if isinstance(value, Pending) else materialize(value)
 
 
 def _convolve(conv: nn.Module, rows: Tensor, weight: Tensor, bias: Optional[Tensor], addend: Optional[Tensor],

@@ -27,8 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mlifast.multipoint.pending import _METADATA, _PROPERTIES, Pending
-from mlifast.multipoint.shared import materialize
+from mlifast.multipoint.pending import _METADATA, _PROPERTIES, plain
 from mlifast.multipoint.trees import tensors_in
 
 
@@ -70,7 +69,7 @@ class PointValues(Tensor):
         if func in _METADATA or getattr(getattr(func, "__self__", None), "__name__", None) in _PROPERTIES:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
-        args = tuple(_plain(a) for a in args)
+        args = tuple(plain(a) for a in args)
         glue = not kwargs and any(isinstance(a, PointValues) for a in args)
         result = None
         try:
@@ -150,13 +149,6 @@ def _binary(func, a: Any, b: Any) -> Tensor | None:
         return t._values.reshape(k, *((1,) * (ndim - t.dim())), *t.shape) if isinstance(t, PointValues) else t
 
     return PointValues(func(lifted(a), lifted(b)), point._rows, point._owner)
-
-
-def _plain(value: Any) -> Any:
-    """An operand as a plain tensor where it is a pending result or shared rows."""
-    if isinstance(value, Pending):
-        return value.materialize()
-    return materialize(value) if isinstance(value, Tensor) and not isinstance(value, PointValues) else value
 
 
 def _refuse(owner: Any, func) -> None:
