@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
-from torch import Tensor
 
 from mlifast.engine.batches import to_device
 from mlifast.multipoint.model import CHANNELS_LAST_DEVICES
+from mlifast.multipoint.trees import tensors_in
 
 CPU_BUDGET_FRACTION = 0.25
 CUDA_BUDGET_FRACTION = 0.5
@@ -103,18 +103,6 @@ def _one_pass_bytes(fast, batch: Any, forward, images_channels_last: bool, sizes
     activations, outputs, live, peak, largest = 0, 0, 0, 0, 0
     alive: set[int] = set()
 
-    def tensors(output) -> list:
-        found, stack = [], [output]
-        while stack:
-            o = stack.pop()
-            if isinstance(o, Tensor):
-                found.append(o)
-            elif isinstance(o, (tuple, list)):
-                stack.extend(o)
-            elif isinstance(o, dict):
-                stack.extend(o.values())
-        return found
-
     def freed(key: int, size: int) -> None:
         nonlocal live
         alive.discard(key)
@@ -122,7 +110,7 @@ def _one_pass_bytes(fast, batch: Any, forward, images_channels_last: bool, sizes
 
     def count(module, _inputs, output):
         nonlocal activations, outputs, live, peak, largest
-        for t in tensors(output):
+        for t in tensors_in(output):
             size = t.numel() * t.element_size()
             activations += size
             largest = max(largest, size)
@@ -132,7 +120,7 @@ def _one_pass_bytes(fast, batch: Any, forward, images_channels_last: bool, sizes
                 weakref.finalize(t, freed, id(t), size)
         peak = max(peak, live)
         if module is fast.model:
-            outputs = sum(t.numel() * t.element_size() for t in tensors(output))
+            outputs = sum(t.numel() * t.element_size() for t in tensors_in(output))
 
     # One unchecked pass (MultiPointModel.unchecked): the first-call check belongs to the
     # real passes, and a probe of one point would check a shape no pass uses.
