@@ -150,6 +150,31 @@ def test_empty_data_and_bad_policy_are_refused():
         mlifast.evaluate(a, mlifast.Line(a, b), batches(), bn="train", progress=False)
 
 
+@pytest.mark.parametrize("bn", ["interpolate", "recompute", "batch"])
+def test_an_empty_batch_changes_nothing(bn):
+    """A batch of no examples adds nothing: not to the means, nor, under "recompute", a
+    batch to each statistic's equal-weight average (update_bn would count it)."""
+    a, b = resnet_pair()
+    data = batches(n=14, batch=4, shape=(3, 8, 8))
+    with_empty = data[:2] + [(data[0][0][:0], data[0][1][:0])] + data[2:]
+    line = mlifast.Line(a, b)
+    expected = mlifast.evaluate(a, line, data, coords=3, bn=bn, progress=False)
+    got = mlifast.evaluate(a, line, with_empty, coords=3, bn=bn, progress=False)
+    torch.testing.assert_close(got["loss"], expected["loss"], rtol=0, atol=0)
+    assert got.meta["examples"] == 14
+
+
+def test_interpolated_model_on_an_empty_batch_gives_each_point_an_empty_output():
+    torch.manual_seed(0)
+    factory = lambda: torch.nn.Sequential(torch.nn.Conv2d(128, 128, 3, padding=1), torch.nn.ReLU(),  # noqa: E731
+                                          torch.nn.Flatten(), torch.nn.Linear(128 * 16, 3))
+    a, b = factory(), factory()
+    fast = mlifast.interpolate(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]))
+    with torch.no_grad():
+        assert fast(torch.randn(0, 128, 4, 4)).shape == (3, 0, 3)
+        assert fast(torch.randn(2, 128, 4, 4)).shape == (3, 2, 3)
+
+
 def test_user_model_is_untouched():
     a, b = resnet_pair()
     before = copy.deepcopy(a.state_dict())

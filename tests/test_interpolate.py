@@ -249,6 +249,47 @@ def test_wide_convolutions_at_few_positions_as_products_of_patches(geometry, dty
     assert unfolded
 
 
+class GroupNormBlock(nn.Module):
+    """conv → GroupNorm → activation, plus the input: a diffusion model's residual block."""
+
+    def __init__(self, channels=8, groups=4, act=nn.SiLU, dims=2):
+        super().__init__()
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        self.conv = conv(channels, channels, 3, padding=1)
+        self.norm = nn.GroupNorm(groups, channels)
+        self.act = act()
+        self.out = conv(channels, channels, 1)
+
+    def forward(self, x):
+        return self.out(self.act(self.norm(self.conv(x)))) + self.norm(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", ["silu", "relu", "bias alone moves", "channels-last", "one group",
+                                  "a group a channel", "3-d", "mean 1000"])
+def test_group_norm_by_channel_passes(case, dtype, monkeypatch):
+    """Each example's group statistics and each point's affine in two passes, on every layout."""
+    from mlifast.multipoint import layers
+
+    block = dict(act=nn.ReLU if case == "relu" else nn.SiLU,
+                 groups={"one group": 1, "a group a channel": 8}.get(case, 4), dims=3 if case == "3-d" else 2)
+    a, b = pair(lambda: GroupNormBlock(**block), dtype)
+    with torch.no_grad():  # (initialised to 1 and 0 at both ends: move them)
+        b.norm.weight.add_(0 if case == "bias alone moves" else 0.5), b.norm.bias.sub_(0.25)
+    x = torch.randn(3, 8, *((4, 5, 6) if case == "3-d" else (6, 7)), dtype=dtype)
+    if case == "channels-last":
+        a, b, x = (t.to(memory_format=torch.channels_last) for t in (a, b, x))
+    if case == "mean 1000":
+        x = x + 1000
+    passes = []
+    original = layers.GroupNormRule._pending_affine
+    monkeypatch.setattr(layers.GroupNormRule, "_pending_affine",
+                        lambda self, *args: passes.append(args[0].is_contiguous()) or original(self, *args))
+    with torch.no_grad():
+        check_parity(a, mlifast.Line(a, b), torch.tensor([-0.5, 0.0, 0.4, 1.0, 1.3]), x, dtype=dtype)
+    assert passes and (case != "channels-last" or not all(passes))
+
+
 def test_frozen_batch_norm_in_train_mode_leaves_the_space_untouched():
     a, b = pair(ResNet20, torch.float64)
     b.bn1.load_state_dict(a.bn1.state_dict())  # the first BN does not move: a plain module in the copy

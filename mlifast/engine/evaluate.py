@@ -102,7 +102,7 @@ def evaluate(
                     output, target = forward(fast, to_device(batch, device, dtype))
                     k = fast.num_points
                     flat_output, flat_target = _flatten_points(output, target, k)
-                    for name, fn in per_example.items():
+                    for name, fn in per_example.items() if flat_target.shape[0] else ():  # (an empty batch)
                         sums[name][points] += fn(flat_output, flat_target).reshape(k, -1).sum(1).cpu()
                     seen += flat_target.shape[0] // k
                     bar.update()

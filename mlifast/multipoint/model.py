@@ -114,6 +114,8 @@ class MultiPointModel(nn.Module):
             self._check_reference_follows_policy()
             return self.reference(self.coords, args, kwargs)
         batch = _batch_size(args, kwargs, self.batch_dim)
+        if batch == 0:  # (nothing to compute: each point's empty outputs, of the model's own shapes)
+            return self.reference(self.coords, args, kwargs)
         self.context.batch_size, self.context.batch_dim = batch, self.batch_dim
         if self.batch_dim != 0:
             self.shares_rows = False

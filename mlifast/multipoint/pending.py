@@ -295,9 +295,9 @@ class PendingAffine(PendingPostOps):
     """(K_active·B, C, …) rows times each point's per-channel scale plus its shift: a batch
     norm with its statistics folded in (`mlifast.ops.channel_affine`, CPU float32/64).
 
-    rows: (K_active·B, C, …); scale, shift: (K_active, C) in the rows' dtype; relu: a ReLU
-    after it, joined while there is no addend (kept pending for a convolution to take in,
-    `PendingConvolution.of`).
+    rows: (K_active·B, C, …); scale, shift: (K_active, C) in the rows' dtype, or (K_active·B, C)
+    (a group norm's: each example its own); relu: a ReLU after it, joined while there is no
+    addend (kept pending for a convolution to take in, `PendingConvolution.of`).
     """
 
     @staticmethod
@@ -328,9 +328,10 @@ class PendingAffine(PendingPostOps):
 
     def input_map(self, points: int) -> Optional[tuple[Tensor, InputMap, tuple]]:
         """(K_active, B, C, …) rows, the map a convolution applies to them first, and their
-        versions; None where a map cannot stand for this result (computed, or with an addend).
+        versions; None where a map cannot stand for this result (computed, with an addend, or
+        with a scale for each example).
         Raises PendingInputWritten if the rows were written since."""
-        if self.computed or self._addend is not None:
+        if self.computed or self._addend is not None or len(self._scale) != points:
             return None
         self._check_unwritten()
         return fold(self._inputs[0], points), InputMap(self._scale, self._shift, self._relu), self._versions
