@@ -175,6 +175,30 @@ def test_interpolated_model_on_an_empty_batch_gives_each_point_an_empty_output()
         assert fast(torch.randn(2, 128, 4, 4)).shape == (3, 2, 3)
 
 
+def test_sequence_first_language_model_takes_batch_first_loss():
+    """batch_dim=1: a (T, B) token batch and target, (T, B, V) logits; the loss takes
+    (K·B, T, V) and (K·B, T) and returns one value per sequence."""
+    from models import LSTMLanguageModel
+
+    torch.manual_seed(0)
+    a, b = LSTMLanguageModel(batch_first=False).double(), LSTMLanguageModel(batch_first=False).double()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 11, (7, n), generator=g), torch.randint(0, 11, (7, n), generator=g)) for n in (3, 2)]
+
+    def per_sequence(logits, tokens):  # batch-first
+        return F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none").mean(1)
+
+    line = mlifast.Line(a, b)
+    res = mlifast.evaluate(a, line, data, coords=4, loss=per_sequence, metrics=(), batch_dim=1, progress=False)
+    expected = []
+    for alpha in res.alphas.tolist():
+        m = load_point(a, line, alpha)
+        with torch.no_grad():
+            expected.append(sum(per_sequence(m(x).transpose(0, 1), y.t()).sum().item() for x, y in data) / 5)
+    torch.testing.assert_close(res["loss"], torch.tensor(expected, dtype=torch.float64), rtol=1e-9, atol=0)
+    assert res.meta["examples"] == 5
+
+
 def test_user_model_is_untouched():
     a, b = resnet_pair()
     before = copy.deepcopy(a.state_dict())

@@ -146,23 +146,37 @@ def test_reuse_matches_tensors_by_memory_and_version():
     assert context._kept == {}
 
 
+@pytest.mark.parametrize("forward", [None, lambda model, batch: (model(batch[0]), batch[1])])
 @pytest.mark.parametrize("bn", ["interpolate", "recompute", "batch"])
-def test_evaluate_in_groups_matches_the_loop(bn, monkeypatch):
+def test_evaluate_in_groups_matches_the_loop(bn, forward, monkeypatch):
+    """Without a forward of the user's, the loss takes each group's outputs as the group
+    is computed (after the first call's check, which computes all points); with one, the
+    outputs of all points, one point at a time where they are large (LOSS_BYTES)."""
+    import importlib
+
     from mlifast.engine import chunking
+
+    evaluation = importlib.import_module("mlifast.engine.evaluate")  # (the module, not its function)
 
     torch.manual_seed(0)
     a = randomize_bn(ResNet20(width=4, num_classes=5), 0).double().eval()
     torch.manual_seed(1)
     b = randomize_bn(ResNet20(width=4, num_classes=5), 1).double().eval()
-    data = batches(n=10, batch=4, shape=(3, 8, 8))
+    data = batches(n=12, batch=4, shape=(3, 8, 8))
     line = mlifast.Line(a, b)
     sizes = []
     run = mlifast.MultiPointModel._run
     monkeypatch.setattr(mlifast.MultiPointModel, "_run",
                         lambda self, *a, **k: sizes.append(self.context.num_active) or run(self, *a, **k))
     monkeypatch.setattr(chunking, "CPU_GROUP_BYTES", 1)  # one point per group
-    res = mlifast.evaluate(a, line, data, coords=3, bn=bn, progress=False)
+    monkeypatch.setattr(evaluation, "LOSS_BYTES", 1)  # the loss on one point's outputs at a time
+    losses_of = []
+    add_sums = evaluation._add_sums
+    monkeypatch.setattr(evaluation, "_add_sums", lambda sums, first, output, *rest: losses_of.append(
+        (first, output.shape[0])) or add_sums(sums, first, output, *rest))
+    res = mlifast.evaluate(a, line, data, coords=3, bn=bn, forward=forward, progress=False)
     assert sizes[-3:] == [1, 1, 1]  # the last batch: its three points a group each
+    assert losses_of[-3:] == ([(0, 1), (1, 1), (2, 1)] if forward is None else [(0, 3)] * 3)
     losses, accs = loop_evaluate(a, line, data, res.alphas.tolist(), bn)
     torch.testing.assert_close(res["loss"], losses, rtol=1e-9, atol=0)
     torch.testing.assert_close(res["accuracy"], accs, rtol=0, atol=1e-12)

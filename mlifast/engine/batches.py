@@ -30,8 +30,14 @@ def to_device(batch: Any, device: torch.device, dtype: torch.dtype | None = None
 
 
 def default_forward(model: torch.nn.Module, batch: Any) -> tuple[Any, Tensor]:
+    args, kwargs, target = inputs_and_target(batch)
+    return model(*args, **kwargs), target
+
+
+def inputs_and_target(batch: Any) -> tuple[tuple, dict, Tensor]:
+    """The model's positional and keyword arguments, and the target, of a batch."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return model(batch[0]), batch[1]
+        return (batch[0],), {}, batch[1]
     if isinstance(batch, dict):
         keys = [k for k in TARGET_KEYS if k in batch]
         if len(keys) != 1:
@@ -39,8 +45,7 @@ def default_forward(model: torch.nn.Module, batch: Any) -> tuple[Any, Tensor]:
                 f"mlifast: a dict batch needs exactly one target key among {TARGET_KEYS}, got keys "
                 f"{sorted(batch)}; or pass forward=lambda model, batch: (output, target)"
             )
-        inputs = {k: v for k, v in batch.items() if k != keys[0]}
-        return model(**inputs), batch[keys[0]]
+        return (), {k: v for k, v in batch.items() if k != keys[0]}, batch[keys[0]]
     raise TypeError(
         f"mlifast: cannot read a batch of type {type(batch).__name__}; batches must be "
         "(inputs, target) tuples or dicts, or pass forward=lambda model, batch: (output, target)"

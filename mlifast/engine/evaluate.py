@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mlifast.engine.allocator import freed_memory_kept
-from mlifast.engine.batches import Forward, default_forward, to_device
+from mlifast.engine.batches import Forward, default_forward, inputs_and_target, to_device
 from mlifast.engine.chunking import plan
 from mlifast.engine.metrics import Metric, per_example_loss, resolve_metrics
 from mlifast.engine.results import Results
@@ -59,7 +59,9 @@ def evaluate(
         progress: show a tqdm progress bar over batches.
         forward: forward(model, batch) -> (output, target) for other batch layouts;
             output carries a leading K dimension.
-        batch_dim: the dimension of inputs and outputs holding the batch.
+        batch_dim: the dimension of inputs and outputs holding the batch. The loss and
+            metrics always take them batch-first: with batch_dim=1 a (T, B, …) output and
+            (T, B, …) target come as (K·B, T, …) each (a (B,) target as it is).
 
     Returns:
         Results with (K,) "loss" and one (K,) entry per metric: means over examples.
@@ -75,7 +77,6 @@ def evaluate(
     space = space.to(device=device, dtype=dtype)
     device = next(iter(space.origin.values())).device
     all_coords = space.coords_tensor(coords)
-    forward = forward or default_forward
     per_example = {"loss": per_example_loss(loss), **resolve_metrics(metrics)}
     with freed_memory_kept(device):  # every pass of the call reuses the same pages
         fast = MultiPointModel(model, space, all_coords[:1], batch_dim=batch_dim).eval()
@@ -84,7 +85,8 @@ def evaluate(
         norms = fast.norms
         if bn == "recompute" and bn_data is None:
             bn_data = data
-        chunk, fast.points_per_group = plan(fast, data, forward, device, dtype, max_points_per_pass)
+        chunk, fast.points_per_group = plan(fast, data, forward or default_forward, device, dtype,
+                                            max_points_per_pass)
 
         sums = {name: torch.zeros(all_coords.shape[0], dtype=torch.float64) for name in per_example}
         examples = 0
@@ -99,12 +101,8 @@ def evaluate(
                     recompute_statistics(fast, norms, bn_data, forward, device, bar, dtype)
                 seen = 0
                 for batch in data:
-                    output, target = forward(fast, to_device(batch, device, dtype))
-                    k = fast.num_points
-                    flat_output, flat_target = _flatten_points(output, target, k)
-                    for name, fn in per_example.items() if flat_target.shape[0] else ():  # (an empty batch)
-                        sums[name][points] += fn(flat_output, flat_target).reshape(k, -1).sum(1).cpu()
-                    seen += flat_target.shape[0] // k
+                    seen += _batch_sums(fast, to_device(batch, device, dtype), forward, sums, points.start,
+                                        per_example, batch_dim)
                     bar.update()
                 examples = seen
     if not fast.per_point_fallback:
@@ -123,15 +121,22 @@ def evaluate(
     return Results(all_coords, values, meta)
 
 
-def recompute_statistics(fast: MultiPointModel, norms: list, bn_data, forward, device, bar=None,
-                         dtype=None) -> None:
-    """Each point's batch-norm statistics over bn_data, as update_bn computes them."""
+def recompute_statistics(fast: MultiPointModel, norms: list, bn_data, forward: Optional[Forward], device,
+                         bar=None, dtype=None) -> None:
+    """Each point's batch-norm statistics over bn_data, as update_bn computes them (the
+    outputs dropped as each group of points computes them, without a `forward` of the user's)."""
     for m in norms:
         m.start_collecting()
     fast.context.bn_mode = "collect"
     try:
         for batch in bn_data:
-            forward(fast, to_device(batch, device, dtype))
+            batch = to_device(batch, device, dtype)
+            if forward is not None:
+                forward(fast, batch)
+                continue
+            args, kwargs, _ = inputs_and_target(batch)
+            with fast.outputs_to(lambda start, output: None):
+                fast(*args, **kwargs)
             if bar is not None:
                 bar.update()
     finally:
@@ -140,15 +145,56 @@ def recompute_statistics(fast: MultiPointModel, norms: list, bn_data, forward, d
         m.finish_collecting()
 
 
-def _flatten_points(output: Any, target: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """(K, B, …) output and (B, …) target → (K·B, …) each, point-major."""
+# The loss and metrics take the outputs of as many points at a time as fit in this many
+# bytes (at least one point): a language model's logits over a 33k-token vocabulary at 700
+# tokens take 93 MB a point, and its log-softmax over all 16 points' at once (1.5 GB, in
+# fresh pages) took 11.4 s a call, over one point's at a time 3.2 s.
+LOSS_BYTES = 32 << 20
+
+
+def _batch_sums(fast: MultiPointModel, batch: Any, forward: Optional[Forward], sums: dict, first: int,
+                per_example: dict, batch_dim: int) -> int:
+    """Add each metric's per-example values on `batch` summed per point to
+    sums[name][first : first + K]; returns the batch's examples. Without a `forward` of the
+    user's, each group of points' outputs as the model computes them (outputs_to)."""
+    if forward is not None:
+        output, target = forward(fast, batch)
+        return _add_sums(sums, first, output, target, per_example, batch_dim)
+    args, kwargs, target = inputs_and_target(batch)
+    examples = []
+    with fast.outputs_to(lambda start, output: examples.append(
+            _add_sums(sums, first + start, output, target, per_example, batch_dim))):
+        fast(*args, **kwargs)
+    return examples[0]
+
+
+def _add_sums(sums: dict, first: int, output: Any, target: Tensor, per_example: dict, batch_dim: int) -> int:
+    """Add each metric's per-example values on (K', …) `output` summed per point to
+    sums[name][first : first + K']; returns the batch's examples."""
     if not isinstance(output, Tensor):
         raise TypeError(
             f"mlifast: the model returned {type(output).__name__}; evaluate needs a tensor of "
             "outputs — pass forward=lambda model, batch: (model(...)['logits'], target)"
         )
-    flat_target = target.unsqueeze(0).expand(k, *target.shape).flatten(0, 1)
-    return output.flatten(0, 1), flat_target
+    step, examples = max(1, LOSS_BYTES // max(1, output[0].nbytes)), 0
+    for start in range(0, output.shape[0], step):
+        part = output[start:start + step]
+        flat_output, flat_target = _flatten_points(part, target, batch_dim)
+        n = part.shape[0]
+        examples = flat_target.shape[0] // n
+        for name, fn in per_example.items() if examples else ():  # (an empty batch)
+            sums[name][first + start:first + start + n] += fn(flat_output, flat_target).reshape(n, -1).sum(1).cpu()
+    return examples
+
+
+def _flatten_points(output: Tensor, target: Tensor, batch_dim: int) -> tuple[Tensor, Tensor]:
+    """(K, …, B, …) output and (…, B, …) target, B at `batch_dim` → (K·B, …) each,
+    point-major: batch-first, as the loss and metrics take them. A target with no more
+    than `batch_dim` dimensions (a sequence-first model's class labels) holds its batch
+    in dimension 0."""
+    target = target.movedim(batch_dim, 0) if target.dim() > batch_dim else target
+    flat_target = target.unsqueeze(0).expand(output.shape[0], *target.shape).flatten(0, 1)
+    return output.movedim(1 + batch_dim, 1).flatten(0, 1), flat_target
 
 
 def _warn_non_finite(losses: Tensor, coords: Tensor) -> None:

@@ -83,6 +83,7 @@ class MultiPointModel(nn.Module):
         # cache-sized group on the CPU); rows shared by every point go through the first
         # moving layer's point-independent part once per call (PointContext.reuse).
         self.points_per_group: int | None = None
+        self._consume: Callable[[int, Any], None] | None = None  # see outputs_to()
         self._checked: set = set()
         self._unchecked = False  # see unchecked()
         # Try 1-d indices the same for every example before reading them as rows (a hint,
@@ -109,7 +110,28 @@ class MultiPointModel(nn.Module):
         self.reference.train(mode)
         return self
 
+    @contextmanager
+    def outputs_to(self, consume: Callable[[int, Any], None]) -> Iterator[None]:
+        """Calls inside hand their outputs to consume(first, outputs) and return None:
+        each group's (K_group, …) outputs as soon as the group is computed, `first` the
+        index of its first point among the K (all K at once where the call computes them
+        so). No (K, …) outputs are put together: a language model's logits over a
+        33k-token vocabulary at 700 tokens take 93 MB a point."""
+        saved, self._consume = self._consume, consume
+        try:
+            yield
+        finally:
+            self._consume = saved
+
     def forward(self, *args, **kwargs):
+        out = self._outputs(args, kwargs)
+        if self._consume is None or out is None:
+            return out
+        self._consume(0, out)
+        return None
+
+    def _outputs(self, args: tuple, kwargs: dict) -> Any:
+        """forward's outputs (K, …), or None where they went to `outputs_to`'s consumer."""
         if self.per_point_fallback:
             self._check_reference_follows_policy()
             return self.reference(self.coords, args, kwargs)
@@ -139,7 +161,7 @@ class MultiPointModel(nn.Module):
                 return out
         # Rows are shared only once a check found that sharing agrees with the model
         # (undecided, e.g. while dropout makes the check impossible: repeated).
-        return self._run_points(args, kwargs, self.shares_rows is True)
+        return self._run_points(args, kwargs, self.shares_rows is True, self._consume)
 
     @contextmanager
     def unchecked(self, images_channels_last: bool = False, sizes_only: bool = False) -> Iterator[MultiPointModel]:
@@ -290,14 +312,20 @@ class MultiPointModel(nn.Module):
                         yield share
                         seen_flat = seen_flat or context.flat_indices_fit_rows
 
-    def _run_points(self, args: tuple, kwargs: dict, share_rows: bool) -> Any:
+    def _run_points(self, args: tuple, kwargs: dict, share_rows: bool,
+                    consume: Callable[[int, Any], None] | None = None) -> Any:
         """Outputs (K, …) for every point: the copied model run on all points at once, or
         on `points_per_group` at a time with what is shared by every point kept between
-        the groups (PointContext.reuse)."""
+        the groups (PointContext.reuse). With `consume`, each group's outputs go to it
+        (see outputs_to) and the call returns None."""
         context, batch = self.context, self.context.batch_size
         k, group = self.num_points, self.points_per_group or self.num_points
         if group >= k:
-            return self._split(self._run(args, kwargs, share_rows), batch)
+            out = self._split(self._run(args, kwargs, share_rows), batch)
+            if consume is None:
+                return out
+            consume(0, out)
+            return None
         everyone, out = context.active_span, None
         inputs = self._copy_inputs(args, kwargs) if share_rows else (args, kwargs)
         versions = _versions(*tensors_in(inputs))
@@ -313,10 +341,13 @@ class MultiPointModel(nn.Module):
                 # with its activations. Kept until the end instead, each group's small outputs
                 # sat between the next groups' large transient activations and fragmented
                 # glibc's heap (W5, 441 points: peak 500–880 MB in a third of the runs, else 60).
-                if out is None:
-                    out = map_tensors(lambda t, _path: t.new_empty((k, *t.shape[1:])), part)
-                for whole, piece in zip(tensors_in(out), tensors_in(part)):
-                    whole[start : start + piece.shape[0]].copy_(piece)
+                if consume is not None:
+                    consume(start, part)
+                else:
+                    if out is None:
+                        out = map_tensors(lambda t, _path: t.new_empty((k, *t.shape[1:])), part)
+                    for whole, piece in zip(tensors_in(out), tensors_in(part)):
+                        whole[start : start + piece.shape[0]].copy_(piece)
                 del part
                 share_rows = share_rows and self.shares_rows is not False  # (the model wrote into its inputs)
         finally:
