@@ -72,9 +72,11 @@ $(BENCH_STAMP): $(DEPS_STAMP)
 bench: $(BUILD_STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/compare.py
 
-# Every workload against every baseline at tiny sizes, results checked against the loop (CI).
+# Every workload against every baseline, and every model family of families.py against the
+# loop, at tiny sizes: results checked, not timed (CI).
 bench-quick: $(BUILD_STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/compare.py --quick
+	$(PY) benchmarks/families.py --quick
 
 # The same baseline for a GPU machine without a package registry: carry .whl there, and
 # benchmarks/gpu_check.sh installs it.

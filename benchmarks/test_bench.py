@@ -1,4 +1,5 @@
-"""pytest-benchmark versions of compare.py's workloads, at tiny sizes.
+"""pytest-benchmark versions of compare.py's workloads, at tiny sizes, and families.py's
+quick check of every model family (mlifast against the loop, no timing).
 
     .venv/bin/python -m pytest benchmarks/test_bench.py --benchmark-enable      # time them
     .venv/bin/python -m pytest benchmarks/test_bench.py --benchmark-enable --benchmark-autosave
@@ -19,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import families  # noqa: E402
 import mlifast  # noqa: E402
 import workloads as W  # noqa: E402
 
@@ -85,3 +87,10 @@ def test_relu_line_linear(benchmark, impl, points, rows):
     ref = mlifast.ops.relu_line_linear_reference(a.double(), e.double(), w.double(), d.double(), b.double(),
                                                  db.double(), c.double(), True)
     assert float((y.double() - ref).abs().max() / ref.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("case", list(families.CASES))
+def test_families_agree_with_loop(case):
+    """families.py --quick for one case: every point's loss within families.RTOL of the loop's."""
+    err, losses, _ = families.check(families.workload(case, "quick"))
+    assert err <= families.RTOL, (case, err, losses)
