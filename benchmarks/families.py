@@ -180,6 +180,26 @@ class RNNClassifier(nn.Module):
         return self.fc(self.rnn(self.emb(tokens))[0][:, -1])
 
 
+class LanguageModel(nn.Module):
+    """Token ids (N, T) → Embedding → 2-layer LSTM → logits (N, T, vocab): the MLI paper's
+    WikiText-2 LSTM (200 wide, 33,278 tokens), batch-first."""
+
+    def __init__(self, classes: int = 33278, vocab: int = 33278, width: int = 200) -> None:
+        super().__init__()
+        self.emb, self.rnn = nn.Embedding(vocab, width), nn.LSTM(width, width, 2, batch_first=True)
+        self.dec = nn.Linear(width, classes)
+
+    def forward(self, tokens):
+        return self.dec(self.rnn(self.emb(tokens))[0])
+
+
+def sequence_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Each sequence's mean cross entropy over its tokens, logits (N, T, V) and tokens (N, T):
+    (N,) with reduction="none", else their sum or mean."""
+    per_sequence = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none").mean(1)
+    return {"none": per_sequence, "sum": per_sequence.sum(), "mean": per_sequence.mean()}[reduction]
+
+
 def conv1d_net(cin: int = 16, width: int = 64, classes: int = 10) -> nn.Module:
     """A 1-d CNN on sequences (N, cin, T): four conv + batch norm + ReLU, two max pools."""
     w = width
@@ -251,6 +271,7 @@ class Case:
     full: Size
     quick: Size  # small enough for the whole quick check to take seconds, yet well conditioned
     bn: str = "interpolate"
+    loss: Callable = F.cross_entropy  # a sequence loss takes a target token a position
 
 
 def variant(case: Case, family: Optional[str] = None, bn: Optional[str] = None, **arch) -> Case:
@@ -289,6 +310,8 @@ CASES = {
     "gru": variant(_lstm, family="gru", kind="gru"),
     "conv1d": _conv1d,
     "conv1d-recompute": variant(_conv1d, bn="recompute"),
+    "lstm_lm": Case("lstm_lm", LanguageModel, 33278, Size(dict(vocab=33278), (35,), 20, 80, 16),
+                    Size(dict(vocab=50, width=8), (6,), 2, 4, 3), loss=sequence_cross_entropy),
     "widemlp": Case("widemlp", wide_mlp, 10, Size(dict(hidden=2048, depth=3), (512,), 32, 256, 16),
                     Size(dict(inputs=32, hidden=64, depth=2), (32,), 4, 8, 3)),
     "convnext": Case("convnext", convnext, 100, Size({}, (3, 64, 64), 16, 32, 16),
@@ -324,13 +347,14 @@ def workload(name: str, size: str = "full") -> W.ModelWorkload:
         x = torch.randint(0, s.arch["vocab"], (s.examples, *s.shape), generator=g)
     else:
         x = torch.randn(s.examples, *s.shape, generator=g)
-    y = torch.randint(0, case.classes, (s.examples,), generator=g)
+    y = torch.randint(0, case.classes, (s.examples, *s.shape) if case.loss is sequence_cross_entropy else (s.examples,),
+                      generator=g)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules())
     title = ", ".join([f"{k}={v}" for k, v in s.arch.items()] + ["in " + "×".join(map(str, s.shape))]
                       + ([f"bn={case.bn}"] if has_bn else []))
     return W.ModelWorkload(name, title, models[0], tuple(models), mlifast.Line(*models),
                            W.line_coords_loss_landscapes(s.points), W._batches(x, y, s.batch), case.bn, s.points,
-                           f"K={s.points}, {s.examples} examples, batch {s.batch}")
+                           f"K={s.points}, {s.examples} examples, batch {s.batch}", loss=case.loss)
 
 
 def check(wl: W.ModelWorkload) -> tuple[float, dict, dict]:
