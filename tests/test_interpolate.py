@@ -290,6 +290,27 @@ def test_group_norm_by_channel_passes(case, dtype, monkeypatch):
     assert passes and (case != "channels-last" or not all(passes))
 
 
+class CausalEncoder(nn.Module):
+    """A causal transformer whose −inf mask is a buffer of its state dict."""
+
+    def __init__(self, length=5, dim=8):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(dim, 2, 16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length))
+
+    def forward(self, x):
+        return self.encoder(x, mask=self.mask, is_causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_buffer_of_minus_infinity_stays_the_same_at_every_point(dtype):
+    a, b = pair(CausalEncoder, dtype)
+    x = torch.randn(3, 5, 8, dtype=dtype)
+    with torch.no_grad():
+        check_parity(a, mlifast.Line(a, b), torch.tensor([-0.5, 0.0, 0.6, 1.0]), x, dtype=dtype)
+
+
 def test_frozen_batch_norm_in_train_mode_leaves_the_space_untouched():
     a, b = pair(ResNet20, torch.float64)
     b.bn1.load_state_dict(a.bn1.state_dict())  # the first BN does not move: a plain module in the copy

@@ -277,6 +277,31 @@ def test_non_finite_values_named(nets, bad):
         Span(nets[0], [{k: v for k, v in end.items()}])
 
 
+def test_infinities_the_same_at_every_point_are_kept():
+    """An attention mask's −inf, equal at both ends, is a constant of the space."""
+    mask = torch.triu(torch.full((3, 3), float("-inf")), 1)
+    a, b = {"w": torch.zeros(2), "mask": mask}, {"w": torch.ones(2), "mask": mask.clone()}
+    line = Line(a, b)
+    assert line.is_frozen("mask")
+    for alpha in (-0.5, 0.3, 2.0):
+        assert torch.equal(line.state_at(alpha)["mask"], mask)
+    plane = Plane.through(a, b, {"w": torch.full((2,), 2.0), "mask": mask.clone()})
+    assert torch.equal(plane.state_at([0.4, -1.0])["mask"], mask)
+    Span(a, [{"w": torch.ones(2), "mask": torch.zeros(3, 3)}])  # (a direction of 0 where the origin is −inf)
+
+
+@pytest.mark.parametrize("end_mask", ["finite there", "nan at both", "+inf"])
+def test_infinities_where_the_points_differ_are_named(end_mask):
+    mask = torch.triu(torch.full((3, 3), float("-inf")), 1)
+    other = {"finite there": torch.zeros(3, 3), "nan at both": None, "+inf": -mask}[end_mask]
+    a = {"w": torch.zeros(2), "mask": mask if other is not None else torch.full((3, 3), float("nan"))}
+    b = {"w": torch.ones(2), "mask": other if other is not None else torch.full((3, 3), float("nan"))}
+    with pytest.raises(ValueError, match=r"non-finite.*'mask'.*same value"):
+        Line(a, b)
+    with pytest.raises(ValueError, match=r"origin has non-finite.*'mask' where the points differ"):
+        Span({"w": torch.zeros(2), "mask": mask}, [{"w": torch.ones(2), "mask": torch.ones(3, 3)}])
+
+
 def test_difference_overflow_detected():
     a = {"w": torch.tensor([-60000.0], dtype=torch.float16)}
     b = {"w": torch.tensor([60000.0], dtype=torch.float16)}

@@ -16,7 +16,7 @@ as read-only.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import torch
@@ -79,7 +79,8 @@ def read_state(obj: StateLike, role: str) -> dict[str, Tensor]:
 
 
 def _check_origin(origin: dict[str, Tensor], role: str) -> None:
-    """The origin must have floating entries, no complex ones, and only finite values."""
+    """The origin must have floating entries and no complex ones (its values are checked
+    with its directions, `_check_origin_finite`)."""
     if not origin:
         raise ValueError(f"{role} has no entries; pass a model or a non-empty state dict.")
     complex_keys = [k for k, t in origin.items() if t.is_complex()]
@@ -92,25 +93,47 @@ def _check_origin(origin: dict[str, Tensor], role: str) -> None:
             f"{role} has no floating-point entries, so every point of the space would be "
             "the same; pass a model with floating-point parameters."
         )
-    _check_finite(origin, role, origin)
+
+
+_CONSTANT_ONLY = ("A space may hold NaN or ±inf only where every point has the same value (an "
+                  "attention mask's −inf); repair or drop the checkpoint.")
 
 
 def _check_finite(
-    state: Mapping[str, Tensor], role: str, origin: Mapping[str, Tensor], why: str = ""
+    state: Mapping[str, Tensor], role: str, origin: Mapping[str, Tensor], why: str = "",
+    same_as: Mapping[str, Tensor] | None = None,
 ) -> None:
     """ValueError naming the floating entries of ``state`` (among ``origin``'s keys) that
-    hold NaN or ±inf."""
-    bad = [
-        k
-        for k, t in state.items()
-        if k in origin and _is_floating(origin[k]) and _is_floating(t)
-        and not bool(torch.isfinite(t).all())
-    ]
+    hold NaN or ±inf, except where they equal ``same_as``'s (an endpoint's −inf where the
+    other endpoint has it too)."""
+    def finite(k: str, t: Tensor) -> bool:
+        ok = torch.isfinite(t)
+        return bool(ok.all()) or (same_as is not None and bool((ok | (t == same_as[k])).all()))
+
+    bad = [k for k, t in state.items() if k in origin and _is_floating(origin[k]) and _is_floating(t)
+           and not finite(k, t)]
     if bad:
-        raise ValueError(
-            f"{role} has non-finite values (NaN or inf) in {_names(bad)}{why}. "
-            "Every point of the space must be finite; repair or drop the checkpoint."
-        )
+        raise ValueError(f"{role} has non-finite values (NaN or inf) in {_names(bad)}{why}. {_CONSTANT_ONLY}")
+
+
+def _check_origin_finite(origin: Mapping[str, Tensor], directions: Mapping[str, Sequence[Tensor]],
+                         role: str) -> None:
+    """ValueError naming the origin's entries with NaN or ±inf where a direction is not 0
+    (those points would differ there)."""
+    def moves_non_finite(k: str) -> bool:
+        fixed = torch.isfinite(origin[k]).logical_not_()
+        return bool(fixed.any()) and any(bool((d != 0)[fixed].any()) for d in directions[k])
+
+    bad = [k for k in directions if moves_non_finite(k)]
+    if bad:
+        raise ValueError(f"{role} has non-finite values (NaN or inf) in {_names(bad)} where the points "
+                         f"differ. {_CONSTANT_ONLY}")
+
+
+def _difference(other: Tensor, base: Tensor) -> Tensor:
+    """other − base, computed in their dtype; 0 where both hold the same infinity."""
+    d = other - base
+    return d if bool(torch.isfinite(base).all()) else torch.where(other == base, 0, d)
 
 
 def _check_against(
@@ -226,10 +249,9 @@ class Span:
             _check_against(o, state, "origin", role, _SPAN_FIX)
             _check_finite(state, role, o)
             dirs.append(state)
-        self._init_parts(
-            o, {k: [d[k] for d in dirs] for k, t in o.items() if _is_floating(t)},
-            {"method": "Span(origin, directions)", "origin": _describe_source(origin)},
-        )
+        stacked = {k: [d[k] for d in dirs] for k, t in o.items() if _is_floating(t)}
+        _check_origin_finite(o, stacked, "origin")
+        self._init_parts(o, stacked, {"method": "Span(origin, directions)", "origin": _describe_source(origin)})
 
     # -- construction -------------------------------------------------------------
 
@@ -405,7 +427,7 @@ class Span:
             new._frozen = dict(self._frozen)  # a move between devices changes no value
             new._direction_norms = self._direction_norms
             return new
-        _check_finite(new._origin, f"origin after .to({dtype})", new._origin, " (overflow)")
+        _check_origin_finite(new._origin, new._directions, f"origin after .to({dtype}) (overflow)")
         _check_finite(
             {k: d for k, d in new._directions.items()}, f"directions after .to({dtype})",
             new._origin, " (overflow)",
@@ -455,17 +477,19 @@ def _differences(
     base: StateLike, others: list[StateLike], base_role: str, roles: list[str]
 ) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
     """Validate ``others`` against ``base`` and return (base state, {key: [other − base]})
-    with differences computed in the entries' own dtype."""
+    with differences computed in the entries' own dtype. An entry may hold ±inf where every
+    point has the same value (0 in each difference)."""
     b = read_state(base, base_role)
     _check_origin(b, base_role)
     states = []
     for other, role in zip(others, roles):
         s = read_state(other, role)
         _check_against(b, s, base_role, role, _ENDPOINT_FIX)
-        _check_finite(s, role, b)
+        _check_finite(s, role, b, same_as=b)
         states.append(s)
     floating = [k for k, t in b.items() if _is_floating(t)]
-    diffs = {k: [s[k] - b[k] for s in states] for k in floating}
+    diffs = {k: [_difference(s[k], b[k]) for s in states] for k in floating}
+    _check_origin_finite(b, diffs, base_role)
     for j, role in enumerate(roles):
         _check_finite(
             {k: ds[j] for k, ds in diffs.items()}, f"{role} − {base_role}", b,
@@ -517,10 +541,9 @@ class Plane(Span):
             _check_against(o, state, "origin", role, _SPAN_FIX)
             _check_finite(state, role, o)
             dirs.append(state)
-        self._init_parts(
-            o, {k: [d[k] for d in dirs] for k, t in o.items() if _is_floating(t)},
-            {"method": "Plane(origin, u, v)", "origin": _describe_source(origin)},
-        )
+        stacked = {k: [d[k] for d in dirs] for k, t in o.items() if _is_floating(t)}
+        _check_origin_finite(o, stacked, "origin")
+        self._init_parts(o, stacked, {"method": "Plane(origin, u, v)", "origin": _describe_source(origin)})
 
     @classmethod
     def through(cls, p0: StateLike, p1: StateLike, p2: StateLike) -> "Plane":
