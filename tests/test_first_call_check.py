@@ -495,3 +495,19 @@ def test_float32_on_a_gpu_rounding_to_tf32_is_checked_at_tf32s_rounding(fp32_pre
     assert not rounds_float32_to_tf32(convolutions=True)
     fp32_precision(conv=False, matmul=True)
     assert rounds_float32_to_tf32(convolutions=False)
+
+
+_INF, _NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("a, b, agree", [
+    ([1.0, 1000.0], [1.5, 1000.0], True), ([1.0, 1000.0], [2.5, 1000.0], False),  # within 1e-3 of the largest
+    ([_NAN, 1.0], [_NAN, 1.0], True), ([_NAN, 1.0], [0.0, 1.0], False), ([0.0, 1.0], [_NAN, 1.0], False),
+    ([_INF, 1.0], [_INF, 1.0], True), ([-_INF, 1.0], [_INF, 1.0], False), ([_INF, 1.0], [1e30, 1.0], False),
+    ([1e30, 1.0], [_INF, 1.0], False), ([_INF, _NAN], [_INF, _NAN], True), ([], [], True),
+    ([1e-40, 0.0], [0.0, 0.0], True)])
+def test_the_check_compares_within_rounding_and_nan_and_infinity_alike(a, b, agree):
+    from mlifast.multipoint.reference import close
+
+    assert close(torch.tensor(a), torch.tensor(b)) is agree
+    assert close(torch.tensor([1, 2]), torch.tensor([1, 2])) and not close(torch.tensor([1, 2]), torch.tensor([1, 3]))
