@@ -181,16 +181,26 @@ class RNNClassifier(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """Token ids (N, T) → Embedding → 2-layer LSTM → logits (N, T, vocab): the MLI paper's
-    WikiText-2 LSTM (200 wide, 33,278 tokens), batch-first."""
+    """Token ids (N, T) → Embedding → 2 LSTM or causal Transformer layers → logits (N, T,
+    vocab): the MLI paper's WikiText-2 models (200 wide, 33,278 tokens; the Transformer with
+    2 heads and its −inf mask a buffer), batch-first."""
 
-    def __init__(self, classes: int = 33278, vocab: int = 33278, width: int = 200) -> None:
+    def __init__(self, classes: int = 33278, vocab: int = 33278, width: int = 200, kind: str = "lstm",
+                 length: int = 35) -> None:
         super().__init__()
-        self.emb, self.rnn = nn.Embedding(vocab, width), nn.LSTM(width, width, 2, batch_first=True)
-        self.dec = nn.Linear(width, classes)
+        self.emb, self.dec = nn.Embedding(vocab, width), nn.Linear(width, classes)
+        if kind == "lstm":
+            self.rnn = nn.LSTM(width, width, 2, batch_first=True)
+        else:
+            layer = nn.TransformerEncoderLayer(width, 2, width, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length))
+            self.register_buffer("positions", 0.1 * torch.randn(length, width))
 
     def forward(self, tokens):
-        return self.dec(self.rnn(self.emb(tokens))[0])
+        if hasattr(self, "rnn"):
+            return self.dec(self.rnn(self.emb(tokens))[0])
+        return self.dec(self.encoder(self.emb(tokens) + self.positions, mask=self.mask, is_causal=True))
 
 
 def sequence_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -312,6 +322,10 @@ CASES = {
     "conv1d-recompute": variant(_conv1d, bn="recompute"),
     "lstm_lm": Case("lstm_lm", LanguageModel, 33278, Size(dict(vocab=33278), (35,), 20, 80, 16),
                     Size(dict(vocab=50, width=8), (6,), 2, 4, 3), loss=sequence_cross_entropy),
+    "transformer_lm": Case("transformer_lm", LanguageModel, 33278, Size(dict(vocab=33278, kind="transformer"),
+                                                                       (35,), 20, 80, 16),
+                           Size(dict(vocab=50, width=8, kind="transformer", length=6), (6,), 2, 4, 3),
+                           loss=sequence_cross_entropy),
     "widemlp": Case("widemlp", wide_mlp, 10, Size(dict(hidden=2048, depth=3), (512,), 32, 256, 16),
                     Size(dict(inputs=32, hidden=64, depth=2), (32,), 4, 8, 3)),
     "convnext": Case("convnext", convnext, 100, Size({}, (3, 64, 64), 16, 32, 16),
