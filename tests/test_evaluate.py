@@ -199,6 +199,44 @@ def test_sequence_first_language_model_takes_batch_first_loss():
     assert res.meta["examples"] == 5
 
 
+class LastStepClassifier(torch.nn.Module):
+    """Sequence-first tokens (T, B) → LSTM → its last step's (B, C) logits."""
+
+    def __init__(self, classes):
+        super().__init__()
+        self.embed, self.rnn = torch.nn.Embedding(11, 6), torch.nn.LSTM(6, 6)
+        self.head = torch.nn.Linear(6, classes)
+
+    def forward(self, tokens):
+        return self.head(self.rnn(self.embed(tokens))[0][-1])
+
+
+@pytest.mark.parametrize("classes", [3, 4])
+def test_sequence_first_classifier_keeps_its_batch_first_outputs(classes):
+    """batch_dim=1 with (B, C) outputs and (B,) labels: nothing moved (4 classes: as many
+    as examples, where guessing the batch's dimension by size would transpose them)."""
+    torch.manual_seed(0)
+    a, b = LastStepClassifier(classes).double(), LastStepClassifier(classes).double()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 11, (7, 4), generator=g), torch.randint(0, classes, (4,), generator=g)) for _ in range(2)]
+    line = mlifast.Line(a, b)
+    res = mlifast.evaluate(a, line, data, coords=3, batch_dim=1, progress=False)
+    losses, accs = loop_evaluate(a, line, data, res.alphas.tolist(), "interpolate")
+    torch.testing.assert_close(res["loss"], losses, rtol=1e-9, atol=0)
+    torch.testing.assert_close(res["accuracy"], accs, rtol=0, atol=1e-12)
+
+
+def test_an_empty_first_batch_does_not_size_the_groups():
+    from mlifast.engine import chunking
+
+    a, b = resnet_pair()
+    data = batches(n=8, batch=4, shape=(3, 8, 8))
+    fast = mlifast.MultiPointModel(a, mlifast.Line(a, b), torch.zeros(3, 1))
+    forward = lambda model, batch: (model(batch[0]), batch[1])  # noqa: E731
+    assert chunking.plan(fast, [(data[0][0][:0], data[0][1][:0])] + data, forward, torch.device("cpu")) == \
+        chunking.plan(fast, data, forward, torch.device("cpu"))
+
+
 def test_user_model_is_untouched():
     a, b = resnet_pair()
     before = copy.deepcopy(a.state_dict())

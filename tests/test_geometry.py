@@ -87,3 +87,19 @@ def test_needs_a_line():
     models = [mlp() for _ in range(3)]
     with pytest.raises(ValueError, match="needs a line"):
         gauss_length(models[0], mlifast.Plane.through(*models), [(torch.randn(2, 3, 4), None)])
+
+
+def test_gauss_length_over_batches_with_a_moving_norm():
+    """A norm's weight moving: its per-point view is made inside each batch's forward-mode
+    pass (kept from the first one, the second batch raised)."""
+    torch.manual_seed(0)
+    factory = lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.Flatten(),  # noqa: E731
+                                    nn.Linear(8 * 36, 5))
+    a, b = factory().double(), factory().double()
+    with torch.no_grad():
+        b[1].weight.add_(0.5)
+    x = torch.randn(8, 3, 6, 6, dtype=torch.float64)
+    line = mlifast.Line(a, b)
+    whole = gauss_length(a, line, [(x, None)], alphas=5)
+    assert gauss_length(a, line, [(x[:4], None), (x[4:], None)], alphas=5) == pytest.approx(whole, rel=1e-12)
+

@@ -161,7 +161,7 @@ def plan(fast, data: Iterable, forward, device: torch.device, dtype=None,
     takes every point the rest of the budget allows: each pass runs the first-call check
     of its number of points and reads the data again. `max_points_per_pass` caps it.
     """
-    first = next(iter(data), None)
+    first = next((batch for batch in data if any(t.numel() for t in tensors_in(batch))), None)  # (not an empty one)
     if first is None or (max_points_per_pass and device.type != "cpu"):
         return max_points_per_pass or 1, None
     point = bytes_per_point(fast, first, forward, device, dtype)

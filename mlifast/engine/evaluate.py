@@ -58,10 +58,11 @@ def evaluate(
             budget); on the CPU each batch then runs them in cache-sized groups.
         progress: show a tqdm progress bar over batches.
         forward: forward(model, batch) -> (output, target) for other batch layouts;
-            output carries a leading K dimension.
-        batch_dim: the dimension of inputs and outputs holding the batch. The loss and
-            metrics always take them batch-first: with batch_dim=1 a (T, B, …) output and
-            (T, B, …) target come as (K·B, T, …) each (a (B,) target as it is).
+            output (K, B, …): a leading K dimension, then batch-first.
+        batch_dim: the dimension of inputs holding the batch (and of outputs, where their
+            size there is the batch's). The loss and metrics always take outputs
+            batch-first: a sequence-first model's (T, B, …) output and (T, B, …) target
+            come as (K·B, T, …) each; a (B, C) output and (B,) target as they are.
 
     Returns:
         Results with (K,) "loss" and one (K,) entry per metric: means over examples.
@@ -133,10 +134,10 @@ def recompute_statistics(fast: MultiPointModel, norms: list, bn_data, forward: O
             batch = to_device(batch, device, dtype)
             if forward is not None:
                 forward(fast, batch)
-                continue
-            args, kwargs, _ = inputs_and_target(batch)
-            with fast.outputs_to(lambda start, output: None):
-                fast(*args, **kwargs)
+            else:
+                args, kwargs, _ = inputs_and_target(batch)
+                with fast.outputs_to(lambda start, output: None):
+                    fast(*args, **kwargs)
             if bar is not None:
                 bar.update()
     finally:
@@ -159,18 +160,19 @@ def _batch_sums(fast: MultiPointModel, batch: Any, forward: Optional[Forward], s
     user's, each group of points' outputs as the model computes them (outputs_to)."""
     if forward is not None:
         output, target = forward(fast, batch)
-        return _add_sums(sums, first, output, target, per_example, batch_dim)
+        return _add_sums(sums, first, output, target, per_example, 0)
     args, kwargs, target = inputs_and_target(batch)
     examples = []
     with fast.outputs_to(lambda start, output: examples.append(
-            _add_sums(sums, first + start, output, target, per_example, batch_dim))):
+            _add_sums(sums, first + start, output, target, per_example, (fast.output_batch_dims or (0,))[0]))):
         fast(*args, **kwargs)
     return examples[0]
 
 
 def _add_sums(sums: dict, first: int, output: Any, target: Tensor, per_example: dict, batch_dim: int) -> int:
-    """Add each metric's per-example values on (K', …) `output` summed per point to
-    sums[name][first : first + K']; returns the batch's examples."""
+    """Add each metric's per-example values on (K', …) `output`, a point's batch at
+    `batch_dim`, summed per point to sums[name][first : first + K']; returns the batch's
+    examples."""
     if not isinstance(output, Tensor):
         raise TypeError(
             f"mlifast: the model returned {type(output).__name__}; evaluate needs a tensor of "
@@ -190,8 +192,7 @@ def _add_sums(sums: dict, first: int, output: Any, target: Tensor, per_example: 
 def _flatten_points(output: Tensor, target: Tensor, batch_dim: int) -> tuple[Tensor, Tensor]:
     """(K, …, B, …) output and (…, B, …) target, B at `batch_dim` → (K·B, …) each,
     point-major: batch-first, as the loss and metrics take them. A target with no more
-    than `batch_dim` dimensions (a sequence-first model's class labels) holds its batch
-    in dimension 0."""
+    than `batch_dim` dimensions holds its batch in dimension 0."""
     target = target.movedim(batch_dim, 0) if target.dim() > batch_dim else target
     flat_target = target.unsqueeze(0).expand(output.shape[0], *target.shape).flatten(0, 1)
     return output.movedim(1 + batch_dim, 1).flatten(0, 1), flat_target

@@ -84,6 +84,8 @@ class MultiPointModel(nn.Module):
         # moving layer's point-independent part once per call (PointContext.reuse).
         self.points_per_group: int | None = None
         self._consume: Callable[[int, Any], None] | None = None  # see outputs_to()
+        # Where each output tensor of the last call holds the batch (of one point's output).
+        self.output_batch_dims: tuple[int, ...] = ()
         self._checked: set = set()
         self._unchecked = False  # see unchecked()
         # Try 1-d indices the same for every example before reading them as rows (a hint,
@@ -134,10 +136,10 @@ class MultiPointModel(nn.Module):
         """forward's outputs (K, …), or None where they went to `outputs_to`'s consumer."""
         if self.per_point_fallback:
             self._check_reference_follows_policy()
-            return self.reference(self.coords, args, kwargs)
+            return self._from_reference(args, kwargs)
         batch = _batch_size(args, kwargs, self.batch_dim)
         if batch == 0:  # (nothing to compute: each point's empty outputs, of the model's own shapes)
-            return self.reference(self.coords, args, kwargs)
+            return self._from_reference(args, kwargs)
         self.context.batch_size, self.context.batch_dim = batch, self.batch_dim
         if self.batch_dim != 0:
             self.shares_rows = False
@@ -156,7 +158,7 @@ class MultiPointModel(nn.Module):
                     f"{self.num_points}× slower. Please report the model.", RuntimeWarning, stacklevel=2)
                 self.per_point_fallback = True
                 self._check_reference_follows_policy()
-                return self.reference(self.coords, args, kwargs)
+                return self._from_reference(args, kwargs)
             if out is not None:  # the checked outputs are this call's outputs
                 return out
         # Rows are shared only once a check found that sharing agrees with the model
@@ -199,8 +201,20 @@ class MultiPointModel(nn.Module):
             )
 
     def _split(self, out: Any, batch: int) -> Any:
-        k, dim = self.context.num_active, self.batch_dim
-        return map_tensors(lambda t, path: _split_points(t, k, batch, dim, path), out, "output")
+        k, dim, found = self.context.num_active, self.batch_dim, []
+        split = map_tensors(lambda t, path: _split_points(t, k, batch, dim, path, found), out, "output")
+        self.output_batch_dims = tuple(found)
+        return split
+
+    def _from_reference(self, args: tuple, kwargs: dict) -> Any:
+        """The reference's outputs (K, …) of every point, `output_batch_dims` read from them:
+        `batch_dim` where its size is the batch's, else the first such dimension."""
+        out = self.reference(self.coords, args, kwargs)
+        batch = _batch_size(args, kwargs, self.batch_dim)
+        self.output_batch_dims = tuple(
+            self.batch_dim if t.dim() > self.batch_dim + 1 and t.shape[self.batch_dim + 1] == batch
+            else next((d for d in range(t.dim() - 1) if t.shape[d + 1] == batch), 0) for t in tensors_in(out))
+        return out
 
     def _disagreement_with_model(self, args: tuple, kwargs: dict) -> tuple[str | None, Any]:
         """Compare the first and last point against the model itself. Returns the
@@ -551,10 +565,10 @@ def _repeat_points(t: Tensor, k: int, dim: int) -> Tensor:
     return t.unsqueeze(dim).expand(shape).flatten(dim, dim + 1)
 
 
-def _split_points(t: Tensor, k: int, batch: int, dim: int, path: str) -> Tensor:
+def _split_points(t: Tensor, k: int, batch: int, dim: int, path: str, found: list) -> Tensor:
     """(…, K·B·m, …) → (K, …, B·m, …): at `dim`, or else at the one dim whose size is a
-    multiple of K·B
-    (e.g. attention weights, batch-first, of a sequence-first model)."""
+    multiple of K·B (e.g. attention weights, batch-first, of a sequence-first model),
+    appended to `found`."""
     fits = [d for d in range(t.dim()) if t.shape[d] > 0 and t.shape[d] % (k * batch) == 0]
     if dim not in fits:
         if len(fits) != 1:
@@ -565,4 +579,5 @@ def _split_points(t: Tensor, k: int, batch: int, dim: int, path: str) -> Tensor:
                 "labels=). Return per-example outputs and compute the loss outside (mlifast.evaluate does)."
             )
         dim = fits[0]
+    found.append(dim)
     return t.unflatten(dim, (k, t.shape[dim] // k)).movedim(dim, 0)

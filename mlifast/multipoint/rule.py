@@ -74,7 +74,9 @@ class MultiPointRule(nn.Module):
         flat = self._flat.get(name)
         if flat is None:
             d = self.directions[name]
-            flat = self._flat[name] = (origin.reshape(1, -1), d.reshape(d.shape[0], -1))
+            flat = (origin.reshape(1, -1), d.reshape(d.shape[0], -1))
+            if not self.context.forward_mode:  # (views made under a forward-mode transform die with it)
+                self._flat[name] = flat
         flat_origin, flat_dirs = flat
 
         def at(c: Tensor) -> Tensor:
