@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import mlifast
@@ -309,6 +310,49 @@ def test_a_buffer_of_minus_infinity_stays_the_same_at_every_point(dtype):
     x = torch.randn(3, 5, 8, dtype=dtype)
     with torch.no_grad():
         check_parity(a, mlifast.Line(a, b), torch.tensor([-0.5, 0.0, 0.6, 1.0]), x, dtype=dtype)
+
+
+class Activated(nn.Module):
+    """conv → batch norm → `act` (a functional call), twice: a MobileNet or EfficientNet block."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.act = act
+        self.c1, self.n1 = nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16)
+        self.c2, self.n2 = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.act(self.n2(self.c2(self.act(self.n1(self.c1(x)))))))
+
+
+ACTIVATIONS = {
+    "ReLU6": nn.ReLU6(), "ReLU6 in place": nn.ReLU6(inplace=True), "relu6": F.relu6, "Hardswish": nn.Hardswish(),
+    "SiLU": nn.SiLU(), "silu in place": lambda x: F.silu(x, inplace=True), "GELU": nn.GELU(),
+    "GELU tanh": nn.GELU(approximate="tanh"), "Hardtanh(-2, 3)": nn.Hardtanh(-2.0, 3.0),
+    "hardtanh by position": lambda x: F.hardtanh(x, -0.5, 0.5), "leaky_relu(0.2)": lambda x: F.leaky_relu(x, 0.2),
+    "Sigmoid": nn.Sigmoid(), "sigmoid_": torch.sigmoid_, "tanh method": lambda x: x.tanh(), "Hardsigmoid": nn.Hardsigmoid(),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_activations_after_a_convolution_join_it_as_onednn_post_ops(name, dtype, monkeypatch):
+    from mlifast.multipoint import pending
+
+    a, b = pair(lambda: Activated(ACTIVATIONS[name]), dtype)
+    x = torch.randn(8, 8, 16, 16, dtype=dtype)  # (2,048 positions a point: each point's convolution by oneDNN)
+    joined = []
+    original = pending.PendingConvolution._activated
+    def spy(self, post_op):
+        activated = original(self, post_op)
+        joined.append(activated is not None)
+        return activated
+
+    monkeypatch.setattr(pending.PendingConvolution, "_activated", spy)
+    with torch.no_grad():
+        check_parity(a, mlifast.Line(a, b), torch.tensor([-0.3, 0.0, 0.5, 1.0]), x, dtype=dtype)
+    assert any(joined) is (dtype == torch.float32)  # (oneDNN's post-ops: float32)
 
 
 def test_frozen_batch_norm_in_train_mode_leaves_the_space_untouched():

@@ -271,6 +271,34 @@ class PendingConvolution(PendingPostOps):
                       shift, mapped is not None and mapped.relu, out=into, moments=moments)
         return into
 
+    @classmethod
+    def _join(cls, func, args: tuple, kwargs: dict) -> Optional[Tensor]:
+        """As PendingPostOps, and an activation oneDNN applies as it writes the output
+        (`_POST_OPS`) on a result it computes."""
+        if args and isinstance(args[0], PendingConvolution):
+            activated = args[0]._activated(_post_op(func, args, kwargs))
+            if activated is not None:
+                return activated
+        return super()._join(func, args, kwargs)
+
+    def _activated(self, post_op: Optional[tuple]) -> Optional[Tensor]:
+        """The result through `post_op` (`_post_op`'s), each point's convolution by oneDNN;
+        None where it does not compute it so (no post-op, computed, an addend, Winograd)."""
+        if post_op is None or self.computed or self._addend is not None or self._input_map is not None \
+                or not _onednn_takes(self._conv, self._inputs[0][0]) or self._winograd():
+            return None
+        self._check_unwritten()
+        *post, in_place = post_op
+        (points,), k = self._inputs, len(self._inputs[0])
+        biases = self._bias.unbind(0) if self._bias is not None else (None,) * k
+        outs = [_ONEDNN_POINTWISE(rows, weight, bias, *_geometry(self._conv), *post)
+                for rows, weight, bias in zip(points.unbind(0), self._weight.unbind(0), biases)]
+        value = outs[0] if k == 1 else torch.cat(outs)
+        if in_place:  # (the pending result is that value from now on)
+            self._value = value
+            self._release()
+        return value
+
     def _computed_with(self, relu: bool) -> Tensor:
         if self._winograd():
             return self._by_winograd(relu)
@@ -376,13 +404,10 @@ def _convolve(conv: nn.Module, rows: Tensor, weight: Tensor, bias: Optional[Tens
     """relu?(conv(rows; weight, bias) + addend?) where Winograd does not compute it: with an
     addend or a ReLU, on float32 CPU rows of a Conv2d, in one oneDNN primitive with
     post-ops; else as separate operations."""
-    if (relu or addend is not None) and _ONEDNN_POINTWISE is not None and _plain_conv2d(conv) \
-            and rows.dim() == 4 and rows.is_cpu and rows.dtype == torch.float32 and conv.padding_mode == "zeros" \
-            and not isinstance(conv.padding, str):
-        geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    if (relu or addend is not None) and _onednn_takes(conv, rows):
         if addend is None:
-            return _ONEDNN_POINTWISE(rows, weight, bias, *geometry, "relu", [], "")
-        return _ONEDNN_POINTWISE.binary(rows, addend, weight, bias, *geometry, "add", None,
+            return _ONEDNN_POINTWISE(rows, weight, bias, *_geometry(conv), "relu", [], "")
+        return _ONEDNN_POINTWISE.binary(rows, addend, weight, bias, *_geometry(conv), "add", None,
                                         "relu" if relu else None, [], None)
     y = conv._conv_forward(rows, weight, bias)
     if addend is not None:
@@ -450,6 +475,52 @@ def _plain_conv2d(conv: nn.Module) -> bool:
 # oneDNN's convolution with post-ops, as Inductor calls it (absent from builds without oneDNN).
 _ONEDNN_POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None) if torch.backends.mkldnn.is_available() \
     else None
+
+
+def _onednn_takes(conv: nn.Module, rows: Tensor) -> bool:
+    """Whether oneDNN's convolution with post-ops computes conv on one point's rows: a plain
+    zero-padded Conv2d on float32 CPU images."""
+    return (_ONEDNN_POINTWISE is not None and _plain_conv2d(conv) and rows.dim() == 4 and rows.is_cpu
+            and rows.dtype == torch.float32 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+
+
+def _geometry(conv: nn.Module) -> tuple:
+    return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
+
+
+# Activations (other than ReLU, which every form joins) that oneDNN applies to a
+# convolution's output as it writes it: function → (its post-op, the parameters after the
+# input by position). MobileNet's ReLU6 and Hardswish, EfficientNet's SiLU, ConvNeXt's and
+# a ViT stem's GELU.
+_POST_OPS = {F.silu: ("swish", ("inplace",)), F.hardswish: ("hardswish", ("inplace",)),
+             F.hardsigmoid: ("hardsigmoid", ("inplace",)), F.relu6: ("hardtanh", ("inplace",)),
+             F.hardtanh: ("hardtanh", ("min_val", "max_val", "inplace")), F.gelu: ("gelu", ("approximate",)),
+             F.leaky_relu: ("leaky_relu", ("negative_slope", "inplace")),
+             **{f: ("sigmoid", ()) for f in (torch.sigmoid, Tensor.sigmoid, F.sigmoid)},
+             **{f: ("tanh", ()) for f in (torch.tanh, Tensor.tanh, F.tanh)},
+             torch.sigmoid_: ("sigmoid", ()), Tensor.sigmoid_: ("sigmoid", ()),
+             torch.tanh_: ("tanh", ()), Tensor.tanh_: ("tanh", ())}
+_IN_PLACE_POST_OPS = {torch.sigmoid_, Tensor.sigmoid_, torch.tanh_, Tensor.tanh_}
+
+
+def _post_op(func, args: tuple, kwargs: dict) -> Optional[tuple[str, list, str, bool]]:
+    """(oneDNN's post-op, its scalars, its algorithm, whether in place) of an activation
+    call func(x, …) on x alone (`_POST_OPS`), or None."""
+    if func not in _POST_OPS:
+        return None
+    attr, names = _POST_OPS[func]
+    if len(args) - 1 > len(names):
+        return None
+    given = {**dict(zip(names, args[1:])), **kwargs}
+    if set(given) - set(names):
+        return None
+    in_place = func in _IN_PLACE_POST_OPS or bool(given.get("inplace", False))
+    if attr == "hardtanh":
+        bounds = (0.0, 6.0) if func is F.relu6 else (given.get("min_val", -1.0), given.get("max_val", 1.0))
+        return attr, [float(b) for b in bounds], "", in_place
+    if attr == "leaky_relu":
+        return attr, [float(given.get("negative_slope", 0.01))], "", in_place
+    return attr, [], given.get("approximate", "none") if attr == "gelu" else "", in_place
 
 
 def _output_shape(conv: nn.Module, shape: tuple) -> tuple:
