@@ -68,36 +68,50 @@ class MultiPointRule(nn.Module):
         origin = self.origins.get(name)
         if origin is None:
             return None
-        k = self.context.num_active
         if name not in self.directions:
-            return origin.unsqueeze(0).expand(k, *origin.shape)
-        flat = self._flat.get(name)
-        if flat is None:
-            d = self.directions[name]
-            flat = (origin.reshape(1, -1), d.reshape(d.shape[0], -1))
-            if not self.context.forward_mode:  # (views made under a forward-mode transform die with it)
-                self._flat[name] = flat
-        flat_origin, flat_dirs = flat
-
-        def at(c: Tensor) -> Tensor:
-            c = c if c.dtype == flat_dirs.dtype else c.to(flat_dirs.dtype)
-            return torch.addmm(flat_origin, c, flat_dirs).view(c.shape[0], *origin.shape)
-
-        context = self.context
-        nbytes = context.coeffs.shape[0] * flat_dirs.shape[1] * flat_dirs.element_size()
-        every = context.kept_at_every_point((id(self), name), at, nbytes, origin, flat_dirs)
-        return at(context.active_coeffs()) if every is None else context.of_active(every)
+            return origin.unsqueeze(0).expand(self.context.num_active, *origin.shape)
+        every = self._kept_at_every_point(name)
+        return self._at(name, self.context.active_coeffs()) if every is None else self.context.of_active(every)
 
     def point_state(self, k: int) -> dict[str, Tensor]:
-        """Every own floating tensor of `inner` at active point k (for functional_call)."""
-        c = self.context.active_coeffs()[k]
+        """Every own floating tensor of `inner` at active point k (for functional_call): a
+        moving one from its value at every point where that is kept, so that every batch and
+        group of a pass reads the same tensors (a GRU 5 % faster: oneDNN's per-point calls
+        with weights formed afresh, an LSTM's 1.37–1.49 ms, with the same ones again
+        1.18–1.26), else formed for this point alone."""
         state = {}
         for name, origin in self.origins.items():
             if name in self.directions:
-                state[name] = origin + torch.tensordot(c.to(origin.dtype), self.directions[name], dims=1)
+                every = self._kept_at_every_point(name)
+                coeffs = self.context.active_coeffs()[k:k + 1]
+                state[name] = self._at(name, coeffs)[0] if every is None else self.context.of_active(every)[k]
             else:  # a copy of buffers: the module may update them in place (train-mode statistics)
                 state[name] = origin.clone() if name in self.inner._buffers else origin
         return state
+
+    def _at(self, name: str, coeffs: Tensor) -> Tensor:
+        """(P, *shape) value of moving tensor `name` at the P points `coeffs` (P, J)."""
+        flat_origin, flat_dirs = self._flat_parts(name)
+        coeffs = coeffs if coeffs.dtype == flat_dirs.dtype else coeffs.to(flat_dirs.dtype)
+        return torch.addmm(flat_origin, coeffs, flat_dirs).view(coeffs.shape[0], *self.origins[name].shape)
+
+    def _kept_at_every_point(self, name: str) -> Optional[Tensor]:
+        """(K, *shape) value of moving tensor `name` at every point where the context keeps
+        it (`PointContext.kept_at_every_point`), else None."""
+        flat_origin, flat_dirs = self._flat_parts(name)
+        nbytes = self.context.coeffs.shape[0] * flat_dirs.shape[1] * flat_dirs.element_size()
+        return self.context.kept_at_every_point((id(self), name), lambda c: self._at(name, c), nbytes,
+                                                self.origins[name], flat_dirs)
+
+    def _flat_parts(self, name: str) -> tuple[Tensor, Tensor]:
+        """(1, N) origin and (J, N) directions of moving tensor `name`, views."""
+        flat = self._flat.get(name)
+        if flat is None:
+            d = self.directions[name]
+            flat = (self.origins[name].reshape(1, -1), d.reshape(d.shape[0], -1))
+            if not self.context.forward_mode:  # (views made under a forward-mode transform die with it)
+                self._flat[name] = flat
+        return flat
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, moving={sorted(self.directions)}"
