@@ -326,33 +326,45 @@ class Activated(nn.Module):
         return self.head(self.act(self.n2(self.c2(self.act(self.n1(self.c1(x)))))))
 
 
+# name: (activation, whether oneDNN's post-op computes it: the same NaN and ±inf as PyTorch)
 ACTIVATIONS = {
-    "ReLU6": nn.ReLU6(), "ReLU6 in place": nn.ReLU6(inplace=True), "relu6": F.relu6, "Hardswish": nn.Hardswish(),
-    "SiLU": nn.SiLU(), "silu in place": lambda x: F.silu(x, inplace=True), "GELU": nn.GELU(),
-    "GELU tanh": nn.GELU(approximate="tanh"), "Hardtanh(-2, 3)": nn.Hardtanh(-2.0, 3.0),
-    "hardtanh by position": lambda x: F.hardtanh(x, -0.5, 0.5), "leaky_relu(0.2)": lambda x: F.leaky_relu(x, 0.2),
-    "Sigmoid": nn.Sigmoid(), "sigmoid_": torch.sigmoid_, "tanh method": lambda x: x.tanh(), "Hardsigmoid": nn.Hardsigmoid(),
+    "Hardswish": (nn.Hardswish(), True), "SiLU": (nn.SiLU(), True), "silu in place": (lambda x: F.silu(x, True), True),
+    "GELU tanh": (nn.GELU(approximate="tanh"), True), "leaky_relu(0.2)": (lambda x: F.leaky_relu(x, 0.2), True),
+    "Sigmoid": (nn.Sigmoid(), True), "sigmoid_": (torch.sigmoid_, True), "tanh method": (lambda x: x.tanh(), True),
+    "ReLU": (nn.ReLU(), False), "ReLU6": (nn.ReLU6(), False),  # (oneDNN: NaN → 0)
+    "ReLU6 in place": (nn.ReLU6(inplace=True), False),
+    "Hardtanh(-2, 3)": (nn.Hardtanh(-2.0, 3.0), False), "Hardsigmoid": (nn.Hardsigmoid(), False),
+    "leaky_relu(0)": (lambda x: F.leaky_relu(x, 0.0), False), "GELU": (nn.GELU(), False),  # (oneDNN: inf → NaN)
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
 def test_activations_after_a_convolution_join_it_as_onednn_post_ops(name, dtype, monkeypatch):
+    """Where oneDNN's post-op gives PyTorch's values, NaN included (a NaN pixel spreads
+    through the second convolution; ReLU6's post-op would make it 0)."""
     from mlifast.multipoint import pending
 
-    a, b = pair(lambda: Activated(ACTIVATIONS[name]), dtype)
+    act, joins = ACTIVATIONS[name]
+    a, b = pair(lambda: Activated(act), dtype)
     x = torch.randn(8, 8, 16, 16, dtype=dtype)  # (2,048 positions a point: each point's convolution by oneDNN)
     joined = []
     original = pending.PendingConvolution._activated
+
     def spy(self, post_op):
         activated = original(self, post_op)
         joined.append(activated is not None)
         return activated
 
     monkeypatch.setattr(pending.PendingConvolution, "_activated", spy)
+    line, coords = mlifast.Line(a, b), torch.tensor([-0.3, 0.0, 0.5, 1.0])
     with torch.no_grad():
-        check_parity(a, mlifast.Line(a, b), torch.tensor([-0.3, 0.0, 0.5, 1.0]), x, dtype=dtype)
-    assert any(joined) is (dtype == torch.float32)  # (oneDNN's post-ops: float32)
+        fast = check_parity(a, line, coords, x, dtype=dtype)
+        x[1, 2, 3, 4] = float("nan")
+        out = fast(x)
+    for k, expected in enumerate(oracle_outputs(a, line, coords, x)):
+        torch.testing.assert_close(out[k], expected, rtol=TOL[dtype], atol=TOL[dtype], equal_nan=True)
+    assert any(joined) is (joins and dtype == torch.float32)  # (oneDNN's post-ops: float32)
 
 
 def test_frozen_batch_norm_in_train_mode_leaves_the_space_untouched():
