@@ -289,11 +289,8 @@ class PendingConvolution(PendingPostOps):
             return None
         self._check_unwritten()
         *post, in_place = post_op
-        (points,), k = self._inputs, len(self._inputs[0])
-        biases = self._bias.unbind(0) if self._bias is not None else (None,) * k
-        outs = [_ONEDNN_POINTWISE(rows, weight, bias, *_geometry(self._conv), *post)
-                for rows, weight, bias in zip(points.unbind(0), self._weight.unbind(0), biases)]
-        value = outs[0] if k == 1 else torch.cat(outs)
+        value = self._each_point(self._inputs[0], lambda rows, weight, bias, _addend: _ONEDNN_POINTWISE(
+            rows, weight, bias, *_geometry(self._conv), *post))
         if in_place:  # (the pending result is that value from now on)
             self._value = value
             self._release()
@@ -302,17 +299,23 @@ class PendingConvolution(PendingPostOps):
     def _computed_with(self, relu: bool) -> Tensor:
         if self._winograd():
             return self._by_winograd(relu)
-        (points,), batch, mapped = self._inputs, self._inputs[0].shape[1], self._input_map
+        (points,), mapped = self._inputs, self._input_map
         if mapped is not None:  # (an addend that joined since rules Winograd out)
             points = fold(channel_affine(points.flatten(0, 1), mapped.scale, mapped.shift, None, mapped.relu),
                           len(points))
+        return self._each_point(points, lambda rows, weight, bias, addend: _convolve(self._conv, rows, weight, bias,
+                                                                                    addend, relu))
+
+    def _each_point(self, points: Tensor, convolve) -> Tensor:
+        """convolve(rows, weight, bias, addend) of each point's (K_active, B, …) `points`,
+        its own weight, bias and addend rows (or None), joined into (K_active·B, …)."""
         # (each point's operands as views taken in one call each)
-        k = len(points)
+        k, batch = len(points), points.shape[1]
         biases = self._bias.unbind(0) if self._bias is not None else (None,) * k
         addends = self._addend.split(batch) if self._addend is not None else (None,) * k
-        outs = [_convolve(self._conv, rows, weight, bias, addend, relu)
+        outs = [convolve(rows, weight, bias, addend)
                 for rows, weight, bias, addend in zip(points.unbind(0), self._weight.unbind(0), biases, addends)]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return outs[0] if k == 1 else torch.cat(outs)
 
     def _release(self) -> None:
         super()._release()

@@ -83,8 +83,8 @@ class MultiPointRule(nn.Module):
         for name, origin in self.origins.items():
             if name in self.directions:
                 every = self._kept_at_every_point(name)
-                coeffs = self.context.active_coeffs()[k:k + 1]
-                state[name] = self._at(name, coeffs)[0] if every is None else self.context.of_active(every)[k]
+                state[name] = (self._at(name, self.context.active_coeffs()[k:k + 1])[0] if every is None
+                               else self.context.of_active(every)[k])
             else:  # a copy of buffers: the module may update them in place (train-mode statistics)
                 state[name] = origin.clone() if name in self.inner._buffers else origin
         return state
