@@ -240,20 +240,24 @@ class Span:
         directions = list(directions)
         if not directions:
             raise ValueError("directions is empty; a Span needs at least one direction.")
+        self._init_checked(origin, [(f"directions[{j}]", d) for j, d in enumerate(directions)],
+                           {"method": "Span(origin, directions)", "origin": _describe_source(origin)})
+
+    # -- construction -------------------------------------------------------------
+
+    def _init_checked(self, origin: StateLike, directions: list[tuple[str, StateLike]], built: dict[str, Any]) -> None:
+        """`_init_parts` from an origin and (role, direction) pairs read and validated."""
         o = read_state(origin, "origin")
         _check_origin(o, "origin")
         dirs = []
-        for j, d in enumerate(directions):
-            role = f"directions[{j}]"
+        for role, d in directions:
             state = read_state(d, role)
             _check_against(o, state, "origin", role, _SPAN_FIX)
             _check_finite(state, role, o)
             dirs.append(state)
         stacked = {k: [d[k] for d in dirs] for k, t in o.items() if _is_floating(t)}
         _check_origin_finite(o, stacked, "origin")
-        self._init_parts(o, stacked, {"method": "Span(origin, directions)", "origin": _describe_source(origin)})
-
-    # -- construction -------------------------------------------------------------
+        self._init_parts(o, stacked, built)
 
     def _init_parts(
         self, origin: Mapping[str, Tensor], directions: Mapping[str, list[Tensor]],
@@ -533,17 +537,8 @@ class Plane(Span):
     kind = "plane"
 
     def __init__(self, origin: StateLike, u: StateLike, v: StateLike) -> None:
-        o = read_state(origin, "origin")
-        _check_origin(o, "origin")
-        dirs = []
-        for role, d in (("u", u), ("v", v)):
-            state = read_state(d, role)
-            _check_against(o, state, "origin", role, _SPAN_FIX)
-            _check_finite(state, role, o)
-            dirs.append(state)
-        stacked = {k: [d[k] for d in dirs] for k, t in o.items() if _is_floating(t)}
-        _check_origin_finite(o, stacked, "origin")
-        self._init_parts(o, stacked, {"method": "Plane(origin, u, v)", "origin": _describe_source(origin)})
+        self._init_checked(origin, [("u", u), ("v", v)],
+                           {"method": "Plane(origin, u, v)", "origin": _describe_source(origin)})
 
     @classmethod
     def through(cls, p0: StateLike, p1: StateLike, p2: StateLike) -> "Plane":
