@@ -26,9 +26,9 @@ from mlifast.spaces import Span
 
 # Devices whose image batches travel channels-last once a first-call check found that the
 # model agrees (MultiPointModel.images_channels_last): the CPU, where it is oneDNN's own
-# layout. On CUDA cuDNN converts NCHW around its NHWC TF32 kernels (W2 on an H200, 12.8 of
-# 53 ms), but channels-last there waits for a GPU run to time it (benchmarks/gpu_candidates.py).
-CHANNELS_LAST_DEVICES = {"cpu"}
+# layout, and CUDA, where cuDNN's TF32 kernels are NHWC and it converted NCHW around them
+# (W2 on an H200 1.21× faster channels-last, benchmarks/gpu_candidates.py, BENCHMARKS.md).
+CHANNELS_LAST_DEVICES = {"cpu", "cuda"}
 
 
 class NotPerExampleOutputError(ValueError):
@@ -64,8 +64,8 @@ class MultiPointModel(nn.Module):
         # Whether inputs travel as SharedRows: decided by the first-call checks (None:
         # undecided, inputs repeated; see _checked_outputs).
         self.shares_rows: bool | None = None
-        # Image batches of a CNN travel channels-last on CHANNELS_LAST_DEVICES (on the CPU,
-        # oneDNN's own layout: W2's convolutions and batch norms 1.2× faster than NCHW) once
+        # Image batches of a CNN travel channels-last on CHANNELS_LAST_DEVICES (oneDNN's and
+        # cuDNN's TF32 kernels' own layout: W2 1.2× faster than NCHW on either) once
         # a first-call check found that the model agrees in that layout (it may not: a
         # `.view` of a 4-d activation, an op reading raw memory). None: undecided, the
         # model's own layout meanwhile.
