@@ -1,7 +1,6 @@
 """`interpolate()`: any nn.Module → one module that answers for K points of a space."""
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +14,7 @@ from torch.nn.modules.conv import _ConvNd
 from mlifast.multipoint.context import PointContext
 from mlifast.multipoint.generic import GenericRule
 from mlifast.multipoint.layers import BatchNormRule, InPlaceActivation, LinearRule
+from mlifast.multipoint.module_copy import copy_module_tree
 from mlifast.multipoint.pending import PendingInputWritten, _versions, plain
 from mlifast.multipoint.point_values import PointValuesRefused
 from mlifast.multipoint.reference import PerPointModel, alias_groups, first_disagreement, rounds_float32_to_tf32
@@ -499,7 +499,7 @@ def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn
                 else:  # buffers may be updated in place (train-mode batch norm): never the space's
                     memo[id(tensor)] = origin.clone() if name in module._buffers else origin
             owned.setdefault(id(module), {})[name] = (key, origin)
-    clone = top = copy.deepcopy(model, memo)
+    clone = top = copy_module_tree(model, memo)
     originals = dict(model.named_modules(remove_duplicate=False))
     copied = dict(clone.named_modules(remove_duplicate=False))  # before any replacement
     for path, module in copied.items():

@@ -7,7 +7,6 @@ torch.func.functional_call, so the user's model is never touched.
 """
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
+from mlifast.multipoint.module_copy import copy_module_tree
 from mlifast.multipoint.trees import map_tensors, tensors_in
 from mlifast.spaces import Span
 
@@ -33,7 +33,7 @@ class PerPointModel:
         } | {id(p) for p in model.parameters()}
         memo = {id(t): torch.empty_like(t, device="meta")
                 for t in list(model.parameters()) + list(model.buffers()) if id(t) in persistent}
-        self.module = copy.deepcopy(model, memo)
+        self.module = copy_module_tree(model, memo)
         self.space = space
         # functional_call takes one key per tied tensor.
         self.keys = list(dict.fromkeys(alias_groups(model).values()))
