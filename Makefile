@@ -73,10 +73,11 @@ bench: $(BUILD_STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/compare.py
 
 # Every workload against every baseline, and every model family of families.py against the
-# loop, at tiny sizes: results checked, not timed (CI).
+# loop, at tiny sizes: results checked, not timed (CI); then benchmarks/test_bench.py.
 bench-quick: $(BUILD_STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/compare.py --quick
 	$(PY) benchmarks/families.py --quick
+	$(PY) -m pytest -q benchmarks/test_bench.py
 
 # The same baseline for a GPU machine without a package registry: carry .whl there, and
 # benchmarks/gpu_check.sh installs it.

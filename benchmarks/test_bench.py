@@ -94,3 +94,18 @@ def test_families_agree_with_loop(case):
     """families.py --quick for one case: every point's loss within families.RTOL of the loop's."""
     err, losses, _ = families.check(families.workload(case, "quick"))
     assert err <= families.RTOL, (case, err, losses)
+
+
+def test_call_parts_counts_one_call():
+    """call_parts.py on W3 (one batch): each copy made once, the check's two reference
+    points, one run on all points, and the parts within the call's time; the wrapped
+    functions are restored afterwards."""
+    import call_parts
+    from mlifast.multipoint import reference
+
+    at = reference.PerPointModel.at
+    r = call_parts.measure(W.make_workload("W3", "tiny"), calls=2)
+    assert r.calls == {"copy: rules": 1, "copy: reference": 1, "probe of sizes": 1, "reference points": 2,
+                       "runs on all points": 1}
+    assert 0 < sum(r.spent.values()) <= r.total
+    assert reference.PerPointModel.at is at
