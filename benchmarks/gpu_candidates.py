@@ -11,11 +11,11 @@ choices on the device or off:
 - "bn passes": batch norms through channel_moments and channel_affine
   (`layers.CHANNEL_PASSES_DEVICES`; the CUDA kernels cuda_check.py checks), the residual
   addition and ReLU joining the second pass.
-Both are on for the CPU and off for CUDA as shipped. Each variant's losses are checked
-against the loop's (relative 1e-2: TF32); the table gives the median time and its ratio to
-"neither". A variant that wins in every round on the card is the one to switch on (add
-"cuda" to the set) in the library. gpu_check.sh runs it; on the CPU it measures what each
-choice gave there.
+Both are on for the CPU. On CUDA, channels-last is on since an H200 ran W2 1.21× faster
+with it, and the batch-norm passes are off (0.79× there; BENCHMARKS.md, fifteenth session).
+Each variant's losses are checked against the loop's (relative 1e-2: TF32); the table gives
+the median time and its ratio to "neither". gpu_check.sh runs it; on the CPU it measures
+what each choice gave there.
 """
 from __future__ import annotations
 

@@ -13,12 +13,13 @@
 # 4. with GPU_CHECK_FULL=1, compare.py --device cuda at full sizes (the model workloads).
 # 5. with GPU_CHECK_BF16=W3 (model workloads), compare.py --dtype bfloat16 at full sizes.
 # 6. with GPU_CHECK_PROFILE=W1,W3 (model workloads), where their time goes on the GPU.
-# 7. benchmarks/gpu_candidates.py: W2 with the changes that wait for a GPU (channels-last
-#    images, the batch-norm passes' CUDA kernels), A/B against mlifast as shipped.
-# Each stage has a time limit. With GPU_CHECK_FULL=1 and two profiles the whole script took
-# 211–220 s on an H200 (BENCHMARKS.md), before stage 7 and cuda_check's batch-norm passes
-# were added (not yet timed on a GPU; stage 7 is W2's loop once and 24 mlifast calls);
-# stages 1-3 alone about 2 minutes.
+# 7. benchmarks/gpu_candidates.py: W2 with the GPU-only choices (channels-last images, the
+#    batch-norm passes' CUDA kernels) on and off, A/B in one process.
+# 8. benchmarks/call_parts.py W3 in bfloat16: where one evaluate call's time goes.
+# Each stage has a time limit. On an H200 (fifteenth session) the build took 4 minutes
+# (winograd_conv.cpp then one file; its steps now compile as three in parallel), cuda_check
+# 33 s, the quick comparison 18 s, the full one 2 minutes, bfloat16 W3 37 s, stage 7 9 s:
+# with GPU_CHECK_FULL=1, GPU_CHECK_BF16=W3 and two profiles, plan on 8 minutes.
 set -uo pipefail
 OUT=${OUT:-build/gpu-check}
 PY=${PYTHON:-python3}
@@ -71,6 +72,8 @@ if [ -n "${GPU_CHECK_BF16:-}" ]; then  # e.g. GPU_CHECK_BF16=W3: the memory-boun
 fi
 echo "== GPU candidates (W2)"
 timeout 150 "$PY" benchmarks/gpu_candidates.py 2>&1 | tee "$OUT/candidates.log" || status=1
+echo "== where one call's time goes (W3, bfloat16)"
+timeout 60 "$PY" benchmarks/call_parts.py W3 --device cuda --dtype bfloat16 2>&1 | tee "$OUT/call_parts.log" || status=1
 for workload in ${GPU_CHECK_PROFILE//,/ }; do
   echo "== profile $workload --device cuda"
   timeout 120 "$PY" benchmarks/profile_workload.py "$workload" --device cuda 2>&1 \
