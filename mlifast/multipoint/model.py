@@ -447,7 +447,8 @@ def interpolate(model: nn.Module, space: Span, coords: Any, *, batch_dim: int = 
 
 
 def _check_model_matches_space(model: nn.Module, space: Span) -> None:
-    keys = set(model.state_dict().keys())
+    state = model.state_dict(keep_vars=True)  # (no detached copy of each tensor: only shapes are read)
+    keys = set(state)
     missing, unexpected = sorted(set(space.keys) - keys), sorted(keys - set(space.keys))
     if missing or unexpected:
         raise ValueError(
@@ -456,7 +457,7 @@ def _check_model_matches_space(model: nn.Module, space: Span) -> None:
             + (f"keys only in the model: {unexpected[:10]}; " if unexpected else "")
             + "build the space from checkpoints of this model class"
         )
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(space.origin[name].shape):
             raise ValueError(
                 f"mlifast: '{name}' has shape {tuple(tensor.shape)} in the model but "

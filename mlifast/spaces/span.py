@@ -345,13 +345,14 @@ class Span:
             of origin[k] for the others. Same dtypes and devices as the origin.
         """
         c = self._coord_list(coord)
+        rows = self._direction_rows()
         result = {}
         for k, o in self._origin.items():
             t = None if out is None else out.get(k)
             if not (isinstance(t, Tensor) and t.shape == o.shape and t.dtype == o.dtype and t.device == o.device
                     and t.stride() == o.stride() and _distinct_memory(t, o)):
                 t = torch.empty_like(o, memory_format=torch.preserve_format)
-            d = self._directions.get(k)
+            d = rows.get(k)
             if d is None:
                 t.copy_(o)
             else:  # origin + c_0·d_0 in one pass over memory, as o.clone().add_(d_0, alpha=c_0) computes it
@@ -416,6 +417,8 @@ class Span:
         span of the same class sharing the tensors that match."""
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype; got {dtype}.")
+        if self._already(device, dtype):
+            return self
         new = object.__new__(type(self))
         new._origin = {
             k: t.to(device=device, dtype=dtype if _is_floating(t) else None)
@@ -438,6 +441,25 @@ class Span:
         )
         new._refresh()
         return new
+
+    def _direction_rows(self) -> dict[str, tuple[Tensor, ...]]:
+        """Each entry's J directions as views, made once (indexing a view per tensor and
+        point cost a dispatch each)."""
+        rows = self.__dict__.get("_rows")
+        if rows is None:
+            rows = {k: d.unbind(0) for k, d in self._directions.items()}
+            if torch._C._functorch.maybe_current_level() is None:  # (views made in a transform die with it)
+                self._rows = rows
+        return rows
+
+    def _already(self, device: Any, dtype: torch.dtype | None) -> bool:
+        """Whether every tensor is on ``device`` and floating ones in ``dtype`` (None: any),
+        read from their attributes: a `.to` per tensor costs evaluate a dispatch each."""
+        target = None if device is None else torch.device(device)
+        if target is not None and target.type != "cpu" and target.index is None:
+            return False  # ("cuda": the current device, whichever that is)
+        return all((target is None or t.device == target) and (dtype is None or not _is_floating(t) or t.dtype == dtype)
+                   for t in (*self._origin.values(), *self._directions.values()))
 
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable summary: kind, J, entry and element counts, dtypes, devices,
