@@ -460,3 +460,26 @@ def test_random_direction_argument_errors():
         random_direction(net, seed=None)
     with pytest.raises(ValueError):
         random_direction(net, seed=1, generator=torch.Generator())
+
+
+def test_state_at_fresh_equals_written_into_out():
+    """state_at's fresh form (foreach sums for contiguous entries) gives, bit for bit, what
+    writing into `out` gives (one op per tensor), layouts and constant entries included."""
+    g = torch.Generator().manual_seed(5)
+
+    def state():
+        return {"w": torch.randn(6, 5, generator=g), "img": torch.randn(2, 3, 4, 4, generator=g).contiguous(
+            memory_format=torch.channels_last), "b": torch.randn(6, generator=g, dtype=torch.float64),
+                "steps": torch.tensor(7)}
+
+    origin = state()
+    span = Span(origin, [state(), state()])
+    c = [0.3, -1.7]
+    fresh = span.state_at(c)
+    written = span.state_at(c, out=span.state_at([2.0, 0.5]))
+    assert list(fresh) == list(origin)
+    for k, t in fresh.items():
+        assert torch.equal(t, written[k]) and t.stride() == origin[k].stride() and t.dtype == origin[k].dtype, k
+        assert t.data_ptr() != origin[k].data_ptr(), k  # (new memory, constants too)
+    expected = origin["w"] + c[0] * span.direction("w")[0]
+    torch.testing.assert_close(fresh["w"], expected + c[1] * span.direction("w")[1], rtol=0, atol=1e-6)

@@ -38,6 +38,7 @@ class PerPointModel:
         # functional_call takes one key per tied tensor.
         self.keys = list(dict.fromkeys(alias_groups(model).values()))
         self._reusing = False  # see reusing_state
+        self._device_type = next(iter(space.origin.values())).device.type
         self._state: dict[str, Tensor] | None = None
 
     def train(self, mode: bool) -> None:
@@ -64,10 +65,12 @@ class PerPointModel:
 
     @contextmanager
     def reusing_state(self) -> Iterator[None]:
-        """Inside, every point's state is written into the memory of the previous one (one
-        full state held until the end, not one allocated per point: on a large model the
-        fresh allocation costs more than computing the state)."""
-        if self._reusing:
+        """Inside, on the CPU, every point's state is written into the memory of the
+        previous one (one full state held until the end, not one allocated per point: on a
+        large model fresh pages cost more than computing the state). On a GPU the caching
+        allocator makes fresh memory free, and `state_at` then forms the state in a few
+        foreach launches rather than one per tensor."""
+        if self._reusing or self._device_type != "cpu":
             yield
             return
         self._reusing = True
