@@ -71,7 +71,8 @@ def measure(wl: W.ModelWorkload, calls: int = 5, device: str = "cpu") -> CallPar
             sync()
             total += time.perf_counter() - start
     finally:
-        gc.callbacks.remove(gc_callback)
+        if gc_callback in gc.callbacks:
+            gc.callbacks.remove(gc_callback)
         for owner, name, f in saved:
             setattr(owner, name, f)
     return CallParts(total / calls, {k: v / calls for k, v in spent.items()}, {k: v / calls for k, v in counts.items()},

@@ -69,6 +69,27 @@ def test_many_and_single_points(k):
                  dtype=torch.float64)
 
 
+class OwnStateDict(nn.Module):
+    """A model whose state_dict takes no keep_vars (an older or custom signature)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(x)
+
+    def state_dict(self, destination=None, prefix=""):
+        return super().state_dict(destination=destination, prefix=prefix)
+
+
+def test_model_with_its_own_state_dict_signature():
+    torch.manual_seed(0)
+    a, b = OwnStateDict().double(), OwnStateDict().double()
+    check_parity(a, mlifast.Line(a, b), torch.linspace(0, 1, 3), torch.randn(4, 3, dtype=torch.float64),
+                 dtype=torch.float64)
+
+
 def test_sequence_first_lstm():
     a, b = pair(lambda: LSTMLanguageModel(batch_first=False), torch.float64)
     tokens = torch.randint(0, 11, (7, 3))  # (T, B)

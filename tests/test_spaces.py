@@ -483,3 +483,17 @@ def test_state_at_fresh_equals_written_into_out():
         assert t.data_ptr() != origin[k].data_ptr(), k  # (new memory, constants too)
     expected = origin["w"] + c[0] * span.direction("w")[0]
     torch.testing.assert_close(fresh["w"], expected + c[1] * span.direction("w")[1], rtol=0, atol=1e-6)
+
+
+def test_pickle_after_state_at_carries_no_views():
+    """The views state_at keeps of the directions are not pickled (each would carry its
+    whole stack of directions): the same bytes before and after a state_at."""
+    import pickle
+
+    g = torch.Generator().manual_seed(2)
+    span = Span({"w": torch.randn(50, 50, generator=g)}, [{"w": torch.randn(50, 50, generator=g)} for _ in range(2)])
+    before = len(pickle.dumps(span))
+    span.state_at([0.1, 0.2])
+    assert len(pickle.dumps(span)) == before
+    again = pickle.loads(pickle.dumps(span))
+    assert torch.equal(again.state_at([0.1, 0.2])["w"], span.state_at([0.1, 0.2])["w"])

@@ -447,7 +447,7 @@ def interpolate(model: nn.Module, space: Span, coords: Any, *, batch_dim: int = 
 
 
 def _check_model_matches_space(model: nn.Module, space: Span) -> None:
-    state = model.state_dict(keep_vars=True)  # (no detached copy of each tensor: only shapes are read)
+    state = model.state_dict()  # (once: a model may define it without keep_vars)
     keys = set(state)
     missing, unexpected = sorted(set(space.keys) - keys), sorted(keys - set(space.keys))
     if missing or unexpected:

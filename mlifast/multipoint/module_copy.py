@@ -4,9 +4,10 @@ Every evaluate call copies the user's model twice (the multi-point copy and the 
 for the first-call check). copy.deepcopy spends most of that on each module's dozen empty
 hook dictionaries and on its generic pickling protocol: 11 ms for a 24-block transformer,
 more than the rest of a call on a GPU. `copy_module_tree` gives the same copy: it builds
-each plain module the way copy.deepcopy does (`__new__`, the state deep-copied, then
-`__setstate__`), copies dicts and atoms directly, and leaves everything else to
-copy.deepcopy with the same memo, so shared objects stay shared.
+each plain module the way copy.deepcopy does (`__new__`, its dict state deep-copied, then
+`__setstate__`), copies dicts (exactly dict, or OrderedDict without attributes) and atoms
+directly, and leaves everything else to copy.deepcopy with the same memo, so shared
+objects stay shared.
 """
 from __future__ import annotations
 
@@ -19,46 +20,46 @@ from typing import Any
 from torch import nn
 
 _ATOMS = (type(None), bool, int, float, complex, str, bytes, type)
-_DICTS = (dict, OrderedDict)  # (exactly these: a subclass may copy itself otherwise)
 _SETS = (set, frozenset)
 
 
 def copy_module_tree(model: nn.Module, memo: dict[int, Any]) -> nn.Module:
     """copy.deepcopy(model, memo): tensors whose id is in `memo` become its values."""
-    keep_alive: list = []  # (state dicts made by a __getstate__: their ids must not be reused)
-    return _copy(model, memo, keep_alive)
+    return _copy(model, memo)
 
 
-def _copy(x: Any, memo: dict[int, Any], keep_alive: list) -> Any:
+def _copy(x: Any, memo: dict[int, Any]) -> Any:
     found = memo.get(id(x), memo)
     if found is not memo:
         return found
     cls = type(x)
     if cls in _ATOMS:
         return x
-    if cls in _DICTS:  # (hooks, _modules, _parameters, _buffers)
+    if cls is dict or (cls is OrderedDict and not vars(x)):  # (hooks, _modules, _parameters, _buffers)
         y = memo[id(x)] = cls()
         for k, v in x.items():
-            y[k if type(k) in _ATOMS else _copy(k, memo, keep_alive)] = (
-                v if type(v) in _ATOMS else _copy(v, memo, keep_alive))
+            y[k if type(k) in _ATOMS else _copy(k, memo)] = v if type(v) in _ATOMS else _copy(v, memo)
         return y
     if cls in _SETS and all(type(v) in _ATOMS for v in x):  # (_non_persistent_buffers_set)
         y = memo[id(x)] = cls(x)
         return y
     if isinstance(x, nn.Module) and _plain(cls):
-        y = memo[id(x)] = cls.__new__(cls)
         getstate = getattr(x, "__getstate__", None)  # (object's from Python 3.11)
         state = getstate() if getstate is not None else x.__dict__
-        keep_alive.append(state)
-        y.__setstate__({k: _copy(v, memo, keep_alive) for k, v in state.items()})
-        return y
+        if type(state) is dict:
+            memo.setdefault(id(memo), []).append(state)  # (as copy.deepcopy keeps its temporaries alive)
+            y = memo[id(x)] = cls.__new__(cls)
+            y.__setstate__({k: _copy(v, memo) for k, v in state.items()})
+            return y
     return copy.deepcopy(x, memo)
 
 
 @functools.lru_cache(maxsize=None)
 def _plain(cls: type) -> bool:
     """Whether copy.deepcopy would copy instances of `cls` as __new__ plus __setstate__ of
-    their __getstate__ (no __deepcopy__, __reduce__ or __slots__ of their own)."""
+    their __getstate__ (no __deepcopy__, __reduce__, __getnewargs__, __getattr__ or __slots__ of their own)."""
     return (getattr(cls, "__deepcopy__", None) is None and cls not in copyreg.dispatch_table
             and cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
+            and getattr(cls, "__getnewargs__", None) is None and getattr(cls, "__getnewargs_ex__", None) is None
+            and cls.__getattr__ is nn.Module.__getattr__  # (one of its own may answer __deepcopy__: jit)
             and not any("__slots__" in vars(c) for c in cls.__mro__[:-1]))

@@ -274,6 +274,7 @@ class Span:
         """What is derived from the directions' values, after they are set or cast."""
         self._frozen = {k: not bool(d.any()) for k, d in self._directions.items()}
         self._direction_norms = None  # describe()'s, recomputed on its next call
+        self.__dict__.pop("_rows", None)  # (_direction_rows' views of the old directions)
 
     # -- read-only views ----------------------------------------------------------
 
@@ -456,6 +457,11 @@ class Span:
         )
         new._refresh()
         return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_rows", None)  # (pickled, each view would carry its whole stack of directions)
+        return state
 
     def _direction_rows(self) -> dict[str, tuple[Tensor, ...]]:
         """Each entry's J directions as views, made once (indexing a view per tensor and
