@@ -77,6 +77,28 @@ class Snapshot(nn.Module):
         return self.lin(x)
 
 
+class Registry(nn.Module, dict):
+    """A module that is also a dict: its items travel in __reduce_ex__, not its state."""
+
+    __hash__, __eq__ = object.__hash__, object.__eq__
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        dict.__init__(self)
+        self.lin = nn.Linear(4, 4)
+        self["scale"] = 2.0
+
+    def forward(self, x):
+        return self.lin(x) * self["scale"]
+
+
+def own_deepcopy():
+    """A module given its own __deepcopy__ on the instance."""
+    m = nn.Linear(4, 4)
+    m.__deepcopy__ = lambda memo: nn.Identity()
+    return nn.Sequential(m, nn.ReLU())
+
+
 def models():
     shared = nn.Linear(4, 4)
     hooked = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
@@ -94,6 +116,8 @@ def models():
         "__getnewargs__": nn.Sequential(Named("a"), nn.ReLU()),
         "OrderedDict with attributes": Snapshot(),
         "traced submodule": nn.Sequential(torch.jit.trace(nn.Linear(4, 4), torch.randn(1, 4)), nn.ReLU()),
+        "a module that is a dict": nn.Sequential(Registry(), nn.ReLU()),
+        "__deepcopy__ on the instance": own_deepcopy(),
     }
 
 
@@ -104,6 +128,8 @@ def meta_memo(model):
 def assert_same_copy(a, b, memo_a, memo_b, path="model"):
     """a (copy.deepcopy) and b (copy_module_tree) hold equal values; tensors from each memo."""
     assert type(a) is type(b), path
+    if isinstance(a, dict) and isinstance(a, nn.Module):
+        assert dict(a) == dict(b), path  # (its items, beside its state)
     if isinstance(a, torch.Tensor):
         assert a.shape == b.shape and a.dtype == b.dtype and a.device == b.device, path
         if a.device.type != "meta":

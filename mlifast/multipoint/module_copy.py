@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import copyreg
-import functools
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -43,7 +43,7 @@ def _copy(x: Any, memo: dict[int, Any]) -> Any:
     if cls in _SETS and all(type(v) in _ATOMS for v in x):  # (_non_persistent_buffers_set)
         y = memo[id(x)] = cls(x)
         return y
-    if isinstance(x, nn.Module) and _plain(cls):
+    if isinstance(x, nn.Module) and _plain(cls) and "__deepcopy__" not in x.__dict__:
         getstate = getattr(x, "__getstate__", None)  # (object's from Python 3.11)
         state = getstate() if getstate is not None else x.__dict__
         if type(state) is dict:
@@ -54,12 +54,21 @@ def _copy(x: Any, memo: dict[int, Any]) -> Any:
     return copy.deepcopy(x, memo)
 
 
-@functools.lru_cache(maxsize=None)
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # class -> _plain's answer
+
+
 def _plain(cls: type) -> bool:
     """Whether copy.deepcopy would copy instances of `cls` as __new__ plus __setstate__ of
-    their __getstate__ (no __deepcopy__, __reduce__, __getnewargs__, __getattr__ or __slots__ of their own)."""
-    return (getattr(cls, "__deepcopy__", None) is None and cls not in copyreg.dispatch_table
+    their __getstate__: no __deepcopy__, __reduce__, __getnewargs__, __getattr__ or
+    __slots__ of its own, and not a container (a dict or list module's items travel in its
+    __reduce_ex__). Answered once per class (a class given a __deepcopy__ later keeps it)."""
+    plain = _PLAIN.get(cls)
+    if plain is None:
+        plain = _PLAIN[cls] = (
+            getattr(cls, "__deepcopy__", None) is None and cls not in copyreg.dispatch_table
             and cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
             and getattr(cls, "__getnewargs__", None) is None and getattr(cls, "__getnewargs_ex__", None) is None
             and cls.__getattr__ is nn.Module.__getattr__  # (one of its own may answer __deepcopy__: jit)
+            and not issubclass(cls, (dict, list, set, tuple))
             and not any("__slots__" in vars(c) for c in cls.__mro__[:-1]))
+    return plain
