@@ -148,6 +148,16 @@ class AffineInParamsRule(MultiPointRule):
     def batch_dim(self, x: Tensor) -> int | None:
         return 0  # convolutions: (N, C, …)
 
+    def _zeros(self) -> dict[str, Tensor]:
+        """Zeros of each own tensor's shape (the layer along a direction has none of the
+        origin's), made once: a launch each per call on a GPU."""
+        zeros = self.__dict__.get("_zero_tensors")
+        if zeros is None:
+            zeros = {name: torch.zeros_like(t) for name, t in self.origins.items()}
+            if not self.context.forward_mode:  # (tensors made under a forward-mode transform die with it)
+                self._zero_tensors = zeros
+        return zeros
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         k, c = self.context.num_active, self.context.active_coeffs()
         rows_shared = isinstance(x, SharedRows)
@@ -157,10 +167,9 @@ class AffineInParamsRule(MultiPointRule):
         # The same input for every point: shared rows, or no batch at all (position ids).
         shared = rows_shared or dim is None
         call = (x, *args)
-        zeros = {name: torch.zeros_like(t) for name, t in self.origins.items()}
         # The layer at the origin, then along each direction (bias and all: zeros).
         states = [dict(self.origins)] + [
-            {**zeros, **{name: d[j] for name, d in self.directions.items()}} for j in range(c.shape[1])]
+            {**self._zeros(), **{name: d[j] for name, d in self.directions.items()}} for j in range(c.shape[1])]
         products = (functional_call(self.inner, state, call, kwargs) for state in states)
         if shared and not args and not kwargs:  # the same for every group of points of this call
             products = self.context.reuse(lambda: SharedProducts(products), x, *self.origins.values(),
@@ -545,12 +554,7 @@ class BatchNormRule(_AffineNormRule):
                 stats[1].copy_(var * (count / (count - 1)))
         else:
             mean, var = stats
-        scale = torch.rsqrt(var + self.inner.eps)
-        if weight is not None:
-            scale = scale * weight
-        shift = -mean * scale
-        if bias is not None:
-            shift = shift + bias
+        scale, shift = self._scale_and_shift(mean, var, weight, bias)
         return torch.addcmul(_channel_view(shift, xk.dim(), 1), xk, _channel_view(scale, xk.dim(), 1))
 
 

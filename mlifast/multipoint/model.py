@@ -447,7 +447,10 @@ def interpolate(model: nn.Module, space: Span, coords: Any, *, batch_dim: int = 
 
 
 def _check_model_matches_space(model: nn.Module, space: Span) -> None:
-    state = model.state_dict()  # (once: a model may define it without keep_vars)
+    try:
+        state = model.state_dict(keep_vars=True)  # (only shapes are read: no detached copies)
+    except TypeError:  # (a model's own state_dict without keep_vars)
+        state = model.state_dict()
     keys = set(state)
     missing, unexpected = sorted(set(space.keys) - keys), sorted(keys - set(space.keys))
     if missing or unexpected:
