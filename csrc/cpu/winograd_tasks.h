@@ -100,7 +100,19 @@ MLIFAST_WINOGRAD_INLINE void blocks_task(const Job& j, winograd::Prologue prolog
 }
 
 // One copy of each step per instruction set (everything below them inlined, so compiled
-// for it); `vector_bytes()` picks one at run time. Defined in winograd_tasks_*.cpp.
+// for it); `vector_bytes()` picks one at run time. Each winograd_tasks_*.cpp defines one
+// width's pair with MLIFAST_WINOGRAD_TASKS(bytes, its target attribute or nothing).
+#define MLIFAST_WINOGRAD_TASKS(BYTES, ...)                                                                  \
+  namespace mlifast {                                                                                         \
+  namespace winograd_tasks {                                                                                  \
+  __VA_ARGS__ void weight_##BYTES(const Job& j, int64_t begin, int64_t end) {                                \
+    transform_weight_task<BYTES>(j, begin, end);                                                              \
+  }                                                                                                           \
+  __VA_ARGS__ void blocks_##BYTES(const Job& j, winograd::Prologue p, bool relu, int64_t begin, int64_t end) { \
+    blocks_task<BYTES>(j, p, relu, begin, end);                                                               \
+  }                                                                                                           \
+  }                                                                                                           \
+  }
 void weight_64(const Job& j, int64_t begin, int64_t end);
 void weight_32(const Job& j, int64_t begin, int64_t end);
 void weight_16(const Job& j, int64_t begin, int64_t end);
