@@ -232,6 +232,38 @@ def test_activations_after_fused_layers_join_them_or_work_in_place():
     assert isinstance(fast.model[3], nn.Dropout)
 
 
+IN_PLACE_ACTIVATIONS = [nn.ReLU(), nn.Tanh(), nn.Sigmoid(), nn.SiLU(), nn.Hardswish(), nn.ReLU6(),
+                        nn.Hardtanh(-2.0, 3.0), nn.LeakyReLU(0.2), nn.ELU(0.7)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", IN_PLACE_ACTIVATIONS, ids=lambda m: type(m).__name__)
+def test_every_in_place_activation_after_a_rule_equals_the_model(act, dtype):
+    """After a convolution, a batch norm, a group norm and a linear layer, each activation
+    works in place on the rule's output (with its own arguments), giving the model's
+    outputs, a NaN pixel's included."""
+    def net():
+        group_norm = nn.GroupNorm(2, 8)
+        nn.init.normal_(group_norm.weight), nn.init.normal_(group_norm.bias)  # (moving: a rule)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), copy.deepcopy(act), nn.BatchNorm2d(8), copy.deepcopy(act),
+                             nn.Conv2d(8, 8, 3), group_norm, copy.deepcopy(act), nn.Flatten(),
+                             nn.Linear(8 * 6 * 6, 16), copy.deepcopy(act), nn.Linear(16, 3))
+
+    a, b = pair(net, dtype)
+    line, coords = mlifast.Line(a, b), torch.tensor([-0.3, 0.0, 0.5, 1.0])
+    fast = mlifast.interpolate(a, line, coords)
+    in_place = [i for i, m in enumerate(fast.model) if isinstance(m, InPlaceActivation)]
+    assert in_place == ([1, 3, 6] if type(act) is nn.ReLU else [1, 3, 6, 9])  # (Linear → ReLU: in the op)
+    x = torch.randn(5, 3, 10, 10, dtype=dtype) * 3
+    x[1, 2, 3, 4] = float("nan")
+    with torch.no_grad():
+        out = fast(x)
+    assert not fast.per_point_fallback  # (the first-call check agreed: the in-place forms ran)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for k, expected in enumerate(oracle_outputs(a, line, coords, x)):
+        torch.testing.assert_close(out[k], expected, rtol=tol, atol=tol, equal_nan=True)
+
+
 def test_a_relu_joins_only_the_use_of_a_shared_linear_layer_before_it():
     """The same Linear twice in the model, once before a ReLU: each place has its own
     rule, and only that one applies the ReLU. The oracle's answer."""

@@ -563,7 +563,18 @@ class InPlaceActivation(nn.Module):
     output in an nn.Sequential: applies it in place, saving an allocation and a pass over
     the K·B rows (see model.fuse_activations)."""
 
-    IN_PLACE = {nn.ReLU: torch.relu_, nn.Tanh: torch.tanh_, nn.Sigmoid: torch.sigmoid_}
+    # module type -> its in-place form, fn(module, x)
+    IN_PLACE = {
+        nn.ReLU: lambda m, x: torch.relu_(x),
+        nn.Tanh: lambda m, x: torch.tanh_(x),
+        nn.Sigmoid: lambda m, x: torch.sigmoid_(x),
+        nn.SiLU: lambda m, x: F.silu(x, inplace=True),
+        nn.Hardswish: lambda m, x: F.hardswish(x, inplace=True),
+        nn.ReLU6: lambda m, x: F.relu6(x, inplace=True),
+        nn.Hardtanh: lambda m, x: F.hardtanh(x, m.min_val, m.max_val, inplace=True),
+        nn.LeakyReLU: lambda m, x: F.leaky_relu(x, m.negative_slope, inplace=True),
+        nn.ELU: lambda m, x: F.elu(x, m.alpha, inplace=True),
+    }
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
@@ -573,4 +584,4 @@ class InPlaceActivation(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if type(x) is not Tensor and not isinstance(x, Pending):  # e.g. shared rows: as it is
             return self.inner(x)
-        return self.fn(x)  # (a pending result computes itself first, or a ReLU joins it)
+        return self.fn(self.inner, x)  # (a pending result computes itself first, or joins a ReLU or post-op)
