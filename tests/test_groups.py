@@ -264,6 +264,28 @@ def test_every_in_place_activation_after_a_rule_equals_the_model(act, dtype):
         torch.testing.assert_close(out[k], expected, rtol=tol, atol=tol, equal_nan=True)
 
 
+@pytest.mark.parametrize("act", [nn.LeakyReLU(-0.1), nn.ELU(-0.5), nn.SiLU()], ids=lambda m: repr(m))
+def test_in_place_activations_keep_gradients(act):
+    """Gradients through the in-place forms equal the model's (PyTorch has no in-place
+    backward for a negative slope or alpha: those run out of place)."""
+    def net():
+        return nn.Sequential(nn.Linear(4, 8), copy.deepcopy(act), nn.Linear(8, 2))
+
+    a, b = pair(net)
+    line, coords = mlifast.Line(a, b), torch.linspace(0, 1, 3)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    fast = mlifast.interpolate(a, line, coords)
+    assert isinstance(fast.model[1], InPlaceActivation)
+    fast.shares_rows = False  # (shared rows are leaves: no input gradient)
+    (fast(x) ** 2).sum().backward()
+    expected = torch.zeros_like(x)
+    for c in coords.tolist():
+        x2 = x.detach().clone().requires_grad_()
+        (load_point(a, line, c)(x2) ** 2).sum().backward()
+        expected += x2.grad
+    torch.testing.assert_close(x.grad, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_a_relu_joins_only_the_use_of_a_shared_linear_layer_before_it():
     """The same Linear twice in the model, once before a ReLU: each place has its own
     rule, and only that one applies the ReLU. The oracle's answer."""

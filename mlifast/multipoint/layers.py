@@ -572,8 +572,9 @@ class InPlaceActivation(nn.Module):
         nn.Hardswish: lambda m, x: F.hardswish(x, inplace=True),
         nn.ReLU6: lambda m, x: F.relu6(x, inplace=True),
         nn.Hardtanh: lambda m, x: F.hardtanh(x, m.min_val, m.max_val, inplace=True),
-        nn.LeakyReLU: lambda m, x: F.leaky_relu(x, m.negative_slope, inplace=True),
-        nn.ELU: lambda m, x: F.elu(x, m.alpha, inplace=True),
+        # (in place, a negative slope or alpha has no backward in PyTorch: those stay out of place)
+        nn.LeakyReLU: lambda m, x: F.leaky_relu(x, m.negative_slope, inplace=m.negative_slope >= 0),
+        nn.ELU: lambda m, x: F.elu(x, m.alpha, inplace=m.alpha >= 0),
     }
 
     def __init__(self, inner: nn.Module) -> None:
