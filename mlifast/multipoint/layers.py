@@ -151,12 +151,7 @@ class AffineInParamsRule(MultiPointRule):
     def _zeros(self) -> dict[str, Tensor]:
         """Zeros of each own tensor's shape (the layer along a direction has none of the
         origin's), made once: a launch each per call on a GPU."""
-        zeros = self.__dict__.get("_zero_tensors")
-        if zeros is None:
-            zeros = {name: torch.zeros_like(t) for name, t in self.origins.items()}
-            if not self.context.forward_mode:  # (tensors made under a forward-mode transform die with it)
-                self._zero_tensors = zeros
-        return zeros
+        return self._made_once("zeros", lambda: {name: torch.zeros_like(t) for name, t in self.origins.items()})
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         k, c = self.context.num_active, self.context.active_coeffs()
@@ -484,9 +479,7 @@ class BatchNormRule(_AffineNormRule):
         if use_batch:
             mean, var = (m.to(x.dtype) for m in moments) if moments is not None else channel_moments(x, k)
             if stats is not None:
-                count = x.numel() // (k * x.shape[1])
-                stats[0].copy_(mean)
-                stats[1].copy_(var * (count / (count - 1)))
+                _record_statistics(stats, mean, var, x.numel() // (k * x.shape[1]))
         else:
             mean, var = stats
         scale, shift = self._scale_and_shift(mean, var, weight, bias)
@@ -499,9 +492,7 @@ class BatchNormRule(_AffineNormRule):
         if use_batch:
             mean, var = (m.to(x.dtype) for m in x.moments())
             if stats is not None:
-                count = x.numel() // x.shape[1] // self.context.num_active
-                stats[0].copy_(mean)
-                stats[1].copy_(var * (count / (count - 1)))
+                _record_statistics(stats, mean, var, x.numel() // x.shape[1] // self.context.num_active)
         else:
             mean, var = stats
         y = x.normalized(*self._scale_and_shift(mean, var, weight, bias))
@@ -549,13 +540,18 @@ class BatchNormRule(_AffineNormRule):
         if use_batch:
             var, mean = torch.var_mean(xk, dim=[1] + list(range(3, xk.dim())), correction=0)
             if stats is not None:
-                count = xk.numel() // (xk.shape[0] * xk.shape[2])
-                stats[0].copy_(mean)
-                stats[1].copy_(var * (count / (count - 1)))
+                _record_statistics(stats, mean, var, xk.numel() // (xk.shape[0] * xk.shape[2]))
         else:
             mean, var = stats
         scale, shift = self._scale_and_shift(mean, var, weight, bias)
         return torch.addcmul(_channel_view(shift, xk.dim(), 1), xk, _channel_view(scale, xk.dim(), 1))
+
+
+def _record_statistics(stats: Tensor, mean: Tensor, var: Tensor, count: int) -> None:
+    """Into stats (2, K, C): each point's batch mean and unbiased variance from `count`
+    values a channel (momentum 1 makes the running statistics exactly those)."""
+    stats[0].copy_(mean)
+    stats[1].copy_(var * (count / (count - 1)))
 
 
 class InPlaceActivation(nn.Module):

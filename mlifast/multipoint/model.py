@@ -447,10 +447,7 @@ def interpolate(model: nn.Module, space: Span, coords: Any, *, batch_dim: int = 
 
 
 def _check_model_matches_space(model: nn.Module, space: Span) -> None:
-    try:
-        state = model.state_dict(keep_vars=True)  # (only shapes are read: no detached copies)
-    except TypeError:  # (a model's own state_dict without keep_vars)
-        state = model.state_dict()
+    state = model.state_dict()  # (once; no keep_vars: a model may define state_dict without it)
     keys = set(state)
     missing, unexpected = sorted(set(space.keys) - keys), sorted(keys - set(space.keys))
     if missing or unexpected:

@@ -39,7 +39,7 @@ class MultiPointRule(nn.Module):
         self.origins = origins
         self.directions = directions
         self.context = context
-        self._flat: dict[str, tuple[Tensor, Tensor]] = {}  # per_point's (1, N) origins, (J, N) directions
+        self._made: dict = {}  # what `_made_once` made: per_point's flat views, a wide form's zeros
 
     def __getattr__(self, name: str):
         try:
@@ -105,13 +105,20 @@ class MultiPointRule(nn.Module):
 
     def _flat_parts(self, name: str) -> tuple[Tensor, Tensor]:
         """(1, N) origin and (J, N) directions of moving tensor `name`, views."""
-        flat = self._flat.get(name)
-        if flat is None:
+        def make():
             d = self.directions[name]
-            flat = (self.origins[name].reshape(1, -1), d.reshape(d.shape[0], -1))
-            if not self.context.forward_mode:  # (views made under a forward-mode transform die with it)
-                self._flat[name] = flat
-        return flat
+            return self.origins[name].reshape(1, -1), d.reshape(d.shape[0], -1)
+        return self._made_once(("flat", name), make)
+
+    def _made_once(self, key, make):
+        """make(), kept under `key` for later calls (not when made under a forward-mode
+        transform: what it makes there dies with it)."""
+        made = self._made.get(key)
+        if made is None:
+            made = make()
+            if not self.context.forward_mode:
+                self._made[key] = made
+        return made
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, moving={sorted(self.directions)}"
