@@ -39,22 +39,35 @@ SCRIPT = textwrap.dedent("""
     with allocator.freed_memory_kept(torch.device("cpu")):
         churn()
         print(faults(churn))
+    with allocator.freed_memory_kept(torch.device("cpu")):  # the next call
+        print(faults(churn))
 """)
 
 
-@pytest.mark.parametrize("mib", [1, 40])  # (40: above the largest mmap threshold glibc allows)
-def test_freed_memory_is_reused_inside_the_block(mib):
+@pytest.mark.parametrize("mib", [1, 4])  # (4 × 8 tensors of 4 MiB: a heap above glibc's 64 MiB trim threshold)
+def test_freed_memory_is_reused_inside_the_block_and_by_the_next(mib):
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(mib << 18)], capture_output=True, text=True,
                          check=True).stdout
-    outside, inside = map(int, out.split())
+    outside, inside, next_block = map(int, out.split())
     pages = 4 * 8 * (mib << 20) // 4096  # the churn's bytes in 4 KiB pages
     assert outside >= pages // 2, out  # fresh pages for every tensor
+    assert inside < pages // 50, out
+    assert next_block < pages // 50, out
+
+
+def test_an_activation_above_the_largest_mmap_threshold_is_reused_inside_the_block():
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(40 << 18)], capture_output=True, text=True,
+                         check=True).stdout
+    outside, inside, _ = map(int, out.split())  # (8 × 40 MiB: more than is kept for the next block)
+    pages = 4 * 8 * (40 << 20) // 4096
+    assert outside >= pages // 2, out
     assert inside < pages // 50, out
 
 
 class RecordingLibc:
-    def __init__(self):
+    def __init__(self, free_bytes=0):
         self.calls = []
+        self.free_bytes = free_bytes
 
     def mallopt(self, option, value):
         self.calls.append(("mallopt", option, value))
@@ -64,9 +77,13 @@ class RecordingLibc:
         self.calls.append(("malloc_trim", pad))
         return 1
 
+    def mallinfo2(self):
+        return allocator._MallInfo2(fordblks=self.free_bytes)
 
-def test_evaluate_keeps_freed_memory_for_the_whole_call_and_trims_once(monkeypatch):
-    libc = RecordingLibc()
+
+@pytest.mark.parametrize("free_bytes", [allocator.KEPT_AFTER_CALL, allocator.KEPT_AFTER_CALL + 1])
+def test_evaluate_keeps_freed_memory_for_the_whole_call_and_hands_back_the_excess_once(monkeypatch, free_bytes):
+    libc = RecordingLibc(free_bytes)
     monkeypatch.setattr(allocator, "_glibc", lambda: libc)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -83,7 +100,9 @@ def test_evaluate_keeps_freed_memory_for_the_whole_call_and_trims_once(monkeypat
     assert libc.calls[:3] == [("mallopt", allocator.M_MMAP_THRESHOLD, allocator.MMAP_THRESHOLD),
                               ("mallopt", allocator.M_TRIM_THRESHOLD, allocator.KEPT_BYTES),
                               ("mallopt", allocator.M_MMAP_MAX, 0)]
-    assert libc.calls[-3:] == [("mallopt", allocator.M_MMAP_MAX, allocator.DEFAULT_MMAP_MAX),
-                               ("mallopt", allocator.M_TRIM_THRESHOLD, 2 * allocator.MMAP_THRESHOLD),
-                               ("malloc_trim", 0)]
-    assert [c for c in libc.calls if c[0] != "nested"] == libc.calls[:3] + libc.calls[-3:]
+    on_leaving = [("mallopt", allocator.M_MMAP_MAX, allocator.DEFAULT_MMAP_MAX),
+                  ("mallopt", allocator.M_TRIM_THRESHOLD, allocator.KEPT_AFTER_CALL)]
+    if free_bytes > allocator.KEPT_AFTER_CALL:
+        on_leaving.append(("malloc_trim", allocator.KEPT_AFTER_CALL))
+    assert libc.calls[-len(on_leaving):] == on_leaving
+    assert [c for c in libc.calls if c[0] != "nested"] == libc.calls[:3] + on_leaving
