@@ -402,8 +402,8 @@ def test_batch_statistics_policies_are_checked_by_the_pass_itself(monkeypatch, f
     one for gathering and one for evaluating for "recompute" (plus the probe); when shared
     rows disagree and the points run again, what the abandoned run gathered is undone."""
     runs = []
-    original = MultiPointModel._run_points
-    monkeypatch.setattr(MultiPointModel, "_run_points",
+    original = MultiPointModel._groups
+    monkeypatch.setattr(MultiPointModel, "_groups",
                         lambda self, *a, **k: runs.append(a[2] if len(a) > 2 else k["share_rows"]) or original(self, *a, **k))
     torch.manual_seed(0)
     a, b = factory().double().eval(), factory().double().eval()

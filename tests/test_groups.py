@@ -337,12 +337,73 @@ def test_the_first_call_runs_the_model_once_besides_its_checks(monkeypatch):
     a, b = pair(mlp)
     fast = mlifast.interpolate(a, mlifast.Line(a, b), torch.linspace(0, 1, 4))
     runs = []
-    run_points = mlifast.MultiPointModel._run_points
-    monkeypatch.setattr(mlifast.MultiPointModel, "_run_points",
-                        lambda self, *a, **k: runs.append(1) or run_points(self, *a, **k))
+    groups = mlifast.MultiPointModel._groups
+    monkeypatch.setattr(mlifast.MultiPointModel, "_groups",
+                        lambda self, *a, **k: runs.append(1) or groups(self, *a, **k))
     with torch.no_grad():
         fast(torch.randn(3, 3, 4, dtype=torch.float64))
     assert len(runs) == 1  # the checked outputs are the call's outputs
+
+
+def consumed_groups(fast, *args):
+    """[(first point, outputs, earlier outputs still alive)] of each group `fast`'s call
+    hands to outputs_to's consumer (which keeps only weak references)."""
+    import weakref
+    seen, handed = [], []
+
+    def consume(start, out):
+        handed.append((start, out.clone(), sum(r() is not None for r in seen)))
+        seen.append(weakref.ref(out))
+
+    with torch.no_grad(), fast.outputs_to(consume):
+        assert fast(*args) is None
+    return handed
+
+
+def test_the_first_call_checks_the_groups_holding_its_two_points_first_then_streams_the_rest():
+    """Of 7 points in groups of 2, the check's points 0 and 6 are in the first and last
+    group: those run first, and every group goes to the consumer once the check agrees, one
+    at a time (no (K, …) outputs put together: a language model's logits take 93 MB a point)."""
+    a, b = pair(mlp)
+    line, coords = mlifast.Line(a, b), torch.linspace(-0.5, 1.5, 7)
+    fast = mlifast.interpolate(a, line, coords)
+    fast.points_per_group = 2
+    x = torch.randn(3, 3, 4, dtype=torch.float64)
+    for call in range(2):  # checked, then not
+        handed = consumed_groups(fast, x)
+        assert [start for start, _, _ in handed] == ([0, 6, 2, 4] if call == 0 else [0, 2, 4, 6])
+        assert all(alive == 0 for _, _, alive in handed)
+        expected = oracle_outputs(a, line, coords, x)
+        for start, out, _ in handed:
+            assert out.shape[0] == min(2, 7 - start)
+            for k, point in enumerate(out, start):
+                assert rel_err(point, expected[k]) < 1e-12
+
+
+class CountsTwoPointGroups(nn.Module):
+    """Adds 1 where its activation has 8 rows: only in the last of the groups of 3 of 5
+    points of 4 rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h + float(h.shape[0] == 8)
+
+
+def test_a_check_disagreeing_in_the_last_group_hands_nothing_of_the_first_to_the_consumer():
+    a, b = pair(CountsTwoPointGroups)
+    line, coords = mlifast.Line(a, b), torch.linspace(0, 1, 5)
+    fast = mlifast.interpolate(a, line, coords)
+    fast.points_per_group = 3
+    x = torch.randn(4, 4, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="at point #4"):
+        handed = consumed_groups(fast, x)
+    assert fast.per_point_fallback and [(start, len(out)) for start, out, _ in handed] == [(0, 5)]
+    for k, expected in enumerate(oracle_outputs(a, line, coords, x)):
+        assert rel_err(handed[0][1][k], expected) < 1e-12
 
 
 class KeepsHiddenStates(nn.Module):

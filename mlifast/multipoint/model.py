@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import closing, contextmanager
+from itertools import chain, islice
 from typing import Any, Callable
 
 import torch
@@ -148,7 +149,7 @@ class MultiPointModel(nn.Module):
         signature = (self.num_points, tuple((tuple(t.shape), t.dtype) for t in tensors_in((args, kwargs))))
         if signature not in self._checked and self.reference.deterministic:
             self._checked.add(signature)
-            problem, out = self._disagreement_with_model(args, kwargs)
+            problem, computed, out = self._disagreement_with_model(args, kwargs, self._consume)
             if problem is not None:
                 warnings.warn(
                     f"mlifast: the multi-point evaluation disagrees with the model itself ({problem}); "
@@ -159,7 +160,7 @@ class MultiPointModel(nn.Module):
                 self.per_point_fallback = True
                 self._check_reference_follows_policy()
                 return self._from_reference(args, kwargs)
-            if out is not None:  # the checked outputs are this call's outputs
+            if computed:  # the checked run was this call's (its outputs None where they went to the consumer)
                 return out
         # Rows are shared only once a check found that sharing agrees with the model
         # (undecided, e.g. while dropout makes the check impossible: repeated).
@@ -216,10 +217,12 @@ class MultiPointModel(nn.Module):
             else next((d for d in range(t.dim() - 1) if t.shape[d + 1] == batch), 0) for t in tensors_in(out))
         return out
 
-    def _disagreement_with_model(self, args: tuple, kwargs: dict) -> tuple[str | None, Any]:
+    def _disagreement_with_model(self, args: tuple, kwargs: dict,
+                                 consume: Callable[[int, Any], None] | None) -> tuple[str | None, bool, Any]:
         """Compare the first and last point against the model itself. Returns the
-        disagreement (None if none) and, when they were computed under the call's own
-        batch-norm policy, the outputs (else None).
+        disagreement (None if none), whether the checked run computed this call's outputs
+        (where they were computed under the call's own batch-norm policy and agree), and
+        those outputs (None where they went to `consume`).
 
         Under per-point batch statistics ("batch", and "collect", which also gathers them)
         the model's batch norms run in train mode, so the check is this call itself.
@@ -234,33 +237,40 @@ class MultiPointModel(nn.Module):
         batch_statistics = self.context.bn_mode in ("batch", "collect")
         if batch_statistics or all(m.recomputed is None for m in self.norms):
             with self.reference.batch_statistics(batch_statistics):
-                return self._checked_outputs(args, kwargs)
+                problem, out = self._checked_outputs(args, kwargs, consume)
+            return problem, problem is None, out
         saved = [m.recomputed for m in self.norms]
         for m in self.norms:
             m.recomputed = None
         try:
-            problem, _ = self._checked_outputs(args, kwargs)
+            problem, _ = self._checked_outputs(args, kwargs, consume, only_checked=True)
         finally:
             for m, stats in zip(self.norms, saved):
                 m.recomputed = stats
-        return problem, None
+        return problem, False, None
 
-    def _checked_outputs(self, args: tuple, kwargs: dict) -> tuple[str | None, Any]:
+    def _checked_outputs(self, args: tuple, kwargs: dict, consume: Callable[[int, Any], None] | None,
+                         only_checked: bool = False) -> tuple[str | None, Any]:
         """(disagreement or None, outputs): the points run under the most efficient reading
         of the inputs, compared at the first and last point with the model itself (whose
         outputs are computed once: one reused state, `PerPointModel.reusing_state`); on a
         disagreement, or an exception, under the next reading (`_readings`), until one
         agrees. The one that agrees is kept for later calls; None agreeing, the last
-        disagreement is returned (or the last exception raised)."""
-        expected: dict[int, Any] = {}
+        disagreement is returned (or the last exception raised).
 
+        In groups, the groups holding the two points run first, and nothing goes to
+        `consume` before they agree: the others then run and go to it (the outputs
+        returned are None), or are put together (K, …) without `consume`; with
+        `only_checked`, they do not run (the outputs are not this call's)."""
+        expected: dict[int, Any] = {}
+        checked, group = sorted({0, self.num_points - 1}), self._group_size()
         tf32 = rounds_float32_to_tf32(*self._cudnn_layers)
 
-        def disagreement(ours: Any) -> str | None:
-            for k in sorted({0, self.num_points - 1}):
+        def disagreement(held: dict[int, Any]) -> str | None:
+            for k in checked:
                 if k not in expected:
                     expected[k] = self.reference.at(self.coords[k], args, kwargs)
-                problem = first_disagreement(ours, expected[k], k, tf32)
+                problem = first_disagreement(held[k // group * group], expected[k], k % group, tf32)
                 if problem is not None:
                     return f"at point #{k}, coordinates {self.coords[k].tolist()}: {problem}"
             return None
@@ -270,13 +280,15 @@ class MultiPointModel(nn.Module):
         with self.reference.reusing_state():
             for share in self._readings():
                 context.flat_indices_fit_rows = self._images_converted = False
-                try:
-                    ours = self._run_points(args, kwargs, share_rows=share)
+                groups = self._groups(args, kwargs, share, first=checked)
+                try:  # (the groups holding the checked points come first)
+                    held = dict(islice(groups, len({k // group for k in checked})))
                 except Exception as e:  # noqa: BLE001 — the next reading may not raise
+                    groups.close()
                     problem, error = "raised", e
                     undo()
                     continue
-                problem, error = disagreement(ours), None
+                problem, error = disagreement(held), None
                 if problem is None:
                     if share and self.shares_rows is None and self.num_points > 1:
                         self.shares_rows = True  # (one point cannot tell: the same rows either way)
@@ -284,8 +296,13 @@ class MultiPointModel(nn.Module):
                         self.shares_rows = False  # shared rows disagree or fail: repeat inputs from now on
                     if context.flat_indices_shared and not flat_start and not context.flat_indices_fit_rows:
                         context.flat_indices_shared = False  # (no 1-d indices fit the rows: nothing decided)
-                    return None, ours
-                del ours
+                    if only_checked:
+                        groups.close()
+                        return None, None
+                    with closing(groups):  # (each held group dropped once delivered)
+                        return None, self._delivered(chain(((s, held.pop(s)) for s in list(held)), groups), consume)
+                groups.close()
+                del held
                 undo()
         if error is not None:
             raise error
@@ -332,43 +349,62 @@ class MultiPointModel(nn.Module):
         on `points_per_group` at a time with what is shared by every point kept between
         the groups (PointContext.reuse). With `consume`, each group's outputs go to it
         (see outputs_to) and the call returns None."""
+        with closing(self._groups(args, kwargs, share_rows)) as groups:
+            return self._delivered(groups, consume)
+
+    def _delivered(self, groups: Iterable[tuple[int, Any]], consume: Callable[[int, Any], None] | None) -> Any:
+        """Each group's outputs to `consume` (then None), or put together (K, …)."""
+        out, k = None, self.num_points
+        for start, part in groups:
+            if consume is not None:
+                consume(start, part)
+            elif self._group_size() >= k:
+                return part
+            else:
+                # Outputs for all K points, allocated once, each group's copied in and freed
+                # with its activations. Kept until the end instead, each group's small outputs
+                # sat between the next groups' large transient activations and fragmented
+                # glibc's heap (W5, 441 points: peak 500–880 MB in a third of the runs, else 60).
+                if out is None:
+                    out = map_tensors(lambda t, _path: t.new_empty((k, *t.shape[1:])), part)
+                for whole, piece in zip(tensors_in(out), tensors_in(part)):
+                    whole[start : start + piece.shape[0]].copy_(piece)
+            del part
+        return out
+
+    def _group_size(self) -> int:
+        """Points a run computes at once (`points_per_group`, at most all K)."""
+        return max(1, min(self.points_per_group or self.num_points, self.num_points))
+
+    def _groups(self, args: tuple, kwargs: dict, share_rows: bool, first: Iterable[int] = ()) -> Iterator[tuple[int, Any]]:
+        """(index of the group's first point, its outputs (K', …)) for each group of
+        `points_per_group` points (one of all K where that is None), the groups holding the
+        points `first` before the others, in order. Close it (contextlib.closing) where it
+        is not run to its end: the groups' shared state is dropped then."""
         context, batch = self.context, self.context.batch_size
-        k, group = self.num_points, self.points_per_group or self.num_points
+        k, group = self.num_points, self._group_size()
         if group >= k:
-            out = self._split(self._run(args, kwargs, share_rows), batch)
-            if consume is None:
-                return out
-            consume(0, out)
-            return None
-        everyone, out = context.active_span, None
+            yield 0, self._split(self._run(args, kwargs, share_rows), batch)
+            return
+        leading = list(dict.fromkeys(p // group * group for p in first))
+        everyone = context.active_span
         inputs = self._copy_inputs(args, kwargs) if share_rows else (args, kwargs)
         versions = _versions(*tensors_in(inputs))
         context.grouped = True
         try:
-            for start in range(0, k, group):
+            for start in leading + [s for s in range(0, k, group) if s not in leading]:
                 if share_rows and _versions(*tensors_in(inputs)) != versions:  # (an activation with inplace=True on them)
                     inputs = self._copy_inputs(args, kwargs)
                     versions = _versions(*tensors_in(inputs))
                 context.select_points(everyone[0] + start, everyone[0] + min(start + group, k))
                 part = self._split(self._run(*inputs, share_rows, copied=True), batch)
-                # Outputs for all K points, allocated once, each group's copied in and freed
-                # with its activations. Kept until the end instead, each group's small outputs
-                # sat between the next groups' large transient activations and fragmented
-                # glibc's heap (W5, 441 points: peak 500–880 MB in a third of the runs, else 60).
-                if consume is not None:
-                    consume(start, part)
-                else:
-                    if out is None:
-                        out = map_tensors(lambda t, _path: t.new_empty((k, *t.shape[1:])), part)
-                    for whole, piece in zip(tensors_in(out), tensors_in(part)):
-                        whole[start : start + piece.shape[0]].copy_(piece)
+                yield start, part
                 del part
                 share_rows = share_rows and self.shares_rows is not False  # (the model wrote into its inputs)
         finally:
             context.select_points(*everyone)
             context.grouped = False
             context.forget()
-        return out
 
     def _copy_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The batch-carrying tensors copied once for all groups of a call."""

@@ -61,8 +61,9 @@ class Lines:
     coordinate only, `runs` [(start, stop, axis)]: each run lies on a line of weight space
     along direction `axis`. A line is one run; a plane's grid its rows or its columns (in
     either order, snake included); `make demo`'s two lines from θ0, (α, 0) then (0, α),
-    one run each. And the runs' outputs computed so far (`outputs`) and which parts of them
-    went to which group (`handed`)."""
+    one run each. And the runs' outputs computed so far (`outputs`), which parts of them
+    went to which group (`handed`) and how many of each run's points are still to go
+    (`left`: its outputs are dropped at 0, whatever order the groups run in)."""
 
     def __init__(self, coeffs: Tensor) -> None:
         self.coeffs = coeffs
@@ -80,6 +81,7 @@ class Lines:
             start = stop
         self.outputs: dict[int, Tensor] = {}
         self.handed: set[tuple[int, int]] = set()  # (run, group start) of parts handed out
+        self.left = [stop - start for start, stop, _ in self.runs]
 
     @property
     def shortest(self) -> int:
@@ -182,8 +184,8 @@ def _dropout_training(args: tuple, kwargs: dict) -> bool:
 def _linear_along_lines(pending: PendingLine, rule) -> Optional[Tensor]:
     """(K_active·B, …, O) outputs of `rule` on relu(pending): each run of the call's `Lines`
     by one relu_line_linear. Where the points run in groups (PointContext.grouped), a run is
-    computed when a group first needs it, kept for the call, and dropped once the groups
-    are past it. None where a run is shorter than MIN_POINTS_PER_LINE or its outputs take
+    computed when a group first needs it, kept for the call, and dropped once every group
+    has had its part. None where a run is shorter than MIN_POINTS_PER_LINE or its outputs take
     more than LINE_BYTES."""
     context, first = rule.context, pending._rule
     rows = 1
@@ -208,17 +210,19 @@ def _linear_along_lines(pending: PendingLine, rule) -> Optional[Tensor]:
     pieces = []  # the parts of the runs overlapping [start, stop), in order
     for i, (begin, end, _) in enumerate(lines.runs):
         if begin < stop and end > start:
-            y = lines.outputs.get(i)
-            if y is None:
-                y = lines.outputs[i] = _run_outputs(rule, lines, i, a_e, pending._slope)
-            elif (i, start) in lines.handed:
+            if (i, start) in lines.handed:
                 # a second reader of the same part (the rule applied to the same input twice)
                 # gets its own: the first may have written into its part already
                 y = _run_outputs(rule, lines, i, a_e, pending._slope)
-            lines.handed.add((i, start))
+            else:
+                y = lines.outputs.get(i)
+                if y is None:
+                    y = lines.outputs[i] = _run_outputs(rule, lines, i, a_e, pending._slope)
+                lines.handed.add((i, start))
+                lines.left[i] -= min(stop, end) - max(start, begin)
+                if lines.left[i] == 0:  # (every group has had its part)
+                    del lines.outputs[i]
             pieces.append(y[max(start, begin) - begin : min(stop, end) - begin])
-            if end <= stop:  # (the groups are past it)
-                del lines.outputs[i]
     y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     return y.reshape(stop - start, *pending._rows_shape[:-1], y.shape[-1]).flatten(0, 1)
 
