@@ -21,13 +21,14 @@ def batches(n=23, batch=5, shape=(3, 4), classes=5, seed=0):
     return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
 
 
-def loop_evaluate(model, space, data, alphas, bn):
-    """The oracle: per point, load θ(α) (recompute: update_bn), run every batch."""
+def loop_evaluate(model, space, data, alphas, bn, bn_data=None):
+    """The oracle: per point, load θ(α) (recompute: update_bn on bn_data, default data),
+    run every batch."""
     losses, accs = [], []
     for a in alphas:
         m = load_point(model, space, a)
         if bn == "recompute":
-            update_bn(data, m)
+            update_bn(data if bn_data is None else bn_data, m)
         m.train(bn == "batch")
         n, total, hits = 0, 0.0, 0.0
         with torch.no_grad():

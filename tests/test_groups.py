@@ -150,8 +150,9 @@ def test_reuse_matches_tensors_by_memory_and_version():
 @pytest.mark.parametrize("bn", ["interpolate", "recompute", "batch"])
 def test_evaluate_in_groups_matches_the_loop(bn, forward, monkeypatch):
     """Without a forward of the user's, the loss takes each group's outputs as the group
-    is computed (after the first call's check, which computes all points); with one, the
-    outputs of all points, one point at a time where they are large (LOSS_BYTES)."""
+    is computed (on the first call, once its check agreed: the groups of its first and
+    last point first); with one, the outputs of all points, one point at a time where they
+    are large (LOSS_BYTES)."""
     import importlib
 
     from mlifast.engine import chunking
@@ -177,7 +178,32 @@ def test_evaluate_in_groups_matches_the_loop(bn, forward, monkeypatch):
     res = mlifast.evaluate(a, line, data, coords=3, bn=bn, forward=forward, progress=False)
     assert sizes[-3:] == [1, 1, 1]  # the last batch: its three points a group each
     assert losses_of[-3:] == ([(0, 1), (1, 1), (2, 1)] if forward is None else [(0, 3)] * 3)
+    if forward is None:  # the first batch (checked, unless the "collect" pass of "recompute" was)
+        assert losses_of[:3] == [(0, 1), (1, 1), (2, 1)] if bn == "recompute" else [(0, 1), (2, 1), (1, 1)]
     losses, accs = loop_evaluate(a, line, data, res.alphas.tolist(), bn)
+    torch.testing.assert_close(res["loss"], losses, rtol=1e-9, atol=0)
+    torch.testing.assert_close(res["accuracy"], accs, rtol=0, atol=1e-12)
+
+
+def test_a_check_whose_outputs_are_set_aside_runs_only_the_groups_of_its_two_points(monkeypatch):
+    """bn="recompute" with bn_data in batches of another size: the evaluating pass's first
+    batch is a shape of its own, checked with the recomputed statistics set aside (the
+    check's outputs are not the call's): only the groups of points 0 and 4 run for it."""
+    from mlifast.engine import chunking
+
+    a, b = pair(lambda: ResNet20(width=4, num_classes=5))
+    data, bn_data = batches(n=8, batch=4, shape=(3, 8, 8)), batches(n=12, batch=6, shape=(3, 8, 8), seed=1)
+    line = mlifast.Line(a, b)
+    runs = []
+    run = mlifast.MultiPointModel._run
+    monkeypatch.setattr(mlifast.MultiPointModel, "_run", lambda self, *a, **k: runs.append(
+        (self.context.active_span, self.context.bn_mode)) or run(self, *a, **k))
+    monkeypatch.setattr(chunking, "CPU_GROUP_BYTES", 1)  # one point per group
+    res = mlifast.evaluate(a, line, data, coords=5, bn="recompute", bn_data=bn_data, progress=False)
+    every_point = [(k, k + 1) for k in range(5)]
+    assert runs[1:] == ([(span, "collect") for span in [(0, 1), (4, 5), (1, 2), (2, 3), (3, 4)] + every_point]
+                        + [(span, "running") for span in [(0, 1), (4, 5)] + every_point * 2])  # (after the probe)
+    losses, accs = loop_evaluate(a, line, data, res.alphas.tolist(), "recompute", bn_data)
     torch.testing.assert_close(res["loss"], losses, rtol=1e-9, atol=0)
     torch.testing.assert_close(res["accuracy"], accs, rtol=0, atol=1e-12)
 
