@@ -511,3 +511,16 @@ def test_the_check_compares_within_rounding_and_nan_and_infinity_alike(a, b, agr
 
     assert close(torch.tensor(a), torch.tensor(b)) is agree
     assert close(torch.tensor([1, 2]), torch.tensor([1, 2])) and not close(torch.tensor([1, 2]), torch.tensor([1, 3]))
+
+
+def test_an_input_the_model_itself_cannot_take_raises_the_models_own_error():
+    """An image too small for the second convolution (1×1 after the first's stride 4): the
+    user sees what running the model gives, not an error from inside a rule."""
+    a, line = line_of(lambda: nn.Sequential(nn.Conv2d(3, 4, 4, 4), nn.Conv2d(4, 4, 2, 2)))
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError) as own:
+        a(x)
+    fast = mlifast.interpolate(a, line, torch.linspace(0, 1, 3))
+    with pytest.raises(RuntimeError) as raised:
+        fast(x)
+    assert str(raised.value) == str(own.value)

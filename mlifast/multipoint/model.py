@@ -256,7 +256,8 @@ class MultiPointModel(nn.Module):
         outputs are computed once: one reused state, `PerPointModel.reusing_state`); on a
         disagreement, or an exception, under the next reading (`_readings`), until one
         agrees. The one that agrees is kept for later calls; None agreeing, the last
-        disagreement is returned (or the last exception raised).
+        disagreement is returned (or the last exception raised: the model's own where it raises
+        on these inputs too).
 
         In groups, the groups holding the two points run first, and nothing goes to
         `consume` before they agree: the others then run and go to it (the outputs
@@ -305,8 +306,18 @@ class MultiPointModel(nn.Module):
                 del held
                 undo()
         if error is not None:
-            raise error
+            raise self._own_error(args, kwargs) or error
         return problem, None
+
+    def _own_error(self, args: tuple, kwargs: dict) -> Exception | None:
+        """The exception the model itself raises on these inputs (at the first point), or
+        None: where every reading raised, an input the model cannot take (an image too
+        small for its strides) gives the model's own message, not one from inside a rule."""
+        try:
+            self.reference.at(self.coords[0], args, kwargs)
+        except Exception as own:  # noqa: BLE001 — handed to the caller
+            return own
+        return None
 
     def _readings(self) -> Iterator[bool]:
         """The ways to read the inputs, most efficient first, each tried only where the
