@@ -514,9 +514,10 @@ def test_the_check_compares_within_rounding_and_nan_and_infinity_alike(a, b, agr
 
 
 def test_an_input_the_model_itself_cannot_take_raises_the_models_own_error():
-    """An image too small for the second convolution (1×1 after the first's stride 4): the
-    user sees what running the model gives, not an error from inside a rule."""
-    a, line = line_of(lambda: nn.Sequential(nn.Conv2d(3, 4, 4, 4), nn.Conv2d(4, 4, 2, 2)))
+    """An image too small for the second convolution (1×1 after the first's stride 4; as
+    the linear layer of each point's patches, its rule unfolds them first): the user sees
+    what running the model gives, not an error from inside a rule."""
+    a, line = line_of(lambda: nn.Sequential(nn.Conv2d(3, 128, 4, 4), nn.Conv2d(128, 128, 2, 2)))
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     with pytest.raises(RuntimeError) as own:
         a(x)
