@@ -44,7 +44,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("mib", [1, 4])  # (4 × 8 tensors of 4 MiB: a heap above glibc's 64 MiB trim threshold)
+@pytest.mark.parametrize("mib", [1, 4, 40])  # (8 × 4: over glibc's 64 MiB trim threshold; 40: its largest mmap one)
 def test_freed_memory_is_reused_inside_the_block_and_by_the_next(mib):
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(mib << 18)], capture_output=True, text=True,
                          check=True).stdout
@@ -53,15 +53,6 @@ def test_freed_memory_is_reused_inside_the_block_and_by_the_next(mib):
     assert outside >= pages // 2, out  # fresh pages for every tensor
     assert inside < pages // 50, out
     assert next_block < pages // 50, out
-
-
-def test_an_activation_above_the_largest_mmap_threshold_is_reused_inside_the_block():
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(40 << 18)], capture_output=True, text=True,
-                         check=True).stdout
-    outside, inside, _ = map(int, out.split())  # (8 × 40 MiB: more than is kept for the next block)
-    pages = 4 * 8 * (40 << 20) // 4096
-    assert outside >= pages // 2, out
-    assert inside < pages // 50, out
 
 
 class RecordingLibc:
@@ -81,7 +72,7 @@ class RecordingLibc:
         return allocator._MallInfo2(fordblks=self.free_bytes)
 
 
-@pytest.mark.parametrize("free_bytes", [allocator.KEPT_AFTER_CALL, allocator.KEPT_AFTER_CALL + 1])
+@pytest.mark.parametrize("free_bytes", [allocator.KEPT_BYTES, allocator.KEPT_BYTES + 1])
 def test_evaluate_keeps_freed_memory_for_the_whole_call_and_hands_back_the_excess_once(monkeypatch, free_bytes):
     libc = RecordingLibc(free_bytes)
     monkeypatch.setattr(allocator, "_glibc", lambda: libc)
@@ -100,9 +91,8 @@ def test_evaluate_keeps_freed_memory_for_the_whole_call_and_hands_back_the_exces
     assert libc.calls[:3] == [("mallopt", allocator.M_MMAP_THRESHOLD, allocator.MMAP_THRESHOLD),
                               ("mallopt", allocator.M_TRIM_THRESHOLD, allocator.KEPT_BYTES),
                               ("mallopt", allocator.M_MMAP_MAX, 0)]
-    on_leaving = [("mallopt", allocator.M_MMAP_MAX, allocator.DEFAULT_MMAP_MAX),
-                  ("mallopt", allocator.M_TRIM_THRESHOLD, allocator.KEPT_AFTER_CALL)]
-    if free_bytes > allocator.KEPT_AFTER_CALL:
-        on_leaving.append(("malloc_trim", allocator.KEPT_AFTER_CALL))
+    on_leaving = [("mallopt", allocator.M_MMAP_MAX, allocator.DEFAULT_MMAP_MAX)]
+    if free_bytes > allocator.KEPT_BYTES:
+        on_leaving.append(("malloc_trim", allocator.KEPT_BYTES))
     assert libc.calls[-len(on_leaving):] == on_leaving
     assert [c for c in libc.calls if c[0] != "nested"] == libc.calls[:3] + on_leaving

@@ -15,14 +15,18 @@ requests are served from the heap too by turning mmap off for the call (M_MMAP_M
 else every activation of 32 MiB or more was mapped and faulted in afresh (a ViT of 64
 tokens at 6 points a group: 600k page faults a call against the loop's 1.3k, GELU and
 LayerNorm 5× slower on 32 MiB than on 30). On leaving, mmap is allowed again (glibc's
-default count), the mmap threshold stays at glibc's own dynamic maximum (MMAP_THRESHOLD,
-which a long-running process reaches once it frees a 32 MiB block) and the heap keeps up
-to KEPT_AFTER_CALL bytes of freed memory for the next call. Where more is free, malloc_trim
-hands back all but KEPT_AFTER_CALL at the top of the heap; the trim threshold stays at
-KEPT_AFTER_CALL. Trimming all of it made every call on a small data set fault its whole heap
-in again: ConvNeXt on 2 batches, 34k page faults and 0.35 s a call against 0.31 s kept (the
-loop of the same points: 0.27 s and no faults, its heap under glibc's 64 MiB). Other C
-libraries, and other devices, are left as they are.
+default count) and the mmap threshold stays at glibc's own dynamic maximum (MMAP_THRESHOLD,
+which a long-running process reaches once it frees a 32 MiB block); what the call freed
+stays with the process for the next call, up to KEPT_BYTES (the trim threshold stays
+there too), as PyTorch's CUDA allocator keeps its blocks: it is reused by any later
+allocation of the process, and a call's heap is bounded by its activation budget
+(`engine/chunking.py`). Where more is free, malloc_trim hands back all but KEPT_BYTES at
+the top of the heap (`ctypes.CDLL(None).malloc_trim(0)` hands back all of it). Handing all
+of it back made every call fault its whole heap in again, which on a small data set costs
+as much as a fifth of the call: W3 (one batch) 316k page faults and 1.59–1.66 s a call
+against none and 1.32–1.39 s; ConvNeXt on 2 batches 34k and 0.35 against 0.31 s (the loop
+of the same points 0.27 s, its heap under glibc's 64 MiB). Other C libraries, and other
+devices, are left as they are.
 """
 from __future__ import annotations
 
@@ -37,8 +41,7 @@ import torch
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's <malloc.h>
 MMAP_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
 DEFAULT_MMAP_MAX = 65536  # glibc's DEFAULT_MMAP_MAX
-KEPT_BYTES = 2**31 - 1  # while a call runs: as much as mallopt's int takes
-KEPT_AFTER_CALL = 256 << 20
+KEPT_BYTES = 2**31 - 1  # as much as mallopt's int takes
 _depth = 0  # blocks open, in every thread
 _lock = threading.Lock()
 
@@ -69,8 +72,8 @@ def _free_bytes(libc) -> int | None:
 @contextmanager
 def freed_memory_kept(device: torch.device) -> Iterator[None]:
     """Keep memory freed inside the block for reuse (CPU, glibc); on leaving, hand back
-    what is free beyond KEPT_AFTER_CALL bytes. Nested or concurrent blocks (other threads) act as one, from the first to open to
-    the last to close."""
+    what is free beyond KEPT_BYTES. Nested or concurrent blocks (other threads) act as one,
+    from the first to open to the last to close."""
     global _depth
     libc = _glibc() if device.type == "cpu" else None
     if libc is None:
@@ -89,7 +92,6 @@ def freed_memory_kept(device: torch.device) -> Iterator[None]:
             _depth -= 1
             if _depth == 0:
                 libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-                libc.mallopt(M_TRIM_THRESHOLD, KEPT_AFTER_CALL)
                 free = _free_bytes(libc)
-                if free is None or free > KEPT_AFTER_CALL:
-                    libc.malloc_trim(KEPT_AFTER_CALL)
+                if free is None or free > KEPT_BYTES:
+                    libc.malloc_trim(KEPT_BYTES)
