@@ -179,7 +179,7 @@ def test_evaluate_in_groups_matches_the_loop(bn, forward, monkeypatch):
     assert sizes[-3:] == [1, 1, 1]  # the last batch: its three points a group each
     assert losses_of[-3:] == ([(0, 1), (1, 1), (2, 1)] if forward is None else [(0, 3)] * 3)
     if forward is None:  # the first batch (checked, unless the "collect" pass of "recompute" was)
-        assert losses_of[:3] == [(0, 1), (1, 1), (2, 1)] if bn == "recompute" else [(0, 1), (2, 1), (1, 1)]
+        assert losses_of[:3] == ([(0, 1), (1, 1), (2, 1)] if bn == "recompute" else [(0, 1), (2, 1), (1, 1)])
     losses, accs = loop_evaluate(a, line, data, res.alphas.tolist(), bn)
     torch.testing.assert_close(res["loss"], losses, rtol=1e-9, atol=0)
     torch.testing.assert_close(res["accuracy"], accs, rtol=0, atol=1e-12)
