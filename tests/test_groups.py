@@ -432,6 +432,48 @@ def test_a_check_disagreeing_in_the_last_group_hands_nothing_of_the_first_to_the
         assert rel_err(handed[0][1][k], expected) < 1e-12
 
 
+def interrupt_the_reference_once(fast):
+    """The model itself (the check's reference) raises KeyboardInterrupt on its next run
+    (Ctrl-C while it computes), then runs as before."""
+    at = fast.reference.at
+
+    def interrupted(*args):
+        fast.reference.at = at
+        raise KeyboardInterrupt
+
+    fast.reference.at = interrupted
+
+
+def test_an_interrupted_check_leaves_no_group_active_and_is_made_again():
+    """Interrupted while comparing its first groups, the check leaves every point active
+    and nothing kept, and the next call of the same shape is checked again (here it falls
+    back to one point at a time: marked checked, it would give wrong outputs)."""
+    a, b = pair(CountsTwoPointGroups)
+    line, coords = mlifast.Line(a, b), torch.linspace(0, 1, 5)
+    fast = mlifast.interpolate(a, line, coords)
+    fast.points_per_group = 3
+    x = torch.randn(4, 4, dtype=torch.float64)
+    interrupt_the_reference_once(fast)
+    with pytest.raises(KeyboardInterrupt) as interrupt:
+        fast(x)
+    assert not fast.context.grouped and fast.context.active_span == (0, 5) and not fast.context._kept
+    with pytest.warns(RuntimeWarning, match="at point #4"), torch.no_grad():
+        out = fast(x)  # (while the interrupt's traceback, and with it the check's frames, is alive)
+    del interrupt
+    for k, expected in enumerate(oracle_outputs(a, line, coords, x)):
+        assert rel_err(out[k], expected) < 1e-12
+
+
+def test_the_references_state_is_dropped_before_the_other_groups_run():
+    a, b = pair(mlp)
+    fast = mlifast.interpolate(a, mlifast.Line(a, b), torch.linspace(0, 1, 7))
+    fast.points_per_group = 2
+    states = []
+    with torch.no_grad(), fast.outputs_to(lambda start, out: states.append((start, fast.reference._state))):
+        fast(torch.randn(3, 3, 4, dtype=torch.float64))
+    assert [start for start, _ in states] == [0, 6, 2, 4] and all(state is None for _, state in states)
+
+
 class KeepsHiddenStates(nn.Module):
     """Returns the mean of every hidden state: all of them alive at once at the end."""
 

@@ -17,16 +17,19 @@ tokens at 6 points a group: 600k page faults a call against the loop's 1.3k, GEL
 LayerNorm 5× slower on 32 MiB than on 30). On leaving, mmap is allowed again (glibc's
 default count) and the mmap threshold stays at glibc's own dynamic maximum (MMAP_THRESHOLD,
 which a long-running process reaches once it frees a 32 MiB block); what the call freed
-stays with the process for the next call, up to KEPT_BYTES (the trim threshold stays
-there too), as PyTorch's CUDA allocator keeps its blocks: it is reused by any later
-allocation of the process, and a call's heap is bounded by its activation budget
-(`engine/chunking.py`). Where more is free, malloc_trim hands back all but KEPT_BYTES at
-the top of the heap (`ctypes.CDLL(None).malloc_trim(0)` hands back all of it). Handing all
-of it back made every call fault its whole heap in again, which on a small data set costs
-as much as a fifth of the call: W3 (one batch) 316k page faults and 1.59–1.66 s a call
-against none and 1.32–1.39 s; ConvNeXt on 2 batches 34k and 0.35 against 0.31 s (the loop
-of the same points 0.27 s, its heap under glibc's 64 MiB). Other C libraries, and other
-devices, are left as they are.
+stays with the process for the next call where it is at most KEPT_BYTES, as PyTorch's CUDA
+allocator keeps its blocks: any later allocation of the process reuses it, and a call's
+heap is bounded by its activation budget (`engine/chunking.py`). Where more is free,
+malloc_trim hands back all of it but KEPT_BYTES at the top of the heap (the free pages
+below a block still in use go too), as it does on every call before glibc 2.33 (no
+mallinfo2 to tell). The trim threshold stays at KEPT_BYTES for the rest of the process:
+glibc hands back the top of the heap whenever more than that is free there.
+`ctypes.CDLL(None).malloc_trim(0)` hands back all of it. Handing it all back on every call
+made each call fault its whole heap in again, which on a small data set costs as much as a
+fifth of the call: W3 (one batch) 316k page faults and 1.59–1.66 s a call against none and
+1.32–1.39 s; ConvNeXt on 2 batches 34k and 0.35 against 0.31 s (the loop of the same points
+0.27 s, its heap under glibc's 64 MiB). Other C libraries, and other devices, are left as
+they are.
 """
 from __future__ import annotations
 

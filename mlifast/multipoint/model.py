@@ -148,8 +148,8 @@ class MultiPointModel(nn.Module):
             return self._run_points(args, kwargs, share_rows=self.shares_rows is True)
         signature = (self.num_points, tuple((tuple(t.shape), t.dtype) for t in tensors_in((args, kwargs))))
         if signature not in self._checked and self.reference.deterministic:
-            self._checked.add(signature)
             problem, computed, out = self._disagreement_with_model(args, kwargs, self._consume)
+            self._checked.add(signature)  # (once decided: an interrupted check is made again)
             if problem is not None:
                 warnings.warn(
                     f"mlifast: the multi-point evaluation disagrees with the model itself ({problem}); "
@@ -277,7 +277,7 @@ class MultiPointModel(nn.Module):
             return None
 
         undo, context = self._statistics_undo(), self.context
-        problem, error, flat_start = None, None, self.context.flat_indices_shared
+        problem, error, flat_start, agreed = None, None, self.context.flat_indices_shared, None
         with self.reference.reusing_state():
             for share in self._readings():
                 context.flat_indices_fit_rows = self._images_converted = False
@@ -289,7 +289,11 @@ class MultiPointModel(nn.Module):
                     problem, error = "raised", e
                     undo()
                     continue
-                problem, error = disagreement(held), None
+                try:
+                    problem, error = disagreement(held), None
+                except BaseException:  # (the model itself raised, or an interrupt: the groups' state dropped)
+                    groups.close()
+                    raise
                 if problem is None:
                     if share and self.shares_rows is None and self.num_points > 1:
                         self.shares_rows = True  # (one point cannot tell: the same rows either way)
@@ -297,16 +301,24 @@ class MultiPointModel(nn.Module):
                         self.shares_rows = False  # shared rows disagree or fail: repeat inputs from now on
                     if context.flat_indices_shared and not flat_start and not context.flat_indices_fit_rows:
                         context.flat_indices_shared = False  # (no 1-d indices fit the rows: nothing decided)
-                    if only_checked:
-                        groups.close()
-                        return None, None
-                    with closing(groups):  # (each held group dropped once delivered)
-                        return None, self._delivered(chain(((s, held.pop(s)) for s in list(held)), groups), consume)
+                    agreed = groups, held
+                    break
                 groups.close()
                 del held
                 undo()
+        if agreed is not None:  # (the reference's state and outputs dropped before the other groups run)
+            expected.clear()
+            groups, held = agreed
+            del agreed
+            with closing(groups):
+                if only_checked:
+                    return None, None
+                return None, self._delivered(chain(((s, held.pop(s)) for s in list(held)), groups), consume)
         if error is not None:
-            raise self._own_error(args, kwargs) or error
+            own = None if 0 in expected else self._own_error(args, kwargs)  # (it ran at point 0: no)
+            if own is not None:
+                raise own from None  # (the model's own message, as running it alone gives)
+            raise error
         return problem, None
 
     def _own_error(self, args: tuple, kwargs: dict) -> Exception | None:
