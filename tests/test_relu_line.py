@@ -198,6 +198,29 @@ def test_plane_points_run_as_lines(order, group, op_calls):
     assert [len(c) for c in op_calls] == [9] * (2 if order == "two lines" else 9)
 
 
+def test_a_runs_outputs_are_dropped_once_every_group_had_its_part(op_calls):
+    """A 9 × 9 grid in groups of 4, the first call's check running the groups of points 0
+    and 80 first: at most those two runs and the current one are held at any time."""
+    from mlifast.multipoint.relu_line import Lines
+
+    a, b = endpoints(mlp, torch.float64)
+    _, c = endpoints(mlp, torch.float64, seed=5)
+    ticks = torch.linspace(-0.2, 1.2, 9).tolist()
+    coords = torch.tensor([(u, v) for u in ticks for v in ticks])
+    fast = mlifast.interpolate(a, mlifast.Plane.through(a, b, c), coords)
+    fast.points_per_group = 4
+    held = []
+
+    def consume(start, _out):
+        lines = [kept[1] for kept in fast.context._kept.values() if isinstance(kept[1], Lines)]
+        held.append(sum(len(line.outputs) for line in lines))
+
+    with torch.no_grad(), fast.outputs_to(consume):
+        fast(torch.randn(5, 12, dtype=torch.float64))
+    assert len(held) == 21 and max(held) <= 3 and held[-1] == 0
+    assert [len(c) for c in op_calls] == [9] * 9
+
+
 @pytest.mark.parametrize("limit", ["MIN_POINTS_PER_LINE", "LINE_BYTES"])
 @pytest.mark.parametrize("activation", [nn.ReLU, lambda: nn.LeakyReLU(0.1)], ids=["ReLU", "LeakyReLU"])
 def test_the_two_rules_run_for_short_or_large_lines(limit, activation, monkeypatch, op_calls):
