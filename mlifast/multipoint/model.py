@@ -309,7 +309,6 @@ class MultiPointModel(nn.Module):
         if agreed is not None:  # (the reference's state and outputs dropped before the other groups run)
             expected.clear()
             groups, held = agreed
-            del agreed
             with closing(groups):
                 if only_checked:
                     return None, None
