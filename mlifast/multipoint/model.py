@@ -283,7 +283,7 @@ class MultiPointModel(nn.Module):
                 context.flat_indices_fit_rows = self._images_converted = False
                 groups = self._groups(args, kwargs, share, first=checked)
                 try:  # (the groups holding the checked points come first)
-                    held = dict(islice(groups, len({k // group for k in checked})))
+                    held = dict(islice(groups, len(self._groups_holding(checked))))
                 except Exception as e:  # noqa: BLE001 — the next reading may not raise
                     groups.close()
                     problem, error = "raised", e
@@ -377,10 +377,11 @@ class MultiPointModel(nn.Module):
     def _delivered(self, groups: Iterable[tuple[int, Any]], consume: Callable[[int, Any], None] | None) -> Any:
         """Each group's outputs to `consume` (then None), or put together (K, …)."""
         out, k = None, self.num_points
+        one_group = self._group_size() >= k
         for start, part in groups:
             if consume is not None:
                 consume(start, part)
-            elif self._group_size() >= k:
+            elif one_group:
                 return part
             else:
                 # Outputs for all K points, allocated once, each group's copied in and freed
@@ -398,6 +399,11 @@ class MultiPointModel(nn.Module):
         """Points a run computes at once (`points_per_group`, at most all K)."""
         return max(1, min(self.points_per_group or self.num_points, self.num_points))
 
+    def _groups_holding(self, points: Iterable[int]) -> list[int]:
+        """The first points of the groups holding `points`, in their order."""
+        group = self._group_size()
+        return list(dict.fromkeys(p // group * group for p in points))
+
     def _groups(self, args: tuple, kwargs: dict, share_rows: bool, first: Iterable[int] = ()) -> Iterator[tuple[int, Any]]:
         """(index of the group's first point, its outputs (K', …)) for each group of
         `points_per_group` points (one of all K where that is None), the groups holding the
@@ -408,7 +414,7 @@ class MultiPointModel(nn.Module):
         if group >= k:
             yield 0, self._split(self._run(args, kwargs, share_rows), batch)
             return
-        leading = list(dict.fromkeys(p // group * group for p in first))
+        leading = self._groups_holding(first)
         everyone = context.active_span
         inputs = self._copy_inputs(args, kwargs) if share_rows else (args, kwargs)
         versions = _versions(*tensors_in(inputs))
