@@ -22,22 +22,24 @@ def map_tensors(fn: Callable[[Tensor, str], Any], tree: Any, name: str = "") -> 
     """The structure with fn(tensor, path) in place of every tensor; `path` names it in
     messages (e.g. "output['logits']"). Named tuples and dict subclasses such as Hugging
     Face's ModelOutput keep their type."""
+    return _mapped(fn, tree, name)
 
-    def walk(node, path):
-        if isinstance(node, Tensor):
-            return fn(node, path)
-        if isinstance(node, tuple) and hasattr(node, "_fields"):
-            return type(node)(*(walk(v, f"{path}.{f}") for f, v in zip(node._fields, node)))
-        if isinstance(node, (tuple, list)):
-            return type(node)(walk(v, f"{path}[{i}]") for i, v in enumerate(node))
-        if isinstance(node, dict):
-            mapped = {key: walk(v, f"{path}[{key!r}]") for key, v in node.items()}
-            if type(node) is dict:
-                return mapped
-            try:
-                return type(node)(**mapped)
-            except TypeError:
-                return type(node)(mapped)
-        return node
 
-    return walk(tree, name)
+def _mapped(fn: Callable[[Tensor, str], Any], node: Any, path: str) -> Any:
+    # (A function of the module, not a closure calling itself: that would be a reference
+    # cycle through `fn`, keeping whatever fn holds, a whole model copy, for the collector.)
+    if isinstance(node, Tensor):
+        return fn(node, path)
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        return type(node)(*(_mapped(fn, v, f"{path}.{f}") for f, v in zip(node._fields, node)))
+    if isinstance(node, (tuple, list)):
+        return type(node)(_mapped(fn, v, f"{path}[{i}]") for i, v in enumerate(node))
+    if isinstance(node, dict):
+        mapped = {key: _mapped(fn, v, f"{path}[{key!r}]") for key, v in node.items()}
+        if type(node) is dict:
+            return mapped
+        try:
+            return type(node)(**mapped)
+        except TypeError:
+            return type(node)(mapped)
+    return node
