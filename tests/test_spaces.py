@@ -196,6 +196,18 @@ def test_coords_tensor_line(nets):
         line.coords_tensor([[0.1, 0.2]])
 
 
+def test_coords_tensor_reads_python_floats_in_float64(nets):
+    # (not through float32: 0.1 would become 0.10000000149…, a float64 model's point moved)
+    assert Line(*nets).coords_tensor([0.1, 0.3]).flatten().tolist() == [0.1, 0.3]
+
+
+def test_coords_beyond_the_space_dtype_are_refused(nets):
+    line = Line(*nets)  # float32
+    with pytest.raises(ValueError, match="beyond what this space's torch.float32"):
+        line.coords_tensor([0.0, 1e300])
+    assert Line(*(n.double() for n in nets)).coords_tensor([1e300]).item() == 1e300
+
+
 def test_coords_tensor_plane_grid_and_errors(nets):
     plane = Plane.through(nets[0], nets[1], _net(2))
     c = plane.coords_tensor(3)

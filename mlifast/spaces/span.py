@@ -385,7 +385,8 @@ class Span:
           (J = 2), row-major: the first coordinate varies slowest.
         - 1-D sequence / tensor of K values (J = 1 only): shape (K, 1).
         - (K, J) sequence / tensor / array: returned as is (copied, float64).
-        Raises ValueError for any other shape, K = 0, or non-finite values.
+        Raises ValueError for any other shape, K = 0, non-finite values, or values beyond
+        the range of the space's floating dtypes.
         """
         J = self.num_directions
         if isinstance(coords, numbers.Integral) and not isinstance(coords, bool):
@@ -406,7 +407,7 @@ class Span:
         if isinstance(coords, (bool, str)):
             raise ValueError(f"coords must be an int or an array of shape {expected}; got {coords!r}.")
         try:
-            t = torch.as_tensor(coords).detach().to("cpu", torch.float64).clone()
+            t = torch.as_tensor(coords, dtype=torch.float64).detach().to("cpu").clone()
         except (TypeError, ValueError, RuntimeError) as e:
             raise ValueError(
                 f"coords must be an int or an array of shape {expected}; could not read "
@@ -423,6 +424,10 @@ class Span:
             raise ValueError("coords is empty; pass at least one point.")
         if not bool(torch.isfinite(t).all()):
             raise ValueError("coords contains NaN or inf.")
+        for dtype in {v.dtype for v in self._origin.values() if v.is_floating_point()}:
+            if not bool(torch.isfinite(t.to(dtype)).all()):
+                raise ValueError(f"coords reach {t.abs().max().item():g}, beyond what this space's {dtype} "
+                                 f"tensors can hold (at most {torch.finfo(dtype).max:g}).")
         return t
 
     # -- conversion and metadata --------------------------------------------------
