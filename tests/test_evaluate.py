@@ -114,6 +114,39 @@ def test_custom_metric_dict_batches_and_save_load(tmp_path):
     assert again.meta["space"]["kind"] == "line"
 
 
+def test_metrics_named_by_a_dict_and_clashing_names_refused():
+    torch.manual_seed(0)
+    a, b = mlp().double().eval(), mlp().double().eval()
+    line, data = mlifast.Line(a, b), batches()
+    margin = lambda out, y: out.gather(1, y[:, None])[:, 0] - out.logsumexp(1)  # noqa: E731
+    errors = lambda out, y: (out.argmax(1) != y).double()  # noqa: E731
+    res = mlifast.evaluate(a, line, data, coords=3, metrics={"margin": margin, "errors": errors, "acc": "accuracy"},
+                           progress=False)
+    assert list(res.keys()) == ["loss", "margin", "errors", "acc"]
+    torch.testing.assert_close(res["margin"], -res["loss"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(res["errors"], 1 - res["acc"], rtol=0, atol=1e-15)
+    assert list(mlifast.evaluate(a, line, data, coords=2, metrics="accuracy", progress=False).keys()) == [
+        "loss", "accuracy"]
+
+    def loss(out, y):
+        return errors(out, y)
+    for clash in ((margin, errors), (loss,)):
+        with pytest.raises(ValueError, match="two results would be named"):
+            mlifast.evaluate(a, line, data, coords=2, metrics=clash, progress=False)
+
+
+def test_a_metric_or_target_that_does_not_fit_the_batch_is_named_in_its_terms():
+    torch.manual_seed(0)
+    a, b = mlp().double().eval(), mlp().double().eval()
+    line, data = mlifast.Line(a, b), batches(n=5)
+    batch_mean = lambda out, y: (out.argmax(1) == y).double().mean()  # noqa: E731
+    with pytest.raises(ValueError, match=r"metric '<lambda>' returned shape \(\) on a batch of 5 examples"):
+        mlifast.evaluate(a, line, data, coords=7, metrics=(batch_mean,), progress=False)
+    short = [(x, y[:4]) for x, y in data]
+    with pytest.raises(ValueError, match="the target holds 4 examples where the model's output holds 5"):
+        mlifast.evaluate(a, line, short, coords=7, progress=False)
+
+
 def test_nan_loss_is_recorded_for_that_point_only():
     torch.manual_seed(0)
     a, b = mlp().double().eval(), mlp().double().eval()

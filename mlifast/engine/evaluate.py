@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from mlifast.engine.allocator import freed_memory_kept
 from mlifast.engine.batches import Forward, default_forward, inputs_and_target, to_device
 from mlifast.engine.chunking import plan
-from mlifast.engine.metrics import Metric, per_example_loss, resolve_metrics
+from mlifast.engine.metrics import Metric, per_example_loss, per_example_values, resolve_metrics
 from mlifast.engine.results import Results
 from mlifast.multipoint import MultiPointModel
 from mlifast.spaces import Span
@@ -47,7 +47,8 @@ def evaluate(
         coords: int (evenly spaced on [0, 1] per direction), (K,) or (K, J).
         loss: loss(output, target) of one batch of examples; called with
             reduction="none" where it takes it; default cross entropy.
-        metrics: "accuracy" and/or callables f(output, target) -> (N,) per-example values.
+        metrics: "accuracy" and/or callables f(output, target) -> (N,) per-example values
+            (averaged over any further dims), or a dict naming each, {"name": fn}.
         bn: "interpolate" (eval mode, running statistics interpolated), "recompute"
             (each point's statistics recomputed on bn_data as update_bn would, then eval
             mode) or "batch" (each point's own batch statistics).
@@ -185,8 +186,27 @@ def _add_sums(sums: dict, first: int, output: Any, target: Tensor, per_example: 
         n = part.shape[0]
         examples = flat_target.shape[0] // n
         for name, fn in per_example.items() if examples else ():  # (an empty batch)
-            sums[name][first + start:first + start + n] += fn(flat_output, flat_target).reshape(n, -1).sum(1).cpu()
+            values = per_example_values(name, _called(fn, flat_output, flat_target, part, target, batch_dim),
+                                        flat_output.shape[0], n)
+            sums[name][first + start:first + start + n] += values.reshape(n, -1).sum(1).cpu()
     return examples
+
+
+def _called(fn: Metric, flat_output: Tensor, flat_target: Tensor, output: Tensor, target: Tensor, batch_dim: int):
+    """fn(flat_output, flat_target); where it raises and the target's batch is not the
+    output's (K', …, B, …), a ValueError saying so in the user's terms (one batch), not
+    in the K'·B rows the error met."""
+    try:
+        return fn(flat_output, flat_target)
+    except Exception as e:
+        batch = output.shape[1 + batch_dim] if output.dim() > 1 + batch_dim else None
+        target_batch = target.shape[batch_dim if target.dim() > batch_dim else 0] if target.dim() else None
+        if batch is None or target_batch == batch:
+            raise
+        raise ValueError(
+            f"mlifast: the target holds {target_batch} examples where the model's output holds {batch} "
+            f"(dim {batch_dim}); give each batch one target per example"
+        ) from e
 
 
 def _flatten_points(output: Tensor, target: Tensor, batch_dim: int) -> tuple[Tensor, Tensor]:

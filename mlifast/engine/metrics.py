@@ -1,8 +1,9 @@
 """Per-example losses and metrics over folded (K·B, …) outputs."""
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,35 +22,50 @@ BUILTIN_METRICS: dict[str, Metric] = {"accuracy": accuracy}
 
 
 def resolve_metrics(metrics) -> dict[str, Metric]:
+    """Name → metric for evaluate's `metrics`: a name or callable, a sequence of them, or
+    a dict naming each callable (the way to name lambdas). Callables are keyed by their
+    __name__; a clash of names, or a metric named "loss", is refused."""
+    if isinstance(metrics, str) or callable(metrics):
+        metrics = (metrics,)
+    named = metrics.items() if isinstance(metrics, dict) else ((None, m) for m in metrics)
     resolved = {}
-    for m in metrics:
+    for name, m in named:
         if isinstance(m, str):
             if m not in BUILTIN_METRICS:
                 raise ValueError(f"mlifast: unknown metric {m!r}; built in: {sorted(BUILTIN_METRICS)}, or pass a callable")
-            resolved[m] = BUILTIN_METRICS[m]
-        elif callable(m):
-            resolved[getattr(m, "__name__", f"metric{len(resolved)}")] = m
-        else:
+            name, m = m if name is None else name, BUILTIN_METRICS[m]
+        elif not callable(m):
             raise TypeError(f"mlifast: a metric is a name or a callable f(output, target) -> per-example values, got {m!r}")
+        elif name is None:
+            name = getattr(m, "__name__", f"metric{len(resolved)}")
+        if name == "loss" or name in resolved:
+            raise ValueError(
+                f"mlifast: two results would be named {name!r} (" + ("the loss is \"loss\"" if name == "loss" else
+                "two metrics share that __name__") + "); name each metric: metrics={'name': fn, ...}"
+            )
+        resolved[name] = m
     return resolved
 
 
 def per_example_loss(loss: Union[Callable, None]) -> Metric:
-    """Wrap a loss so that it returns (N,) values: reduction="none" where it takes one,
-    then the mean over any dimension after the first (e.g. tokens)."""
+    """The loss (default cross entropy), called with reduction="none" where it takes one."""
     fn = loss if loss is not None else F.cross_entropy
-    takes_reduction = "reduction" in _parameters(fn)
+    return functools.partial(fn, reduction="none") if "reduction" in _parameters(fn) else fn
 
-    def per_example(output: Tensor, target: Tensor) -> Tensor:
-        values = fn(output, target, reduction="none") if takes_reduction else fn(output, target)
-        if values.dim() == 0 or values.shape[0] != output.shape[0]:
-            raise ValueError(
-                f"mlifast: the loss returned shape {tuple(values.shape)} for {output.shape[0]} examples; "
-                "it must return one value per example (accept reduction='none', or return per-example values)"
-            )
-        return values.reshape(values.shape[0], -1).to(torch.float64).mean(1)
 
-    return per_example
+def per_example_values(name: str, values: Any, rows: int, points: int) -> Tensor:
+    """(rows,) float64 per-example values of the loss or metric `name` from its output on
+    `rows` rows (`points` points' batches), averaged over any dims after the first (e.g.
+    tokens). ValueError in the user's terms (one batch) where it is not one value a row."""
+    if not isinstance(values, Tensor) or values.dim() == 0 or values.shape[0] != rows:
+        got = f"shape {tuple(values.shape)}" if isinstance(values, Tensor) else type(values).__name__
+        what, fix = (("the loss", "accept reduction='none', or return per-example values") if name == "loss" else
+                     (f"metric {name!r}", "return per-example values"))
+        raise ValueError(
+            f"mlifast: {what} returned {got} on a batch of {rows // max(points, 1)} examples; it must return "
+            f"one value per example ({fix}). (It was given {points} points' batches at once, {rows} rows.)"
+        )
+    return values.reshape(rows, -1).to(torch.float64).mean(1)
 
 
 def _parameters(fn) -> set:
