@@ -1,5 +1,7 @@
 """The reproduce grid: resumable runs and the paper's table computed from them."""
+import dataclasses
 import json
+import re
 
 import pytest
 
@@ -9,13 +11,16 @@ from mlifast.experiments.reproduce import GridConfig, run_grid, table, write_rep
 
 try:
     mnist()
+    MNIST_MISSING = ""
 except DatasetNotFoundError as error:  # pragma: no cover - make test installs it
-    pytest.skip(f"MNIST missing: {error}", allow_module_level=True)
+    MNIST_MISSING = f"MNIST missing: {error}"
+needs_mnist = pytest.mark.skipif(bool(MNIST_MISSING), reason=MNIST_MISSING)
 
 CONFIG = GridConfig(datasets=("mnist",), lrs=(0.1, 0.01), hidden=(16,), epochs=2, batch_size=100, alphas=6,
                     n_train=1000, n_eval=500, eval_batch_size=250, loss_filter=10.0, threshold=1e-3)
 
 
+@needs_mnist
 def test_grid_runs_resume_and_tabulate(tmp_path, monkeypatch):
     records = run_grid(CONFIG, tmp_path, progress=False)
     assert len(records) == 8 and len(list((tmp_path / "runs").glob("*.json"))) == 8
@@ -37,6 +42,25 @@ def test_grid_runs_resume_and_tabulate(tmp_path, monkeypatch):
     for lr, cell in zip((0.1, 0.01), row.split("|")[2:4]):
         r = next(r for r in again if r["optimizer"] == "sgd" and not r["batch_norm"] and r["lr"] == lr)
         assert cell.strip() == f"{float(r['delta_min'] > 1e-3):.2f} (1)"
+
+
+def test_runs_made_with_other_settings_are_refused_not_resumed(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    combos = [(d, o, bn, lr) for d in CONFIG.datasets for o in CONFIG.optimizers for bn in CONFIG.batch_norm
+              for lr in CONFIG.lrs]
+    for combo in combos:  # a finished grid (no data is read to resume it)
+        record = {"id": reproduce.run_id(*combo), "lr": combo[3], "settings": reproduce.run_settings(CONFIG)}
+        (runs / f"{record['id']}.json").write_text(json.dumps(record))
+    # What only picks runs or reads the table may change:
+    relaxed = dataclasses.replace(CONFIG, loss_filter=0.5, lrs=(0.01,))
+    assert [r["id"] for r in run_grid(relaxed, tmp_path, progress=False)] == [
+        reproduce.run_id(*c) for c in combos if c[3] == 0.01]
+    config_file = (tmp_path / "config.json").read_text()
+    for changed, said in ((dict(alphas=7), "alphas=6 there, 7 now"), (dict(hidden=(32,)), "hidden=[16] there, [32] now")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            run_grid(dataclasses.replace(CONFIG, **changed), tmp_path, progress=False)
+        assert (tmp_path / "config.json").read_text() == config_file
 
 
 def test_report_files(tmp_path):

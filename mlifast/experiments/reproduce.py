@@ -54,20 +54,43 @@ def run_id(dataset: str, optimizer: str, batch_norm: bool, lr: float) -> str:
     return f"{dataset}-{optimizer}-{'bn' if batch_norm else 'nobn'}-lr{lr:g}"
 
 
+# The settings that make a run what it is (the others pick runs or read the table).
+RUN_SETTINGS = ("hidden", "epochs", "batch_size", "alphas", "n_train", "n_eval", "eval_batch_size", "seed")
+
+
+def run_settings(config: GridConfig) -> dict:
+    """config's RUN_SETTINGS as a run's record stores them (JSON: tuples as lists)."""
+    return json.loads(json.dumps({name: getattr(config, name) for name in RUN_SETTINGS}))
+
+
+def read_run(path: Path, config: GridConfig) -> dict:
+    """The finished run at `path`, refused if it was made with other settings than config's."""
+    record = json.loads(path.read_text())
+    settings, made_with = run_settings(config), record.get("settings")
+    if made_with != settings:
+        differ = ", ".join(f"{k}={(made_with or {}).get(k, '?')!r} there, {v!r} now" for k, v in settings.items()
+                           if (made_with or {}).get(k, "?") != v)
+        raise ValueError(f"mlifast reproduce: {path} was made with other settings ({differ}); "
+                         f"give another output folder, or delete it to run it again")
+    return record
+
+
 def run_grid(config: GridConfig, out: Path, progress: bool = True) -> list[dict]:
     """Every run of the grid, trained and evaluated or read back from out/runs/."""
     runs_dir = Path(out) / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(Path(out) / "config.json", asdict(config))
     combos = [(d, o, bn, lr) for d in config.datasets for o in config.optimizers for bn in config.batch_norm
               for lr in config.lrs]
+    finished = {combo: read_run(runs_dir / f"{run_id(*combo)}.json", config) for combo in combos
+                if (runs_dir / f"{run_id(*combo)}.json").exists()}  # (refused before anything is written)
+    write_json_atomically(Path(out) / "config.json", asdict(config))
     records, data_cache = [], {}
     with tqdm(combos, disable=not progress, desc="reproduce mlp", unit="run") as bar:
         for combo in bar:
-            path = runs_dir / f"{run_id(*combo)}.json"
-            if path.exists():
-                records.append(json.loads(path.read_text()))
+            if combo in finished:
+                records.append(finished[combo])
                 continue
+            path = runs_dir / f"{run_id(*combo)}.json"
             bar.set_postfix_str(run_id(*combo))
             if combo[0] not in data_cache:
                 data_cache = {combo[0]: get_dataset(combo[0])}  # one data set in memory at a time
@@ -89,7 +112,7 @@ def run_one(config: GridConfig, data, dataset: str, optimizer: str, batch_norm: 
     batches = Batches(x, y, config.batch_size, shuffle=True, generator=shuffle)
     train(model, batches, TrainConfig(optimizer, lr, config.epochs, config.seed), progress=False)
     record = {"id": run_id(dataset, optimizer, batch_norm, lr), "dataset": dataset, "optimizer": optimizer,
-              "batch_norm": batch_norm, "lr": lr}
+              "batch_norm": batch_norm, "lr": lr, "settings": run_settings(config)}
     final = model.state_dict()
     if not all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point()):
         return {**record, "diverged": True, "losses": None, "final_loss": None, "delta_min": None,
