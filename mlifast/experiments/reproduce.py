@@ -70,7 +70,7 @@ def read_run(path: Path, config: GridConfig) -> dict:
     if made_with != settings:
         differ = ", ".join(f"{k}={(made_with or {}).get(k, '?')!r} there, {v!r} now" for k, v in settings.items()
                            if (made_with or {}).get(k, "?") != v)
-        raise ValueError(f"mlifast reproduce: {path} was made with other settings ({differ}); "
+        raise ValueError(f"mlifast: {path} was made with other settings ({differ}); "
                          f"give another output folder, or delete it to run it again")
     return record
 
