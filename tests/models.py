@@ -57,14 +57,18 @@ class LSTMLanguageModel(nn.Module):
 
 
 class ReadsChildWeight(nn.Module):
-    """A parent computing with its child's weight: the engine cannot interpolate it."""
+    """A parent computing with its child's weight (or, with `through_data`, with its
+    `.data`): the engine cannot interpolate it."""
 
-    def __init__(self):
+    def __init__(self, through_data=False):
         super().__init__()
         self.child = nn.Linear(4, 3)
+        self.through_data = through_data
 
     def forward(self, x):
-        return self.child(x) + F.linear(x, self.child.weight)
+        w = self.child.weight
+        assert w.data.shape == w.shape and w.data.dtype == w.dtype  # (metadata: fine)
+        return self.child(x) + F.linear(x, w.data if self.through_data else w)
 
 
 def randomize_bn(model, seed):

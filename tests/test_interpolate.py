@@ -122,9 +122,10 @@ def test_frozen_layers_are_not_wrapped():
     assert isinstance(fast.model[4], MultiPointRule)
 
 
-def test_parameter_read_outside_its_module_raises_naming_it():
+@pytest.mark.parametrize("through_data", [False, True])
+def test_parameter_read_outside_its_module_raises_naming_it(through_data):
     torch.manual_seed(0)
-    a, b = ReadsChildWeight(), ReadsChildWeight()
+    a, b = ReadsChildWeight(through_data), ReadsChildWeight(through_data)
     fast = mlifast.interpolate(a, mlifast.Line(a, b), 3)
     with pytest.raises(mlifast.UnhandledParameterError, match=r"'child\.weight' \(Linear\)"):
         fast(torch.randn(2, 4))

@@ -52,7 +52,10 @@ class UnhandledTensor(Tensor):
         name = getattr(func, "__name__", None) or getattr(getattr(func, "__self__", None), "__name__", "")
         if func in _METADATA or name in _METADATA_PROPERTIES or name == "__get__" and _is_metadata_getter(func):
             with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
+                out = func(*args, **kwargs)
+            if _is_data_getter(func):  # (its metadata may be read; computing with it raises as with the parameter)
+                return UnhandledTensor(out, args[0].owner, args[0].kind)
+            return out
         culprit = next(a for a in tensors_in((args, kwargs)) if isinstance(a, UnhandledTensor))
         raise UnhandledParameterError(
             f"mlifast: parameter '{culprit.owner}' ({culprit.kind}) is used by "
@@ -66,6 +69,10 @@ class UnhandledTensor(Tensor):
 def _is_metadata_getter(func) -> bool:
     owner = getattr(func, "__self__", None)
     return getattr(owner, "__name__", None) in _METADATA_PROPERTIES
+
+
+def _is_data_getter(func) -> bool:
+    return getattr(getattr(func, "__self__", None), "__name__", None) == "data"
 
 
 def _func_name(func) -> str:
