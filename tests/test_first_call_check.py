@@ -362,6 +362,31 @@ def test_groups_are_at_least_the_weights_over_one_points_activations(monkeypatch
     assert group == 10 * weights // point.live
 
 
+class CapturesBatchWhenAsked(nn.Module):
+    """A flag chooses a path whose Python depends on the batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x, grouped=False):
+        h = self.fc1(x)
+        if grouped:
+            h = h.reshape(-1, x.shape[0], 6).flip(0).reshape(-1, 6)
+        return self.fc2(torch.tanh(h))
+
+
+def test_a_call_with_other_plain_arguments_is_checked_again():
+    a, line = line_of(CapturesBatchWhenAsked)
+    coords, x = torch.tensor([0.0, 0.5, 1.0]), torch.randn(4, 4, dtype=torch.float64)
+    fast = mlifast.interpolate(a, line, coords)
+    out, fell_back = call(fast, x)  # checked on this path: it agrees, the rows shared
+    assert not fell_back and fast.shares_rows
+    assert_oracle(out, a, line, coords, x)
+    out, _ = call(fast, x, True)  # the same tensors, another path: on shared rows the points would trade rows
+    assert_oracle(out, a, line, coords, x, True)
+
+
 class BatchNormCapturesBatch(nn.Module):
     """Batch norm after Python that depends on the batch size (on shared rows the points
     trade rows, and with them their batch statistics)."""

@@ -146,7 +146,7 @@ class MultiPointModel(nn.Module):
             self.shares_rows = False
         if self._unchecked:  # (a probe: no check, and nothing decided)
             return self._run_points(args, kwargs, share_rows=self.shares_rows is True)
-        signature = (self.num_points, tuple((tuple(t.shape), t.dtype) for t in tensors_in((args, kwargs))))
+        signature = (self.num_points, _call_signature((args, kwargs)))
         if signature not in self._checked and self.reference.deterministic:
             problem, computed, out = self._disagreement_with_model(args, kwargs, self._consume)
             self._checked.add(signature)  # (once decided: an interrupted check is made again)
@@ -610,6 +610,23 @@ def fuse_activations(root: nn.Module) -> None:
                 seq._modules[name] = nn.Identity()
             else:
                 seq._modules[name] = InPlaceActivation(act)
+
+
+def _call_signature(tree: Any) -> Any:
+    """What the first-call check is made once for: the arguments' structure with each
+    tensor's shape and dtype and every other value itself (a flag may choose a path that
+    depends on the batch); an unhashable object by its identity."""
+    if isinstance(tree, Tensor):
+        return tuple(tree.shape), tree.dtype
+    if isinstance(tree, (tuple, list)):
+        return type(tree), tuple(_call_signature(v) for v in tree)
+    if isinstance(tree, dict):
+        return type(tree), tuple((key, _call_signature(v)) for key, v in tree.items())
+    try:
+        hash(tree)
+    except TypeError:
+        return type(tree), id(tree)
+    return type(tree), tree
 
 
 def _batch_size(args: tuple, kwargs: dict, dim: int) -> int:
