@@ -1,4 +1,6 @@
 """Real Hugging Face model classes (small configs) against the one-point-at-a-time oracle."""
+import warnings
+
 import pytest
 import torch
 
@@ -50,6 +52,20 @@ def test_parity_with_oracle(factory, vocab):
     expected = oracle_outputs(a, line, coords, input_ids=ids, attention_mask=mask)
     for k, e in enumerate(expected):
         assert rel_err(out.logits[k], e.logits) < 1e-9, k
+
+
+def test_a_cache_it_cannot_split_is_said_and_the_logits_are_right():
+    a, b = perturbed_pair(gpt2)
+    ids, mask = inputs(50)
+    line, coords = mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0])
+    fast = mlifast.interpolate(a, line, coords)
+    with pytest.warns(RuntimeWarning, match=r"inside output\['\w+'\] \(DynamicCache\) cannot be read"):
+        out = fast(input_ids=ids, attention_mask=mask)
+    for k, e in enumerate(oracle_outputs(a, line, coords, input_ids=ids, attention_mask=mask)):
+        assert rel_err(out.logits[k], e.logits) < 1e-9, k
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mlifast.interpolate(a, line, coords)(input_ids=ids, attention_mask=mask, use_cache=False)
 
 
 def test_tied_lm_head_follows_the_embedding():

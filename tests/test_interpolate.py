@@ -1,5 +1,7 @@
 """interpolate(model, space, coords)(x)[k] == the model loaded with space.state_at(coords[k])."""
 import copy
+import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -137,6 +139,73 @@ def test_parameter_read_outside_is_fine_when_frozen():
     b = copy.deepcopy(a)
     b.child.bias.data += 1  # only the bias moves
     check_parity(a, mlifast.Line(a, b), torch.linspace(0, 1, 3), torch.randn(2, 4), dtype=torch.float32)
+
+
+@dataclasses.dataclass
+class Logits:
+    logits: torch.Tensor
+    extra: object = None
+
+
+class CapturesBatchInADataclass(CapturesBatch):
+    def forward(self, x):
+        return Logits(super().forward(x))
+
+
+def test_a_dataclass_output_is_split_and_checked():
+    # (the check must see its tensors: on shared rows this model's points trade rows)
+    torch.manual_seed(0)
+    a, b = CapturesBatchInADataclass().double(), CapturesBatchInADataclass().double()
+    line, coords, x = mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), torch.randn(4, 4, dtype=torch.float64)
+    out = mlifast.interpolate(a, line, coords)(x)
+    assert type(out) is Logits and out.logits.shape == (3, 4, 2)
+    for k, e in enumerate(oracle_outputs(a, line, coords, x)):
+        assert rel_err(out.logits[k], e.logits) < 1e-9, k
+
+
+def test_a_module_without_a_rule_may_return_a_dataclass():
+    class Projects(nn.Module):  # (a matmul with its own weight: run once per point)
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            return Logits(torch.tanh(x @ self.w))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.fc = Projects(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.proj(x).logits)
+
+    torch.manual_seed(0)
+    a, b = Net().double(), Net().double()
+    line, coords, x = mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), torch.randn(3, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no fallback: the module's points are put together)
+        out = mlifast.interpolate(a, line, coords)(x)
+    for k, e in enumerate(oracle_outputs(a, line, coords, x)):
+        assert rel_err(out[k], e) < 1e-9, k
+
+
+def test_an_output_whose_tensors_it_cannot_read_is_refused():
+    class Holder:
+        def __init__(self, t):
+            self.values = [t]
+
+    class Hides(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return Holder(self.fc(x))
+
+    a, b = Hides(), Hides()
+    with pytest.raises(TypeError, match=r"inside output \(Holder\), which mlifast cannot read"):
+        mlifast.interpolate(a, mlifast.Line(a, b), 3)(torch.randn(2, 4))
 
 
 def test_output_that_mixes_points_is_refused():

@@ -17,6 +17,8 @@ the calls of a fused rule.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Any
 
 import torch
@@ -119,4 +121,9 @@ def _concat(outputs: list, dim_of, position: tuple) -> Any:
         return type(first)(*joined) if hasattr(first, "_fields") else type(first)(joined)
     if isinstance(first, dict):
         return type(first)({key: _concat([o[key] for o in outputs], dim_of, position + (key,)) for key in first})
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        joined = copy.copy(first)
+        for f in dataclasses.fields(first):
+            object.__setattr__(joined, f.name, _concat([getattr(o, f.name) for o in outputs], dim_of, position + (f.name,)))
+        return joined
     return first

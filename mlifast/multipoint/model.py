@@ -21,7 +21,7 @@ from mlifast.multipoint.point_values import PointValuesRefused
 from mlifast.multipoint.reference import PerPointModel, alias_groups, first_disagreement, rounds_float32_to_tf32
 from mlifast.multipoint.registry import check_supported, rule_for
 from mlifast.multipoint.shared import SharedRows, SharedRowsWritten
-from mlifast.multipoint.trees import map_tensors, tensors_in
+from mlifast.multipoint.trees import map_tensors, tensors_in, unreadable_holders
 from mlifast.multipoint.unhandled import UnhandledTensor
 from mlifast.spaces import Span
 
@@ -89,6 +89,7 @@ class MultiPointModel(nn.Module):
         self.output_batch_dims: tuple[int, ...] = ()
         self._checked: set = set()
         self._unchecked = False  # see unchecked()
+        self._told_unreadable = False  # see _tell_unreadable()
         # Try 1-d indices the same for every example before reading them as rows (a hint,
         # e.g. from an earlier evaluate call of the same model: it orders the attempts only).
         self.indices_shared_first = False
@@ -205,7 +206,29 @@ class MultiPointModel(nn.Module):
         k, dim, found = self.context.num_active, self.batch_dim, []
         split = map_tensors(lambda t, path: _split_points(t, k, batch, dim, path, found), out, "output")
         self.output_batch_dims = tuple(found)
+        if not self._told_unreadable:
+            self._tell_unreadable(out, bool(found))
         return split
+
+    def _tell_unreadable(self, out: Any, readable: bool) -> None:
+        """Tensors held in objects out of the tree walk's reach (trees.unreadable_holders)
+        cannot be split per point nor checked: refused when they are all the output holds,
+        else a warning, once."""
+        holders = unreadable_holders(out, "output")
+        if not holders:
+            return
+        where = ", ".join(holders[:3]) + (" and more" if len(holders) > 3 else "")
+        if not readable:
+            raise TypeError(
+                f"mlifast: the model returns its tensors inside {where}, which mlifast cannot read: it "
+                "could neither give them a leading K nor check them against the model. Return tensors "
+                "in tuples, lists, dicts or dataclasses."
+            )
+        self._told_unreadable = True
+        warnings.warn(
+            f"mlifast: tensors inside {where} cannot be read by mlifast. They are returned as computed for "
+            "all points at once (their batch is K·B rows, point-major) and are not checked against the model; "
+            "the other outputs are. (For a Hugging Face cache, pass use_cache=False.)", RuntimeWarning, stacklevel=4)
 
     def _from_reference(self, args: tuple, kwargs: dict) -> Any:
         """The reference's outputs (K, …) of every point, `output_batch_dims` read from them:

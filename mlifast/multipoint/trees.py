@@ -1,13 +1,15 @@
-"""Walking the nested tuples, lists and dicts that modules take and return."""
+"""Walking the nested tuples, lists, dicts and dataclasses that modules take and return."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Any, Callable, Iterator
 
 from torch import Tensor
 
 
 def tensors_in(tree: Any) -> Iterator[Tensor]:
-    """Every tensor of a nested structure of tuples, lists and dicts, depth first."""
+    """Every tensor of a nested structure of tuples, lists, dicts and dataclasses, depth first."""
     if isinstance(tree, Tensor):
         yield tree
     elif isinstance(tree, (tuple, list)):
@@ -16,12 +18,46 @@ def tensors_in(tree: Any) -> Iterator[Tensor]:
     elif isinstance(tree, dict):
         for v in tree.values():
             yield from tensors_in(v)
+    elif _is_dataclass(tree):
+        for f in dataclasses.fields(tree):
+            yield from tensors_in(getattr(tree, f.name))
+
+
+def unreadable_holders(tree: Any, path: str = "") -> list[str]:
+    """Where in `tree` tensors sit inside other objects, out of tensors_in's reach
+    (e.g. "output['past_key_values'] (DynamicCache)")."""
+    if isinstance(tree, (tuple, list)):
+        return [p for i, v in enumerate(tree) for p in unreadable_holders(v, f"{path}[{i}]")]
+    if isinstance(tree, dict):
+        return [p for key, v in tree.items() for p in unreadable_holders(v, f"{path}[{key!r}]")]
+    if _is_dataclass(tree):
+        return [p for f in dataclasses.fields(tree) for p in unreadable_holders(getattr(tree, f.name), f"{path}.{f.name}")]
+    return [f"{path} ({type(tree).__name__})"] if not isinstance(tree, Tensor) and _holds_tensors(tree) else []
+
+
+def _holds_tensors(obj: Any, depth: int = 3) -> bool:
+    """Whether a tensor is among obj's attributes or their items, `depth` levels down."""
+    if isinstance(obj, Tensor):
+        return True
+    if depth == 0 or isinstance(obj, (str, bytes, type)):
+        return False
+    if isinstance(obj, dict):
+        items = obj.values()
+    elif isinstance(obj, (tuple, list, set, frozenset)):
+        items = obj
+    else:
+        items = getattr(obj, "__dict__", {}).values()
+    return any(_holds_tensors(v, depth - 1) for v in items)
+
+
+def _is_dataclass(node: Any) -> bool:
+    return dataclasses.is_dataclass(node) and not isinstance(node, type)
 
 
 def map_tensors(fn: Callable[[Tensor, str], Any], tree: Any, name: str = "") -> Any:
     """The structure with fn(tensor, path) in place of every tensor; `path` names it in
-    messages (e.g. "output['logits']"). Named tuples and dict subclasses such as Hugging
-    Face's ModelOutput keep their type."""
+    messages (e.g. "output['logits']"). Named tuples, dict subclasses such as Hugging
+    Face's ModelOutput and dataclasses keep their type."""
     return _mapped(fn, tree, name)
 
 
@@ -42,4 +78,9 @@ def _mapped(fn: Callable[[Tensor, str], Any], node: Any, path: str) -> Any:
             return type(node)(**mapped)
         except TypeError:
             return type(node)(mapped)
+    if _is_dataclass(node):
+        mapped = copy.copy(node)
+        for f in dataclasses.fields(node):
+            object.__setattr__(mapped, f.name, _mapped(fn, getattr(node, f.name), f"{path}.{f.name}"))
+        return mapped
     return node
