@@ -63,16 +63,16 @@ class PlainTensorsOnly(nn.Module):
         return self.fc(x)
 
 
-class Hooked(nn.Module):
-    """Disagrees whatever the rows: a forward hook on a replaced module."""
+class Disagrees(nn.Module):
+    """Disagrees whatever the rows: reads the batch size of an activation as a number."""
 
     def __init__(self):
         super().__init__()
         self.fc, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
-        self.fc.register_forward_hook(lambda mod, i, o: o * 2 + 1)
 
     def forward(self, x):
-        return self.out(torch.tanh(self.fc(x)))
+        h = self.fc(x)
+        return self.out(torch.tanh(h)) * h.shape[0]
 
 
 class Doubles(nn.Module):
@@ -147,7 +147,7 @@ def test_one_point_decides_nothing_about_sharing():
 
 
 def test_model_that_truly_disagrees_still_falls_back(state_builds):
-    a, line = line_of(Hooked)
+    a, line = line_of(Disagrees)
     coords = torch.linspace(0, 1, 3)
     fast = mlifast.interpolate(a, line, coords)
     x = torch.randn(4, 4, dtype=torch.float64)

@@ -228,11 +228,26 @@ def test_in_place_activation_leaves_the_callers_input_alone():
         assert rel_err(out[k], e) < 1e-6
 
 
-@pytest.mark.parametrize("factory", [PromptModel, softplus_bias, hooked],
-                         ids=["no-batch-input", "parametrization", "forward-hook"])
-def test_unfollowed_models_fall_back_to_one_point_at_a_time(factory):
-    x = torch.randn(6, 5 if factory is PromptModel else 4)
-    check(factory, x, expect_fallback=True)
+def test_unfollowed_models_fall_back_to_one_point_at_a_time():
+    check(PromptModel, torch.randn(6, 5), expect_fallback=True)
+
+
+def weight_norm_linear():
+    return nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)), nn.Tanh(), nn.Linear(4, 2))
+
+
+def spectral_norm_conv():  # (eval mode: its power iteration's vectors stay as they are)
+    conv = nn.utils.parametrizations.spectral_norm(nn.Conv1d(4, 3, 1))
+    return nn.Sequential(conv, nn.Flatten(), nn.Linear(3, 2)).eval()
+
+
+@pytest.mark.parametrize("factory", [softplus_bias, weight_norm_linear, spectral_norm_conv, hooked],
+                         ids=["softplus-bias", "weight-norm", "spectral-norm-conv", "forward-hook"])
+def test_weights_computed_before_use_are_each_points(factory):
+    """Parametrized and hooked modules run their own forward at each point's tensors (the
+    parametrization's included): no fused rule, no fallback of the whole model."""
+    x = torch.randn(6, 4) if factory is not spectral_norm_conv else torch.randn(6, 4, 1)
+    check(factory, x, coords=(0.0, 0.4, 1.0), expect_fallback=False)
 
 
 def test_fallback_results_flow_through_evaluate():
@@ -287,19 +302,32 @@ def test_tied_keys_that_differ_in_the_space_are_refused():
 
 
 def test_fallback_refuses_batch_norm_policies_it_cannot_follow():
-    class HookedBN(nn.Module):
+    class PromptBN(nn.Module):  # (a module with moving parameters called without a batch input)
         def __init__(self):
             super().__init__()
-            self.fc, self.bn, self.out = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)
-            self.fc.register_forward_hook(lambda mod, i, o: o.abs())  # (not affine: batch norm cannot undo it)
+            self.fc, self.bn, self.prompt = nn.Linear(4, 4), nn.BatchNorm1d(4), Prompt()
 
         def forward(self, x):
-            return self.out(self.bn(self.fc(x)))
+            return self.bn(self.fc(x)) @ self.prompt().t()
 
     torch.manual_seed(0)
-    a, b = HookedBN().eval(), HookedBN().eval()
+    a, b = PromptBN().eval(), PromptBN().eval()
     data = [(torch.randn(6, 4), torch.randint(0, 3, (6,)))]
     for bn in ("recompute", "batch"):
         with pytest.warns(RuntimeWarning, match="one point at a time"), \
                 pytest.raises(NotImplementedError, match="supports only bn='interpolate'"):
             mlifast.evaluate(a, mlifast.Line(a, b), data, coords=2, bn=bn, progress=False)
+
+
+def old_weight_norm():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (deprecated)
+        return nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 4)), nn.Tanh(), nn.Linear(4, 2))
+
+
+def test_deprecated_weight_norm_runs_its_hook_at_each_point_or_is_refused_clearly():
+    with torch.no_grad():  # (its weight then a leaf, which copies)
+        check(old_weight_norm, torch.randn(6, 4), coords=(0.0, 0.4, 1.0), expect_fallback=False)
+    a, b = old_weight_norm(), old_weight_norm()  # (its weight computed with autograd: no copy can hold it)
+    with pytest.raises(TypeError, match=r"Linear\.weight is a tensor computed from .*parametrizations\.weight_norm"):
+        mlifast.interpolate(a, mlifast.Line(a, b), 3)

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
@@ -570,11 +571,14 @@ def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn
     """A copy of the module tree whose tensors are the space's origin (moving ones as
     UnhandledTensors), with every module owning moving tensors replaced by its rule."""
     memo: dict[int, Any] = {}
-    owned: dict[int, dict[str, tuple[str, Tensor]]] = {}  # id(module) → own name → (key, origin)
-    for path, module in model.named_modules(remove_duplicate=False):
+    originals = dict(model.named_modules(remove_duplicate=False))
+    owners = _owners(originals)
+    owned: dict[str, dict[str, tuple[str, Tensor]]] = {}  # owner's path → name in it → (key, origin)
+    for path, module in originals.items():
         own = list(module._parameters.items()) + [
             (n, b) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set
         ]
+        owner, within = owners.get(path, (path, ""))
         for name, tensor in own:
             if tensor is None:
                 continue
@@ -586,12 +590,13 @@ def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn
                     memo[id(tensor)] = UnhandledTensor(origin, key, type(module).__name__)
                 else:  # buffers may be updated in place (train-mode batch norm): never the space's
                     memo[id(tensor)] = origin.clone() if name in module._buffers else origin
-            owned.setdefault(id(module), {})[name] = (key, origin)
+            owned.setdefault(owner, {})[within + name] = (key, origin)
     clone = top = copy_module_tree(model, memo)
-    originals = dict(model.named_modules(remove_duplicate=False))
     copied = dict(clone.named_modules(remove_duplicate=False))  # before any replacement
     for path, module in copied.items():
-        tensors = owned.get(id(originals[path]), {})
+        if path in owners:  # (its tensors are its parametrized module's)
+            continue
+        tensors = owned.get(path, {})
         moving = {n: k for n, (k, o) in tensors.items() if o.is_floating_point() and not space.is_frozen(k)}
         check_supported(module, path)
         # Batch norm mixes the rows of a batch: always per point, even when frozen.
@@ -610,6 +615,20 @@ def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn
             top = rule
     fuse_activations(top)
     return top
+
+
+def _owners(modules: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:
+    """Path of each module of a parametrization (torch.nn.utils.parametrize) → (path of
+    the parametrized module, the prefix of its tensors' names there): the parametrized
+    module's rule answers for them, its forward computing its weight from each point's."""
+    owners = {}
+    for root, module in modules.items():
+        if parametrize.is_parametrized(module):
+            prefix = f"{root}.parametrizations" if root else "parametrizations"
+            for path in modules:
+                if path == prefix or path.startswith(prefix + "."):
+                    owners[path] = (root, path[len(root) + 1 if root else 0:] + ".")
+    return owners
 
 
 def fuse_activations(root: nn.Module) -> None:

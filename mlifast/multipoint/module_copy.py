@@ -17,7 +17,7 @@ import weakref
 from collections import OrderedDict
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 _ATOMS = (type(None), bool, int, float, complex, str, bytes, type)
 _SETS = (set, frozenset)
@@ -47,6 +47,14 @@ def _copy(x: Any, memo: dict[int, Any]) -> Any:
         getstate = getattr(x, "__getstate__", None)  # (object's from Python 3.11)
         state = getstate() if getstate is not None else x.__dict__
         if type(state) is dict:
+            for name, value in state.items():
+                if isinstance(value, Tensor) and not value.is_leaf and id(value) not in memo:
+                    raise TypeError(
+                        f"mlifast: {cls.__name__}.{name} is a tensor computed from the module's parameters, "
+                        "which cannot be copied (copy.deepcopy refuses it too); the deprecated "
+                        "torch.nn.utils.weight_norm and spectral_norm keep their weight so: use "
+                        "torch.nn.utils.parametrizations.weight_norm or spectral_norm instead"
+                    )
             memo.setdefault(id(memo), []).append(state)  # (as copy.deepcopy keeps its temporaries alive)
             y = memo[id(x)] = cls.__new__(cls)
             y.__setstate__({k: _copy(v, memo) for k, v in state.items()})

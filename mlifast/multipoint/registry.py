@@ -8,6 +8,7 @@ moving tensors of its own takes the generic path. Register a new layer type with
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from mlifast.multipoint import layers
 from mlifast.multipoint.attention import MultiheadAttentionRule
@@ -50,6 +51,17 @@ def register_rule(cls: type, rule: type[MultiPointRule]) -> None:
 
 
 def rule_for(module: nn.Module) -> type[MultiPointRule]:
+    """The fused rule of module's class; the generic one (which runs the module's own
+    forward and hooks) for other classes, and where the module's weights are computed
+    before use: parametrized (torch.nn.utils.parametrize) or by a hook of its own (the
+    deprecated weight_norm and spectral_norm)."""
+    rule = _class_rule(module)
+    transformed = parametrize.is_parametrized(module) or any(
+        getattr(module, hooks) for hooks in ("_forward_pre_hooks", "_forward_hooks"))
+    return GenericRule if transformed and not issubclass(rule, GenericRule) else rule
+
+
+def _class_rule(module: nn.Module) -> type[MultiPointRule]:
     for cls in type(module).__mro__:
         if cls in RULES and forward_is_inherited(module, cls):
             return RULES[cls]

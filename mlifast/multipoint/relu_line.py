@@ -127,7 +127,7 @@ class PendingLine(Pending):
     def materialize(self) -> Tensor:
         """The layer's output (through the activation where one joined), computed once."""
         if self._value is None:
-            (w, d), b = self._rule.weight_and_directions(), self._rule.origin("bias")
+            (_, d), b = self._rule.weight_and_directions(), self._rule.origin("bias")
             db = self._rule.directions.get("bias") if b is not None else None
             base, along = self._products
             y = multipoint_combine(base, along.unflatten(1, d.shape[:2]), b, db, self._coeffs.to(base.dtype),
