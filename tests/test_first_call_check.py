@@ -75,6 +75,27 @@ class Disagrees(nn.Module):
         return self.out(torch.tanh(h)) * h.shape[0]
 
 
+class GivenStates(nn.Module):
+    """An LSTM given its initial states (layers, B, H): with as many layers as examples,
+    they look like batch inputs, and repeated for every point the LSTM refuses them."""
+
+    def __init__(self, layers=2):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(3, 5, layers, batch_first=True), nn.Linear(5, 2)
+
+    def forward(self, x, h0, c0):
+        return self.head(self.lstm(x, (h0, c0))[0])
+
+
+def test_a_multi_point_run_that_raises_where_the_model_runs_falls_back():
+    a, line = line_of(GivenStates)
+    coords = torch.linspace(0, 1, 3)
+    x, h0, c0 = (torch.randn(*shape, dtype=torch.float64) for shape in ((2, 4, 3), (2, 2, 5), (2, 2, 5)))
+    out, fallback = call(mlifast.interpolate(a, line, coords), x, h0, c0)
+    assert len(fallback) == 1 and "it raised RuntimeError" in str(fallback[0].message)
+    assert_oracle(out, a, line, coords, x, h0, c0)
+
+
 class Doubles(nn.Module):
     """Writes into its input."""
 

@@ -156,8 +156,8 @@ class MultiPointModel(nn.Module):
                 warnings.warn(
                     f"mlifast: the multi-point evaluation disagrees with the model itself ({problem}); "
                     "the model does something per batch that mlifast does not follow (for example it "
-                    "transposes its batch internally, reads a tensor's size, uses hooks or "
-                    "parametrizations). Falling back to evaluating one point at a time: correct, "
+                    "transposes its batch internally, reads a tensor's size, or takes an input whose "
+                    "size happens to be the batch's). Falling back to evaluating one point at a time: correct, "
                     f"{self.num_points}× slower. Please report the model.", RuntimeWarning, stacklevel=2)
                 self.per_point_fallback = True
                 self._check_reference_follows_policy()
@@ -280,8 +280,9 @@ class MultiPointModel(nn.Module):
         outputs are computed once: one reused state, `PerPointModel.reusing_state`); on a
         disagreement, or an exception, under the next reading (`_readings`), until one
         agrees. The one that agrees is kept for later calls; None agreeing, the last
-        disagreement is returned (or the last exception raised: the model's own where it raises
-        on these inputs too).
+        disagreement is returned. Where every reading raised: the model's own exception
+        where it raises on these inputs too, mlifast's where it refuses something, else
+        that as the disagreement (the model then answers one point at a time).
 
         In groups, the groups holding the two points run first, and nothing goes to
         `consume` before they agree: the others then run and go to it (the outputs
@@ -341,7 +342,9 @@ class MultiPointModel(nn.Module):
             own = None if 0 in expected else self._own_error(args, kwargs)  # (it ran at point 0: no)
             if own is not None:
                 raise own from None  # (the model's own message, as running it alone gives)
-            raise error
+            if str(error).startswith("mlifast:"):  # (a refusal of mlifast's own, saying what to change)
+                raise error
+            return f"it raised {type(error).__name__} ({error}) where the model itself runs", None
         return problem, None
 
     def _own_error(self, args: tuple, kwargs: dict) -> Exception | None:
