@@ -277,6 +277,19 @@ def test_multihead_attention_weights_and_masks(batch_first):
         assert rel_err(out[0][i], o) < 1e-9 and rel_err(out[1][i], w) < 1e-9
 
 
+def test_sequence_first_attention_weights_when_a_length_is_a_multiple_of_the_rows():
+    # (weights (K·B, T, S), the batch not at batch_dim = 1, and S = 6 a multiple of K·B too)
+    torch.manual_seed(0)
+    a, b = (nn.MultiheadAttention(8, 2).double().eval() for _ in range(2))
+    q, kv = torch.randn(5, 2, 8, dtype=torch.float64), torch.randn(6, 2, 8, dtype=torch.float64)
+    line, coords = mlifast.Line(a, b), torch.tensor([0.0, 0.3, 1.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = mlifast.interpolate(a, line, coords, batch_dim=1)(q, kv, kv)
+    for i, (o, w) in enumerate(oracle_outputs(a, line, coords, q, kv, kv)):
+        assert rel_err(out[0][i], o) < 1e-9 and rel_err(out[1][i], w) < 1e-9
+
+
 @pytest.mark.parametrize("masks", ["none", "causal", "bool", "float", "per_head", "padding", "padding+causal"])
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_multihead_attention_without_weights_takes_the_fused_kernel(batch_first, masks, monkeypatch):

@@ -693,12 +693,12 @@ def _repeat_points(t: Tensor, k: int, dim: int) -> Tensor:
 
 
 def _split_points(t: Tensor, k: int, batch: int, dim: int, path: str, found: list) -> Tensor:
-    """(…, K·B·m, …) → (K, …, B·m, …): at `dim`, or else at the one dim whose size is a
-    multiple of K·B (e.g. attention weights, batch-first, of a sequence-first model),
-    appended to `found`."""
+    """(…, K·B·m, …) → (K, …, B·m, …): at `dim`, or else at the first dim whose size is a
+    multiple of K·B (e.g. attention weights, batch-first, of a sequence-first model; where
+    that is not the batch, the first-call check finds it), appended to `found`."""
     fits = [d for d in range(t.dim()) if t.shape[d] > 0 and t.shape[d] % (k * batch) == 0]
     if dim not in fits:
-        if len(fits) != 1:
+        if not fits:
             raise NotPerExampleOutputError(
                 f"mlifast: {path} has shape {tuple(t.shape)}, which is not one row per example "
                 f"along dim {dim} for {k} points × {batch} examples: it mixes the rows of all points "
