@@ -228,8 +228,9 @@ def test_in_place_activation_leaves_the_callers_input_alone():
         assert rel_err(out[k], e) < 1e-6
 
 
-def test_unfollowed_models_fall_back_to_one_point_at_a_time():
-    check(PromptModel, torch.randn(6, 5), expect_fallback=True)
+@pytest.mark.parametrize("factory", [PromptModel, hooked], ids=["no-batch-input", "forward-hook"])
+def test_unfollowed_models_fall_back_to_one_point_at_a_time(factory):
+    check(factory, torch.randn(6, 5 if factory is PromptModel else 4), expect_fallback=True)
 
 
 def weight_norm_linear():
@@ -241,12 +242,25 @@ def spectral_norm_conv():  # (eval mode: its power iteration's vectors stay as t
     return nn.Sequential(conv, nn.Flatten(), nn.Linear(3, 2)).eval()
 
 
-@pytest.mark.parametrize("factory", [softplus_bias, weight_norm_linear, spectral_norm_conv, hooked],
-                         ids=["softplus-bias", "weight-norm", "spectral-norm-conv", "forward-hook"])
+def parametrized_attention():  # (its rule owns its out_proj's tensors too: its forward reads them)
+    class Attends(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            parametrize.register_parametrization(self.attn, "in_proj_bias", nn.Tanh())
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+    return Attends()
+
+
+@pytest.mark.parametrize("factory", [softplus_bias, weight_norm_linear, spectral_norm_conv, parametrized_attention],
+                         ids=["softplus-bias", "weight-norm", "spectral-norm-conv", "attention"])
 def test_weights_computed_before_use_are_each_points(factory):
-    """Parametrized and hooked modules run their own forward at each point's tensors (the
+    """Parametrized modules run their own forward at each point's tensors (the
     parametrization's included): no fused rule, no fallback of the whole model."""
-    x = torch.randn(6, 4) if factory is not spectral_norm_conv else torch.randn(6, 4, 1)
+    shapes = {spectral_norm_conv: (6, 4, 1), parametrized_attention: (6, 3, 4)}
+    x = torch.randn(*shapes.get(factory, (6, 4)))
     check(factory, x, coords=(0.0, 0.4, 1.0), expect_fallback=False)
 
 
@@ -299,6 +313,16 @@ def test_tied_keys_that_differ_in_the_space_are_refused():
     end["b.weight"] += 1
     with pytest.raises(ValueError, match="'b.weight' and 'a.weight' are one tied tensor"):
         mlifast.interpolate(a, mlifast.Line(a.state_dict(), end), 2)
+
+
+def test_a_parametrized_batch_norm_is_refused():
+    def model():
+        m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+        parametrize.register_parametrization(m[1], "weight", nn.Softplus())
+        return m
+    a, b = model(), model()
+    with pytest.raises(NotImplementedError, match="batch norm '1' computes its weight"):
+        mlifast.interpolate(a, mlifast.Line(a, b), 3)
 
 
 def test_fallback_refuses_batch_norm_policies_it_cannot_follow():

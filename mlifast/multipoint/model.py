@@ -20,7 +20,7 @@ from mlifast.multipoint.module_copy import copy_module_tree
 from mlifast.multipoint.pending import PendingInputWritten, _versions, plain
 from mlifast.multipoint.point_values import PointValuesRefused
 from mlifast.multipoint.reference import PerPointModel, alias_groups, first_disagreement, rounds_float32_to_tf32
-from mlifast.multipoint.registry import check_supported, rule_for
+from mlifast.multipoint.registry import check_supported, generic_instead, rule_for
 from mlifast.multipoint.shared import SharedRows, SharedRowsWritten
 from mlifast.multipoint.trees import map_tensors, tensors_in, unreadable_holders
 from mlifast.multipoint.unhandled import UnhandledTensor
@@ -156,9 +156,10 @@ class MultiPointModel(nn.Module):
                 warnings.warn(
                     f"mlifast: the multi-point evaluation disagrees with the model itself ({problem}); "
                     "the model does something per batch that mlifast does not follow (for example it "
-                    "transposes its batch internally, reads a tensor's size, or takes an input whose "
-                    "size happens to be the batch's). Falling back to evaluating one point at a time: correct, "
-                    f"{self.num_points}× slower. Please report the model.", RuntimeWarning, stacklevel=2)
+                    "transposes its batch internally, reads a tensor's size, has a forward hook on a layer, "
+                    "or takes an input whose size happens to be the batch's). Falling back to evaluating "
+                    f"one point at a time: correct, {self.num_points}× slower. Please report the model.",
+                    RuntimeWarning, stacklevel=2)
                 self.per_point_fallback = True
                 self._check_reference_follows_policy()
                 return self._from_reference(args, kwargs)
@@ -621,16 +622,24 @@ def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn
 
 
 def _owners(modules: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:
-    """Path of each module of a parametrization (torch.nn.utils.parametrize) → (path of
-    the parametrized module, the prefix of its tensors' names there): the parametrized
-    module's rule answers for them, its forward computing its weight from each point's."""
-    owners = {}
+    """Path of each module whose tensors another module's rule answers for → (that
+    module's path, the prefix of the tensors' names there): a parametrized module's rule
+    owns its parametrizations' tensors (its forward computes its weight from each point's),
+    and a module of a fused class that takes the generic rule (`registry.generic_instead`)
+    its whole subtree (MultiheadAttention reads its out_proj's weight itself). The
+    outermost owner wins."""
+    owners: dict[str, tuple[str, str]] = {}
     for root, module in modules.items():
-        if parametrize.is_parametrized(module):
-            prefix = f"{root}.parametrizations" if root else "parametrizations"
-            for path in modules:
-                if path == prefix or path.startswith(prefix + "."):
-                    owners[path] = (root, path[len(root) + 1 if root else 0:] + ".")
+        if generic_instead(module):
+            within = root
+        elif parametrize.is_parametrized(module):
+            within = f"{root}.parametrizations" if root else "parametrizations"
+        else:
+            continue
+        for path in modules:
+            inside = path.startswith(within + ".") if within else path != ""
+            if path != root and (path == within or inside):
+                owners.setdefault(path, (root, path[len(root) + 1 if root else 0:] + "."))
     return owners
 
 

@@ -7,7 +7,8 @@ moving tensors of its own takes the generic path. Register a new layer type with
 """
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from mlifast.multipoint import layers
@@ -51,14 +52,24 @@ def register_rule(cls: type, rule: type[MultiPointRule]) -> None:
 
 
 def rule_for(module: nn.Module) -> type[MultiPointRule]:
-    """The fused rule of module's class; the generic one (which runs the module's own
-    forward and hooks) for other classes, and where the module's weights are computed
-    before use: parametrized (torch.nn.utils.parametrize) or by a hook of its own (the
-    deprecated weight_norm and spectral_norm)."""
-    rule = _class_rule(module)
-    transformed = parametrize.is_parametrized(module) or any(
-        getattr(module, hooks) for hooks in ("_forward_pre_hooks", "_forward_hooks"))
-    return GenericRule if transformed and not issubclass(rule, GenericRule) else rule
+    """The fused rule of module's class, else the generic one (which runs the module's
+    own forward)."""
+    return GenericRule if generic_instead(module) else _class_rule(module)
+
+
+def generic_instead(module: nn.Module) -> bool:
+    """Whether a module of a fused class takes the generic rule: its weights computed
+    before use, out of the fused rule's sight (`computes_its_weights`). Batch norm keeps
+    its rule (check_supported refuses it so), the only one that follows the bn policies."""
+    return (computes_its_weights(module) and not isinstance(module, _BatchNorm)
+            and not issubclass(_class_rule(module), GenericRule))
+
+
+def computes_its_weights(module: nn.Module) -> bool:
+    """Parametrized (torch.nn.utils.parametrize: weight and spectral norm, a softplus of a
+    raw scale), or holding a tensor attribute of its own that a hook sets (the deprecated
+    weight_norm and spectral_norm)."""
+    return parametrize.is_parametrized(module) or any(isinstance(v, Tensor) for v in vars(module).values())
 
 
 def _class_rule(module: nn.Module) -> type[MultiPointRule]:
@@ -73,6 +84,12 @@ def _class_rule(module: nn.Module) -> type[MultiPointRule]:
 
 def check_supported(module: nn.Module, path: str) -> None:
     """Refuse configurations a rule cannot reproduce, before anything runs."""
+    if isinstance(module, _BatchNorm) and computes_its_weights(module):
+        raise NotImplementedError(
+            f"mlifast: batch norm '{path}' computes its weight or bias before use (a parametrization, or "
+            "the deprecated weight_norm), which mlifast's batch-norm rule cannot follow; remove it to "
+            "interpolate this model"
+        )
     if isinstance(module, nn.Embedding) and module.max_norm is not None:
         raise NotImplementedError(
             f"mlifast: Embedding '{path}' has max_norm, which rewrites its weight during "
