@@ -133,6 +133,25 @@ def test_parameter_read_outside_its_module_raises_naming_it(through_data):
         fast(torch.randn(2, 4))
 
 
+def test_new_tensors_made_like_a_parameter_are_fine():
+    class InitialState(nn.Module):  # the word language model's init_hidden idiom
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            weight = next(self.parameters())
+            h0 = weight.data.new(1, x.shape[0], 4).zero_() + weight.new_zeros(()) + torch.zeros_like(weight)[0, 0]
+            return self.head(self.rnn(x, h0)[0])
+
+    torch.manual_seed(0)
+    a, b = InitialState().double(), InitialState().double()
+    line, coords, x = mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), torch.randn(2, 5, 3, dtype=torch.float64)
+    out = mlifast.interpolate(a, line, coords)(x)
+    for k, e in enumerate(oracle_outputs(a, line, coords, x)):
+        assert rel_err(out[k], e) < 1e-9, k
+
+
 def test_parameter_read_outside_is_fine_when_frozen():
     torch.manual_seed(0)
     a = ReadsChildWeight()

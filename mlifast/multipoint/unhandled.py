@@ -19,6 +19,11 @@ _METADATA = {
     Tensor.__len__, Tensor.__hash__, Tensor.__repr__, Tensor.__format__, Tensor.__bool__,
     Tensor.requires_grad_, Tensor.__reduce_ex__, Tensor.__deepcopy__, Tensor.data_ptr,
     Tensor.untyped_storage, Tensor.is_contiguous, Tensor.stride, Tensor.element_size,
+    # New tensors that read only the shape, dtype and device (`p.new_zeros(…)`,
+    # `next(self.parameters()).data.new(…).zero_()` making an RNN's initial state):
+    Tensor.new, Tensor.new_zeros, Tensor.new_ones, Tensor.new_empty, Tensor.new_full, Tensor.new_tensor,
+    torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,
+    torch.randint_like,
 }
 _METADATA_PROPERTIES = {
     "shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "is_meta", "layout",
