@@ -127,6 +127,7 @@ def test_metrics_named_by_a_dict_and_clashing_names_refused():
     torch.testing.assert_close(res["errors"], 1 - res["acc"], rtol=0, atol=1e-15)
     assert list(mlifast.evaluate(a, line, data, coords=2, metrics="accuracy", progress=False).keys()) == [
         "loss", "accuracy"]
+    assert list(mlifast.evaluate(a, line, data, coords=2, metrics=None, progress=False).keys()) == ["loss"]
 
     def loss(out, y):
         return errors(out, y)

@@ -96,6 +96,60 @@ def test_a_multi_point_run_that_raises_where_the_model_runs_falls_back():
     assert_oracle(out, a, line, coords, x, h0, c0)
 
 
+def test_numbers_and_lists_in_the_arguments_do_not_make_new_checks(state_builds):
+    class Lengths(nn.Module):  # (per-batch values: sequence lengths, a step)
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x, lengths, step):
+            return self.fc(x) * step + len(lengths)
+
+    a, line = line_of(Lengths)
+    fast = mlifast.interpolate(a, line, 3)
+    x = torch.randn(4, 4, dtype=torch.float64)
+    for batch in range(3):
+        call(fast, x, [batch] * 4, 0.5 + batch)
+    assert len(state_builds) == 2  # (the first call's check, at its two points)
+
+
+def test_running_out_of_memory_is_raised_not_taken_for_a_disagreement():
+    class Large(nn.Module):  # (as a GPU would fail on K·B rows)
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            y = self.fc(x)
+            if y.shape[0] > 8:
+                raise MemoryError("out of memory on 24 rows")
+            return y
+
+    a, line = line_of(Large)
+    fast = mlifast.interpolate(a, line, 6)
+    with pytest.raises(MemoryError):
+        fast(torch.randn(4, 3, dtype=torch.float64))
+    assert not fast.per_point_fallback
+
+
+def test_an_output_with_two_dims_that_could_hold_the_batch_needs_the_check():
+    class BatchLast(nn.Module):  # (2, 12, B): with K·B = 12 the middle dim fits too
+        def __init__(self):
+            super().__init__()
+            self.fc, self.drop = nn.Linear(3, 24), nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.drop(self.fc(x)).reshape(-1, 2, 12).permute(1, 2, 0)
+
+    a, line = line_of(BatchLast)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    out, _ = call(mlifast.interpolate(a, line, 3), x)  # eval mode: checked, the batch found at its last dim
+    assert out.shape == (3, 2, 12, 4)
+    assert_oracle(out, a, line, torch.linspace(0, 1, 3), x)
+    with pytest.raises(mlifast.NotPerExampleOutputError, match=r"dims \[1, 2\] could each hold"):
+        mlifast.interpolate(a.train(), line, 3)(x)  # active dropout: no check can tell
+
+
 class Doubles(nn.Module):
     """Writes into its input."""
 

@@ -63,6 +63,21 @@ def test_runs_made_with_other_settings_are_refused_not_resumed(tmp_path):
         assert (tmp_path / "config.json").read_text() == config_file
 
 
+def test_runs_of_earlier_versions_resume_by_their_folder_settings(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    combos = [(d, o, bn, lr) for d in CONFIG.datasets for o in CONFIG.optimizers for bn in CONFIG.batch_norm
+              for lr in CONFIG.lrs]
+    for combo in combos:  # (records without "settings")
+        (runs / f"{reproduce.run_id(*combo)}.json").write_text(json.dumps({"id": reproduce.run_id(*combo)}))
+    with pytest.raises(ValueError, match="made with other settings"):  # (nothing says how they were made)
+        run_grid(CONFIG, tmp_path, progress=False)
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(CONFIG)))
+    assert len(run_grid(CONFIG, tmp_path, progress=False)) == len(combos)
+    with pytest.raises(ValueError, match="alphas=6 there, 7 now"):
+        run_grid(dataclasses.replace(CONFIG, alphas=7), tmp_path, progress=False)
+
+
 def test_report_files(tmp_path):
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "none").glob("*.json"))]
     write_report(records, CONFIG, tmp_path)

@@ -22,9 +22,11 @@ BUILTIN_METRICS: dict[str, Metric] = {"accuracy": accuracy}
 
 
 def resolve_metrics(metrics) -> dict[str, Metric]:
-    """Name → metric for evaluate's `metrics`: a name or callable, a sequence of them, or
-    a dict naming each callable (the way to name lambdas). Callables are keyed by their
+    """Name → metric for evaluate's `metrics`: None, a name or callable, a sequence of them,
+    or a dict naming each callable (the way to name lambdas). Callables are keyed by their
     __name__; a clash of names, or a metric named "loss", is refused."""
+    if metrics is None:
+        return {}
     if isinstance(metrics, str) or callable(metrics):
         metrics = (metrics,)
     named = metrics.items() if isinstance(metrics, dict) else ((None, m) for m in metrics)
@@ -38,6 +40,8 @@ def resolve_metrics(metrics) -> dict[str, Metric]:
             raise TypeError(f"mlifast: a metric is a name or a callable f(output, target) -> per-example values, got {m!r}")
         elif name is None:
             name = getattr(m, "__name__", f"metric{len(resolved)}")
+        if not isinstance(name, str):
+            raise TypeError(f"mlifast: metrics are named by strings (the results' keys), got {name!r}")
         if name == "loss" or name in resolved:
             raise ValueError(
                 f"mlifast: two results would be named {name!r} (" + ("the loss is \"loss\"" if name == "loss" else

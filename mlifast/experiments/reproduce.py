@@ -63,10 +63,12 @@ def run_settings(config: GridConfig) -> dict:
     return json.loads(json.dumps({name: getattr(config, name) for name in RUN_SETTINGS}))
 
 
-def read_run(path: Path, config: GridConfig) -> dict:
-    """The finished run at `path`, refused if it was made with other settings than config's."""
+def read_run(path: Path, config: GridConfig, folder_settings: Optional[dict] = None) -> dict:
+    """The finished run at `path`, refused if it was made with other settings than config's
+    (a record that does not say, from earlier versions: `folder_settings`, those of the
+    folder's config.json)."""
     record = json.loads(path.read_text())
-    settings, made_with = run_settings(config), record.get("settings")
+    settings, made_with = run_settings(config), record.get("settings", folder_settings)
     if made_with != settings:
         differ = ", ".join(f"{k}={(made_with or {}).get(k, '?')!r} there, {v!r} now" for k, v in settings.items()
                            if (made_with or {}).get(k, "?") != v)
@@ -81,9 +83,12 @@ def run_grid(config: GridConfig, out: Path, progress: bool = True) -> list[dict]
     runs_dir.mkdir(parents=True, exist_ok=True)
     combos = [(d, o, bn, lr) for d in config.datasets for o in config.optimizers for bn in config.batch_norm
               for lr in config.lrs]
-    finished = {combo: read_run(runs_dir / f"{run_id(*combo)}.json", config) for combo in combos
+    config_file = Path(out) / "config.json"
+    folder_settings = ({name: value for name, value in json.loads(config_file.read_text()).items()
+                        if name in RUN_SETTINGS} if config_file.exists() else None)
+    finished = {combo: read_run(runs_dir / f"{run_id(*combo)}.json", config, folder_settings) for combo in combos
                 if (runs_dir / f"{run_id(*combo)}.json").exists()}  # (refused before anything is written)
-    write_json_atomically(Path(out) / "config.json", asdict(config))
+    write_json_atomically(config_file, asdict(config))
     records, data_cache = [], {}
     with tqdm(combos, disable=not progress, desc="reproduce mlp", unit="run") as bar:
         for combo in bar:

@@ -1,6 +1,7 @@
 """`interpolate()`: any nn.Module → one module that answers for K points of a space."""
 from __future__ import annotations
 
+import enum
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager
@@ -90,7 +91,7 @@ class MultiPointModel(nn.Module):
         self.output_batch_dims: tuple[int, ...] = ()
         self._checked: set = set()
         self._unchecked = False  # see unchecked()
-        self._told_unreadable = False  # see _tell_unreadable()
+        self._outputs_read = False  # whether _tell_unreadable looked at them
         # Try 1-d indices the same for every example before reading them as rows (a hint,
         # e.g. from an earlier evaluate call of the same model: it orders the attempts only).
         self.indices_shared_first = False
@@ -206,27 +207,29 @@ class MultiPointModel(nn.Module):
 
     def _split(self, out: Any, batch: int) -> Any:
         k, dim, found = self.context.num_active, self.batch_dim, []
-        split = map_tensors(lambda t, path: _split_points(t, k, batch, dim, path, found), out, "output")
+        checked = self.reference.deterministic  # (a guess of where the batch is gets checked)
+        split = map_tensors(lambda t, path: _split_points(t, k, batch, dim, path, found, checked), out, "output")
         self.output_batch_dims = tuple(found)
-        if not self._told_unreadable:
+        if not self._outputs_read:
+            self._outputs_read = True
             self._tell_unreadable(out, bool(found))
         return split
 
     def _tell_unreadable(self, out: Any, readable: bool) -> None:
         """Tensors held in objects out of the tree walk's reach (trees.unreadable_holders)
         cannot be split per point nor checked: refused when they are all the output holds,
-        else a warning, once."""
+        else a warning (looked for in the first outputs only)."""
         holders = unreadable_holders(out, "output")
         if not holders:
             return
         where = ", ".join(holders[:3]) + (" and more" if len(holders) > 3 else "")
         if not readable:
+            self._outputs_read = False
             raise TypeError(
                 f"mlifast: the model returns its tensors inside {where}, which mlifast cannot read: it "
                 "could neither give them a leading K nor check them against the model. Return tensors "
                 "in tuples, lists, dicts or dataclasses."
             )
-        self._told_unreadable = True
         warnings.warn(
             f"mlifast: tensors inside {where} cannot be read by mlifast. They are returned as computed for "
             "all points at once (their batch is K·B rows, point-major) and are not checked against the model; "
@@ -343,7 +346,7 @@ class MultiPointModel(nn.Module):
             own = None if 0 in expected else self._own_error(args, kwargs)  # (it ran at point 0: no)
             if own is not None:
                 raise own from None  # (the model's own message, as running it alone gives)
-            if str(error).startswith("mlifast:"):  # (a refusal of mlifast's own, saying what to change)
+            if str(error).startswith("mlifast:") or _out_of_memory(error):  # (mlifast's own refusal, or no room)
                 raise error
             return f"it raised {type(error).__name__} ({error}) where the model itself runs", None
         return problem, None
@@ -668,19 +671,23 @@ def fuse_activations(root: nn.Module) -> None:
 
 def _call_signature(tree: Any) -> Any:
     """What the first-call check is made once for: the arguments' structure with each
-    tensor's shape and dtype and every other value itself (a flag may choose a path that
-    depends on the batch); an unhashable object by its identity."""
+    tensor's shape and dtype and each flag (bool, None, str, enum member) itself — a flag
+    may choose a path that depends on the batch. Other values count by their type only:
+    numbers and objects may change every batch (a step, sequence lengths)."""
     if isinstance(tree, Tensor):
         return tuple(tree.shape), tree.dtype
     if isinstance(tree, (tuple, list)):
         return type(tree), tuple(_call_signature(v) for v in tree)
     if isinstance(tree, dict):
         return type(tree), tuple((key, _call_signature(v)) for key, v in tree.items())
-    try:
-        hash(tree)
-    except TypeError:
-        return type(tree), id(tree)
-    return type(tree), tree
+    if tree is None or isinstance(tree, (bool, str, enum.Enum)):
+        return type(tree), tree
+    return type(tree)
+
+
+def _out_of_memory(error: Exception) -> bool:
+    out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(error, (MemoryError, out_of_memory)) or "can't allocate memory" in str(error)
 
 
 def _batch_size(args: tuple, kwargs: dict, dim: int) -> int:
@@ -701,10 +708,11 @@ def _repeat_points(t: Tensor, k: int, dim: int) -> Tensor:
     return t.unsqueeze(dim).expand(shape).flatten(dim, dim + 1)
 
 
-def _split_points(t: Tensor, k: int, batch: int, dim: int, path: str, found: list) -> Tensor:
+def _split_points(t: Tensor, k: int, batch: int, dim: int, path: str, found: list, checked: bool) -> Tensor:
     """(…, K·B·m, …) → (K, …, B·m, …): at `dim`, or else at the first dim whose size is a
-    multiple of K·B (e.g. attention weights, batch-first, of a sequence-first model; where
-    that is not the batch, the first-call check finds it), appended to `found`."""
+    multiple of K·B (e.g. attention weights, batch-first, of a sequence-first model), where
+    the first-call check can tell a wrong one (`checked`, else it must be the only one),
+    appended to `found`."""
     fits = [d for d in range(t.dim()) if t.shape[d] > 0 and t.shape[d] % (k * batch) == 0]
     if dim not in fits:
         if not fits:
@@ -713,6 +721,12 @@ def _split_points(t: Tensor, k: int, batch: int, dim: int, path: str, found: lis
                 f"along dim {dim} for {k} points × {batch} examples: it mixes the rows of all points "
                 "(for example a loss computed inside forward, as Hugging Face models do when given "
                 "labels=). Return per-example outputs and compute the loss outside (mlifast.evaluate does)."
+            )
+        if len(fits) > 1 and not checked:
+            raise NotPerExampleOutputError(
+                f"mlifast: {path} has shape {tuple(t.shape)}: dims {fits} could each hold the rows of "
+                f"{k} points × {batch} examples, and with dropout active no check against the model can "
+                f"tell which; evaluate the model in eval mode, or return the output with its batch at dim {dim}"
             )
         dim = fits[0]
     found.append(dim)

@@ -50,10 +50,10 @@ def _copy(x: Any, memo: dict[int, Any]) -> Any:
             for name, value in state.items():
                 if isinstance(value, Tensor) and not value.is_leaf and id(value) not in memo:
                     raise TypeError(
-                        f"mlifast: {cls.__name__}.{name} is a tensor computed from the module's parameters, "
-                        "which cannot be copied (copy.deepcopy refuses it too); the deprecated "
-                        "torch.nn.utils.weight_norm and spectral_norm keep their weight so: use "
-                        "torch.nn.utils.parametrizations.weight_norm or spectral_norm instead"
+                        f"mlifast: {cls.__name__}.{name} is a tensor computed with autograd, which cannot be "
+                        "copied (copy.deepcopy refuses it too). The deprecated torch.nn.utils.weight_norm and "
+                        "spectral_norm keep their weight so: use torch.nn.utils.parametrizations.weight_norm or "
+                        "spectral_norm instead. A kept activation: detach it, or delete the attribute."
                     )
             memo.setdefault(id(memo), []).append(state)  # (as copy.deepcopy keeps its temporaries alive)
             y = memo[id(x)] = cls.__new__(cls)

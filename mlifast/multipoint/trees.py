@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from itertools import islice
 from typing import Any, Callable, Iterator
 
 from torch import Tensor
@@ -19,8 +20,8 @@ def tensors_in(tree: Any) -> Iterator[Tensor]:
         for v in tree.values():
             yield from tensors_in(v)
     elif _is_dataclass(tree):
-        for f in dataclasses.fields(tree):
-            yield from tensors_in(getattr(tree, f.name))
+        for name in _set_fields(tree):
+            yield from tensors_in(getattr(tree, name))
 
 
 def unreadable_holders(tree: Any, path: str = "") -> list[str]:
@@ -31,27 +32,34 @@ def unreadable_holders(tree: Any, path: str = "") -> list[str]:
     if isinstance(tree, dict):
         return [p for key, v in tree.items() for p in unreadable_holders(v, f"{path}[{key!r}]")]
     if _is_dataclass(tree):
-        return [p for f in dataclasses.fields(tree) for p in unreadable_holders(getattr(tree, f.name), f"{path}.{f.name}")]
+        return [p for name in _set_fields(tree) for p in unreadable_holders(getattr(tree, name), f"{path}.{name}")]
     return [f"{path} ({type(tree).__name__})"] if not isinstance(tree, Tensor) and _holds_tensors(tree) else []
 
 
-def _holds_tensors(obj: Any, depth: int = 3) -> bool:
-    """Whether a tensor is among obj's attributes or their items, `depth` levels down."""
+def _holds_tensors(obj: Any, depth: int = 3, items: int = 16) -> bool:
+    """Whether a tensor is among obj's attributes or the first `items` items of its
+    containers, `depth` levels down."""
     if isinstance(obj, Tensor):
         return True
     if depth == 0 or isinstance(obj, (str, bytes, type)):
         return False
     if isinstance(obj, dict):
-        items = obj.values()
+        values = obj.values()
     elif isinstance(obj, (tuple, list, set, frozenset)):
-        items = obj
+        values = obj
     else:
-        items = getattr(obj, "__dict__", {}).values()
-    return any(_holds_tensors(v, depth - 1) for v in items)
+        values = getattr(obj, "__dict__", {}).values()
+    return any(_holds_tensors(v, depth - 1, items) for v in islice(values, items))
 
 
 def _is_dataclass(node: Any) -> bool:
     return dataclasses.is_dataclass(node) and not isinstance(node, type)
+
+
+def _set_fields(node: Any) -> list[str]:
+    """The names of a dataclass instance's fields that hold a value (an init=False field
+    may never have been set)."""
+    return [f.name for f in dataclasses.fields(node) if hasattr(node, f.name)]
 
 
 def map_tensors(fn: Callable[[Tensor, str], Any], tree: Any, name: str = "") -> Any:
@@ -80,7 +88,7 @@ def _mapped(fn: Callable[[Tensor, str], Any], node: Any, path: str) -> Any:
             return type(node)(mapped)
     if _is_dataclass(node):
         mapped = copy.copy(node)
-        for f in dataclasses.fields(node):
-            object.__setattr__(mapped, f.name, _mapped(fn, getattr(node, f.name), f"{path}.{f.name}"))
+        for name in _set_fields(node):
+            object.__setattr__(mapped, name, _mapped(fn, getattr(node, name), f"{path}.{name}"))
         return mapped
     return node
