@@ -34,10 +34,12 @@ def resolve_metrics(metrics) -> dict[str, Metric]:
     for name, m in named:
         if isinstance(m, str):
             if m not in BUILTIN_METRICS:
-                raise ValueError(f"mlifast: unknown metric {m!r}; built in: {sorted(BUILTIN_METRICS)}, or pass a callable")
+                raise ValueError(
+                    f"mlifast: unknown metric {m!r}; built in: {sorted(BUILTIN_METRICS)}, or pass a callable")
             name, m = m if name is None else name, BUILTIN_METRICS[m]
         elif not callable(m):
-            raise TypeError(f"mlifast: a metric is a name or a callable f(output, target) -> per-example values, got {m!r}")
+            raise TypeError(
+                f"mlifast: a metric is a name or a callable f(output, target) -> per-example values, got {m!r}")
         elif name is None:
             name = getattr(m, "__name__", f"metric{len(resolved)}")
         if not isinstance(name, str):

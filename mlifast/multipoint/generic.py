@@ -124,6 +124,7 @@ def _concat(outputs: list, dim_of, position: tuple) -> Any:
     if dataclasses.is_dataclass(first) and not isinstance(first, type):
         joined = copy.copy(first)
         for f in dataclasses.fields(first):
-            object.__setattr__(joined, f.name, _concat([getattr(o, f.name) for o in outputs], dim_of, position + (f.name,)))
+            values = [getattr(o, f.name) for o in outputs]
+            object.__setattr__(joined, f.name, _concat(values, dim_of, position + (f.name,)))
         return joined
     return first
