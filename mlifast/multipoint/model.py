@@ -10,7 +10,6 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
@@ -21,7 +20,7 @@ from mlifast.multipoint.module_copy import copy_module_tree
 from mlifast.multipoint.pending import PendingInputWritten, _versions, plain
 from mlifast.multipoint.point_values import PointValuesRefused
 from mlifast.multipoint.reference import PerPointModel, alias_groups, first_disagreement, rounds_float32_to_tf32
-from mlifast.multipoint.registry import check_supported, generic_instead, rule_for
+from mlifast.multipoint.registry import check_supported, generic_instead, is_parametrized, rule_for
 from mlifast.multipoint.shared import SharedRows, SharedRowsWritten
 from mlifast.multipoint.trees import map_tensors, tensors_in, unreadable_holders
 from mlifast.multipoint.unhandled import UnhandledTensor
@@ -633,9 +632,11 @@ def _owners(modules: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:
     outermost owner wins."""
     owners: dict[str, tuple[str, str]] = {}
     for root, module in modules.items():
+        if not (module._parameters or "parametrizations" in module._modules):
+            continue  # (neither: the common case, at a glance)
         if generic_instead(module):
             within = root
-        elif parametrize.is_parametrized(module):
+        elif is_parametrized(module):
             within = f"{root}.parametrizations" if root else "parametrizations"
         else:
             continue
