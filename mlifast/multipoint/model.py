@@ -600,7 +600,7 @@ def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn
     clone = top = copy_module_tree(model, memo)
     copied = dict(clone.named_modules(remove_duplicate=False))  # before any replacement
     for path, module in copied.items():
-        if path in owners:  # (its tensors are its parametrized module's)
+        if path in owners:  # (another module's rule answers for its tensors: _owners)
             continue
         tensors = owned.get(path, {})
         moving = {n: k for n, (k, o) in tensors.items() if o.is_floating_point() and not space.is_frozen(k)}
