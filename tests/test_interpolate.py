@@ -133,6 +133,42 @@ def test_parameter_read_outside_its_module_raises_naming_it(through_data):
         fast(torch.randn(2, 4))
 
 
+class GRUHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0])
+
+
+def conv_bn_head():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 25, 3)).eval()
+
+
+@pytest.mark.parametrize("factory, shape", [(mlp, (4, 3, 4)), (conv_bn_head, (2, 3, 5, 5)), (GRUHead, (2, 5, 3))],
+                         ids=["mlp", "conv-bn", "gru"])
+def test_forward_mode_and_torch_func_derivatives_match_the_oracle(factory, shape):
+    # (the compiled ops have reverse-mode derivatives at most: a forward tangent through them was lost)
+    torch.manual_seed(0)
+    a, b = factory().double().eval(), factory().double().eval()
+    line, coords = mlifast.Line(a, b), torch.tensor([0.0, 0.3, 1.0])
+    x, t = torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)
+    fast = mlifast.interpolate(a, line, coords)
+    fast(x)  # (an ordinary call first)
+
+    def oracle(u):
+        return torch.stack(oracle_outputs(a, line, coords, u))
+    _, tangent = torch.func.jvp(fast, (x,), (t,))
+    assert rel_err(tangent, torch.func.jvp(oracle, (x,), (t,))[1]) < 1e-12
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.unpack_dual(fast(torch.autograd.forward_ad.make_dual(x, t))).tangent
+    assert dual is not None and rel_err(dual, tangent) < 1e-12
+    grad = torch.func.grad(lambda u: fast(u).sin().sum())(x)
+    assert rel_err(grad, torch.func.grad(lambda u: oracle(u).sin().sum())(x)) < 1e-12
+
+
 def test_new_tensors_made_like_a_parameter_are_fine():
     class InitialState(nn.Module):  # the word language model's init_hidden idiom
         def __init__(self):

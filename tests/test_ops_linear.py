@@ -175,6 +175,19 @@ def test_gradcheck(shared, bias):
     assert torch.autograd.gradcheck(lambda *a: torch.ops.mlifast.multipoint_linear(*a), args)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_forward_mode_derivatives(shared):
+    # (the compiled op has reverse-mode derivatives only: under a forward tangent the face takes the reference)
+    x, w, b, d, db, c = make_args(3, 4, 5, 3, 2, shared, "moving", torch.float64)
+    tangents = tuple(torch.randn_like(t) for t in (x, w, d, c))
+
+    def through(op):
+        return lambda x, w, d, c: op(x, w, b, d, db, c)
+    _, got = torch.func.jvp(through(multipoint_linear), (x, w, d, c), tangents)
+    _, want = torch.func.jvp(through(per_point_loop), (x, w, d, c), tangents)
+    assert rel_err(got, want) < 1e-12
+
+
 def test_torch_compile_matches_eager():
     args = make_args(4, 5, 6, 3, 1, False, "moving", torch.float32)
     compiled = torch.compile(lambda *a: torch.ops.mlifast.multipoint_linear(*a) * 2, fullgraph=True)

@@ -24,6 +24,7 @@ from mlifast.multipoint.registry import check_supported, generic_instead, is_par
 from mlifast.multipoint.shared import SharedRows, SharedRowsWritten
 from mlifast.multipoint.trees import map_tensors, tensors_in, unreadable_holders
 from mlifast.multipoint.unhandled import UnhandledTensor
+from mlifast.ops._checks import transformed
 from mlifast.spaces import Span
 
 # Devices whose image batches travel channels-last once a first-call check found that the
@@ -129,7 +130,14 @@ class MultiPointModel(nn.Module):
             self._consume = saved
 
     def forward(self, *args, **kwargs):
-        out = self._outputs(args, kwargs)
+        context, saved = self.context, self.context.forward_mode
+        # Under forward-mode AD or a torch.func transform every rule takes its pure-PyTorch
+        # form: the compiled ops would drop a forward tangent.
+        context.forward_mode = saved or transformed(*tensors_in((args, kwargs)))
+        try:
+            out = self._outputs(args, kwargs)
+        finally:
+            context.forward_mode = saved
         if self._consume is None or out is None:
             return out
         self._consume(0, out)
@@ -501,8 +509,9 @@ class MultiPointModel(nn.Module):
             if not _carries_batch(t, batch, dim):
                 return t
             # A copy either way: in-place operations of the model never reach the caller's tensor.
-            # (SharedRows is a new leaf: an input that needs gradients is repeated instead.)
-            if share_rows and not (t.requires_grad and torch.is_grad_enabled()):
+            # (SharedRows is a new leaf: an input that needs gradients, or carries a forward
+            # tangent, is repeated instead.)
+            if share_rows and not (t.requires_grad and torch.is_grad_enabled()) and not self.context.forward_mode:
                 return SharedRows(t if copied else self._copy(t), k, self.context)
             if k == 1:
                 return self._copy(t)

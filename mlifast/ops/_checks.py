@@ -41,9 +41,15 @@ def carries_derivatives(*tensors: Tensor | None) -> bool:
     """Whether any tensor takes part in a derivative: one that requires grad under grad
     mode, a forward-mode dual tensor, or a torch.func transform's wrapper (jvp, grad,
     vmap)."""
+    return any(t is not None and t.requires_grad and torch.is_grad_enabled() for t in tensors) or transformed(*tensors)
+
+
+def transformed(*tensors: Tensor | None) -> bool:
+    """Whether any tensor is a forward-mode dual tensor or a torch.func transform's
+    wrapper: where only an op's pure-PyTorch form is right (the compiled ops register
+    reverse-mode derivatives at most, and a forward tangent through them is lost)."""
     dual = forward_ad._current_level >= 0  # (inside a dual_level: unpacking costs microseconds a call)
-    return any(t is not None and ((t.requires_grad and torch.is_grad_enabled())
-                                  or torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return any(t is not None and (torch._C._functorch.is_functorch_wrapped_tensor(t)
                                   or (dual and forward_ad.unpack_dual(t).tangent is not None)) for t in tensors)
 
 

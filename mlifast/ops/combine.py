@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from mlifast._extension import register_op
-from mlifast.ops._checks import check_matching, check_tensors, describe
+from mlifast.ops._checks import check_matching, check_tensors, describe, transformed
 
 SCHEMA = (
     "multipoint_combine(Tensor base, Tensor along, Tensor? bias, Tensor? bias_dirs, Tensor coeffs, "
@@ -135,4 +135,6 @@ def multipoint_combine(
         multipoint_linear(x, W, b, D, db, c) for base = x·Wᵀ, along[:, j] = x·D_jᵀ.
     """
     check_multipoint_combine_args(base, along, bias, bias_dirs, coeffs)
+    if transformed(base, along, bias, bias_dirs, coeffs):  # (jvp, jacfwd, forward_ad, torch.func)
+        return multipoint_combine_reference(base, along, bias, bias_dirs, coeffs, relu)
     return torch.ops.mlifast.multipoint_combine(base, along, bias, bias_dirs, coeffs, relu)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from mlifast._extension import register_op
-from mlifast.ops._checks import check_matching, check_tensors, describe
+from mlifast.ops._checks import check_matching, check_tensors, describe, transformed
 
 SCHEMA = (
     "multipoint_linear(Tensor input, Tensor weight, Tensor? bias, Tensor weight_dirs, "
@@ -177,4 +177,6 @@ def multipoint_linear(
         (K, R, O): y[k] = input_k · (W + Σ_j c_kj D_j)ᵀ + b + Σ_j c_kj db_j.
     """
     check_multipoint_linear_args(input, weight, bias, weight_dirs, bias_dirs, coeffs)
+    if transformed(input, weight, bias, weight_dirs, bias_dirs, coeffs):  # (jvp, jacfwd, forward_ad, torch.func)
+        return multipoint_linear_reference(input, weight, bias, weight_dirs, bias_dirs, coeffs, relu)
     return torch.ops.mlifast.multipoint_linear(input, weight, bias, weight_dirs, bias_dirs, coeffs, relu)
