@@ -29,6 +29,29 @@ def test_half_circle_has_gauss_length_pi():
     assert abs(gauss_length(Arc(0.0), line, [(x, x)], alphas=200) - math.pi) < 1e-4
 
 
+def test_the_alpha_grid_may_come_in_any_order():
+    x = torch.rand(20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    line = mlifast.Line(Arc(0.0), Arc(math.pi))
+    grid = torch.linspace(0, 1, 200, dtype=torch.float64)
+    shuffled = grid[torch.randperm(200, generator=torch.Generator().manual_seed(1))]
+    for alphas in (grid.flip(0), shuffled):
+        assert abs(gauss_length(Arc(0.0), line, [(x, x)], alphas=alphas) - math.pi) < 1e-4
+
+
+def test_an_output_at_rest_adds_no_length():
+    class Scaled(nn.Module):  # z = x·[sin θ, cos θ]: at rest for x = 0, an arc of angle π otherwise
+        def __init__(self, theta):
+            super().__init__()
+            self.theta = nn.Parameter(torch.tensor(float(theta), dtype=torch.float64))
+
+        def forward(self, x):
+            return x[:, None] * torch.stack([torch.sin(self.theta), torch.cos(self.theta)])
+
+    line = mlifast.Line(Scaled(0.0), Scaled(math.pi))
+    x = torch.tensor([1.0, 0.0, 2.0, 0.5], dtype=torch.float64)
+    assert abs(gauss_length(Scaled(0.0), line, [(x, x)], alphas=200) - 3 * math.pi / 4) < 1e-4
+
+
 def test_straight_output_paths_have_zero_length_and_linearity():
     torch.manual_seed(0)
     a, b = nn.Linear(3, 4).double(), nn.Linear(3, 4).double()

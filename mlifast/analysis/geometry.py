@@ -27,7 +27,8 @@ def gauss_length(model: nn.Module, line: Span, data: Iterable, alphas: Any = 50,
     the length of the curve traced by the unit tangent (radians; a half circle gives π,
     a straight path 0). dT/dα = (I − T Tᵀ) z̈ / ‖ż‖ with ż, z̈ from nested forward-mode
     derivatives; the integral is the trapezoid rule on the α grid (default 50 points on
-    [0, 1]). Outputs are flattened per example (logits, reconstructions).
+    [0, 1]; any order, taken in increasing α). Outputs are flattened per example (logits,
+    reconstructions); an example whose output is at rest at an α adds nothing there.
 
     bn: "interpolate" (running statistics interpolated) or "recompute" (each α's
     statistics recomputed on bn_data, held constant in the derivative, as the paper's code).
@@ -39,6 +40,7 @@ def gauss_length(model: nn.Module, line: Span, data: Iterable, alphas: Any = 50,
         speed = dz.norm(dim=-1, keepdim=True)
         tangent = dz / speed
         turning = (d2z - tangent * (tangent * d2z).sum(-1, keepdim=True)).norm(dim=-1) / speed[..., 0]  # (K, B)
+        turning = torch.where(speed[..., 0] > 0, turning, 0.0)  # (an output at rest turns no angle)
         total += torch.trapezoid(turning.double(), grid, dim=0).sum()
         examples += turning.shape[1]
     return _mean(total, examples)
@@ -74,6 +76,7 @@ def _prepare(model, line, alphas, bn, bn_data, forward, device, dtype, batch_dim
         raise ValueError(f"mlifast: the output path needs a line (one direction), got {line.num_directions}")
     line = line.to(device=device, dtype=dtype)
     coords = line.coords_tensor(alphas)
+    coords = coords[coords[:, 0].argsort()]  # (the trapezoid rule integrates in the grid's order)
     fast = MultiPointModel(model, line, coords, batch_dim=batch_dim).eval()
     fast.context.forward_mode = True
     fast.shares_rows = False
