@@ -196,6 +196,14 @@ def test_coords_tensor_line(nets):
         line.coords_tensor([[0.1, 0.2]])
 
 
+def test_an_entry_integer_at_one_end_and_floating_at_the_other_is_refused():
+    start = {"w": torch.zeros(3), "steps": torch.tensor([1, 2])}
+    end = {"w": torch.ones(3), "steps": torch.tensor([1.5, 2.5])}  # (the start's integers would be kept)
+    for a, b in ((start, end), (end, start)):
+        with pytest.raises(ValueError, match="dtype mismatch: 'steps'"):
+            Line(a, b)
+
+
 def test_coords_tensor_reads_python_floats_in_float64(nets):
     # (not through float32: 0.1 would become 0.10000000149…, a float64 model's point moved)
     assert Line(*nets).coords_tensor([0.1, 0.3]).flatten().tolist() == [0.1, 0.3]

@@ -141,12 +141,14 @@ def _check_against(
     origin_role: str, other_role: str, fix: str,
 ) -> None:
     """ValueError listing every way ``other`` fails to match ``origin``'s floating entries:
-    missing keys, unexpected floating keys, and shape / dtype / device mismatches.
-    Non-floating entries of either side are ignored (they always come from the origin)."""
+    missing keys, unexpected floating keys, and shape / dtype / device mismatches (an
+    entry floating on one side only is a dtype mismatch). Entries non-floating on both
+    sides are not compared (they always come from the origin)."""
     floating = [k for k, t in origin.items() if _is_floating(t)]
     missing = [k for k in floating if k not in other]
     unexpected = [k for k, t in other.items() if k not in origin and _is_floating(t)]
-    common = [k for k in floating if k in other]
+    # (floating in `other` only: it would silently keep the origin's value at every point)
+    common = [k for k, t in origin.items() if k in other and (_is_floating(t) or _is_floating(other[k]))]
 
     def pairs(attr: str, fmt: Any = str) -> list[str]:
         return [
