@@ -412,6 +412,16 @@ def test_summarize():
     assert summarize(alphas, losses).weight_distance is None
 
 
+def test_summarize_an_extended_grid_on_its_segment():
+    alphas = np.linspace(-0.3, 1.3, 17)  # (−0.3 + 3 · 0.1 is not exactly 0)
+    losses = (alphas - 1.0) ** 2 + 0.1  # decreasing on [0, 1], rising on either side of it
+    s = summarize(alphas, losses)
+    assert s.is_monotonic and s.delta_min == 0.0 and s.n_points == 11
+    assert s.loss_start == pytest.approx(1.1) and s.loss_end == pytest.approx(0.1)
+    with pytest.raises(ValueError, match=r"two points with α in \[0, 1\]"):
+        summarize([-1.0, 0.5, 2.0], [1.0, 2.0, 3.0])
+
+
 def test_summarize_nan_curve_and_report():
     s = summarize([0.0, 0.5, 1.0], [1.0, float("nan"), 0.5])
     assert s.bumps is None and not s.is_monotonic and math.isnan(s.delta_min)

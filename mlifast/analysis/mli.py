@@ -560,6 +560,11 @@ class MLISummary:
         return self.table()
 
 
+# How far outside [0, 1] a grid point may lie and still count as in it (linspace's rounding:
+# −0.3 + 3 · 0.1 is 5.6e-17).
+_GRID_SLACK = 1e-9
+
+
 def summarize(
     alphas: CurveLike,
     losses: CurveLike,
@@ -570,13 +575,17 @@ def summarize(
     the raw and normalised weight distances with the default ``include``).
 
     ``is_monotonic`` is the strict property on the grid (Δ_min == 0); apply a threshold to
-    ``delta_min`` for the paper's 1e-3 convention. Needs at least two points. A curve with
+    ``delta_min`` for the paper's 1e-3 convention. On a grid reaching beyond [0, 1] (the
+    paper's −0.5…1.5 slices) every measure is that of its points in [0, 1]: MLI is a
+    property of the segment θ0 → θT. Needs at least two points there. A curve with
     NaN (a diverged run) gets ``delta_min``/barriers nan, ``is_monotonic`` False and
     ``bumps`` None. ``normalized_weight_distance`` is nan when ‖start‖ = 0.
     """
     a, l = _as_grid(alphas, losses)
+    segment = (a >= -_GRID_SLACK) & (a <= 1 + _GRID_SLACK)
+    a, l = a[segment], l[segment]
     if l.size < 2:
-        raise ValueError("summarize needs at least two points.")
+        raise ValueError("summarize needs at least two points with α in [0, 1].")
     if (start is None) != (end is None):
         raise ValueError("pass both start and end, or neither.")
     wd = nwd = None
