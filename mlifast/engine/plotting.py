@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import torch
+from torch import Tensor
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -20,6 +22,22 @@ def _mark_largest_rise(ax, alphas, losses) -> None:
     ax.set_title(f"loss (Δ_min = {rise[peak].item():.3g})")
 
 
+def plane_grid(coords: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The sorted values a (A,) and b (B,) of the two coordinates of (K, 2) `coords`, and
+    (B, A) `values` placed by them, as contourf takes them: in whatever order the points
+    came. ValueError unless they are a full grid of at least 2 × 2."""
+    a, b = coords[:, 0].unique(), coords[:, 1].unique()
+    if len(a) < 2 or len(b) < 2 or len(a) * len(b) != len(values):
+        raise ValueError(f"plot: plane results must lie on a full grid of at least 2 × 2 points; got {len(values)} "
+                         f"points with {len(a)} values of the first coordinate and {len(b)} of the second")
+    placed = torch.full((len(b), len(a)), float("nan"), dtype=values.dtype)
+    rows, columns = (torch.searchsorted(axis, coords[:, i].contiguous()) for i, axis in ((1, b), (0, a)))
+    placed[rows, columns] = values
+    if placed.isnan().sum() > values.isnan().sum():
+        raise ValueError("plot: plane results must lie on a full grid; some points repeat and others are missing")
+    return a, b, placed
+
+
 def plot_results(res, path: Path) -> None:
     """Write one panel per value ("loss", metrics) to `path` (any matplotlib format)."""
     names = list(res.values)
@@ -33,10 +51,8 @@ def plot_results(res, path: Path) -> None:
             if name == "loss":
                 _mark_largest_rise(ax, alphas, res[name])
         else:
-            a, b = res.coords[:, 0].unique(), res.coords[:, 1].unique()
-            if len(a) * len(b) != len(values):
-                raise ValueError("plot: plane results must lie on a full grid")
-            contour = ax.contourf(a.numpy(), b.numpy(), values.reshape(len(a), len(b)).T, levels=20)
+            a, b, grid_values = plane_grid(res.coords, res[name])
+            contour = ax.contourf(a.numpy(), b.numpy(), grid_values.numpy(), levels=20)
             fig.colorbar(contour, ax=ax)
             ax.set_xlabel("coordinate 1")
             ax.set_ylabel("coordinate 2")

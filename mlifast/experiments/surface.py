@@ -69,8 +69,10 @@ def plot_surface(res: Results, second_init: tuple[float, float], path: Path, key
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    a, b = res.coords[:, 0].unique(), res.coords[:, 1].unique()
-    values = res[key].reshape(len(a), len(b)).T.clamp(max=max_level).numpy()
+    from mlifast.engine.plotting import plane_grid
+
+    a, b, placed = plane_grid(res.coords, res[key])
+    values = placed.clamp(max=max_level).numpy()
     fig, ax = plt.subplots(figsize=(6, 5))
     contour = ax.contourf(a.numpy(), b.numpy(), values, levels=torch.linspace(0, max_level, 31).numpy(),
                           cmap="viridis")

@@ -1,0 +1,30 @@
+"""Figures of results: a plane's values placed by their coordinates, whatever their order."""
+import pytest
+import torch
+
+from mlifast.engine.plotting import plane_grid
+from mlifast.engine.results import Results
+
+
+def f(coords):
+    return coords[:, 0] + 100 * coords[:, 1]
+
+
+@pytest.mark.parametrize("order", ["first slowest", "second slowest", "shuffled"])
+def test_plane_values_are_placed_by_their_coordinates(order):
+    a, b = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), torch.tensor([0.0, 10.0], dtype=torch.float64)
+    coords = torch.cartesian_prod(a, b) if order == "first slowest" else torch.cartesian_prod(b, a).flip(1)
+    if order == "shuffled":
+        coords = coords[torch.randperm(6, generator=torch.Generator().manual_seed(0))]
+    got_a, got_b, placed = plane_grid(coords, f(coords))
+    assert torch.equal(got_a, a) and torch.equal(got_b, b)
+    assert torch.equal(placed, b[:, None] * 100 + a[None, :])  # placed[j, i] = f(a[i], b[j])
+
+
+def test_plane_results_off_a_full_grid_are_refused(tmp_path):
+    full = torch.cartesian_prod(torch.arange(3.0), torch.arange(2.0))
+    for coords in (full[:5], torch.tensor([[0.0, 0.0], [1.0, 0.0]]), torch.cat([full[:5], full[:1]])):
+        with pytest.raises(ValueError, match="full grid"):
+            plane_grid(coords, f(coords))
+    Results(full, {"loss": f(full)}).plot(tmp_path / "plane.png")
+    assert (tmp_path / "plane.png").stat().st_size > 0
