@@ -22,6 +22,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {text}")
+    return value
+
+
 def _hidden(text: str) -> tuple:
     try:
         sizes = tuple(int(s) for s in text.split(","))
@@ -42,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "on the full data sets, and report the MLI measures.")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
     demo.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="mnist")
-    demo.add_argument("--alphas", type=_positive_int, default=50, help="points on each line (default: 50)")
+    demo.add_argument("--alphas", type=_at_least_two, default=50, help="points on each line (default: 50)")
     demo.add_argument("--epochs", type=_positive_int, default=3, help="training epochs per optimizer (default: 3)")
     demo.add_argument("--hidden", type=_hidden, default=(1024, 1024), help="hidden sizes (default: 1024,1024)")
     demo.add_argument("--n-train", type=_positive_int, default=None, help="first N training examples (default: all)")
@@ -66,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     surface.add_argument("--init2", type=Path, required=True, help="θ0′, another initialisation")
     surface.add_argument("--end", type=Path, required=True, help="θT, the trained weights")
     surface.add_argument("--trajectory", type=Path, nargs="*", default=(), help="checkpoints along training")
-    surface.add_argument("--steps", type=_positive_int, default=11, help="grid points per axis (default: 11)")
+    surface.add_argument("--steps", type=_at_least_two, default=11, help="grid points per axis (default: 11)")
     surface.add_argument("--range", type=_interval, default=(-0.3, 1.3), metavar="LOW:HIGH",
                          help="grid range of both coordinates (default: -0.3:1.3)")
     surface.add_argument("--out", type=Path, default=Path("runs/surface"))
@@ -84,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--n-train", type=_positive_int, default=None, help="first N training examples (default: all)")
     reproduce.add_argument("--n-eval", type=_positive_int, default=10000,
                            help="training examples the curves are measured on (default: 10000)")
-    reproduce.add_argument("--alphas", type=_positive_int, default=50)
+    reproduce.add_argument("--alphas", type=_at_least_two, default=50, help="points on each line (default: 50)")
     reproduce.add_argument("--no-progress", action="store_true")
     commands.add_parser("info", help="which backend runs each operator", description="Print mlifast.info().")
     return parser
@@ -94,15 +101,16 @@ def run_surface_command(args: argparse.Namespace) -> int:
     import mlifast
     from mlifast.experiments.surface import grid, plot_surface, project, slice_plane
 
+    _output_folder(args.out)
     model = _load_model(args.model, args.model_args)
-    end = _load_checkpoint(args.end)
-    plane, second = slice_plane(_load_checkpoint(args.init), _load_checkpoint(args.init2), end)
-    trajectory = [project(plane, _load_checkpoint(p)) for p in args.trajectory]
+    init = _load_checkpoint(args.init)
+    init2, end, *steps = (_matching(init, args.init, p) for p in (args.init2, args.end, *args.trajectory))
+    plane, second = slice_plane(init, init2, end)
+    trajectory = [project(plane, state) for state in steps]
     res = mlifast.evaluate(model.eval(), plane, _batches(args), coords=grid(*args.range, args.steps), bn=args.bn,
                            progress=not args.no_progress)
     res.meta.update(model=args.model, init=str(args.init), init2=str(args.init2), end=str(args.end),
                     data=args.data, split=args.split, second_init_coords=second, trajectory=trajectory)
-    args.out.mkdir(parents=True, exist_ok=True)
     res.save(args.out / "results.json")
     plot_surface(res, second, args.out / "surface.png", trajectory=trajectory)
     best = int(res["loss"].argmin())
@@ -115,6 +123,7 @@ def run_surface_command(args: argparse.Namespace) -> int:
 def run_reproduce_command(args: argparse.Namespace) -> int:
     from mlifast.experiments.reproduce import GridConfig, run_grid, write_report
 
+    _output_folder(args.out)
     config = GridConfig(datasets=args.datasets, hidden=args.hidden, epochs=args.epochs, lrs=args.lrs,
                         n_train=args.n_train, n_eval=args.n_eval, alphas=args.alphas)
     start = time.perf_counter()
@@ -159,11 +168,11 @@ def _alpha_grid(text: str):
                 raise ValueError
             return n
         a, b, n = text.split(":")
-        if int(n) < 2:
+        if int(n) < 2 or not float(a) < float(b):
             raise ValueError
         return torch.linspace(float(a), float(b), int(n), dtype=torch.float64)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N >= 2 or a:b:n, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected N >= 2 or a:b:n with a < b and n >= 2, got {text!r}") from None
 
 
 def _load_model(spec: str, kwargs: dict):
@@ -172,10 +181,18 @@ def _load_model(spec: str, kwargs: dict):
     module_name, _, factory = spec.partition(":")
     if not factory:
         raise ValueError(f"--model must be MODULE:FACTORY, got {spec!r}")
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--model-args must be a JSON object of keyword arguments, got {kwargs!r}")
     try:
-        return getattr(importlib.import_module(module_name), factory)(**kwargs)
+        build = getattr(importlib.import_module(module_name), factory)
     except (ImportError, AttributeError) as error:
         raise ValueError(f"cannot build the model {spec!r}: {error}") from None
+    if not callable(build):
+        raise ValueError(f"--model {spec!r} is not callable (a {type(build).__name__})")
+    try:
+        return build(**kwargs)
+    except TypeError as error:
+        raise ValueError(f"cannot build the model {spec!r} with --model-args {json.dumps(kwargs)}: {error}") from None
 
 
 def _load_checkpoint(path: Path):
@@ -183,10 +200,40 @@ def _load_checkpoint(path: Path):
 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 — unpickling errors of every kind: one line
+        raise ValueError(f"{path} is not a checkpoint of tensors torch.load can read safely "
+                         f"(save model.state_dict() with torch.save): {error}") from None
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__}); "
+                         "save model.state_dict() with torch.save")
+    others = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
+    if others:
+        nested = [key for key in others if isinstance(state[key], dict)]
+        hint = f"; its state dict may be the one under {nested[0]!r}: save that alone" if nested else ""
+        raise ValueError(f"{path} is not a state dict: {others[:3]} are not tensors{hint}")
     return state
+
+
+def _matching(init: dict, init_path: Path, path: Path) -> dict:
+    """The checkpoint at `path`, refused unless it matches --init's keys, shapes and dtypes."""
+    import mlifast
+
+    state = _load_checkpoint(path)
+    try:
+        mlifast.Line(init, state)
+    except ValueError as error:
+        raise ValueError(f"{path} does not match --init {init_path}: {error}") from None
+    return state
+
+
+def _output_folder(path: Path) -> None:
+    """Make the output folder before any work, so that a bad --out fails first."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {path} cannot be an output folder: {error}") from None
 
 
 def _load_data(name: str):
@@ -211,12 +258,12 @@ def _batches(args: argparse.Namespace):
 def run_curve_command(args: argparse.Namespace) -> int:
     import mlifast
 
+    _output_folder(args.out)
     model = _load_model(args.model, args.model_args)
     line = mlifast.Line(_load_checkpoint(args.start), _load_checkpoint(args.end))
     res = mlifast.evaluate(model.eval(), line, _batches(args), coords=args.alphas, bn=args.bn,
                            progress=not args.no_progress)
     res.meta.update(model=args.model, start=str(args.start), end=str(args.end), data=args.data, split=args.split)
-    args.out.mkdir(parents=True, exist_ok=True)
     res.save(args.out / "results.json")
     res.plot(args.out / "curve.png")
     summary = mlifast.mli.report(res, line.origin, line.state_at(1.0))
@@ -231,8 +278,6 @@ def run_curve_command(args: argparse.Namespace) -> int:
 def run_demo_command(args: argparse.Namespace) -> int:
     from mlifast.experiments.demo import DemoConfig, comparison_rows, render_table, run_demo
 
-    if args.alphas < 2:
-        raise SystemExit("mlifast demo: error: --alphas must be at least 2")
     start = time.perf_counter()
     config = DemoConfig(dataset=args.dataset, hidden=args.hidden, alphas=args.alphas, epochs=args.epochs,
                         n_train=args.n_train, n_test=args.n_test, progress=not args.no_progress, out=args.out)
