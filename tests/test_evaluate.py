@@ -2,6 +2,7 @@
 import copy
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -174,6 +175,28 @@ def test_non_finite_values_are_saved_as_strict_json_and_read_back(tmp_path):
     raw = json.loads(path.read_text(), parse_constant=refuse)
     assert raw["values"]["loss"] == [0.25, None, "inf", "-inf"] and raw["meta"]["note"] == "inf"
     torch.testing.assert_close(mlifast.load(path)["loss"], values, rtol=0, atol=0, equal_nan=True)
+
+
+def test_result_files_are_read_back_whole_or_refused_by_name(tmp_path):
+    res = mlifast.Results(torch.tensor([[0.0], [1.0]], dtype=torch.float64),
+                          {"loss": torch.tensor([1.0, 2.0], dtype=torch.float64)})
+    path = tmp_path / "res.json"
+    res.save(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # (as open() makes files: not the owner's alone)
+    text = path.read_text()
+    cases = {"truncated": text[: len(text) // 2], "a list": "[1, 2]", "no values": text.replace('"values"', '"v"'),
+             "newer": text.replace('"format": 1', '"format": 99'),
+             "short": text.replace("1.0,\n   2.0", "1.0")}
+    for name, bad in cases.items():
+        broken = tmp_path / f"{name}.json"
+        broken.write_text(bad)
+        with pytest.raises(ValueError, match=str(broken)):
+            mlifast.load(broken)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match="not an mlifast result file"):
+        mlifast.load(tmp_path / "weights.pt")
 
 
 def test_empty_data_and_bad_policy_are_refused():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,17 +64,29 @@ class Results:
 
 
 def load(path: str | os.PathLike) -> Results:
-    """Read a result written by `Results.save`."""
-    with open(path) as f:
-        data = json.load(f)
-    if data.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: not an mlifast result file (format {data.get('format')!r})")
-    return Results(
-        coords=torch.tensor(data["coords"], dtype=torch.float64),
-        values={k: torch.tensor([float_from_json(v) for v in vs], dtype=torch.float64)
-                for k, vs in data["values"].items()},
-        meta=data["meta"],
-    )
+    """Read a result written by `Results.save`; ValueError naming the file where it is
+    not one (or not whole)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not an mlifast result file (not JSON: {error})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path}: not an mlifast result file of format {FORMAT_VERSION} (found {found!r}); "
+                         "a newer mlifast may read it")
+    try:
+        coords = torch.tensor(data["coords"], dtype=torch.float64)
+        values = {k: torch.tensor([float_from_json(v) for v in vs], dtype=torch.float64)
+                  for k, vs in data["values"].items()}
+        meta = data["meta"]
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"{path}: a damaged mlifast result file ({type(error).__name__}: {error})") from None
+    points = coords.shape[0] if coords.dim() == 2 else -1
+    if coords.dim() != 2 or any(v.shape != (points,) for v in values.values()):
+        raise ValueError(f"{path}: a damaged mlifast result file: coords of shape {tuple(coords.shape)} and "
+                         f"values of lengths {[len(v) for v in values.values()]} (one value a point)")
+    return Results(coords=coords, values=values, meta=meta)
 
 
 # Strict JSON has no NaN or infinity: NaN is written as null, ±infinity as "inf"/"-inf".
@@ -102,7 +114,8 @@ def float_from_json(value: Any) -> float:
 def write_json_atomically(path: Path, obj: Any) -> None:
     """Strict JSON (see float_to_json) through a temporary file renamed over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # (the umask's mode, as open() gives)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(float_to_json(obj), f, indent=1, allow_nan=False)
