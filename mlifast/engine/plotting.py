@@ -15,11 +15,12 @@ def _mark_largest_rise(ax, alphas, losses) -> None:
     """Δ_min = max_{i<j} L_j − L_i: the largest rise above the running minimum, drawn as a
     vertical segment at the peak and named in the title."""
     running_min = losses.cummin(0).values
-    rise = losses - running_min
-    peak = int(rise.argmax())
+    rise = torch.where(running_min == float("inf"), 0.0, losses - running_min)  # (nothing rises from +inf)
+    peak = int(rise.nan_to_num(nan=-1.0).argmax())
     if rise[peak] > 0:
         ax.vlines(alphas[peak], running_min[peak], losses[peak], colors="red", lw=2)
-    ax.set_title(f"loss (Δ_min = {rise[peak].item():.3g})")
+    largest = float("nan") if losses.isnan().any() else rise[peak].item()
+    ax.set_title(f"loss (Δ_min = {largest:.3g})")
 
 
 def plane_grid(coords: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -41,6 +42,8 @@ def plane_grid(coords: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def plot_results(res, path: Path) -> None:
     """Write one panel per value ("loss", metrics) to `path` (any matplotlib format)."""
     names = list(res.values)
+    if not names:
+        raise ValueError("plot: the result holds no values to draw")
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
         values = res[name].numpy()
