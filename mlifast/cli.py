@@ -29,6 +29,13 @@ def _at_least_two(text: str) -> int:
     return value
 
 
+def _floats(text: str) -> tuple:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _hidden(text: str) -> tuple:
     try:
         sizes = tuple(int(s) for s in text.split(","))
@@ -85,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--out", type=Path, default=Path("runs/reproduce-mlp"))
     reproduce.add_argument("--epochs", type=_positive_int, default=2, help="epochs per run (default: 2; paper: 10)")
     reproduce.add_argument("--hidden", type=_hidden, default=(512, 512), help="hidden sizes (default: 512,512)")
-    reproduce.add_argument("--lrs", type=lambda t: tuple(float(v) for v in t.split(",")),
+    reproduce.add_argument("--lrs", type=_floats,
                            default=(1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001), help="comma-separated learning rates")
     reproduce.add_argument("--datasets", type=lambda t: tuple(t.split(",")), default=("mnist", "fashion-mnist"))
     reproduce.add_argument("--n-train", type=_positive_int, default=None, help="first N training examples (default: all)")

@@ -61,3 +61,7 @@ def test_surface_and_reproduce_refuse_what_they_cannot_draw(capsys, checkpoints,
     mismatched = [p["other"] if a == p["end"] else a for a in surface]
     assert f"{p['other']} does not match --init" in refusal(capsys, *mismatched)
     assert "must be at least 2" in refusal(capsys, "reproduce", "mlp", "--alphas", "1", "--out", tmp_path / "r")
+    assert "comma-separated numbers" in refusal(capsys, "reproduce", "mlp", "--lrs", "a,b", "--out", tmp_path / "r")
+    assert "unknown data set(s) ['foo']" in refusal(capsys, "reproduce", "mlp", "--datasets", "foo", "--out",
+                                                     tmp_path / "r")
+    assert not (tmp_path / "r" / "config.json").exists()

@@ -189,6 +189,7 @@ def test_coords_tensor_line(nets):
     assert line.coords_tensor([0.0, 0.5]).tolist() == [[0.0], [0.5]]
     assert line.coords_tensor(torch.tensor([[0.25], [2.0]])).tolist() == [[0.25], [2.0]]
     assert line.coords_tensor(1).tolist() == [[0.0]]
+    assert torch.equal(line.coords_tensor(torch.tensor(3)), line.coords_tensor(3))
     for bad in ([[0.1, 0.2]], 0, 0.5, [], True, [[[0.0]]]):
         with pytest.raises(ValueError):
             line.coords_tensor(bad)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from mlifast.analysis.mli import delta_min, weight_distance
 from mlifast.datasets import Batches
+from mlifast.datasets import KNOWN as KNOWN_DATASETS
 from mlifast.datasets import get as get_dataset
 from mlifast.engine import evaluate
 from mlifast.engine.results import write_json_atomically
@@ -79,6 +80,9 @@ def read_run(path: Path, config: GridConfig, folder_settings: Optional[dict] = N
 
 def run_grid(config: GridConfig, out: Path, progress: bool = True) -> list[dict]:
     """Every run of the grid, trained and evaluated or read back from out/runs/."""
+    unknown = [d for d in config.datasets if d.strip().lower().replace("_", "-") not in KNOWN_DATASETS]
+    if unknown:  # (before anything is written)
+        raise ValueError(f"mlifast: unknown data set(s) {unknown}; known: {', '.join(sorted(KNOWN_DATASETS))}")
     runs_dir = Path(out) / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     combos = [(d, o, bn, lr) for d in config.datasets for o in config.optimizers for bn in config.batch_norm

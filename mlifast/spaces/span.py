@@ -391,6 +391,9 @@ class Span:
         the range of the space's floating dtypes.
         """
         J = self.num_directions
+        if isinstance(coords, Tensor) and coords.dim() == 0 and not (coords.is_floating_point() or coords.is_complex()
+                                                                    or coords.dtype == torch.bool):
+            coords = int(coords)  # (a count given as a 0-d tensor)
         if isinstance(coords, numbers.Integral) and not isinstance(coords, bool):
             n = int(coords)
             if n < 1:
