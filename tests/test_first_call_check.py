@@ -150,6 +150,19 @@ def test_an_output_with_two_dims_that_could_hold_the_batch_needs_the_check():
         mlifast.interpolate(a.train(), line, 3)(x)  # active dropout: no check can tell
 
 
+def test_a_first_call_under_a_transform_decides_nothing_for_plain_calls():
+    # (under forward mode rows are repeated whatever the check's reading: it agrees on shared
+    # rows it never ran, and a plain call trusting that gave this model's points each other's rows)
+    a, line = line_of(CapturesBatch)
+    coords, x = torch.linspace(0, 1, 3), torch.randn(5, 4, dtype=torch.float64)
+    fast = mlifast.interpolate(a, line, coords)
+    _, tangent = torch.func.jvp(fast, (x,), (torch.ones_like(x),))
+    assert fast.shares_rows is None
+    out, fallback = call(fast, x)
+    assert fallback == [] and fast.shares_rows is False
+    assert_oracle(out, a, line, coords, x)
+
+
 class Doubles(nn.Module):
     """Writes into its input."""
 

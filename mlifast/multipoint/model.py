@@ -156,9 +156,19 @@ class MultiPointModel(nn.Module):
             self.shares_rows = False
         if self._unchecked:  # (a probe: no check, and nothing decided)
             return self._run_points(args, kwargs, share_rows=self.shares_rows is True)
-        signature = (self.num_points, _call_signature((args, kwargs)))
+        context = self.context
+        signature = (self.num_points, context.forward_mode, _call_signature((args, kwargs)))
         if signature not in self._checked and self.reference.deterministic:
-            problem, computed, out = self._disagreement_with_model(args, kwargs, self._consume)
+            # Under forward mode rows are repeated and modules run point by point whatever a
+            # reading says: a check there decides nothing for other calls (it has its own signature).
+            decisions = (self.shares_rows, self.images_channels_last, context.flat_indices_shared,
+                         context.glue_all_at_once)
+            try:
+                problem, computed, out = self._disagreement_with_model(args, kwargs, self._consume)
+            finally:
+                if context.forward_mode:
+                    (self.shares_rows, self.images_channels_last, context.flat_indices_shared,
+                     context.glue_all_at_once) = decisions
             self._checked.add(signature)  # (once decided: an interrupted check is made again)
             if problem is not None:
                 warnings.warn(
