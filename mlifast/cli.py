@@ -29,11 +29,14 @@ def _at_least_two(text: str) -> int:
     return value
 
 
-def _floats(text: str) -> tuple:
+def _learning_rates(text: str) -> tuple:
     try:
-        return tuple(float(v) for v in text.split(","))
+        rates = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        rates = ()
+    if not rates or not all(0 < r < float("inf") for r in rates):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}")
+    return rates
 
 
 def _hidden(text: str) -> tuple:
@@ -69,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     curve.add_argument("--start", type=Path, required=True, help="checkpoint at α = 0")
     curve.add_argument("--end", type=Path, required=True, help="checkpoint at α = 1")
     curve.add_argument("--alphas", type=_alpha_grid, default=50, metavar="N|a:b:n",
-                       help="N points on [0, 1] or n points on [a, b] (default: 50)")
+                       help="N points on [0, 1] or n points on [a, b], at least 2 of them in [0, 1] "
+                       "(default: 50; a negative a as --alphas=-0.5:1.5:9)")
     curve.add_argument("--out", type=Path, default=Path("runs/curve"), help="output folder (default: runs/curve)")
     surface = commands.add_parser("surface", help="loss on the plane through θ0, θ0′ and θT (Figure 1)",
                                   description="Evaluate the plane through an initialisation, a second "
@@ -92,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--out", type=Path, default=Path("runs/reproduce-mlp"))
     reproduce.add_argument("--epochs", type=_positive_int, default=2, help="epochs per run (default: 2; paper: 10)")
     reproduce.add_argument("--hidden", type=_hidden, default=(512, 512), help="hidden sizes (default: 512,512)")
-    reproduce.add_argument("--lrs", type=_floats,
+    reproduce.add_argument("--lrs", type=_learning_rates,
                            default=(1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001), help="comma-separated learning rates")
     reproduce.add_argument("--datasets", type=lambda t: tuple(t.split(",")), default=("mnist", "fashion-mnist"))
     reproduce.add_argument("--n-train", type=_positive_int, default=None, help="first N training examples (default: all)")
@@ -177,9 +181,14 @@ def _alpha_grid(text: str):
         a, b, n = text.split(":")
         if int(n) < 2 or not float(a) < float(b):
             raise ValueError
-        return torch.linspace(float(a), float(b), int(n), dtype=torch.float64)
+        grid = torch.linspace(float(a), float(b), int(n), dtype=torch.float64)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N >= 2 or a:b:n with a < b and n >= 2, got {text!r}") from None
+    from mlifast.analysis.mli import on_segment
+
+    if on_segment(grid).sum() < 2:  # (Δ_min and the report are taken on the segment θ0 → θT)
+        raise argparse.ArgumentTypeError(f"{text!r} puts fewer than 2 points in [0, 1]")
+    return grid
 
 
 def _load_model(spec: str, kwargs: dict):
@@ -277,7 +286,8 @@ def run_curve_command(args: argparse.Namespace) -> int:
     print(f"{'alpha':>7} {'loss':>10} {'accuracy':>9}")
     for a, loss, acc in zip(res.alphas.tolist(), res["loss"].tolist(), res["accuracy"].tolist()):
         print(f"{a:7.3f} {loss:10.4f} {acc:9.4f}")
-    print(f"\nΔ_min = {summary.delta_min:.4g} ({'monotonic' if summary.is_monotonic else 'not monotonic'}), "
+    on = "" if summary.n_points == len(res.alphas) else f" on the {summary.n_points} points in [0, 1]"
+    print(f"\nΔ_min{on} = {summary.delta_min:.4g} ({'monotonic' if summary.is_monotonic else 'not monotonic'}), "
           f"{len(summary.bumps or ())} bump(s); wrote {args.out}/results.json and curve.png")
     return 0
 

@@ -48,6 +48,7 @@ def curve(p, **change):
     (lambda p: {"--model-args": "[8]"}, "--model-args must be a JSON object"),
     (lambda p: {"--model": "mlifast:__version__"}, "is not callable"),
     (lambda p: {"--alphas": "1:0:5"}, "a < b"),
+    (lambda p: {"--alphas": "1.5:3:4"}, "fewer than 2 points in [0, 1]"),
 ])
 def test_curve_refuses_before_evaluating(capsys, checkpoints, change, said):
     assert said in refusal(capsys, *curve(checkpoints, **change(checkpoints)))
@@ -61,7 +62,9 @@ def test_surface_and_reproduce_refuse_what_they_cannot_draw(capsys, checkpoints,
     mismatched = [p["other"] if a == p["end"] else a for a in surface]
     assert f"{p['other']} does not match --init" in refusal(capsys, *mismatched)
     assert "must be at least 2" in refusal(capsys, "reproduce", "mlp", "--alphas", "1", "--out", tmp_path / "r")
-    assert "comma-separated numbers" in refusal(capsys, "reproduce", "mlp", "--lrs", "a,b", "--out", tmp_path / "r")
+    for lrs in ("a,b", "0.1,nan", "-1"):
+        said = refusal(capsys, "reproduce", "mlp", "--lrs", lrs, "--out", tmp_path / "r")
+        assert "comma-separated positive numbers" in said
     assert "unknown data set(s) ['foo']" in refusal(capsys, "reproduce", "mlp", "--datasets", "foo", "--out",
                                                      tmp_path / "r")
     assert not (tmp_path / "r" / "config.json").exists()

@@ -420,6 +420,8 @@ def test_summarize_an_extended_grid_on_its_segment():
     assert s.loss_start == pytest.approx(1.1) and s.loss_end == pytest.approx(0.1)
     with pytest.raises(ValueError, match=r"two points with α in \[0, 1\]"):
         summarize([-1.0, 0.5, 2.0], [1.0, 2.0, 3.0])
+    in_float32 = torch.linspace(-0.3, 1.3, 17).double().numpy()  # (its zero is −3e-8)
+    assert summarize(in_float32, (in_float32 - 1.0) ** 2 + 0.1).n_points == 11
 
 
 def test_summarize_nan_curve_and_report():

@@ -30,17 +30,20 @@ def test_plane_results_off_a_full_grid_are_refused(tmp_path):
     assert (tmp_path / "plane.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("losses, said", [([float("inf"), 1.0, 0.5], "Δ_min = 0"), ([1.0, float("inf")], "Δ_min = inf"),
-                                          ([1.0, float("nan"), 2.0], "Δ_min = nan"), ([2.0, 1.0, 1.5], "Δ_min = 0.5")])
-def test_a_curve_title_gives_delta_min_as_mli_does(losses, said, tmp_path, monkeypatch):
+@pytest.mark.parametrize("alphas, losses, said", [
+    ([0.0, 0.5, 1.0], [float("inf"), 1.0, 0.5], "Δ_min = 0"), ([0.0, 1.0], [1.0, float("inf")], "Δ_min = inf"),
+    ([0.0, 0.5, 1.0], [1.0, float("nan"), 2.0], "Δ_min = nan"), ([0.0, 0.5, 1.0], [2.0, 1.0, 1.5], "Δ_min = 0.5"),
+    ([-0.5, 0.0, 0.5, 1.0, 1.5], [0.5, 2.0, 1.0, 0.5, 3.0], "Δ_min = 0"),  # (judged on [0, 1], as mli.report)
+])
+def test_a_curve_title_gives_delta_min_as_mli_does(alphas, losses, said, tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
     titles = []
     saved = plt.Figure.savefig
     monkeypatch.setattr(plt.Figure, "savefig", lambda self, *a, **k: titles.extend(
         ax.get_title() for ax in self.axes) or saved(self, *a, **k))
-    alphas = torch.linspace(0, 1, len(losses), dtype=torch.float64)[:, None]
-    Results(alphas, {"loss": torch.tensor(losses, dtype=torch.float64)}).plot(tmp_path / "curve.png")
+    coords = torch.tensor(alphas, dtype=torch.float64)[:, None]
+    Results(coords, {"loss": torch.tensor(losses, dtype=torch.float64)}).plot(tmp_path / "curve.png")
     assert titles == [f"loss ({said})"]
 
 

@@ -560,9 +560,13 @@ class MLISummary:
         return self.table()
 
 
-# How far outside [0, 1] a grid point may lie and still count as in it (linspace's rounding:
-# −0.3 + 3 · 0.1 is 5.6e-17).
-_GRID_SLACK = 1e-9
+def on_segment(alphas: CurveLike) -> np.ndarray:
+    """(K,) bool: the grid points in [0, 1], the segment θ0 → θT, give or take a thousandth
+    of the grid's smallest step (the rounding of a grid made in float32: linspace(−0.3,
+    1.3, 17) puts its zero at −3e-8)."""
+    a = _as_array(alphas, "alphas")
+    slack = 1e-3 * np.diff(a).min() if a.size > 1 else 0.0
+    return (a >= -slack) & (a <= 1 + slack)
 
 
 def summarize(
@@ -582,7 +586,7 @@ def summarize(
     ``bumps`` None. ``normalized_weight_distance`` is nan when ‖start‖ = 0.
     """
     a, l = _as_grid(alphas, losses)
-    segment = (a >= -_GRID_SLACK) & (a <= 1 + _GRID_SLACK)
+    segment = on_segment(a)
     a, l = a[segment], l[segment]
     if l.size < 2:
         raise ValueError("summarize needs at least two points with α in [0, 1].")

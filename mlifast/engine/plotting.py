@@ -12,8 +12,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _mark_largest_rise(ax, alphas, losses) -> None:
-    """Δ_min = max_{i<j} L_j − L_i: the largest rise above the running minimum, drawn as a
-    vertical segment at the peak and named in the title."""
+    """Δ_min = max_{i<j} L_j − L_i over the points in [0, 1] (as `mli.report` takes it: MLI
+    is a property of the segment θ0 → θT): the largest rise above the running minimum,
+    drawn as a vertical segment at the peak and named in the title."""
+    from mlifast.analysis.mli import on_segment
+
+    segment = torch.from_numpy(on_segment(alphas))
+    alphas, losses = alphas[segment.numpy()], losses[segment]
+    if len(losses) == 0:
+        return
     running_min = losses.cummin(0).values
     rise = torch.where(running_min == float("inf"), 0.0, losses - running_min)  # (nothing rises from +inf)
     peak = int(rise.nan_to_num(nan=-1.0).argmax())
