@@ -184,7 +184,7 @@ def _alpha_grid(text: str):
         grid = torch.linspace(float(a), float(b), int(n), dtype=torch.float64)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N >= 2 or a:b:n with a < b and n >= 2, got {text!r}") from None
-    from mlifast.analysis.mli import on_segment
+    from mlifast.spaces import on_segment
 
     if on_segment(grid).sum() < 2:  # (Δ_min and the report are taken on the segment θ0 → θT)
         raise argparse.ArgumentTypeError(f"{text!r} puts fewer than 2 points in [0, 1]")
@@ -233,14 +233,17 @@ def _load_checkpoint(path: Path):
 
 
 def _matching(init: dict, init_path: Path, path: Path) -> dict:
-    """The checkpoint at `path`, refused unless it matches --init's keys, shapes and dtypes."""
+    """The checkpoint at `path` in --init's floating dtypes, refused unless it has its keys
+    and shapes."""
     import mlifast
 
-    state = _load_checkpoint(path)
+    state = {k: v.to(init[k].dtype) if k in init and v.is_floating_point() and init[k].is_floating_point() else v
+             for k, v in _load_checkpoint(path).items()}
     try:
         mlifast.Line(init, state)
     except ValueError as error:
-        raise ValueError(f"{path} does not match --init {init_path}: {error}") from None
+        problems = str(error).split(":", 1)[1].rsplit("\n", 1)[0]  # (its list, without the role names' sentence)
+        raise ValueError(f"{path} does not match --init {init_path}:{problems}") from None
     return state
 
 

@@ -187,7 +187,8 @@ def test_result_files_are_read_back_whole_or_refused_by_name(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # (as open() makes files: not the owner's alone)
     text = path.read_text()
     cases = {"truncated": text[: len(text) // 2], "a list": "[1, 2]", "no values": text.replace('"values"', '"v"'),
-             "newer": text.replace('"format": 1', '"format": 99'),
+             "newer": text.replace('"format": 1', '"format": 99'), "older": text.replace('"format": 1', '"format": 0'),
+             "format true": text.replace('"format": 1', '"format": true'),
              "short": text.replace("1.0,\n   2.0", "1.0")}
     for name, bad in cases.items():
         broken = tmp_path / f"{name}.json"

@@ -26,6 +26,9 @@ def test_plane_results_off_a_full_grid_are_refused(tmp_path):
     for coords in (full[:5], torch.tensor([[0.0, 0.0], [1.0, 0.0]]), torch.cat([full[:5], full[:1]])):
         with pytest.raises(ValueError, match="full grid"):
             plane_grid(coords, f(coords))
+    repeated = torch.cat([full[:5], full[:1]])  # (the repeated point's value NaN: its count still says)
+    with pytest.raises(ValueError, match="some points repeat and others are missing"):
+        plane_grid(repeated, torch.cat([f(full[:5]), torch.tensor([float("nan")])]))
     Results(full, {"loss": f(full)}).plot(tmp_path / "plane.png")
     assert (tmp_path / "plane.png").stat().st_size > 0
 

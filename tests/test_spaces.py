@@ -210,6 +210,14 @@ def test_coords_tensor_reads_python_floats_in_float64(nets):
     assert Line(*nets).coords_tensor([0.1, 0.3]).flatten().tolist() == [0.1, 0.3]
 
 
+def test_coords_carrying_derivatives_are_refused(nets):
+    line = Line(*nets)
+    with pytest.raises(ValueError, match="coords carry derivatives"):
+        line.coords_tensor(torch.tensor([0.0, 1.0], requires_grad=True))
+    with pytest.raises(ValueError, match="coords carry derivatives"):
+        torch.func.jvp(lambda c: line.coords_tensor(c).sum(), (torch.zeros(2),), (torch.ones(2),))
+
+
 def test_coords_beyond_the_space_dtype_are_refused(nets):
     line = Line(*nets)  # float32
     with pytest.raises(ValueError, match="beyond what this space's torch.float32"):

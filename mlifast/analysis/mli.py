@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from mlifast._messages import list_names
-from mlifast.spaces import read_state
+from mlifast.spaces import on_segment, read_state
 
 __all__ = [
     "Bump",
@@ -560,15 +560,6 @@ class MLISummary:
         return self.table()
 
 
-def on_segment(alphas: CurveLike) -> np.ndarray:
-    """(K,) bool: the grid points in [0, 1], the segment θ0 → θT, give or take a thousandth
-    of the grid's smallest step (the rounding of a grid made in float32: linspace(−0.3,
-    1.3, 17) puts its zero at −3e-8)."""
-    a = _as_array(alphas, "alphas")
-    slack = 1e-3 * np.diff(a).min() if a.size > 1 else 0.0
-    return (a >= -slack) & (a <= 1 + slack)
-
-
 def summarize(
     alphas: CurveLike,
     losses: CurveLike,
@@ -586,7 +577,7 @@ def summarize(
     ``bumps`` None. ``normalized_weight_distance`` is nan when ‖start‖ = 0.
     """
     a, l = _as_grid(alphas, losses)
-    segment = on_segment(a)
+    segment = on_segment(a).numpy()
     a, l = a[segment], l[segment]
     if l.size < 2:
         raise ValueError("summarize needs at least two points with α in [0, 1].")

@@ -7,6 +7,8 @@ import matplotlib
 import torch
 from torch import Tensor
 
+from mlifast.spaces import on_segment
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -15,9 +17,7 @@ def _mark_largest_rise(ax, alphas, losses) -> None:
     """Δ_min = max_{i<j} L_j − L_i over the points in [0, 1] (as `mli.report` takes it: MLI
     is a property of the segment θ0 → θT): the largest rise above the running minimum,
     drawn as a vertical segment at the peak and named in the title."""
-    from mlifast.analysis.mli import on_segment
-
-    segment = torch.from_numpy(on_segment(alphas))
+    segment = on_segment(alphas)
     alphas, losses = alphas[segment.numpy()], losses[segment]
     if len(losses) == 0:
         return
@@ -41,8 +41,11 @@ def plane_grid(coords: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     placed = torch.full((len(b), len(a)), float("nan"), dtype=values.dtype)
     rows, columns = (torch.searchsorted(axis, coords[:, i].contiguous()) for i, axis in ((1, b), (0, a)))
     placed[rows, columns] = values
-    if placed.isnan().sum() > values.isnan().sum():
-        raise ValueError("plot: plane results must lie on a full grid; some points repeat and others are missing")
+    times = torch.zeros(len(b), len(a), dtype=torch.long).index_put_((rows, columns), torch.ones_like(rows),
+                                                                     accumulate=True)
+    if not bool((times == 1).all()):
+        raise ValueError("plot: plane results must lie on a full grid; some points repeat and others are missing "
+                         "(coordinates that differ by rounding count as different)")
     return a, b, placed
 
 

@@ -71,10 +71,11 @@ def load(path: str | os.PathLike) -> Results:
             data = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: not an mlifast result file (not JSON: {error})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{path}: not an mlifast result file of format {FORMAT_VERSION} (found {found!r}); "
-                         "a newer mlifast may read it")
+    found = data.get("format") if isinstance(data, dict) else None
+    if type(found) is not int or found != FORMAT_VERSION:
+        newer = type(found) is int and found > FORMAT_VERSION
+        raise ValueError(f"{path}: not an mlifast result file of format {FORMAT_VERSION} (its format: {found!r})"
+                         + ("; a newer mlifast may read it" if newer else ""))
     try:
         coords = torch.tensor(data["coords"], dtype=torch.float64)
         values = {k: torch.tensor([float_from_json(v) for v in vs], dtype=torch.float64)

@@ -48,6 +48,8 @@ def transformed(*tensors: Tensor | None) -> bool:
     """Whether any tensor is a forward-mode dual tensor or a torch.func transform's
     wrapper: where only an op's pure-PyTorch form is right (the compiled ops register
     reverse-mode derivatives at most, and a forward tangent through them is lost)."""
+    if _compiling():  # (Dynamo cannot trace the functorch query; under torch.compile no tangent reaches here)
+        return False
     dual = forward_ad._current_level >= 0  # (inside a dual_level: unpacking costs microseconds a call)
     return any(t is not None and (torch._C._functorch.is_functorch_wrapped_tensor(t)
                                   or (dual and forward_ad.unpack_dual(t).tangent is not None)) for t in tensors)
@@ -59,3 +61,8 @@ def check_no_derivatives(op: str, *tensors: Tensor | None) -> None:
     if carries_derivatives(*tensors):
         raise RuntimeError(f"{op} has no derivatives: call it under torch.no_grad(), outside torch.func "
                            "transforms and forward-mode AD, on tensors that do not require grad")
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())

@@ -5,6 +5,6 @@ Depends only on torch; no other mlifast layer is imported here.
 """
 
 from .directions import random_direction
-from .span import Line, Plane, Span, read_state
+from .span import Line, Plane, Span, on_segment, read_state
 
-__all__ = ["Span", "Line", "Plane", "random_direction", "read_state"]
+__all__ = ["Span", "Line", "Plane", "on_segment", "random_direction", "read_state"]

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import torch
+from torch.autograd import forward_ad
 from torch import Tensor, nn
 
 from mlifast._messages import list_names
@@ -411,6 +412,9 @@ class Span:
         expected = "(K,) or (K, 1)" if J == 1 else f"(K, {J})"
         if isinstance(coords, (bool, str)):
             raise ValueError(f"coords must be an int or an array of shape {expected}; got {coords!r}.")
+        if isinstance(coords, Tensor) and _carries_derivatives(coords):
+            raise ValueError("coords carry derivatives, which the points do not follow (they are read as "
+                             "float64 numbers); derivatives along a line: mlifast.mli.gauss_length.")
         try:
             t = torch.as_tensor(coords, dtype=torch.float64).detach().to("cpu").clone()
         except (TypeError, ValueError, RuntimeError) as e:
@@ -605,3 +609,19 @@ class Plane(Span):
              **{r: _describe_source(p) for r, p in (("p0", p0), ("p1", p1), ("p2", p2))}},
         )
         return plane
+
+
+def on_segment(alphas: Any) -> Tensor:
+    """(K,) bool: the points of an increasing α grid in [0, 1], the segment θ0 → θT,
+    give or take a thousandth of the grid's smallest step (the rounding of a grid made in
+    float32: linspace(−0.3, 1.3, 17) puts its zero at −3e-8)."""
+    a = torch.as_tensor(alphas, dtype=torch.float64).reshape(-1)
+    slack = 1e-3 * a.diff().min().item() if len(a) > 1 else 0.0
+    return (a >= -slack) & (a <= 1 + slack)
+
+
+def _carries_derivatives(t: Tensor) -> bool:
+    """Whether t takes part in a derivative: it requires grad, carries a forward-mode
+    tangent, or is a torch.func transform's wrapper."""
+    return (t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t)
+            or forward_ad.unpack_dual(t).tangent is not None)
