@@ -241,7 +241,8 @@ def _matching(init: dict, init_path: Path, path: Path) -> dict:
     try:
         mlifast.Line(init, state)
     except ValueError as error:
-        problems = str(error).split(":", 1)[1].rsplit("\n", 1)[0]  # (its list, without the role names' sentence)
+        said = str(error)
+        problems = said.split(":", 1)[1].rsplit("\n", 1)[0] if "\n" in said else " " + said  # (the list alone)
         raise ValueError(f"{path} does not match --init {init_path}:{problems}") from None
     return state
 
