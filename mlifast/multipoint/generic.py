@@ -17,8 +17,6 @@ the calls of a fused rule.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 from typing import Any
 
 import torch
@@ -28,7 +26,7 @@ from torch.func import functional_call
 from mlifast.multipoint.point_values import PointValues, PointValuesRefused
 from mlifast.multipoint.rule import MultiPointRule
 from mlifast.multipoint.shared import materialize_all
-from mlifast.multipoint.trees import tensors_in
+from mlifast.multipoint.trees import fields_of, is_dataclass_instance, tensors_in, with_fields
 
 
 # The most bytes of its own moving tensors a point that a module may have to run once for
@@ -121,10 +119,7 @@ def _concat(outputs: list, dim_of, position: tuple) -> Any:
         return type(first)(*joined) if hasattr(first, "_fields") else type(first)(joined)
     if isinstance(first, dict):
         return type(first)({key: _concat([o[key] for o in outputs], dim_of, position + (key,)) for key in first})
-    if dataclasses.is_dataclass(first) and not isinstance(first, type):
-        joined = copy.copy(first)
-        for f in dataclasses.fields(first):
-            values = [getattr(o, f.name) for o in outputs]
-            object.__setattr__(joined, f.name, _concat(values, dim_of, position + (f.name,)))
-        return joined
+    if is_dataclass_instance(first):
+        return with_fields(first, {name: _concat([getattr(o, name) for o in outputs], dim_of, position + (name,))
+                                   for name in fields_of(first)})
     return first

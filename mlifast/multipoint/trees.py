@@ -19,9 +19,9 @@ def tensors_in(tree: Any) -> Iterator[Tensor]:
     elif isinstance(tree, dict):
         for v in tree.values():
             yield from tensors_in(v)
-    elif _is_dataclass(tree):
-        for name in _set_fields(tree):
-            yield from tensors_in(getattr(tree, name))
+    elif is_dataclass_instance(tree):
+        for value in fields_of(tree).values():
+            yield from tensors_in(value)
 
 
 def unreadable_holders(tree: Any, path: str = "") -> list[str]:
@@ -31,8 +31,8 @@ def unreadable_holders(tree: Any, path: str = "") -> list[str]:
         return [p for i, v in enumerate(tree) for p in unreadable_holders(v, f"{path}[{i}]")]
     if isinstance(tree, dict):
         return [p for key, v in tree.items() for p in unreadable_holders(v, f"{path}[{key!r}]")]
-    if _is_dataclass(tree):
-        return [p for name in _set_fields(tree) for p in unreadable_holders(getattr(tree, name), f"{path}.{name}")]
+    if is_dataclass_instance(tree):
+        return [p for name, v in fields_of(tree).items() for p in unreadable_holders(v, f"{path}.{name}")]
     return [f"{path} ({type(tree).__name__})"] if not isinstance(tree, Tensor) and _holds_tensors(tree) else []
 
 
@@ -52,14 +52,22 @@ def _holds_tensors(obj: Any, depth: int = 3, items: int = 16) -> bool:
     return any(_holds_tensors(v, depth - 1, items) for v in islice(values, items))
 
 
-def _is_dataclass(node: Any) -> bool:
+def is_dataclass_instance(node: Any) -> bool:
     return dataclasses.is_dataclass(node) and not isinstance(node, type)
 
 
-def _set_fields(node: Any) -> list[str]:
-    """The names of a dataclass instance's fields that hold a value (an init=False field
+def fields_of(node: Any) -> dict[str, Any]:
+    """Name → value of a dataclass instance's fields that hold one (an init=False field
     may never have been set)."""
-    return [f.name for f in dataclasses.fields(node) if hasattr(node, f.name)]
+    return {f.name: getattr(node, f.name) for f in dataclasses.fields(node) if hasattr(node, f.name)}
+
+
+def with_fields(node: Any, values: dict[str, Any]) -> Any:
+    """A shallow copy of dataclass instance `node` with `values` in its fields (frozen ones too)."""
+    copied = copy.copy(node)
+    for name, value in values.items():
+        object.__setattr__(copied, name, value)
+    return copied
 
 
 def map_tensors(fn: Callable[[Tensor, str], Any], tree: Any, name: str = "") -> Any:
@@ -86,9 +94,6 @@ def _mapped(fn: Callable[[Tensor, str], Any], node: Any, path: str) -> Any:
             return type(node)(**mapped)
         except TypeError:
             return type(node)(mapped)
-    if _is_dataclass(node):
-        mapped = copy.copy(node)
-        for name in _set_fields(node):
-            object.__setattr__(mapped, name, _mapped(fn, getattr(node, name), f"{path}.{name}"))
-        return mapped
+    if is_dataclass_instance(node):
+        return with_fields(node, {name: _mapped(fn, v, f"{path}.{name}") for name, v in fields_of(node).items()})
     return node
