@@ -1,6 +1,6 @@
 """Points of weight space: affine subspaces (Span, Line, Plane) and random directions.
 
-Depends only on torch; no other mlifast layer is imported here.
+Depends on torch and, below it, the ops layer's argument checks only.
 `read_state` turns a module or state dict into a validated dict of tensors.
 """
 

@@ -20,10 +20,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import torch
-from torch.autograd import forward_ad
 from torch import Tensor, nn
 
 from mlifast._messages import list_names
+from mlifast.ops._checks import transformed
 
 StateLike = Union[nn.Module, Mapping[str, Tensor]]
 """An ``nn.Module`` (its ``state_dict()`` is used) or a mapping of names to tensors."""
@@ -412,7 +412,7 @@ class Span:
         expected = "(K,) or (K, 1)" if J == 1 else f"(K, {J})"
         if isinstance(coords, (bool, str)):
             raise ValueError(f"coords must be an int or an array of shape {expected}; got {coords!r}.")
-        if isinstance(coords, Tensor) and _carries_derivatives(coords):
+        if isinstance(coords, Tensor) and (coords.requires_grad or transformed(coords)):
             raise ValueError("coords carry derivatives, which the points do not follow (they are read as "
                              "float64 numbers); derivatives along a line: mlifast.mli.gauss_length.")
         try:
@@ -618,10 +618,3 @@ def on_segment(alphas: Any) -> Tensor:
     a = torch.as_tensor(alphas, dtype=torch.float64).reshape(-1)
     slack = 1e-3 * a.diff().min().item() if len(a) > 1 else 0.0
     return (a >= -slack) & (a <= 1 + slack)
-
-
-def _carries_derivatives(t: Tensor) -> bool:
-    """Whether t takes part in a derivative: it requires grad, carries a forward-mode
-    tangent, or is a torch.func transform's wrapper."""
-    return (t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t)
-            or forward_ad.unpack_dual(t).tangent is not None)
