@@ -90,8 +90,9 @@ def run_grid(config: GridConfig, out: Path, progress: bool = True) -> list[dict]
     config_file = Path(out) / "config.json"
     folder_settings = ({name: value for name, value in json.loads(config_file.read_text()).items()
                         if name in RUN_SETTINGS} if config_file.exists() else None)
-    finished = {combo: read_run(runs_dir / f"{run_id(*combo)}.json", config, folder_settings) for combo in combos
-                if (runs_dir / f"{run_id(*combo)}.json").exists()}  # (refused before anything is written)
+    paths = {combo: runs_dir / f"{run_id(*combo)}.json" for combo in combos}
+    finished = {combo: read_run(path, config, folder_settings) for combo, path in paths.items()
+                if path.exists()}  # (refused before anything is written)
     write_json_atomically(config_file, asdict(config))
     records, data_cache = [], {}
     with tqdm(combos, disable=not progress, desc="reproduce mlp", unit="run") as bar:
@@ -99,12 +100,11 @@ def run_grid(config: GridConfig, out: Path, progress: bool = True) -> list[dict]
             if combo in finished:
                 records.append(finished[combo])
                 continue
-            path = runs_dir / f"{run_id(*combo)}.json"
             bar.set_postfix_str(run_id(*combo))
             if combo[0] not in data_cache:
                 data_cache = {combo[0]: get_dataset(combo[0])}  # one data set in memory at a time
             record = run_one(config, data_cache[combo[0]], *combo)
-            write_json_atomically(path, record)
+            write_json_atomically(paths[combo], record)
             records.append(record)
     return records
 
