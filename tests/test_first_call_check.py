@@ -38,6 +38,16 @@ def assert_oracle(out, model, space, coords, *args, tol=1e-9):
 
 
 @pytest.fixture
+def reference_points(monkeypatch):
+    """Counts the reference's runs of the model at one point (PerPointModel.at)."""
+    calls = []
+    original = PerPointModel.at
+    monkeypatch.setattr(PerPointModel, "at", lambda self, coord, *a, **k: calls.append(coord.tolist())
+                        or original(self, coord, *a, **k))
+    return calls
+
+
+@pytest.fixture
 def state_builds(monkeypatch):
     """Counts Span.state_at calls (each a full state of the model)."""
     calls = []
@@ -96,7 +106,7 @@ def test_a_multi_point_run_that_raises_where_the_model_runs_falls_back():
     assert_oracle(out, a, line, coords, x, h0, c0)
 
 
-def test_numbers_and_lists_in_the_arguments_do_not_make_new_checks(state_builds):
+def test_numbers_and_lists_in_the_arguments_do_not_make_new_checks(reference_points):
     class Lengths(nn.Module):  # (per-batch values: sequence lengths, a step)
         def __init__(self):
             super().__init__()
@@ -110,7 +120,7 @@ def test_numbers_and_lists_in_the_arguments_do_not_make_new_checks(state_builds)
     x = torch.randn(4, 4, dtype=torch.float64)
     for batch in range(3):
         call(fast, x, [batch] * 4, 0.5 + batch)
-    assert len(state_builds) == 2  # (the first call's check, at its two points)
+    assert len(reference_points) == 2  # (the first call's check, at its two points)
 
 
 def test_running_out_of_memory_is_raised_not_taken_for_a_disagreement():
@@ -178,7 +188,7 @@ class Doubles(nn.Module):
 # ----------------------------------------------------------------------------- sharing rows
 
 
-def test_shared_rows_agreeing_are_kept_and_checked_once(state_builds):
+def test_shared_rows_agreeing_are_kept_and_checked_once(reference_points):
     a, line = line_of(mlp)
     coords = torch.linspace(0, 1, 5)
     fast = mlifast.interpolate(a, line, coords)
@@ -189,13 +199,24 @@ def test_shared_rows_agreeing_are_kept_and_checked_once(state_builds):
     out, fallback = call(fast, x)
     assert not fallback and fast.shares_rows is True
     assert runs == [True]  # one pass, on shared rows: its outputs are the call's
-    assert len(state_builds) == 2  # the model itself at points 0 and 4
+    assert len(reference_points) == 2  # the model itself at points 0 and 4
     out, _ = call(fast, x)  # checked: no reference any more
-    assert runs == [True, True] and len(state_builds) == 2
+    assert runs == [True, True] and len(reference_points) == 2
     assert_oracle(out, a, line, coords, x)
 
 
-def test_batch_size_dependent_model_repeats_its_inputs_without_falling_back(state_builds):
+def test_the_check_reads_the_origins_parameters_as_they_are(state_builds, reference_points):
+    a, line = line_of(mlp)
+    coords = torch.linspace(0, 1, 4)
+    fast = mlifast.interpolate(a, line, coords)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    out, fallback = call(fast, x)
+    assert fallback == [] and reference_points == [[0.0], [1.0]]
+    assert state_builds == [[1.0]]  # none formed at the origin
+    assert_oracle(out, a, line, coords, x)
+
+
+def test_batch_size_dependent_model_repeats_its_inputs_without_falling_back(reference_points):
     a, line = line_of(CapturesBatch)
     coords = torch.linspace(0, 1, 4)
     fast = mlifast.interpolate(a, line, coords)
@@ -203,9 +224,9 @@ def test_batch_size_dependent_model_repeats_its_inputs_without_falling_back(stat
     out, fallback = call(fast, x)
     assert fallback == [] and not fast.per_point_fallback
     assert fast.shares_rows is False
-    assert len(state_builds) == 2  # the reference outputs serve both runs
+    assert len(reference_points) == 2  # the reference outputs serve both runs
     call(fast, torch.randn(2, 4, dtype=torch.float64))  # a new shape: repeated straight away
-    assert fast.shares_rows is False and len(state_builds) == 4
+    assert fast.shares_rows is False and len(reference_points) == 4
     assert_oracle(out, a, line, coords, x)
 
 
@@ -234,7 +255,7 @@ def test_one_point_decides_nothing_about_sharing():
     assert_oracle(out, a, line, coords, x)
 
 
-def test_model_that_truly_disagrees_still_falls_back(state_builds):
+def test_model_that_truly_disagrees_still_falls_back(reference_points):
     a, line = line_of(Disagrees)
     coords = torch.linspace(0, 1, 3)
     fast = mlifast.interpolate(a, line, coords)
@@ -243,7 +264,7 @@ def test_model_that_truly_disagrees_still_falls_back(state_builds):
     assert len(fallback) == 1 and fast.per_point_fallback
     assert "at point #0" in str(fallback[0].message)
     # the check's at point 0 (where both its runs, shared and repeated, disagree), then the 3 points
-    assert len(state_builds) == 1 + 3
+    assert len(reference_points) == 1 + 3
     assert_oracle(out, a, line, coords, x)
 
 
@@ -273,24 +294,24 @@ def data_for(model_in=4, classes=3, batches=2, seed=0):
             for _ in range(batches)]
 
 
-def test_evaluate_builds_two_reference_states_per_call(state_builds):
+def test_evaluate_runs_two_reference_points_per_call(reference_points):
     a, line = line_of(mlp)
     data = data_for()
     for _ in range(2):  # every evaluate call is a new multi-point model: checked again
-        before = len(state_builds)
+        before = len(reference_points)
         res = mlifast.evaluate(a, line, data, coords=5, progress=False)
-        assert len(state_builds) - before == 2
-        state_builds.clear()
+        assert len(reference_points) - before == 2
+        reference_points.clear()
         torch.testing.assert_close(res["loss"], mean_loss(a, line, res.alphas.tolist(), data), rtol=1e-9, atol=0)
 
 
-def test_evaluate_with_one_point_builds_one_reference_state(state_builds):
+def test_evaluate_with_one_point_runs_one_reference_point(reference_points):
     a, line = line_of(mlp)
     mlifast.evaluate(a, line, data_for(), coords=[0.25], progress=False)
-    assert len(state_builds) == 1
+    assert len(reference_points) == 1
 
 
-def test_probe_runs_once_unchecked(state_builds):
+def test_probe_runs_once_unchecked(reference_points):
     a, line = line_of(mlp)
     fast = MultiPointModel(a, line, line.coords_tensor(5))
     runs = []
@@ -300,10 +321,10 @@ def test_probe_runs_once_unchecked(state_builds):
     per_point = chunking.bytes_per_point(fast, data[0], lambda m, b: (m(b[0]), b[1]), torch.device("cpu"))
     assert per_point.activations > 0 and per_point.kept > 0
     assert runs == [1]  # one pass of one point
-    assert state_builds == [] and fast._checked == set() and fast.shares_rows is None
+    assert reference_points == [] and fast._checked == set() and fast.shares_rows is None
     assert fast.num_points == 5  # the coordinates are restored
     out, fallback = call(fast, data[0][0])  # the first real call is still checked
-    assert fallback == [] and len(state_builds) == 2 and len(fast._checked) == 1
+    assert fallback == [] and len(reference_points) == 2 and len(fast._checked) == 1
     assert runs == [1, 5]
     assert_oracle(out, a, line, fast.coords[:, 0], data[0][0])
 

@@ -437,7 +437,7 @@ def interrupt_the_reference_once(fast):
     (Ctrl-C while it computes), then runs as before."""
     at = fast.reference.at
 
-    def interrupted(*args):
+    def interrupted(*args, **kwargs):
         fast.reference.at = at
         raise KeyboardInterrupt
 

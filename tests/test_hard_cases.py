@@ -289,6 +289,29 @@ def test_generic_batch_norm_subclass_in_train_mode_leaves_the_space_alone():
     assert torch.equal(before, line.origin["1.running_mean"])
 
 
+class WritesIntoItsWeight(nn.Module):  # a constraint applied in forward
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.fc2.weight.clamp_(-0.2, 0.2)
+        return self.fc2(self.fc1(x))
+
+
+def test_a_forward_writing_into_its_parameters_is_refused_naming_them():
+    torch.manual_seed(0)
+    a, b = WritesIntoItsWeight(), WritesIntoItsWeight()
+    b.fc2.load_state_dict(a.fc2.state_dict())  # frozen: the copy reads the space's own tensor
+    with pytest.raises(RuntimeError, match=r"wrote into 'fc2.weight' during its forward"):
+        mlifast.interpolate(a, mlifast.Line(a, b), 3)(torch.randn(5, 4))
+    with torch.no_grad():
+        b.fc2.weight.add_(1.0)  # moving: refused where it is used
+    with pytest.raises(mlifast.UnhandledParameterError, match="'fc2.weight'"):
+        mlifast.interpolate(a, mlifast.Line(a, b), 3)(torch.randn(5, 4))
+
+
 def test_one_shot_iterators_are_refused():
     torch.manual_seed(0)
     a, b = nn.Linear(4, 3), nn.Linear(4, 3)

@@ -59,6 +59,7 @@ class MultiPointModel(nn.Module):
         super().__init__()
         _check_model_matches_space(model, space)
         self.space = space
+        self._space_origin = tuple(space.origin.values())  # (in space.keys' order)
         self.batch_dim = batch_dim
         like = next(t for t in space.origin.values() if t.is_floating_point())
         self.context = PointContext(torch.zeros(1, space.num_directions, dtype=like.dtype, device=like.device))
@@ -134,14 +135,35 @@ class MultiPointModel(nn.Module):
         # Under forward-mode AD or a torch.func transform every rule takes its pure-PyTorch
         # form: the compiled ops would drop a forward tangent.
         context.forward_mode = saved or transformed(*tensors_in((args, kwargs)))
+        versions = _versions(*self._space_origin)
         try:
             out = self._outputs(args, kwargs)
+        except BaseException as error:
+            self._refuse_writes_into_space(versions, error)
+            raise
         finally:
             context.forward_mode = saved
+        self._refuse_writes_into_space(versions)
         if self._consume is None or out is None:
             return out
         self._consume(0, out)
         return None
+
+    def _refuse_writes_into_space(self, versions: tuple, cause: BaseException | None = None) -> None:
+        """RuntimeError naming the space's origin tensors whose version counters moved from
+        `versions`: the model wrote into its parameters during forward (the copy and the
+        reference read frozen parameters, and the reference all of them at the origin,
+        from the space's own tensors: every point after the write would be wrong)."""
+        if _versions(*self._space_origin) == versions:
+            return
+        written = [k for k, t, v in zip(self.space.keys, self._space_origin, versions) if _versions(t) != (v,)]
+        raise RuntimeError(
+            f"mlifast: the model wrote into {', '.join(map(repr, written[:5]))} during its forward (in place, "
+            "e.g. under torch.no_grad()); mlifast evaluates every point from the space's stored tensors, and "
+            "that write changed them, so the space no longer holds the points it was made from. Take the "
+            "write out of forward (apply it to the checkpoints beforehand if it belongs there) and make "
+            "the space again."
+        ) from cause
 
     def _outputs(self, args: tuple, kwargs: dict) -> Any:
         """forward's outputs (K, …), or None where they went to `outputs_to`'s consumer."""
@@ -316,7 +338,7 @@ class MultiPointModel(nn.Module):
         def disagreement(held: dict[int, Any]) -> str | None:
             for k in checked:
                 if k not in expected:
-                    expected[k] = self.reference.at(self.coords[k], args, kwargs)
+                    expected[k] = self.reference.at(self.coords[k], args, kwargs, origin_as_is=True)
                 problem = first_disagreement(held[k // group * group], expected[k], k % group, tf32)
                 if problem is not None:
                     return f"at point #{k}, coordinates {self.coords[k].tolist()}: {problem}"
@@ -561,6 +583,7 @@ def interpolate(model: nn.Module, space: Span, coords: Any, *, batch_dim: int = 
 
 def _check_model_matches_space(model: nn.Module, space: Span) -> None:
     state = model.state_dict()  # (once; no keep_vars: a model may define state_dict without it)
+    origin = space.origin
     keys = set(state)
     missing, unexpected = sorted(set(space.keys) - keys), sorted(keys - set(space.keys))
     if missing or unexpected:
@@ -571,10 +594,10 @@ def _check_model_matches_space(model: nn.Module, space: Span) -> None:
             + "build the space from checkpoints of this model class"
         )
     for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(space.origin[name].shape):
+        if tuple(tensor.shape) != tuple(origin[name].shape):
             raise ValueError(
                 f"mlifast: '{name}' has shape {tuple(tensor.shape)} in the model but "
-                f"{tuple(space.origin[name].shape)} in the space"
+                f"{tuple(origin[name].shape)} in the space"
             )
     for key, first in alias_groups(model).items():
         if key != first and not _same_in_space(space, key, first):
@@ -596,6 +619,7 @@ def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn
     """A copy of the module tree whose tensors are the space's origin (moving ones as
     UnhandledTensors), with every module owning moving tensors replaced by its rule."""
     memo: dict[int, Any] = {}
+    space_origin = space.origin
     originals = dict(model.named_modules(remove_duplicate=False))
     owners = _owners(originals)
     owned: dict[str, dict[str, tuple[str, Tensor]]] = {}  # owner's path → name in it → (key, origin)
@@ -608,7 +632,7 @@ def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn
             if tensor is None:
                 continue
             key = f"{path}.{name}" if path else name
-            origin = space.origin[key]
+            origin = space_origin[key]
             moving = origin.is_floating_point() and not space.is_frozen(key)
             if id(tensor) not in memo:
                 if moving:
