@@ -43,6 +43,8 @@ def make_args(K, R, I, O, J, shared, bias, dtype, seed=0, noncontiguous=False):
     b = rand(O) if bias != "none" else None
     db = rand(J, O) if bias == "moving" else None
     c = torch.linspace(-0.5, 1.5, K * J, dtype=torch.float64).reshape(K, J).to(dtype)
+    if noncontiguous:  # (the per-point form read them by index as if contiguous)
+        c = c.t().contiguous().t()
     return x, w, b, d, db, c
 
 
@@ -73,7 +75,7 @@ def test_matches_reference_and_loop(dtype, J, K, R, shared, bias):
 @pytest.mark.parametrize("R", [2, 9, 65, 130])
 def test_noncontiguous_inputs(dtype, shared, R):
     args = make_args(4, R, 17, 9, 2, shared, "moving", dtype, noncontiguous=True)
-    assert not args[0].is_contiguous() and not args[1].is_contiguous()
+    assert not args[0].is_contiguous() and not args[1].is_contiguous() and not args[5].is_contiguous()
     expected = per_point_loop(*(a.double() for a in args))
     assert rel_err(multipoint_linear(*args).double(), expected) < RTOL[dtype]
 

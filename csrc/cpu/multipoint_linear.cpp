@@ -206,7 +206,7 @@ void per_point_weights(const at::Tensor& input, const at::Tensor& weight, const 
                        at::Tensor& y) {
   const at::Tensor w = weight.contiguous();
   const at::Tensor d = weight_dirs.contiguous();
-  const at::Tensor c = coeffs.to(at::kDouble).cpu();
+  const at::Tensor c = coeffs.to(at::kDouble).cpu().contiguous();  // (read by index below)
   const double* c_p = c.const_data_ptr<double>();
   at::Tensor w_k = weight_workspace(w);
   for (int64_t k = 0; k < s.points; ++k) {
