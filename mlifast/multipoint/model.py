@@ -102,7 +102,7 @@ class MultiPointModel(nn.Module):
         """Answer for the points `coords` (K, J) from now on."""
         like = self.context.coeffs
         self.coords = coords
-        self.context.coeffs = coords.to(device=like.device, dtype=like.dtype)
+        self.context.coeffs = coords.to(device=like.device, dtype=like.dtype).contiguous()
         self.context.select_points(0, coords.shape[0])
 
     @property

@@ -2,12 +2,17 @@
 checked against on its first call of each shape, and the fallback when they disagree.
 
 A private copy of the user's module tree whose parameters and persistent buffers are
-meta tensors (no memory); each point's full state from the space is supplied with
-torch.func.functional_call, so the user's model is never touched.
+meta tensors (no memory); each point's state from the space is supplied with
+torch.func.functional_call, so the user's model is never touched. Outside autograd the
+large moving weights of torch's own layers are formed only while their layer runs
+(`FORMED_PER_MODULE`): a reference point then holds about one layer's weights beside the
+small rest of the state, not a copy of the whole model (W3: 1.2 GB).
 """
 from __future__ import annotations
 
+import functools
 import math
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -19,8 +24,56 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
 from mlifast.multipoint.module_copy import copy_module_tree
+from mlifast.multipoint.rule import forward_is_inherited
 from mlifast.multipoint.trees import map_tensors, tensors_in
+from mlifast.multipoint.unhandled import UnhandledParameterError, UnhandledTensor
+from mlifast.ops._checks import transformed
 from mlifast.spaces import Span
+
+# Layers whose moving weights of at least FORMED_PER_MODULE_MIN_BYTES, each its own tensor
+# (not tied), a reference point forms just before the layer runs and drops after: torch's
+# own layers, which read them in their own forward. Elsewhere such a weight is a
+# `_FormedElsewhere`, which refuses computation: a parent reading it (MultiheadAttention its
+# out_proj's) makes the point run again with the whole state.
+FORMED_PER_MODULE = (nn.Linear, nn.Bilinear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                     nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+FORMED_PER_MODULE_MIN_BYTES = 1 << 18
+
+
+class _FormedElsewhere(UnhandledTensor):
+    """A weight formed per module, outside its module's forward: refuses computation (as
+    UnhandledTensor) and records that it did in `refusals`, shared with its PerPointModel
+    (the model might catch the error)."""
+
+    refusals: list
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        try:
+            return super().__torch_function__(func, types, args, kwargs)
+        except UnhandledParameterError:
+            next(t for t in tensors_in((args, kwargs)) if isinstance(t, _FormedElsewhere)).refusals.append(func)
+            raise
+
+
+class _Forming:
+    """What the hooks of the layers whose weights are formed per module read: the point
+    they form them at (None: the whole state is given), and the refusals of their
+    `_FormedElsewhere`s since the point began."""
+
+    def __init__(self, space: Span) -> None:
+        self.space, self.point, self.refusals = space, None, []
+
+    def formed(self, own: list, module: nn.Module, _args: tuple) -> None:
+        if self.point is not None:
+            values = self.space.state_at(self.point, keys=[key for _, key, _ in own])
+            for name, key, _ in own:
+                module._parameters[name] = values[key]
+
+    def dropped(self, own: list, module: nn.Module, _args: tuple, _output: Any) -> None:
+        if self.point is not None:
+            for name, _, placeholder in own:
+                module._parameters[name] = placeholder
 
 
 class PerPointModel:
@@ -43,6 +96,33 @@ class PerPointModel:
         self._reusing = False  # see reusing_state
         self._device_type = next(iter(space.origin.values())).device.type
         self._state: dict[str, Tensor] | None = None
+        self._forming = _Forming(space)  # (the hooks hold it, not this object: no reference cycle)
+        self._per_module = self._form_per_module(model, space)  # keys formed while their layer runs
+        self._rest_keys = [k for k in self.keys if k not in self._per_module]
+
+    def _form_per_module(self, model: nn.Module, space: Span) -> set[str]:
+        """Puts a `_FormedElsewhere` in place of each weight formed per module (see
+        FORMED_PER_MODULE) in the copy, with hooks on its layer that form it for `_point`
+        and drop it; returns their keys."""
+        groups, origin, formed = alias_groups(model), space.origin, set()
+        uses = Counter(groups.values())
+        for path, module in self.module.named_modules():
+            if not any(forward_is_inherited(module, cls) for cls in FORMED_PER_MODULE):
+                continue
+            own = []
+            for name, p in module._parameters.items():
+                key = f"{path}.{name}" if path else name
+                if (p is not None and groups.get(key) == key and uses[key] == 1 and not space.is_frozen(key)
+                        and p.numel() * p.element_size() >= FORMED_PER_MODULE_MIN_BYTES):
+                    placeholder = _FormedElsewhere(origin[key], key, type(module).__name__)
+                    placeholder.refusals = self._forming.refusals
+                    module._parameters[name] = placeholder
+                    own.append((name, key, placeholder))
+            if own:
+                module.register_forward_pre_hook(functools.partial(self._forming.formed, own), prepend=True)
+                module.register_forward_hook(functools.partial(self._forming.dropped, own), always_call=True)
+                formed.update(key for _, key, _ in own)
+        return formed
 
     def train(self, mode: bool) -> None:
         self.module.train(mode)
@@ -91,15 +171,39 @@ class PerPointModel:
         c = coord.tolist()
         if origin_as_is and not any(c):
             origin = self.space.origin
-            state = {k: origin[k] if k in self._parameter_keys else origin[k].clone() for k in self.keys}
-        elif self._reusing:
-            state = self._state = self.space.state_at(c, out=self._state)
-        else:
-            state = self.space.state_at(c)
+            return self._run({k: origin[k] if k in self._parameter_keys else origin[k].clone() for k in self.keys},
+                             args, kwargs)
+        forming = self._forming
+        if self._per_module and not torch.is_grad_enabled() and not transformed(*tensors_in((args, kwargs))):
+            del forming.refusals[:]
+            forming.point = c
+            try:
+                out = self._run(self._state_at(c, self._rest_keys), args, kwargs)
+            except Exception:  # noqa: BLE001 — a weight read outside its layer, or the model's own error: below
+                out = None
+            finally:
+                forming.point = None
+            if out is not None and any(isinstance(t, UnhandledTensor) for t in tensors_in(out)):
+                forming.refusals.append("returned")  # (a layer's weight itself, not computed with)
+            if not forming.refusals and out is not None:
+                return out
+            if forming.refusals:  # (a parent reads its layer's weight: the whole state from now on)
+                self._per_module = set()
+                self._rest_keys = self.keys
+        return self._run(self._state_at(c, self.keys), args, kwargs)
+
+    def _state_at(self, c: list[float], keys: list[str]) -> dict[str, Tensor]:
+        """The entries `keys` at point c: on the CPU within reusing_state, in the memory of
+        the previous point's."""
+        if not self._reusing:
+            return self.space.state_at(c, keys=keys)
+        self._state = self.space.state_at(c, out=self._state, keys=keys)
+        return self._state
+
+    def _run(self, state: dict[str, Tensor], args: tuple, kwargs: dict) -> Any:
         copy_of = lambda t, _path: t.clone()  # noqa: E731 — in-place ops of the model stay here
-        out = functional_call(self.module, {k: state[k] for k in self.keys}, map_tensors(copy_of, args),
-                              map_tensors(copy_of, kwargs))
-        if self._reusing and state is self._state:  # an output viewing a state tensor: the next point overwrites it
+        out = functional_call(self.module, state, map_tensors(copy_of, args), map_tensors(copy_of, kwargs))
+        if state is self._state:  # an output viewing a state tensor: the next point overwrites it
             held = {_storage(t) for t in state.values() if t.numel()}
             out = map_tensors(lambda t, _path: t.clone() if _may_alias(t, held) else t, out)
         return out

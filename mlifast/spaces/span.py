@@ -335,24 +335,34 @@ class Span:
             raise ValueError(f"coordinate {t.tolist()} is not finite.")
         return t.tolist()
 
-    def state_at(self, coord: Any, out: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """The full state dict at one point.
+    def state_at(self, coord: Any, out: Mapping[str, Tensor] | None = None,
+                 keys: Iterable[str] | None = None) -> dict[str, Tensor]:
+        """The full state dict at one point (or the entries `keys` of it).
 
         Args:
             coord: a float (J = 1), or a sequence / 1-D tensor / array of J floats.
             out: optionally, a state dict returned by an earlier ``state_at`` of this span,
                 whose tensors are overwritten with this point's values instead of
                 allocating new ones (an entry that does not match is allocated anew).
+            keys: only these entries (default: all); KeyError naming an unknown one.
         Returns:
-            A new dict in the origin's key order: origin[k] + Σ_j c_j · d_j[k] for floating
-            entries (computed in the entry's dtype, directions added one at a time), a copy
-            of origin[k] for the others. Same dtypes and devices as the origin.
+            A new dict in the origin's key order (that of `keys` if given): origin[k] +
+            Σ_j c_j · d_j[k] for floating entries (computed in the entry's dtype, directions
+            added one at a time), a copy of origin[k] for the others. Same dtypes and
+            devices as the origin.
         """
         c = self._coord_list(coord)
         rows = self._direction_rows()
-        fresh = self._fresh_floating(c, rows) if out is None else {}
+        entries = self._origin
+        if keys is not None:
+            keys = list(keys)
+            unknown = [k for k in keys if k not in entries]
+            if unknown:
+                raise KeyError(f"not entries of this {self.kind}: {_names(unknown)}")
+            entries = {k: entries[k] for k in keys}
+        fresh = self._fresh_floating(c, rows, entries) if out is None else {}
         result = {}
-        for k, o in self._origin.items():
+        for k, o in entries.items():
             if k in fresh:
                 result[k] = fresh[k]
                 continue
@@ -370,10 +380,10 @@ class Span:
             result[k] = t
         return result
 
-    def _fresh_floating(self, c: list, rows: dict) -> dict[str, Tensor]:
-        """state_at's contiguous floating entries in new memory, by foreach ops: the same
+    def _fresh_floating(self, c: list, rows: dict, entries: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """state_at's contiguous floating `entries` in new memory, by foreach ops: the same
         sums, in a launch per group of tensors rather than per tensor (W3's 293 tensors)."""
-        keys = [k for k, d in rows.items() if self._origin[k].is_contiguous()]
+        keys = [k for k, o in entries.items() if k in rows and o.is_contiguous()]
         if not keys:
             return {}
         values = torch._foreach_add([self._origin[k] for k in keys], [rows[k][0] for k in keys], alpha=c[0])
@@ -416,7 +426,7 @@ class Span:
             raise ValueError("coords carry derivatives, which the points do not follow (they are read as "
                              "float64 numbers); derivatives along a line: mlifast.mli.gauss_length.")
         try:
-            t = torch.as_tensor(coords, dtype=torch.float64).detach().to("cpu").clone()
+            t = torch.as_tensor(coords, dtype=torch.float64).detach().to("cpu").clone(memory_format=torch.contiguous_format)
         except (TypeError, ValueError, RuntimeError) as e:
             raise ValueError(
                 f"coords must be an int or an array of shape {expected}; could not read "

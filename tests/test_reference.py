@@ -1,0 +1,128 @@
+"""The first-call check's reference (`PerPointModel`): outside autograd, the large weights of
+torch's own layers are formed only while their layer runs; wherever that cannot hold (a
+parent reading its layer's weight), the point runs again with the whole state. Either way
+its outputs are the oracle's."""
+import pytest
+import torch
+from torch import nn
+
+import mlifast
+from mlifast.multipoint import reference
+from mlifast.multipoint.reference import PerPointModel
+from oracle import oracle_outputs, rel_err
+from test_memory import peak_bytes
+
+
+class ReadsItsLayersWeight(nn.Module):  # a parent computing with a child's weight
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return x @ self.fc.weight.t() + self.fc(x)
+
+
+class ReturnsItsLayersWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.fc(x), self.fc.weight
+
+
+class SwallowsTheRefusal(nn.Module):  # (the refusal must be seen even when caught)
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        try:
+            scale = self.fc.weight.abs().mean()
+        except RuntimeError:
+            scale = torch.tensor(1.0, dtype=x.dtype)
+        return self.fc(x) * scale
+
+
+def attention():
+    return nn.MultiheadAttention(6, 2, batch_first=True)  # (its forward reads out_proj's weight)
+
+
+def conv_embedding():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.conv, self.fc = nn.Embedding(20, 6), nn.Conv1d(6, 6, 3, padding=1), nn.Linear(6, 6)
+
+        def forward(self, tokens):
+            return self.fc(self.conv(self.emb(tokens).transpose(1, 2)).transpose(1, 2))
+
+    return Net()
+
+
+INPUTS = {
+    "mlp": (lambda: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 6)), lambda: (torch.randn(4, 6),)),
+    "conv_embedding": (conv_embedding, lambda: (torch.randint(0, 20, (4, 5)),)),
+    "attention": (attention, lambda: (torch.randn(4, 3, 6),) * 3),
+    "reads_its_layers_weight": (ReadsItsLayersWeight, lambda: (torch.randn(4, 6),)),
+    "returns_its_layers_weight": (ReturnsItsLayersWeight, lambda: (torch.randn(4, 6),)),
+    "swallows_the_refusal": (SwallowsTheRefusal, lambda: (torch.randn(4, 6),)),
+}
+FORMED_PER_LAYER = {"mlp", "conv_embedding"}  # (the others read a layer's weight outside it)
+
+
+@pytest.mark.parametrize("name", INPUTS)
+@pytest.mark.parametrize("reusing", [False, True])
+def test_weights_formed_per_layer_give_the_oracles_outputs(name, reusing, monkeypatch):
+    monkeypatch.setattr(reference, "FORMED_PER_MODULE_MIN_BYTES", 0)
+    factory, inputs = INPUTS[name]
+    torch.manual_seed(0)
+    a, b = factory().double().eval(), factory().double().eval()
+    line = mlifast.Line(a, b)
+    args = tuple(t.double() if t.is_floating_point() else t for t in inputs())
+    ref = PerPointModel(a, line)
+    assert ref._per_module  # (every weight of its layers: none tied)
+    coords = torch.tensor([0.3, 1.0, -0.5], dtype=torch.float64)
+    expected = oracle_outputs(a, line, coords, *args)
+    with torch.no_grad():
+        with (ref.reusing_state() if reusing else torch.no_grad()):
+            outs = [ref.at(c.reshape(1), args, {}) for c in coords]
+    for k, (out, want) in enumerate(zip(outs, expected)):
+        for o, w in zip(out if isinstance(out, tuple) else (out,), want if isinstance(want, tuple) else (want,)):
+            assert type(o) is torch.Tensor and rel_err(o, w) < 1e-12, (name, k)
+    assert bool(ref._per_module) == (name in FORMED_PER_LAYER)
+
+
+def test_tied_and_frozen_weights_are_in_the_whole_state(monkeypatch):
+    monkeypatch.setattr(reference, "FORMED_PER_MODULE_MIN_BYTES", 0)
+
+    def tied():
+        m = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 10, bias=False))
+        m[2].weight = m[0].weight
+        return m
+
+    torch.manual_seed(0)
+    a, b = tied(), tied()
+    b[1].load_state_dict(a[1].state_dict())  # frozen
+    line = mlifast.Line(a, b)
+    ref = PerPointModel(a, line)
+    assert ref._per_module == set()
+    x = torch.randint(0, 10, (3,))
+    with torch.no_grad():
+        out = ref.at(torch.tensor([0.7], dtype=torch.float64), (x,), {})
+    assert rel_err(out, oracle_outputs(a, line, torch.tensor([0.7]), x)[0]) < 1e-6
+
+
+def test_a_reference_point_holds_one_layers_weights_not_the_whole_state():
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(*(nn.Linear(512, 512) for _ in range(6))) for _ in range(2))
+    weight_bytes = 512 * 512 * 4
+    line = mlifast.Line(a, b)
+    ref = PerPointModel(a, line)
+    x, at = torch.randn(2, 512), torch.tensor([0.5], dtype=torch.float64)
+    with torch.no_grad():
+        ref.at(at, (x,), {})  # (warm-up)
+        per_layer = peak_bytes(lambda: ref.at(at, (x,), {}))
+    assert per_layer < 1.5 * weight_bytes, per_layer / weight_bytes
+    whole = peak_bytes(lambda: ref.at(at, (x,), {}))  # (under autograd: the whole state)
+    assert whole > 6 * weight_bytes, whole / weight_bytes
