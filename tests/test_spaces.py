@@ -514,6 +514,24 @@ def test_state_at_fresh_equals_written_into_out():
     torch.testing.assert_close(fresh["w"], expected + c[1] * span.direction("w")[1], rtol=0, atol=1e-6)
 
 
+def test_state_at_some_keys_gives_those_entries_of_the_whole_state():
+    g = torch.Generator().manual_seed(6)
+
+    def state():
+        return {"w": torch.randn(6, 5, generator=g), "b": torch.randn(6, generator=g), "steps": torch.tensor(7)}
+
+    span = Span(state(), [state()])
+    whole = span.state_at([0.4])
+    for keys in (["b"], ["steps", "w"], []):
+        part = span.state_at([0.4], keys=keys)
+        assert list(part) == keys and all(torch.equal(part[k], whole[k]) for k in keys)
+    kept = span.state_at([0.9], keys=["w"])
+    written = span.state_at([0.4], out=kept, keys=["w", "b"])
+    assert written["w"].data_ptr() == kept["w"].data_ptr() and torch.equal(written["w"], whole["w"])
+    with pytest.raises(KeyError, match="'v'"):
+        span.state_at([0.4], keys=["w", "v"])
+
+
 def test_pickle_after_state_at_carries_no_views():
     """The views state_at keeps of the directions are not pickled (each would carry its
     whole stack of directions): the same bytes before and after a state_at."""
