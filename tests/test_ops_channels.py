@@ -274,6 +274,8 @@ def test_combine_bad_arguments_say_what_is_wrong():
         channel_combine([x] * 9, torch.ones(3, 9, 5), shift)
     with pytest.raises(ValueError, match=r"inputs\[1\] must have inputs\[0\]'s shape"):
         channel_combine([x, x[:3]], scales, shift)
+    with pytest.raises(TypeError, match=r"inputs\[1\] is None"):
+        channel_combine([x, None], scales, shift)
     with pytest.raises(ValueError, match=r"expected scales \(K, 2, 5\) and shift \(K, 5\)"):
         channel_combine([x, x], torch.ones(3, 5), shift)
     with pytest.raises(ValueError, match=r"expected scales \(K, 2, 5\) and shift \(K, 5\)"):

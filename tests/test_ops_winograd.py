@@ -106,6 +106,10 @@ def test_out_takes_a_slice_of_a_larger_output_and_may_be_the_addend():
         same = torch.empty(3, 16, 9, 6).contiguous(memory_format=torch.channels_last)
         with pytest.raises(RuntimeError, match="unsupported operation"):  # (out overlaps the input)
             winograd_conv3x3(same, weight[:16], bias[:16], (1, 1), out=same)
+        into_out = torch.empty(3, 16, 9, 6).contiguous(memory_format=torch.channels_last)
+        moments = torch.empty(0, dtype=torch.float64).set_(into_out.untyped_storage(), 0, (2, 16))
+        with pytest.raises(RuntimeError, match="unsupported operation"):  # (moments, written last, inside out)
+            winograd_conv3x3(torch.randn_like(same), weight[:16], bias[:16], (1, 1), out=into_out, moments=moments)
     # (functionalization takes no custom op returning an alias, as torch's .out ops do)
     torch.library.opcheck(torch.ops.mlifast.winograd_conv3x3.out, (x, weight, bias, [1, 1], addend, True),
                           {"out": torch.empty_like(y)}, test_utils=("test_schema", "test_faketensor"))
@@ -330,8 +334,9 @@ def test_an_int_padding_and_a_string_one():
     x, weight, bias, _ = operands(1, 16, 16, 5, 5, (2, 2))
     with torch.no_grad():
         assert torch.equal(winograd_conv3x3(x, weight, bias, 2), winograd_conv3x3(x, weight, bias, (2, 2)))
-    with pytest.raises(ValueError, match=r"int or \(rows, columns\)"):
-        winograd_conv3x3(x, weight, bias, "same")
+    for padding in ("same", 1.5, (1, 1.0), (1, 1, 1)):
+        with pytest.raises(ValueError, match=r"int or \(rows, columns\) of ints"):
+            winograd_conv3x3(x, weight, bias, padding)
 
 
 def test_tensors_carrying_forward_derivatives_are_refused():

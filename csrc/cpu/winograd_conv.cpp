@@ -157,6 +157,9 @@ at::Tensor& winograd_conv3x3_out_cpu(const at::Tensor& input_, const at::Tensor&
                     moments->device().is_cpu(),
                 kOp, "moments must be a float64 CPU tensor of shape ", at::IntArrayRef(moments_shape), ", got ",
                 moments->sizes(), " ", moments->scalar_type(), " on ", moments->device());
+    // (written last, after every tile of out: in out's memory it would overwrite results)
+    at::assert_no_overlap(*moments, out);
+    at::assert_no_overlap(*moments, input);
   }
   if (out.numel() == 0) {
     if (gather) moments->fill_(std::nan(""));  // (the moments of no values)

@@ -126,8 +126,8 @@ def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
                                        "moments": moments, "input_scale": input_scale, "input_shift": input_shift})
     check_no_derivatives("winograd_conv3x3", input, weight, bias, addend, out, input_scale, input_shift, moments)
     padding = (padding, padding) if isinstance(padding, int) else padding
-    if isinstance(padding, str) or len(padding) != 2:
-        raise ValueError(f"winograd_conv3x3: padding must be an int or (rows, columns), got {padding!r}")
+    if not (isinstance(padding, Sequence) and len(padding) == 2 and all(isinstance(p, int) for p in padding)):
+        raise ValueError(f"winograd_conv3x3: padding must be an int or (rows, columns) of ints, got {padding!r}")
     if input.dim() != 4 or weight.dim() not in (4, 5) or tuple(weight.shape[-3:]) != (input.shape[1], 3, 3):
         raise ValueError(f"winograd_conv3x3: expected input (N, C_in, H, W) and weight (C_out, C_in, 3, 3) or "
                          f"(K, C_out, C_in, 3, 3), got {describe(input)} and {describe(weight)}")
