@@ -10,7 +10,10 @@ and with relu=True max(y[k], 0); with negative_slope=α the first relu is a Leak
 (h for h > 0, else α·h). Each row of y[k] is quadratic in c_k over the units
 active at c_k, and each unit switches on or off at most once along the line, so the CPU
 kernel (csrc/cpu/relu_line_linear.cpp) computes all K points from two GEMMs at the
-smallest c plus the units that switch, not K GEMMs.
+smallest c plus the units that switch, not K GEMMs. Its rounding is the GEMMs' at the
+smallest c over every unit active there, those that switched off since included: about
+ε·Σ|h·w| over them. A unit of pre-activation 1e4 that switches off under outputs of size 3
+leaves 7e-4 of relative error in float32 (a GEMM at the point itself: 2e-7).
 
 Shapes: base, along (R, I); W, D (O, I); b, db (O,) or None; c (K,). Output (K, R, O).
 Float32 and float64; no derivatives (the multi-point model uses it outside autograd only;

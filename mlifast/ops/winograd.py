@@ -11,8 +11,9 @@ the CPU kernel (csrc/cpu/winograd_conv.cpp) is 1.7–1.9× oneDNN's direct convo
 x·scale + shift per input channel and a ReLU, runs in its first step: a batch norm and
 ReLU before it without a pass of their own. Its rounding differs:
 against float64, about 5e-6 of the largest output where the direct convolution's is 5e-7 to
-1e-6 (the transforms' constants, up to 8, amplify rounding), and a NaN or inf in an input
-tile reaches all 16 outputs of the tile. Channels must be multiples of 16; no derivatives (it refuses tensors that carry them).
+1e-6 (the transforms' constants, up to 8, amplify rounding), a NaN or inf in an input
+tile reaches all 16 outputs of the tile, and inputs beyond about 1e37 overflow in the
+input transform (its sums of up to 25 values) where a direct convolution stays finite. Channels must be multiples of 16; no derivatives (it refuses tensors that carry them).
 """
 from __future__ import annotations
 
@@ -116,8 +117,10 @@ def winograd_conv3x3(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
             overlapping input; it may be the addend), or None.
         moments: a (2, C_out) ((K, 2, C_out)) float64 tensor that receives the output's
             per-channel mean and biased variance over images and positions (each point's),
-            or None. About 1e-8 of the variance from float64's (up to 1e-7 on a few
-            partial tiles); a constant channel's is 0.
+            or None. About 1e-8 of the variance from float64's (up to 4e-7 on a few
+            partial tiles, or a ReLU's channel with few positive values); a constant
+            channel's is 0. Sums of squares are float32's: outputs below about 1e-19 lose
+            their variance.
 
     Returns:
         (N, C_out, H', W') float32, channels-last (`out` where given).
