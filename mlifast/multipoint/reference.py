@@ -96,6 +96,7 @@ class PerPointModel:
         self._reusing = False  # see reusing_state
         self._device_type = next(iter(space.origin.values())).device.type
         self._state: dict[str, Tensor] | None = None
+        self._dropouts = [m for m in self.module.modules() if isinstance(m, _DropoutNd)]  # (read every call)
         self._forming = _Forming(space)  # (the hooks hold it, not this object: no reference cycle)
         self._per_module = self._form_per_module(model, space)  # keys formed while their layer runs
         self._rest_keys = [k for k in self.keys if k not in self._per_module]
@@ -130,7 +131,7 @@ class PerPointModel:
     @property
     def deterministic(self) -> bool:
         """False when active dropout makes two runs differ."""
-        return not any(m.training and m.p > 0 for m in self.module.modules() if isinstance(m, _DropoutNd))
+        return not any(m.training and m.p > 0 for m in self._dropouts)
 
     @contextmanager
     def batch_statistics(self, on: bool = True) -> Iterator[None]:
