@@ -44,8 +44,13 @@ class SwallowsTheRefusal(nn.Module):  # (the refusal must be seen even when caug
         return self.fc(x) * scale
 
 
-def attention():
-    return nn.MultiheadAttention(6, 2, batch_first=True)  # (its forward reads out_proj's weight)
+class Attention(nn.Module):  # (MultiheadAttention's forward reads its out_proj's weight)
+    def __init__(self):
+        super().__init__()
+        self.attn, self.fc = nn.MultiheadAttention(6, 2, batch_first=True), nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x)[0])
 
 
 def conv_embedding():
@@ -63,12 +68,12 @@ def conv_embedding():
 INPUTS = {
     "mlp": (lambda: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 6)), lambda: (torch.randn(4, 6),)),
     "conv_embedding": (conv_embedding, lambda: (torch.randint(0, 20, (4, 5)),)),
-    "attention": (attention, lambda: (torch.randn(4, 3, 6),) * 3),
+    "attention": (Attention, lambda: (torch.randn(4, 3, 6),)),
     "reads_its_layers_weight": (ReadsItsLayersWeight, lambda: (torch.randn(4, 6),)),
     "returns_its_layers_weight": (ReturnsItsLayersWeight, lambda: (torch.randn(4, 6),)),
     "swallows_the_refusal": (SwallowsTheRefusal, lambda: (torch.randn(4, 6),)),
 }
-FORMED_PER_LAYER = {"mlp", "conv_embedding"}  # (the others read a layer's weight outside it)
+FORMED_PER_LAYER = {"mlp", "conv_embedding", "attention"}  # (the others read a layer's weight outside it)
 
 
 @pytest.mark.parametrize("name", INPUTS)

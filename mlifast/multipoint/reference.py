@@ -103,12 +103,15 @@ class PerPointModel:
 
     def _form_per_module(self, model: nn.Module, space: Span) -> set[str]:
         """Puts a `_FormedElsewhere` in place of each weight formed per module (see
-        FORMED_PER_MODULE) in the copy, with hooks on its layer that form it for `_point`
-        and drop it; returns their keys."""
+        FORMED_PER_MODULE) in the copy, with hooks on its layer that form it at the point
+        `_forming.point` and drop it; returns their keys. Not for an attention's out_proj,
+        whose weight its parent reads."""
         groups, origin, formed = alias_groups(model), space.origin, set()
         uses = Counter(groups.values())
+        read_by_parent = {id(child) for m in self.module.modules() if isinstance(m, nn.MultiheadAttention)
+                          for child in m.children()}
         for path, module in self.module.named_modules():
-            if not any(forward_is_inherited(module, cls) for cls in FORMED_PER_MODULE):
+            if id(module) in read_by_parent or not any(forward_is_inherited(module, cls) for cls in FORMED_PER_MODULE):
                 continue
             own = []
             for name, p in module._parameters.items():
@@ -165,10 +168,10 @@ class PerPointModel:
 
     def at(self, coord: Tensor, args: tuple, kwargs: dict, origin_as_is: bool = False) -> Any:
         """The model's output at one point (coord: (J,)). With `origin_as_is`, at the
-        origin it reads the space's own parameters, no state formed (W3 on the CPU: 0.2 s
-        of a 1.8 s call): for a model whose forward is known not to write into them (its
-        multi-point run just went through, where moving parameters refuse writes, and
-        MultiPointModel refuses a call that wrote into the others)."""
+        origin it reads the space's own parameters, no state formed: for a model whose
+        forward is known not to write into them (its multi-point run just went through,
+        where moving parameters refuse writes, and MultiPointModel refuses a call that
+        wrote into the others)."""
         c = coord.tolist()
         if origin_as_is and not any(c):
             origin = self.space.origin
