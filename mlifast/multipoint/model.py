@@ -138,7 +138,7 @@ class MultiPointModel(nn.Module):
         versions = _versions(*self._space_origin)
         try:
             out = self._outputs(args, kwargs)
-        except BaseException as error:
+        except Exception as error:  # (an interrupt stays one)
             self._refuse_writes_into_space(versions, error)
             raise
         finally:
@@ -149,7 +149,7 @@ class MultiPointModel(nn.Module):
         self._consume(0, out)
         return None
 
-    def _refuse_writes_into_space(self, versions: tuple, cause: BaseException | None = None) -> None:
+    def _refuse_writes_into_space(self, versions: tuple, cause: Exception | None = None) -> None:
         """RuntimeError naming the space's origin tensors whose version counters moved from
         `versions`: the model wrote into its parameters during forward (the copy and the
         reference read frozen parameters, and the reference all of them at the origin,
