@@ -289,6 +289,26 @@ def test_generic_batch_norm_subclass_in_train_mode_leaves_the_space_alone():
     assert torch.equal(before, line.origin["1.running_mean"])
 
 
+@pytest.mark.parametrize("make, attention", [
+    (lambda: nn.MultiheadAttention(8, 2, batch_first=True), lambda m: m),
+    (lambda: nn.TransformerEncoderLayer(8, 2, 16, 0.0, batch_first=True), lambda m: m.self_attn),
+], ids=["MultiheadAttention", "TransformerEncoderLayer"])
+def test_an_attention_whose_out_projection_alone_moves(make, attention):
+    torch.manual_seed(0)
+    a, b = make().double().eval(), make().double().eval()
+    with torch.no_grad():  # (fine-tuned with the in-projection frozen)
+        attention(b).in_proj_weight.copy_(attention(a).in_proj_weight)
+        attention(b).in_proj_bias.copy_(attention(a).in_proj_bias)
+    line, coords = mlifast.Line(a, b), torch.tensor([0.0, 0.3, 1.0])
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    args = (x, x, x) if isinstance(a, nn.MultiheadAttention) else (x,)
+    out, fell_back = answer(a, line, coords, *args)
+    assert not fell_back
+    for k, expected in enumerate(oracle_outputs(a, line, coords, *args)):
+        first = (lambda o: o[0] if isinstance(o, tuple) else o)
+        assert rel_err(first(out)[k], first(expected)) < 1e-12, k
+
+
 class WritesIntoItsWeight(nn.Module):  # a constraint applied in forward
     def __init__(self):
         super().__init__()

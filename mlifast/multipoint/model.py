@@ -648,8 +648,9 @@ def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn
         tensors = owned.get(path, {})
         moving = {n: k for n, (k, o) in tensors.items() if o.is_floating_point() and not space.is_frozen(k)}
         check_supported(module, path)
-        # Batch norm mixes the rows of a batch: always per point, even when frozen.
-        if not moving and not isinstance(module, _BatchNorm):
+        # Batch norm mixes the rows of a batch: always per point, even when frozen. An
+        # attention's forward reads its out_proj's tensors itself: its rule answers when they move.
+        if not (moving or isinstance(module, _BatchNorm) or _out_projection_moves(module, path, space)):
             continue
         rule = rule_for(module)(
             module, path,
@@ -664,6 +665,14 @@ def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn
             top = rule
     fuse_activations(top)
     return top
+
+
+def _out_projection_moves(module: nn.Module, path: str, space: Span) -> bool:
+    """Whether `module` is a MultiheadAttention whose out_proj has a moving tensor."""
+    if not isinstance(module, nn.MultiheadAttention):
+        return False
+    prefix = f"{path}.out_proj." if path else "out_proj."
+    return any(not space.is_frozen(k) for k in space.keys if k.startswith(prefix))
 
 
 def _owners(modules: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:
