@@ -309,6 +309,21 @@ def test_an_attention_whose_out_projection_alone_moves(make, attention):
         assert rel_err(first(out)[k], first(expected)) < 1e-12, k
 
 
+class PacksItsSequences(nn.Module):  # (variable-length sequences packed inside forward)
+    def __init__(self):
+        super().__init__()
+        self.emb, self.rnn, self.fc = nn.Embedding(10, 4), nn.LSTM(4, 6, batch_first=True), nn.Linear(6, 3)
+
+    def forward(self, tokens, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(tokens), lengths, batch_first=True, enforce_sorted=False)
+        return self.fc(self.rnn(packed)[1][0][-1])
+
+
+def test_sequences_packed_inside_forward_are_answered_one_point_at_a_time():
+    check(PacksItsSequences, torch.randint(1, 10, (4, 6)), torch.tensor([6, 3, 5, 2]), coords=(0.0, 0.3, 1.0),
+          expect_fallback=True)
+
+
 class WritesIntoItsWeight(nn.Module):  # a constraint applied in forward
     def __init__(self):
         super().__init__()
