@@ -142,7 +142,7 @@ def test_running_out_of_memory_is_raised_not_taken_for_a_disagreement():
     assert not fast.per_point_fallback
 
 
-def test_an_output_with_two_dims_that_could_hold_the_batch_needs_the_check():
+def test_an_output_with_two_dims_that_could_hold_the_batch_is_checked_dropout_or_not():
     class BatchLast(nn.Module):  # (2, 12, B): with K·B = 12 the middle dim fits too
         def __init__(self):
             super().__init__()
@@ -156,8 +156,33 @@ def test_an_output_with_two_dims_that_could_hold_the_batch_needs_the_check():
     out, _ = call(mlifast.interpolate(a, line, 3), x)  # eval mode: checked, the batch found at its last dim
     assert out.shape == (3, 2, 12, 4)
     assert_oracle(out, a, line, torch.linspace(0, 1, 3), x)
-    with pytest.raises(mlifast.NotPerExampleOutputError, match=r"dims \[1, 2\] could each hold"):
-        mlifast.interpolate(a.train(), line, 3)(x)  # active dropout: no check can tell
+    fast = mlifast.interpolate(a.train(), line, 3)
+    out, fallback = call(fast, x)  # active dropout: checked with it off, then run with it
+    assert out.shape == (3, 2, 12, 4) and len(fallback) == 1
+
+
+class PositionsOfAGPT(nn.Module):  # nanoGPT: (T,) position ids, T = 6 a multiple of K·B here
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(11, 8), nn.Embedding(16, 8)
+        self.drop, self.attn = nn.Dropout(p), nn.MultiheadAttention(8, 2, dropout=p, batch_first=True)
+        self.head = nn.Linear(8, 11)
+
+    def forward(self, idx):
+        h = self.drop(self.tok(idx) + self.pos(torch.arange(idx.shape[1])))
+        return self.head(h + self.attn(h, h, h, need_weights=False)[0])
+
+
+def test_with_dropout_active_the_check_runs_with_it_off():
+    # (no check ran with dropout active: the position ids were read as rows, silently)
+    torch.manual_seed(0)
+    a, b = PositionsOfAGPT(p=1e-12).double(), PositionsOfAGPT(p=1e-12).double()  # (train mode: active)
+    line, coords = mlifast.Line(a, b), torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
+    idx = torch.randint(0, 11, (2, 6))
+    fast = mlifast.interpolate(a, line, coords)
+    out, fallback = call(fast, idx)
+    assert fallback == [] and a.drop.training and fast.model.drop.training  # (dropout on again)
+    assert_oracle(out, a, line, coords, idx, tol=1e-9)
 
 
 def test_a_first_call_under_a_transform_decides_nothing_for_plain_calls():

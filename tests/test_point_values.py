@@ -208,15 +208,19 @@ def test_what_glue_cannot_see_is_caught_by_the_first_call_check(name):
         assert rel_err(out[k], e) < 1e-12, k
 
 
-def test_never_all_at_once_without_a_check():
-    """Active dropout makes the first-call check impossible: generic modules run per point."""
-    a, b = pair(lambda: nn.Sequential(TinyViT(), nn.Dropout(0.5)))
+def test_all_at_once_with_dropout_active_once_checked_with_it_off():
+    a, b = pair(lambda: nn.Sequential(TinyViT(), nn.Dropout(1e-12)))
     a.train()
-    fast = mlifast.interpolate(a, mlifast.Line(a, b), torch.linspace(0, 1, 3))
-    TinyViT.calls = 0
+    line, coords = mlifast.Line(a, b), torch.linspace(0, 1, 3)
+    fast = mlifast.interpolate(a, line, coords)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
     with torch.no_grad():
-        fast(torch.randn(2, 5, 8, dtype=torch.float64))
-    assert TinyViT.calls == 3
+        fast(x)  # (checked, dropout off)
+        TinyViT.calls = 0
+        out = fast(x)
+    assert TinyViT.calls == 1 and not fast.per_point_fallback
+    for k, e in enumerate(oracle_outputs(a, line, coords, x)):
+        assert rel_err(out[k], e) < 1e-12, k
 
 
 def test_refusals_happen_in_the_probe_of_one_point(monkeypatch):

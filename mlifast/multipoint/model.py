@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.dropout import _DropoutNd
 
 from mlifast.multipoint.context import PointContext
 from mlifast.multipoint.generic import GenericRule
@@ -180,13 +181,15 @@ class MultiPointModel(nn.Module):
             return self._run_points(args, kwargs, share_rows=self.shares_rows is True)
         context = self.context
         signature = (self.num_points, context.forward_mode, _call_signature((args, kwargs)))
-        if signature not in self._checked and self.reference.deterministic:
+        if signature not in self._checked:
             # Under forward mode rows are repeated and modules run point by point whatever a
             # reading says: a check there decides nothing for other calls (it has its own signature).
             decisions = (self.shares_rows, self.images_channels_last, context.flat_indices_shared,
                          context.glue_all_at_once)
             try:
-                problem, computed, out = self._disagreement_with_model(args, kwargs, self._consume)
+                with self._dropout_off() as dropout_was_on:  # (a check compares; dropout decides no reading)
+                    problem, computed, out = self._disagreement_with_model(args, kwargs, self._consume,
+                                                                           this_call=not dropout_was_on)
             finally:
                 if context.forward_mode:
                     (self.shares_rows, self.images_channels_last, context.flat_indices_shared,
@@ -205,9 +208,22 @@ class MultiPointModel(nn.Module):
                 return self._from_reference(args, kwargs)
             if computed:  # the checked run was this call's (its outputs None where they went to the consumer)
                 return out
-        # Rows are shared only once a check found that sharing agrees with the model
-        # (undecided, e.g. while dropout makes the check impossible: repeated).
+        # Rows are shared only once a check found that sharing agrees with the model.
         return self._run_points(args, kwargs, self.shares_rows is True, self._consume)
+
+    @contextmanager
+    def _dropout_off(self) -> Iterator[bool]:
+        """Inside, the active dropout of both copies (dropout layers, attentions' dropout) is
+        off, so that a check's runs can be compared; yields whether any was on."""
+        active = [m for root in (self.model, self.reference.module) for m in root.modules() if m.training and (
+            (isinstance(m, _DropoutNd) and m.p > 0) or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0))]
+        for m in active:
+            m.training = False
+        try:
+            yield bool(active)
+        finally:
+            for m in active:
+                m.training = True
 
     @contextmanager
     def unchecked(self, images_channels_last: bool = False, sizes_only: bool = False) -> Iterator[MultiPointModel]:
@@ -246,8 +262,7 @@ class MultiPointModel(nn.Module):
 
     def _split(self, out: Any, batch: int) -> Any:
         k, dim, found = self.context.num_active, self.batch_dim, []
-        checked = self.reference.deterministic  # (a guess of where the batch is gets checked)
-        split = map_tensors(lambda t, path: _split_points(t, k, batch, dim, path, found, checked), out, "output")
+        split = map_tensors(lambda t, path: _split_points(t, k, batch, dim, path, found), out, "output")
         self.output_batch_dims = tuple(found)
         if not self._outputs_read:
             self._outputs_read = True
@@ -284,12 +299,13 @@ class MultiPointModel(nn.Module):
             else next((d for d in range(t.dim() - 1) if t.shape[d + 1] == batch), 0) for t in tensors_in(out))
         return out
 
-    def _disagreement_with_model(self, args: tuple, kwargs: dict,
-                                 consume: Callable[[int, Any], None] | None) -> tuple[str | None, bool, Any]:
+    def _disagreement_with_model(self, args: tuple, kwargs: dict, consume: Callable[[int, Any], None] | None,
+                                 this_call: bool = True) -> tuple[str | None, bool, Any]:
         """Compare the first and last point against the model itself. Returns the
         disagreement (None if none), whether the checked run computed this call's outputs
-        (where they were computed under the call's own batch-norm policy and agree), and
-        those outputs (None where they went to `consume`).
+        (where they were computed under the call's own batch-norm policy and agree, and
+        `this_call`: not with dropout turned off), and those outputs (None where they went
+        to `consume`).
 
         Under per-point batch statistics ("batch", and "collect", which also gathers them)
         the model's batch norms run in train mode, so the check is this call itself.
@@ -302,16 +318,21 @@ class MultiPointModel(nn.Module):
         raises, they run again on repeated inputs against the same reference outputs, and
         if those agree the model repeats its inputs from then on."""
         batch_statistics = self.context.bn_mode in ("batch", "collect")
-        if batch_statistics or all(m.recomputed is None for m in self.norms):
+        set_aside = not batch_statistics and any(m.recomputed is not None for m in self.norms)
+        if this_call and not set_aside:
             with self.reference.batch_statistics(batch_statistics):
                 problem, out = self._checked_outputs(args, kwargs, consume)
             return problem, problem is None, out
         saved = [m.recomputed for m in self.norms]
-        for m in self.norms:
-            m.recomputed = None
+        if set_aside:
+            for m in self.norms:
+                m.recomputed = None
+        undo = self._statistics_undo()  # (the call itself gathers them)
         try:
-            problem, _ = self._checked_outputs(args, kwargs, consume, only_checked=True)
+            with self.reference.batch_statistics(batch_statistics):
+                problem, _ = self._checked_outputs(args, kwargs, consume, only_checked=True)
         finally:
+            undo()
             for m, stats in zip(self.norms, saved):
                 m.recomputed = stats
         return problem, False, None
@@ -761,11 +782,11 @@ def _repeat_points(t: Tensor, k: int, dim: int) -> Tensor:
     return t.unsqueeze(dim).expand(shape).flatten(dim, dim + 1)
 
 
-def _split_points(t: Tensor, k: int, batch: int, dim: int, path: str, found: list, checked: bool) -> Tensor:
+def _split_points(t: Tensor, k: int, batch: int, dim: int, path: str, found: list) -> Tensor:
     """(…, K·B·m, …) → (K, …, B·m, …): at `dim`, or else at the first dim whose size is a
-    multiple of K·B (e.g. attention weights, batch-first, of a sequence-first model), where
-    the first-call check can tell a wrong one (`checked`, else it must be the only one),
-    appended to `found`."""
+    multiple of K·B (e.g. attention weights, batch-first, of a sequence-first model), a guess
+    the first-call check tells right or wrong (with dropout turned off for it), appended to
+    `found`."""
     fits = [d for d in range(t.dim()) if t.shape[d] > 0 and t.shape[d] % (k * batch) == 0]
     if dim not in fits:
         if not fits:
@@ -774,12 +795,6 @@ def _split_points(t: Tensor, k: int, batch: int, dim: int, path: str, found: lis
                 f"along dim {dim} for {k} points × {batch} examples: it mixes the rows of all points "
                 "(for example a loss computed inside forward, as Hugging Face models do when given "
                 "labels=). Return per-example outputs and compute the loss outside (mlifast.evaluate does)."
-            )
-        if len(fits) > 1 and not checked:
-            raise NotPerExampleOutputError(
-                f"mlifast: {path} has shape {tuple(t.shape)}: dims {fits} could each hold the rows of "
-                f"{k} points × {batch} examples, and with dropout active no check against the model can "
-                f"tell which; evaluate the model in eval mode, or return the output with its batch at dim {dim}"
             )
         dim = fits[0]
     found.append(dim)

@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.dropout import _DropoutNd
 
 from mlifast.multipoint.module_copy import copy_module_tree
 from mlifast.multipoint.rule import forward_is_inherited
@@ -96,7 +95,6 @@ class PerPointModel:
         self._reusing = False  # see reusing_state
         self._device_type = next(iter(space.origin.values())).device.type
         self._state: dict[str, Tensor] | None = None
-        self._dropouts = [m for m in self.module.modules() if isinstance(m, _DropoutNd)]  # (read every call)
         self._forming = _Forming(space)  # (the hooks hold it, not this object: no reference cycle)
         self._per_module = self._form_per_module(model, space)  # keys formed while their layer runs
         self._rest_keys = [k for k in self.keys if k not in self._per_module]
@@ -130,11 +128,6 @@ class PerPointModel:
 
     def train(self, mode: bool) -> None:
         self.module.train(mode)
-
-    @property
-    def deterministic(self) -> bool:
-        """False when active dropout makes two runs differ."""
-        return not any(m.training and m.p > 0 for m in self._dropouts)
 
     @contextmanager
     def batch_statistics(self, on: bool = True) -> Iterator[None]:
