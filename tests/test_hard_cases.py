@@ -1,6 +1,7 @@
 """Models that do things per batch the fused rules do not follow: the answer is still the
 oracle's (fused where possible, else one point at a time with a warning), never silently
 wrong, and neither the caller's tensors nor the space change."""
+import copy
 import warnings
 
 import pytest
@@ -322,6 +323,39 @@ class PacksItsSequences(nn.Module):  # (variable-length sequences packed inside 
 def test_sequences_packed_inside_forward_are_answered_one_point_at_a_time():
     check(PacksItsSequences, torch.randint(1, 10, (4, 6)), torch.tensor([6, 3, 5, 2]), coords=(0.0, 0.3, 1.0),
           expect_fallback=True)
+
+
+class PaddedEncoder(nn.Module):  # (mean over every position, padded ones too)
+    def __init__(self, batch_first):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+        self.enc, self.head, self.batch_first = nn.TransformerEncoder(layer, 2), nn.Linear(8, 3), batch_first
+
+    def forward(self, x, padding):
+        h = self.enc(x if self.batch_first else x.transpose(0, 1), src_key_padding_mask=padding)
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_an_encoder_gives_zeros_at_padded_positions_as_pytorchs_nested_path(batch_first):
+    # (without autograd PyTorch runs a padded batch as a nested tensor, zeros where padded;
+    # mlifast followed its layer-by-layer path, silently, once a first batch had no padding)
+    import warnings as w
+    w.filterwarnings("ignore", message=".*nested tensors is in prototype.*")
+    torch.manual_seed(0)
+    a, b = PaddedEncoder(batch_first).double().eval(), PaddedEncoder(batch_first).double().eval()
+    line, coords = mlifast.Line(a, b), torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64)
+    fast = mlifast.interpolate(a, line, coords)
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+    none, some = torch.zeros(4, 5, dtype=torch.bool), torch.tensor([[0] * 5, [0, 0, 0, 1, 1]] * 2, dtype=torch.bool)
+    with torch.no_grad():
+        for padding in (none, some, none, some):
+            out = fast(x, padding)
+            for k, c in enumerate(coords.tolist()):
+                model = copy.deepcopy(a)
+                model.load_state_dict(line.state_at(c))
+                assert rel_err(out[k], model(x, padding)) < 1e-12, (padding.any().item(), k)
+    assert not fast.per_point_fallback
 
 
 class WritesIntoItsWeight(nn.Module):  # a constraint applied in forward

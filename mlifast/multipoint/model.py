@@ -18,6 +18,7 @@ from mlifast.multipoint.context import PointContext
 from mlifast.multipoint.generic import GenericRule
 from mlifast.multipoint.layers import BatchNormRule, InPlaceActivation, LinearRule
 from mlifast.multipoint.module_copy import copy_module_tree
+from mlifast.multipoint.nested_padding import follow_nested_padding
 from mlifast.multipoint.pending import PendingInputWritten, _versions, plain
 from mlifast.multipoint.point_values import PointValuesRefused
 from mlifast.multipoint.reference import PerPointModel, alias_groups, first_disagreement, rounds_float32_to_tf32
@@ -684,6 +685,7 @@ def _multipoint_copy(model: nn.Module, space: Span, context: PointContext) -> nn
             copied[parent_path]._modules[child] = rule
         else:
             top = rule
+    follow_nested_padding(copied, originals)
     fuse_activations(top)
     return top
 
