@@ -230,17 +230,6 @@ def test_shared_rows_agreeing_are_kept_and_checked_once(reference_points):
     assert_oracle(out, a, line, coords, x)
 
 
-def test_the_check_reads_the_origins_parameters_as_they_are(state_builds, reference_points):
-    a, line = line_of(mlp)
-    coords = torch.linspace(0, 1, 4)
-    fast = mlifast.interpolate(a, line, coords)
-    x = torch.randn(3, 4, dtype=torch.float64)
-    out, fallback = call(fast, x)
-    assert fallback == [] and reference_points == [[0.0], [1.0]]
-    assert state_builds == [[1.0]]  # none formed at the origin
-    assert_oracle(out, a, line, coords, x)
-
-
 def test_batch_size_dependent_model_repeats_its_inputs_without_falling_back(reference_points):
     a, line = line_of(CapturesBatch)
     coords = torch.linspace(0, 1, 4)

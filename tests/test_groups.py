@@ -437,7 +437,7 @@ def interrupt_the_reference_once(fast):
     (Ctrl-C while it computes), then runs as before."""
     at = fast.reference.at
 
-    def interrupted(*args, **kwargs):
+    def interrupted(*args):
         fast.reference.at = at
         raise KeyboardInterrupt
 

@@ -320,42 +320,55 @@ class PacksItsSequences(nn.Module):  # (variable-length sequences packed inside 
         return self.fc(self.rnn(packed)[1][0][-1])
 
 
-def test_sequences_packed_inside_forward_are_answered_one_point_at_a_time():
-    check(PacksItsSequences, torch.randint(1, 10, (4, 6)), torch.tensor([6, 3, 5, 2]), coords=(0.0, 0.3, 1.0),
-          expect_fallback=True)
+def test_sequences_packed_inside_forward_are_refused_saying_what_to_change():
+    torch.manual_seed(0)
+    a, b = PacksItsSequences(), PacksItsSequences()
+    data = [(torch.randint(1, 10, (4, 6)), torch.tensor([6, 3, 5, 2]))]
+    with pytest.raises(TypeError, match=r"'rnn' got a PackedSequence.*run it on the padded batch"):
+        mlifast.interpolate(a, mlifast.Line(a, b), 3)(*data[0])
+    with pytest.raises(TypeError, match=r"'rnn' got a PackedSequence.*run it on the padded batch"):
+        mlifast.evaluate(a, mlifast.Line(a, b), [{"tokens": x, "lengths": n, "y": torch.zeros(4, dtype=torch.long)}
+                                                 for x, n in data], coords=3, progress=False)
 
 
 class PaddedEncoder(nn.Module):  # (mean over every position, padded ones too)
-    def __init__(self, batch_first):
+    def __init__(self, batch_first, final_norm=False):
         super().__init__()
         layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
-        self.enc, self.head, self.batch_first = nn.TransformerEncoder(layer, 2), nn.Linear(8, 3), batch_first
+        self.enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8) if final_norm else None)
+        self.head, self.batch_first = nn.Linear(8, 3), batch_first
 
     def forward(self, x, padding):
         h = self.enc(x if self.batch_first else x.transpose(0, 1), src_key_padding_mask=padding)
         return self.head(h.mean(1 if self.batch_first else 0))
 
 
-@pytest.mark.parametrize("batch_first", [True, False])
-def test_an_encoder_gives_zeros_at_padded_positions_as_pytorchs_nested_path(batch_first):
+@pytest.mark.parametrize("batch_first, final_norm", [(True, False), (False, False), (True, True)])
+def test_an_encoder_gives_zeros_at_padded_positions_as_pytorchs_nested_path(batch_first, final_norm):
     # (without autograd PyTorch runs a padded batch as a nested tensor, zeros where padded;
     # mlifast followed its layer-by-layer path, silently, once a first batch had no padding)
     import warnings as w
     w.filterwarnings("ignore", message=".*nested tensors is in prototype.*")
     torch.manual_seed(0)
-    a, b = PaddedEncoder(batch_first).double().eval(), PaddedEncoder(batch_first).double().eval()
+    a, b = (PaddedEncoder(batch_first, final_norm).double().eval() for _ in range(2))
+    norms = [m for m in b.modules() if isinstance(m, nn.LayerNorm)]
+    with torch.no_grad():
+        for m in norms:  # (a final norm's output of 0 is its bias)
+            m.bias.normal_()
     line, coords = mlifast.Line(a, b), torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64)
-    fast = mlifast.interpolate(a, line, coords)
     x = torch.randn(4, 5, 8, dtype=torch.float64)
     none, some = torch.zeros(4, 5, dtype=torch.bool), torch.tensor([[0] * 5, [0, 0, 0, 1, 1]] * 2, dtype=torch.bool)
-    with torch.no_grad():
-        for padding in (none, some, none, some):
-            out = fast(x, padding)
-            for k, c in enumerate(coords.tolist()):
-                model = copy.deepcopy(a)
-                model.load_state_dict(line.state_at(c))
-                assert rel_err(out[k], model(x, padding)) < 1e-12, (padding.any().item(), k)
-    assert not fast.per_point_fallback
+    frozen = copy.deepcopy(a).requires_grad_(False)  # (with autograd, a model of no trainable parameter)
+    for model, grad in ((a, False), (frozen, True), (a, True)):
+        fast = mlifast.interpolate(model, line, coords)
+        with torch.set_grad_enabled(grad):
+            for padding in (none, some, none, some):
+                out = fast(x, padding)
+                for k, c in enumerate(coords.tolist()):
+                    point = copy.deepcopy(model)
+                    point.load_state_dict(line.state_at(c))
+                    assert rel_err(out[k], point(x, padding)) < 1e-12, (grad, padding.any().item(), k)
+        assert not fast.per_point_fallback
 
 
 class WritesIntoItsWeight(nn.Module):  # a constraint applied in forward

@@ -44,6 +44,43 @@ class SwallowsTheRefusal(nn.Module):  # (the refusal must be seen even when caug
         return self.fc(x) * scale
 
 
+class SwallowsTheDataRefusal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        try:
+            scale = 1 + self.fc.weight.data.abs().mean()
+        except RuntimeError:
+            scale = torch.tensor(1.0, dtype=x.dtype)
+        return self.fc(x) * scale
+
+
+@torch.jit.script
+def _scripted_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # (reads w past torch's dispatch)
+    return x @ w.t()
+
+
+class ScriptReadsItsLayersWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return _scripted_linear(x, self.fc.weight) + self.fc(x)
+
+
+class Encoder(nn.Module):  # (its nested path asks whether its first layer's weights are plain tensors)
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(6, 2, 12, 0.0, batch_first=True)
+        self.encoder, self.fc = nn.TransformerEncoder(layer, 1), nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.fc(self.encoder(x, src_key_padding_mask=torch.tensor([[False, False, True]] * len(x))))
+
+
 class Attention(nn.Module):  # (MultiheadAttention's forward reads its out_proj's weight)
     def __init__(self):
         super().__init__()
@@ -72,8 +109,11 @@ INPUTS = {
     "reads_its_layers_weight": (ReadsItsLayersWeight, lambda: (torch.randn(4, 6),)),
     "returns_its_layers_weight": (ReturnsItsLayersWeight, lambda: (torch.randn(4, 6),)),
     "swallows_the_refusal": (SwallowsTheRefusal, lambda: (torch.randn(4, 6),)),
+    "swallows_the_data_refusal": (SwallowsTheDataRefusal, lambda: (torch.randn(4, 6),)),
+    "script_reads_its_layers_weight": (ScriptReadsItsLayersWeight, lambda: (torch.randn(4, 6),)),
+    "encoder": (Encoder, lambda: (torch.randn(4, 3, 6),)),
 }
-FORMED_PER_LAYER = {"mlp", "conv_embedding", "attention"}  # (the others read a layer's weight outside it)
+FORMED_PER_LAYER = {"mlp", "conv_embedding", "attention", "encoder"}  # (the others read a layer's weight outside it)
 
 
 @pytest.mark.parametrize("name", INPUTS)
@@ -88,8 +128,8 @@ def test_weights_formed_per_layer_give_the_oracles_outputs(name, reusing, monkey
     ref = PerPointModel(a, line)
     assert ref._per_module  # (every weight of its layers: none tied)
     coords = torch.tensor([0.3, 1.0, -0.5], dtype=torch.float64)
-    expected = oracle_outputs(a, line, coords, *args)
-    with torch.no_grad():
+    with torch.no_grad():  # (the model's own semantics there: an encoder's nested path)
+        expected = oracle_outputs(a, line, coords, *args)
         with (ref.reusing_state() if reusing else torch.no_grad()):
             outs = [ref.at(c.reshape(1), args, {}) for c in coords]
     for k, (out, want) in enumerate(zip(outs, expected)):
@@ -131,3 +171,18 @@ def test_a_reference_point_holds_one_layers_weights_not_the_whole_state():
     assert per_layer < 1.5 * weight_bytes, per_layer / weight_bytes
     whole = peak_bytes(lambda: ref.at(at, (x,), {}))  # (under autograd: the whole state)
     assert whole > 6 * weight_bytes, whole / weight_bytes
+
+
+def test_an_interrupt_leaves_no_formed_weight_in_the_copy(monkeypatch):
+    monkeypatch.setattr(reference, "FORMED_PER_MODULE_MIN_BYTES", 0)
+
+    def interrupt(*_):  # (Ctrl-C inside the layer: forward hooks then do not run)
+        raise KeyboardInterrupt
+
+    torch.manual_seed(0)
+    a, b = nn.Sequential(nn.Linear(6, 6)), nn.Sequential(nn.Linear(6, 6))
+    a[0].register_forward_hook(interrupt)
+    ref = PerPointModel(a, mlifast.Line(a, b))
+    with torch.no_grad(), pytest.raises(KeyboardInterrupt):
+        ref.at(torch.tensor([0.5], dtype=torch.float64), (torch.randn(2, 6),), {})
+    assert isinstance(ref.module[0]._parameters["weight"], reference._FormedElsewhere)

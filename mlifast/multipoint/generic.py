@@ -92,8 +92,10 @@ class RecurrentRule(GenericRule):
     def batch_dims(self, args, kwargs):
         first = 0 if self.inner.batch_first else 1
         if args and isinstance(args[0], nn.utils.rnn.PackedSequence):
-            # (not mlifast's own refusal: the model then answers one point at a time, see MultiPointModel)
-            raise TypeError(f"'{self.path}' got a PackedSequence, which mlifast does not split per point")
+            raise TypeError(
+                f"mlifast: '{self.path}' got a PackedSequence, which mlifast cannot split per point; in the "
+                "model's forward, run it on the padded batch instead of packing it (and read each sequence's "
+                "last valid step with its length, e.g. output[range(B), lengths - 1])")
         dims = [first] + [1] * (len(args) - 1)
         return dims, {name: (first if name == "input" else 1) for name in kwargs}
 

@@ -360,7 +360,7 @@ class MultiPointModel(nn.Module):
         def disagreement(held: dict[int, Any]) -> str | None:
             for k in checked:
                 if k not in expected:
-                    expected[k] = self.reference.at(self.coords[k], args, kwargs, origin_as_is=True)
+                    expected[k] = self.reference.at(self.coords[k], args, kwargs)
                 problem = first_disagreement(held[k // group * group], expected[k], k % group, tf32)
                 if problem is not None:
                     return f"at point #{k}, coordinates {self.coords[k].tolist()}: {problem}"

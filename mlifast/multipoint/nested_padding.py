@@ -1,15 +1,18 @@
 """nn.TransformerEncoder's nested-tensor path, followed in the multi-point copy.
 
 Given a padding mask, in eval mode and without autograd, PyTorch's TransformerEncoder
-runs its batch as a nested tensor and gives exactly 0 at every padded position, where its
-layer-by-layer path computes values there. The copy never takes the nested path (its
-tensors are mlifast's subclasses), so a hook on each of its encoders zeroes the padded
-positions wherever the user's encoder would take it, by the conditions of PyTorch's
-`TransformerEncoder.forward` (the model's own outputs there, and whatever it makes of
-them: a mean over all positions, differ by a few percent otherwise).
+runs its batch as a nested tensor and gives exactly 0 at every padded position (its final
+norm's output of 0 where it has one), where its layer-by-layer path computes values there.
+The copy never takes the nested path (its tensors are mlifast's subclasses), so a hook on
+each of its encoders sets the padded positions so wherever PyTorch would take that path,
+by the conditions of `TransformerEncoder.forward` (the model's own outputs there, and
+whatever it makes of them: a mean over all positions, differ by a few percent otherwise).
+With autograd, whether the user's input to the encoder requires grad decides too: taken
+to be so where a module registered before the encoder has a trainable parameter.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -23,17 +26,21 @@ _DEVICES = ("cpu", "cuda", "xpu")
 
 def follow_nested_padding(copied: dict[str, nn.Module], originals: dict[str, nn.Module]) -> None:
     """Hooks on every nn.TransformerEncoder among the `copied` modules (its forward
-    PyTorch's own) that zero its output where the user's encoder at the same path in
-    `originals` would give the nested path's zeros."""
+    PyTorch's own) that give its output the nested path's values at padded positions
+    wherever the user's encoder at the same path in `originals` would take that path."""
+    paths = list(originals)
     for path, encoder in copied.items():
         if forward_is_inherited(encoder, nn.TransformerEncoder) and getattr(encoder, "use_nested_tensor", False):
+            # With autograd, PyTorch's path depends on whether its first layer's parameters or
+            # its input require grad: the input does where a trainable module comes before it
+            # (taken in the order the modules were registered).
+            before = [originals[p] for p in paths[:paths.index(path)]]
             first = originals[path].layers[0]
-            needs_grad = any(p.requires_grad for p in first.parameters())  # (the user's parameters)
-            encoder.register_forward_hook(lambda m, args, kwargs, out, g=needs_grad: _zeroed(m, args, kwargs, out, g),
-                                          with_kwargs=True)
+            needs_grad = any(p.requires_grad for m in before + [first] for p in m.parameters(recurse=m is first))
+            encoder.register_forward_hook(functools.partial(_set_padded, needs_grad=needs_grad), with_kwargs=True)
 
 
-def _zeroed(encoder: nn.TransformerEncoder, args: tuple, kwargs: dict, out: Tensor, needs_grad: bool) -> Any:
+def _set_padded(encoder: nn.TransformerEncoder, args: tuple, kwargs: dict, out: Tensor, needs_grad: bool) -> Any:
     names = ("src", "mask", "src_key_padding_mask", "is_causal")
     given = dict(zip(names, args)) | kwargs
     src, mask, padding = given["src"], given.get("mask"), given.get("src_key_padding_mask")
@@ -44,8 +51,10 @@ def _zeroed(encoder: nn.TransformerEncoder, args: tuple, kwargs: dict, out: Tens
     if getattr(encoder, "mask_check", True) and not torch._nested_tensor_from_mask_left_aligned(
             src, padded.logical_not()):
         return None
+    out = plain(out)
+    at_padded = 0.0 if encoder.norm is None else plain(encoder.norm(torch.zeros_like(out)))  # (norm after padding)
     batch_first = encoder.layers[0].self_attn.batch_first
-    return plain(out).masked_fill((padded if batch_first else padded.t()).unsqueeze(-1), 0.0)
+    return torch.where((padded if batch_first else padded.t()).unsqueeze(-1), at_padded, out)
 
 
 def _nested(encoder: nn.TransformerEncoder, src: Tensor, needs_grad: bool) -> bool:

@@ -37,22 +37,41 @@ from mlifast.spaces import Span
 FORMED_PER_MODULE = (nn.Linear, nn.Bilinear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d,
                      nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 FORMED_PER_MODULE_MIN_BYTES = 1 << 18
+# Parents whose forward reads their layers' weights itself (an attention its out_proj's), or
+# asks whether they are plain tensors to choose its path (the transformer layers' fast path).
+READ_BY_PARENT = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
 class _FormedElsewhere(UnhandledTensor):
     """A weight formed per module, outside its module's forward: refuses computation (as
     UnhandledTensor) and records that it did in `refusals`, shared with its PerPointModel
-    (the model might catch the error)."""
+    (the model might catch the error); its `.data` alike. Its values are NaN: a read that
+    bypasses torch's function dispatch (TorchScript, a C++ extension) makes NaN outputs,
+    which PerPointModel takes for a refusal."""
 
     refusals: list
 
+    @staticmethod
+    def __new__(cls, like: Tensor, owner: str, kind: str, refusals: list) -> "_FormedElsewhere":
+        nan = torch.full((), float("nan"), dtype=like.dtype, device=like.device).expand(like.shape)
+        t = UnhandledTensor.__new__(cls, nan, owner, kind)
+        t.refusals = refusals
+        return t
+
+    def __init__(self, like: Tensor, owner: str, kind: str, refusals: list) -> None:
+        pass
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        formed = next(t for t in tensors_in((args, kwargs)) if isinstance(t, _FormedElsewhere))
         try:
-            return super().__torch_function__(func, types, args, kwargs)
+            out = super().__torch_function__(func, types, args, kwargs)
         except UnhandledParameterError:
-            next(t for t in tensors_in((args, kwargs)) if isinstance(t, _FormedElsewhere)).refusals.append(func)
+            formed.refusals.append(func)
             raise
+        if type(out) is UnhandledTensor:  # (its .data)
+            out = _FormedElsewhere(out, out.owner, out.kind, formed.refusals)
+        return out
 
 
 class _Forming:
@@ -62,6 +81,11 @@ class _Forming:
 
     def __init__(self, space: Span) -> None:
         self.space, self.point, self.refusals = space, None, []
+        self.placeholders: list[tuple[nn.Module, str, Tensor]] = []  # (layer, name, its _FormedElsewhere)
+
+    def restore_placeholders(self) -> None:
+        for module, name, placeholder in self.placeholders:
+            module._parameters[name] = placeholder
 
     def formed(self, own: list, module: nn.Module, _args: tuple) -> None:
         if self.point is not None:
@@ -89,9 +113,6 @@ class PerPointModel:
         self.space = space
         # functional_call takes one key per tied tensor.
         self.keys = list(dict.fromkeys(alias_groups(model).values()))
-        self._parameter_keys = {f"{path}.{name}" if path else name
-                                for path, m in model.named_modules(remove_duplicate=False)
-                                for name, p in m._parameters.items() if p is not None}
         self._reusing = False  # see reusing_state
         self._device_type = next(iter(space.origin.values())).device.type
         self._state: dict[str, Tensor] | None = None
@@ -102,11 +123,11 @@ class PerPointModel:
     def _form_per_module(self, model: nn.Module, space: Span) -> set[str]:
         """Puts a `_FormedElsewhere` in place of each weight formed per module (see
         FORMED_PER_MODULE) in the copy, with hooks on its layer that form it at the point
-        `_forming.point` and drop it; returns their keys. Not for an attention's out_proj,
-        whose weight its parent reads."""
+        `_forming.point` and drop it; returns their keys. Not for the layers of
+        READ_BY_PARENT."""
         groups, origin, formed = alias_groups(model), space.origin, set()
         uses = Counter(groups.values())
-        read_by_parent = {id(child) for m in self.module.modules() if isinstance(m, nn.MultiheadAttention)
+        read_by_parent = {id(child) for m in self.module.modules() if isinstance(m, READ_BY_PARENT)
                           for child in m.children()}
         for path, module in self.module.named_modules():
             if id(module) in read_by_parent or not any(forward_is_inherited(module, cls) for cls in FORMED_PER_MODULE):
@@ -116,10 +137,10 @@ class PerPointModel:
                 key = f"{path}.{name}" if path else name
                 if (p is not None and groups.get(key) == key and uses[key] == 1 and not space.is_frozen(key)
                         and p.numel() * p.element_size() >= FORMED_PER_MODULE_MIN_BYTES):
-                    placeholder = _FormedElsewhere(origin[key], key, type(module).__name__)
-                    placeholder.refusals = self._forming.refusals
+                    placeholder = _FormedElsewhere(origin[key], key, type(module).__name__, self._forming.refusals)
                     module._parameters[name] = placeholder
                     own.append((name, key, placeholder))
+                    self._forming.placeholders.append((module, name, placeholder))
             if own:
                 module.register_forward_pre_hook(functools.partial(self._forming.formed, own), prepend=True)
                 module.register_forward_hook(functools.partial(self._forming.dropped, own), always_call=True)
@@ -159,17 +180,11 @@ class PerPointModel:
         finally:
             self._reusing, self._state = False, None
 
-    def at(self, coord: Tensor, args: tuple, kwargs: dict, origin_as_is: bool = False) -> Any:
-        """The model's output at one point (coord: (J,)). With `origin_as_is`, at the
-        origin it reads the space's own parameters, no state formed: for a model whose
-        forward is known not to write into them (its multi-point run just went through,
-        where moving parameters refuse writes, and MultiPointModel refuses a call that
-        wrote into the others)."""
+    def at(self, coord: Tensor, args: tuple, kwargs: dict) -> Any:
+        """The model's output at one point (coord: (J,)). Every tensor it reads is formed
+        for the point (a model may write into them), the large weights of its layers per
+        layer where that holds (see FORMED_PER_MODULE)."""
         c = coord.tolist()
-        if origin_as_is and not any(c):
-            origin = self.space.origin
-            return self._run({k: origin[k] if k in self._parameter_keys else origin[k].clone() for k in self.keys},
-                             args, kwargs)
         forming = self._forming
         if self._per_module and not torch.is_grad_enabled() and not transformed(*tensors_in((args, kwargs))):
             del forming.refusals[:]
@@ -180,13 +195,16 @@ class PerPointModel:
                 out = None
             finally:
                 forming.point = None
+                forming.restore_placeholders()  # (after an interrupt too: forward hooks run on exceptions only)
             if out is not None and any(isinstance(t, UnhandledTensor) for t in tensors_in(out)):
                 forming.refusals.append("returned")  # (a layer's weight itself, not computed with)
-            if not forming.refusals and out is not None:
+            if not forming.refusals and out is not None and _finite(out):
                 return out
-            if forming.refusals:  # (a parent reads its layer's weight: the whole state from now on)
-                self._per_module = set()
+            whole = self._run(self._state_at(c, self.keys), args, kwargs)
+            if forming.refusals or out is not None and _finite(whole):  # (NaN from a placeholder read)
+                self._per_module = set()  # (a parent reads its layer's weight: the whole state from now on)
                 self._rest_keys = self.keys
+            return whole
         return self._run(self._state_at(c, self.keys), args, kwargs)
 
     def _state_at(self, c: list[float], keys: list[str]) -> dict[str, Tensor]:
@@ -211,6 +229,10 @@ class PerPointModel:
         columns = list(zip(*(list(tensors_in(o)) for o in outputs)))
         position = iter(range(len(columns)))
         return map_tensors(lambda _t, _path: torch.stack(columns[next(position)]), outputs[0])
+
+
+def _finite(out: Any) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors_in(out) if t.is_floating_point() or t.is_complex())
 
 
 def _storage(t: Tensor) -> int | None:
