@@ -153,9 +153,9 @@ class MultiPointModel(nn.Module):
 
     def _refuse_writes_into_space(self, versions: tuple, cause: Exception | None = None) -> None:
         """RuntimeError naming the space's origin tensors whose version counters moved from
-        `versions`: the model wrote into its parameters during forward (the copy and the
-        reference read frozen parameters, and the reference all of them at the origin,
-        from the space's own tensors: every point after the write would be wrong)."""
+        `versions`: the model wrote into its frozen parameters during forward, which the
+        copy reads from the space's own tensors (every point after the write would be
+        wrong). A write through `.data` moves no counter: not seen."""
         if _versions(*self._space_origin) == versions:
             return
         written = [k for k, t, v in zip(self.space.keys, self._space_origin, versions) if _versions(t) != (v,)]

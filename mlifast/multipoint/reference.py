@@ -32,8 +32,8 @@ from mlifast.spaces import Span
 # Layers whose moving weights of at least FORMED_PER_MODULE_MIN_BYTES, each its own tensor
 # (not tied), a reference point forms just before the layer runs and drops after: torch's
 # own layers, which read them in their own forward. Elsewhere such a weight is a
-# `_FormedElsewhere`, which refuses computation: a parent reading it (MultiheadAttention its
-# out_proj's) makes the point run again with the whole state.
+# `_FormedElsewhere`, which refuses computation: a parent reading it makes the point run
+# again with the whole state.
 FORMED_PER_MODULE = (nn.Linear, nn.Bilinear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d,
                      nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 FORMED_PER_MODULE_MIN_BYTES = 1 << 18
@@ -47,7 +47,7 @@ class _FormedElsewhere(UnhandledTensor):
     UnhandledTensor) and records that it did in `refusals`, shared with its PerPointModel
     (the model might catch the error); its `.data` alike. Its values are NaN: a read that
     bypasses torch's function dispatch (TorchScript, a C++ extension) makes NaN outputs,
-    which PerPointModel takes for a refusal."""
+    for which PerPointModel runs the point again with the whole state."""
 
     refusals: list
 
