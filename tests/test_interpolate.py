@@ -277,6 +277,14 @@ def test_output_that_mixes_points_is_refused():
         mlifast.interpolate(a, mlifast.Line(a, b), 3)(torch.randn(4, 3))
 
 
+def test_a_first_argument_not_batched_is_named_in_the_refusal():
+    torch.manual_seed(0)
+    a, b = nn.EmbeddingBag(10, 4), nn.EmbeddingBag(10, 4)  # (flat indices first, then each bag's offset)
+    with pytest.raises(mlifast.NotPerExampleOutputError, match=r"The 7 examples are the size of the first tensor "
+                                                              r"argument along dim 0.*EmbeddingBag"):
+        mlifast.interpolate(a, mlifast.Line(a, b), 3)(torch.randint(0, 10, (7,)), torch.tensor([0, 2, 5]))
+
+
 def test_dict_outputs_and_extra_batch_inputs():
     class Masked(nn.Module):
         def __init__(self):

@@ -796,7 +796,9 @@ def _split_points(t: Tensor, k: int, batch: int, dim: int, path: str, found: lis
                 f"mlifast: {path} has shape {tuple(t.shape)}, which is not one row per example "
                 f"along dim {dim} for {k} points × {batch} examples: it mixes the rows of all points "
                 "(for example a loss computed inside forward, as Hugging Face models do when given "
-                "labels=). Return per-example outputs and compute the loss outside (mlifast.evaluate does)."
+                "labels=). Return per-example outputs and compute the loss outside (mlifast.evaluate does). "
+                f"(The {batch} examples are the size of the first tensor argument along dim {dim}; where that "
+                "tensor is not batched so, as EmbeddingBag's flat indices with offsets, pass a batched one first.)"
             )
         dim = fits[0]
     found.append(dim)
