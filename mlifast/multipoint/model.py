@@ -695,7 +695,7 @@ def _out_projection_moves(module: nn.Module, path: str, space: Span) -> bool:
     if not isinstance(module, nn.MultiheadAttention):
         return False
     prefix = f"{path}.out_proj." if path else "out_proj."
-    return any(not space.is_frozen(k) for k in space.keys if k.startswith(prefix))
+    return any(p is not None and not space.is_frozen(prefix + name) for name, p in module.out_proj._parameters.items())
 
 
 def _owners(modules: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:

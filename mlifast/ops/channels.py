@@ -169,9 +169,9 @@ def channel_combine(inputs: list[Tensor], scales: Tensor, shift: Tensor, relu: b
         (K·B, C, …), point-major, in the first input's layout (channels-last stays so).
     """
     inputs = list(inputs)
-    if any(t is None for t in inputs):
-        raise TypeError(f"channel_combine: inputs[{[t is None for t in inputs].index(True)}] is None; every input "
-                        "must be a torch.Tensor")
+    missing = [j for j, t in enumerate(inputs) if t is None]
+    if missing:
+        raise TypeError(f"channel_combine: inputs[{missing[0]}] is None; every input must be a torch.Tensor")
     check_tensors("channel_combine", {"scales": scales, "shift": shift,
                                       **{f"inputs[{j}]": t for j, t in enumerate(inputs)}})
     check_no_derivatives("channel_combine", scales, shift, *inputs)
