@@ -12,7 +12,8 @@
 # 3. benchmarks/compare.py --device cuda --quick: every workload against the loop.
 # 4. with GPU_CHECK_FULL=1, compare.py --device cuda at full sizes (the model workloads).
 # 5. with GPU_CHECK_BF16=W3 (model workloads), compare.py --dtype bfloat16 at full sizes.
-# 6. with GPU_CHECK_PROFILE=W1,W3 (model workloads), where their time goes on the GPU.
+# 6. with GPU_CHECK_PROFILE=W1,W3 (model workloads), where their time goes on the GPU
+#    (in GPU_CHECK_PROFILE_DTYPE, float32 unless set).
 # 7. benchmarks/gpu_candidates.py: W2 with the GPU-only choices (channels-last images, the
 #    batch-norm passes' CUDA kernels) on and off, A/B in one process.
 # 8. benchmarks/call_parts.py W3 in bfloat16: where one evaluate call's time goes.
@@ -76,7 +77,8 @@ echo "== where one call's time goes (W3, bfloat16)"
 timeout 60 "$PY" benchmarks/call_parts.py W3 --device cuda --dtype bfloat16 2>&1 | tee "$OUT/call_parts.log" || status=1
 for workload in ${GPU_CHECK_PROFILE//,/ }; do
   echo "== profile $workload --device cuda"
-  timeout 120 "$PY" benchmarks/profile_workload.py "$workload" --device cuda 2>&1 \
+  timeout 120 "$PY" benchmarks/profile_workload.py "$workload" --device cuda \
+    --dtype "${GPU_CHECK_PROFILE_DTYPE:-float32}" 2>&1 \
     | tee "$OUT/profile_$workload.log" || status=1
 done
 exit $status

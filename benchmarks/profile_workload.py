@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where one workload's time goes: torch.profiler over mlifast and the loop.
 
-    python benchmarks/profile_workload.py W1 [--device cuda] [--preset quick] [--rows 15]
+    python benchmarks/profile_workload.py W1 [--device cuda] [--dtype bfloat16] [--preset quick] [--rows 15]
 
 Runs the workload once to warm up, then once under the profiler for each of mlifast and the
 loop baseline, and prints each one's wall time and its top operators by self time (CPU, and
@@ -25,10 +25,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("workload", choices=sorted(W.MODEL_WORKLOADS))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--preset", default="full", choices=sorted(W.SIZES))
     p.add_argument("--rows", type=int, default=15, help="operators shown per table")
     args = p.parse_args()
-    wl = W.make_workload(args.workload, args.preset, args.device)
+    wl = W.to_device(W.make_workload(args.workload, args.preset, args.device), args.device,
+                     getattr(torch, args.dtype))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     sort_key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
     for name, run in (("mlifast", W.run_mlifast), ("loop", W.run_loop_state_dict)):
