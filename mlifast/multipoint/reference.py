@@ -53,7 +53,7 @@ class _FormedElsewhere(UnhandledTensor):
 
     @staticmethod
     def __new__(cls, like: Tensor, owner: str, kind: str, refusals: list) -> "_FormedElsewhere":
-        nan = torch.full((), float("nan"), dtype=like.dtype, device=like.device).expand(like.shape)
+        nan = _nan(like.dtype, like.device).expand(like.shape)
         t = UnhandledTensor.__new__(cls, nan, owner, kind)
         t.refusals = refusals
         return t
@@ -72,6 +72,13 @@ class _FormedElsewhere(UnhandledTensor):
         if type(out) is UnhandledTensor:  # (its .data)
             out = _FormedElsewhere(out, out.owner, out.kind, formed.refusals)
         return out
+
+
+@functools.lru_cache(maxsize=None)
+def _nan(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A 0-d NaN that the placeholders expand (one made per dtype and device, not per
+    weight: on a GPU each is a launch)."""
+    return torch.full((), float("nan"), dtype=dtype, device=device)
 
 
 class _Forming:
@@ -111,22 +118,27 @@ class PerPointModel:
                 for t in list(model.parameters()) + list(model.buffers()) if id(t) in persistent}
         self.module = copy_module_tree(model, memo)
         self.space = space
-        # functional_call takes one key per tied tensor.
-        self.keys = list(dict.fromkeys(alias_groups(model).values()))
+        groups = alias_groups(model)
+        self.keys = list(dict.fromkeys(groups.values()))  # (one per tied tensor)
+        # Every other name of those tensors (a non-persistent buffer's too), given the same
+        # value: functional_call then need not find the ties itself (a walk of the model
+        # per point, a sixth of a small transformer's reference point).
+        self._aliases = _other_names(model, self.keys)
         self._reusing = False  # see reusing_state
         self._device_type = next(iter(space.origin.values())).device.type
         self._state: dict[str, Tensor] | None = None
         self._forming = _Forming(space)  # (the hooks hold it, not this object: no reference cycle)
-        self._per_module = self._form_per_module(model, space)  # keys formed while their layer runs
+        self._per_module = self._form_per_module(space, groups)  # keys formed while their layer runs
         self._rest_keys = [k for k in self.keys if k not in self._per_module]
 
-    def _form_per_module(self, model: nn.Module, space: Span) -> set[str]:
+    def _form_per_module(self, space: Span, groups: dict[str, str]) -> set[str]:
         """Puts a `_FormedElsewhere` in place of each weight formed per module (see
         FORMED_PER_MODULE) in the copy, with hooks on its layer that form it at the point
         `_forming.point` and drop it; returns their keys. Not for the layers of
         READ_BY_PARENT."""
-        groups, origin, formed = alias_groups(model), space.origin, set()
+        origin, formed = space.origin, set()
         uses = Counter(groups.values())
+        aliased = {key for _, key in self._aliases}
         read_by_parent = {id(child) for m in self.module.modules() if isinstance(m, READ_BY_PARENT)
                           for child in m.children()}
         for path, module in self.module.named_modules():
@@ -135,7 +147,8 @@ class PerPointModel:
             own = []
             for name, p in module._parameters.items():
                 key = f"{path}.{name}" if path else name
-                if (p is not None and groups.get(key) == key and uses[key] == 1 and not space.is_frozen(key)
+                if (p is not None and groups.get(key) == key and uses[key] == 1 and key not in aliased
+                        and not space.is_frozen(key)
                         and p.numel() * p.element_size() >= FORMED_PER_MODULE_MIN_BYTES):
                     placeholder = _FormedElsewhere(origin[key], key, type(module).__name__, self._forming.refusals)
                     module._parameters[name] = placeholder
@@ -217,7 +230,11 @@ class PerPointModel:
 
     def _run(self, state: dict[str, Tensor], args: tuple, kwargs: dict) -> Any:
         copy_of = lambda t, _path: t.clone()  # noqa: E731 — in-place ops of the model stay here
-        out = functional_call(self.module, state, map_tensors(copy_of, args), map_tensors(copy_of, kwargs))
+        given = state
+        if self._aliases:
+            given = {**state, **{name: state[key] for name, key in self._aliases if key in state}}
+        out = functional_call(self.module, given, map_tensors(copy_of, args), map_tensors(copy_of, kwargs),
+                              tie_weights=False)
         if state is self._state:  # an output viewing a state tensor: the next point overwrites it
             held = {_storage(t) for t in state.values() if t.numel()}
             out = map_tensors(lambda t, _path: t.clone() if _may_alias(t, held) else t, out)
@@ -261,6 +278,20 @@ def alias_groups(model: nn.Module) -> dict[str, str]:
             key = f"{path}.{name}" if path else name
             groups[key] = first.setdefault(id(t), key)
     return groups
+
+
+def _other_names(model: nn.Module, keys: list[str]) -> list[tuple[str, str]]:
+    """(name, key) for every name in `model` of the tensor of each of `keys` (state-dict
+    keys) but the key itself: tied weights' other keys, a non-persistent buffer that is a
+    parameter."""
+    named = []
+    for path, module in model.named_modules(remove_duplicate=False):
+        for name, t in list(module._parameters.items()) + list(module._buffers.items()):
+            if t is not None:
+                named.append((f"{path}.{name}" if path else name, t))
+    wanted = set(keys)
+    key_of = {id(t): name for name, t in named if name in wanted}  # id(tensor) -> its key
+    return [(name, key_of[id(t)]) for name, t in named if id(t) in key_of and key_of[id(t)] != name]
 
 
 def first_disagreement(ours: Any, reference: Any, point: int, tf32: bool = False) -> str | None:

@@ -15,6 +15,7 @@ as read-only.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
@@ -322,6 +323,10 @@ class Span:
 
     def _coord_list(self, coord: Any) -> list[float]:
         J = self.num_directions
+        if type(coord) in (list, tuple) and len(coord) == J and all(type(v) in (float, int) for v in coord):
+            if not all(math.isfinite(v) for v in coord):  # (plain numbers: no tensor made, as per layer in the reference)
+                raise ValueError(f"coordinate {list(map(float, coord))} is not finite.")
+            return [float(v) for v in coord]
         t = torch.as_tensor(coord, dtype=torch.float64).detach().cpu()
         if t.dim() == 0 and J == 1:
             t = t.reshape(1)
@@ -384,7 +389,7 @@ class Span:
         """state_at's contiguous floating `entries` in new memory, by foreach ops: the same
         sums, in a launch per group of tensors rather than per tensor (W3's 293 tensors)."""
         keys = [k for k, o in entries.items() if k in rows and o.is_contiguous()]
-        if not keys:
+        if len(keys) < 2:  # (a foreach op over one tensor costs several times the op itself)
             return {}
         values = torch._foreach_add([self._origin[k] for k in keys], [rows[k][0] for k in keys], alpha=c[0])
         for j in range(1, len(c)):
