@@ -158,6 +158,31 @@ def test_tied_and_frozen_weights_are_in_the_whole_state(monkeypatch):
     assert rel_err(out, oracle_outputs(a, line, torch.tensor([0.7]), x)[0]) < 1e-6
 
 
+class WeightAlsoABuffer(nn.Module):  # one tensor under two names, one not in the state dict
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("weight_again", self.fc.weight, persistent=False)
+
+    def forward(self, x):
+        return self.fc(x) + x @ self.weight_again
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_tensor_under_two_names_takes_the_points_value_under_both(grad, monkeypatch):
+    monkeypatch.setattr(reference, "FORMED_PER_MODULE_MIN_BYTES", 0)
+    torch.manual_seed(0)
+    a, b = WeightAlsoABuffer().double(), WeightAlsoABuffer().double()
+    line = mlifast.Line(a, b)
+    ref = PerPointModel(a, line)
+    x, at = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0.7], dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        out = ref.at(at, (x,), {})
+    state = line.state_at(0.7)
+    w, bias = state["fc.weight"], state["fc.bias"]
+    assert rel_err(out, x @ w.t() + bias + x @ w) < 1e-12
+
+
 def test_a_reference_point_holds_one_layers_weights_not_the_whole_state():
     torch.manual_seed(0)
     a, b = (nn.Sequential(*(nn.Linear(512, 512) for _ in range(6))) for _ in range(2))
