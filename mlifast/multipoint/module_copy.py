@@ -40,6 +40,8 @@ def _copy(x: Any, memo: dict[int, Any]) -> Any:
         for k, v in x.items():
             y[k if type(k) in _ATOMS else _copy(k, memo)] = v if type(v) in _ATOMS else _copy(v, memo)
         return y
+    if cls is tuple and all(type(v) in _ATOMS for v in x):  # (a shape: copy.deepcopy returns it too)
+        return x
     if cls in _SETS and all(type(v) in _ATOMS for v in x):  # (_non_persistent_buffers_set)
         y = memo[id(x)] = cls(x)
         return y

@@ -110,20 +110,18 @@ class PerPointModel:
     """out[k] = model with space.state_at(coords[k]), stacked along a new leading dim."""
 
     def __init__(self, model: nn.Module, space: Span) -> None:
-        persistent = {
-            id(t) for m in model.modules() for n, t in m._buffers.items()
-            if t is not None and n not in m._non_persistent_buffers_set
-        } | {id(p) for p in model.parameters()}
-        memo = {id(t): torch.empty_like(t, device="meta")
-                for t in list(model.parameters()) + list(model.buffers()) if id(t) in persistent}
+        named = _named_tensors(model)
+        persistent = {id(t) for _, t, kept in named if kept}
+        memo = {id(t): torch.empty_like(t, device="meta") for _, t, _ in named if id(t) in persistent}
         self.module = copy_module_tree(model, memo)
         self.space = space
-        groups = alias_groups(model)
+        groups = _alias_groups(named)
         self.keys = list(dict.fromkeys(groups.values()))  # (one per tied tensor)
         # Every other name of those tensors (a non-persistent buffer's too), given the same
         # value: functional_call then need not find the ties itself (a walk of the model
         # per point, a sixth of a small transformer's reference point).
-        self._aliases = _other_names(model, self.keys)
+        key_of = {id(t): groups[name] for name, t, kept in named if kept}
+        self._aliases = [(name, key_of[id(t)]) for name, t, _ in named if key_of.get(id(t), name) != name]
         self._reusing = False  # see reusing_state
         self._device_type = next(iter(space.origin.values())).device.type
         self._state: dict[str, Tensor] | None = None
@@ -139,10 +137,11 @@ class PerPointModel:
         origin, formed = space.origin, set()
         uses = Counter(groups.values())
         aliased = {key for _, key in self._aliases}
-        read_by_parent = {id(child) for m in self.module.modules() if isinstance(m, READ_BY_PARENT)
-                          for child in m.children()}
-        for path, module in self.module.named_modules():
-            if id(module) in read_by_parent or not any(forward_is_inherited(module, cls) for cls in FORMED_PER_MODULE):
+        modules = list(self.module.named_modules())
+        read_by_parent = {id(child) for _, m in modules if isinstance(m, READ_BY_PARENT) for child in m.children()}
+        for path, module in modules:
+            if (not isinstance(module, FORMED_PER_MODULE) or id(module) in read_by_parent
+                    or not any(forward_is_inherited(module, cls) for cls in FORMED_PER_MODULE)):
                 continue
             own = []
             for name, p in module._parameters.items():
@@ -269,29 +268,24 @@ def _may_alias(t: Tensor, storages: set) -> bool:
 
 def alias_groups(model: nn.Module) -> dict[str, str]:
     """State-dict key → the first key naming the same tensor (tied weights share one)."""
+    return _alias_groups(_named_tensors(model))
+
+
+def _alias_groups(named: list[tuple[str, Tensor, bool]]) -> dict[str, str]:
     first: dict[int, str] = {}
-    groups = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        for name, t in list(module._parameters.items()) + list(module._buffers.items()):
-            if t is None or name in module._non_persistent_buffers_set:
-                continue
-            key = f"{path}.{name}" if path else name
-            groups[key] = first.setdefault(id(t), key)
-    return groups
+    return {name: first.setdefault(id(t), name) for name, t, kept in named if kept}
 
 
-def _other_names(model: nn.Module, keys: list[str]) -> list[tuple[str, str]]:
-    """(name, key) for every name in `model` of the tensor of each of `keys` (state-dict
-    keys) but the key itself: tied weights' other keys, a non-persistent buffer that is a
-    parameter."""
+def _named_tensors(model: nn.Module) -> list[tuple[str, Tensor, bool]]:
+    """(name, tensor, whether the state dict keeps it) for every parameter and buffer of
+    `model`, under each of its names (tied ones under every name), in state-dict order."""
     named = []
     for path, module in model.named_modules(remove_duplicate=False):
-        for name, t in list(module._parameters.items()) + list(module._buffers.items()):
-            if t is not None:
-                named.append((f"{path}.{name}" if path else name, t))
-    wanted = set(keys)
-    key_of = {id(t): name for name, t in named if name in wanted}  # id(tensor) -> its key
-    return [(name, key_of[id(t)]) for name, t in named if id(t) in key_of and key_of[id(t)] != name]
+        prefix = f"{path}." if path else ""
+        named += [(prefix + name, t, True) for name, t in module._parameters.items() if t is not None]
+        named += [(prefix + name, t, name not in module._non_persistent_buffers_set)
+                  for name, t in module._buffers.items() if t is not None]
+    return named
 
 
 def first_disagreement(ours: Any, reference: Any, point: int, tf32: bool = False) -> str | None:
