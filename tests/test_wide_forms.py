@@ -97,6 +97,40 @@ def test_which_calls_each_form_makes(form):
         assert calls == first_layer + [(2, True)] * 3
 
 
+class PaddedLayers(torch.nn.Module):  # every padding a convolution's own forward applies, an embedding's padding_idx
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4, padding_idx=0)
+        self.c1 = torch.nn.Conv1d(4, 4, 3, padding=2, padding_mode="circular", dilation=2)
+        self.c2 = torch.nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect", stride=2)
+        self.c3 = torch.nn.Conv3d(4, 2, 2, padding="same", padding_mode="replicate", groups=2, bias=False)
+
+    def forward(self, tokens):
+        h = self.c1(self.emb(tokens).transpose(1, 2))  # (N, 4, T)
+        h = self.c2(h.unsqueeze(1))  # (N, 4, 2, T/2)
+        return self.c3(h.unsqueeze(2).expand(-1, -1, 2, -1, -1)).flatten(1)
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_the_wide_forms_products_run_each_layers_own_forward(hooked, monkeypatch):
+    """Without functional_call (its swapping of tensors costs more than a GPU's launch);
+    a hooked layer still through it, its hooks called as before."""
+    monkeypatch.setattr(layers, "one_point_per_call", lambda x: False)
+    through_functional_call = []
+    functional_call = layers.functional_call
+    monkeypatch.setattr(layers, "functional_call", lambda m, *a: through_functional_call.append(m) or functional_call(m, *a))
+    a, b = test_interpolate.pair(PaddedLayers, torch.float64)
+    seen = []
+    if hooked:
+        a.c2.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape) and None)
+    tokens = torch.tensor([[0, 3, 5, 0, 9, 2, 1, 4], [7, 0, 0, 2, 2, 8, 6, 3]])
+    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.3, 1.2]), tokens,
+                                         dtype=torch.float64)
+    assert not fast.per_point_fallback
+    assert [type(m).__name__ for m in through_functional_call] == ["Conv2d"] * 2 * hooked  # (J + 1 products)
+    assert sum(shape[0] == 3 * 2 for shape in seen) == 2 * hooked  # (the products' rows of all points)
+
+
 @pytest.mark.parametrize("side, channels, per_point", [(8, 8, False), (32, 8, True), (16, 8, False), (16, 64, True),
                                                       (8, 64, False)])
 def test_convolutions_take_the_per_point_form_from_enough_positions(side, channels, per_point):
