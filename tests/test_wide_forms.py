@@ -118,7 +118,8 @@ def test_the_wide_forms_products_run_each_layers_own_forward(hooked, monkeypatch
     monkeypatch.setattr(layers, "one_point_per_call", lambda x: False)
     through_functional_call = []
     functional_call = layers.functional_call
-    monkeypatch.setattr(layers, "functional_call", lambda m, *a: through_functional_call.append(m) or functional_call(m, *a))
+    monkeypatch.setattr(layers, "functional_call",
+                        lambda m, *a: through_functional_call.append(m) or functional_call(m, *a))
     a, b = test_interpolate.pair(PaddedLayers, torch.float64)
     seen = []
     if hooked:

@@ -75,13 +75,14 @@ class MultiPointModel(nn.Module):
         # a first-call check found that the model agrees in that layout (it may not: a
         # `.view` of a 4-d activation, an op reading raw memory). None: undecided, the
         # model's own layout meanwhile.
-        has_images = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        modules = list(model.modules())
+        has_images = any(isinstance(m, nn.Conv2d) for m in modules)
         self.images_channels_last: bool | None = None if has_images else False
         self._images_converted = False  # (whether the current call converted any)
         # Whether it has convolutions and recurrent layers, which cuDNN may compute in TF32
         # (the first-call check's tolerance).
-        self._cudnn_layers = (any(isinstance(m, _ConvNd) for m in model.modules()),
-                              any(isinstance(m, nn.RNNBase) for m in model.modules()))
+        self._cudnn_layers = (any(isinstance(m, _ConvNd) for m in modules),
+                              any(isinstance(m, nn.RNNBase) for m in modules))
         self.reference = PerPointModel(model, space)
         self.per_point_fallback = False
         # Points run through the model together; None: all. Each call then runs the model

@@ -323,8 +323,9 @@ class Span:
 
     def _coord_list(self, coord: Any) -> list[float]:
         J = self.num_directions
+        # Plain numbers (as the reference forms each layer's weights): checked without a tensor.
         if type(coord) in (list, tuple) and len(coord) == J and all(type(v) in (float, int) for v in coord):
-            if not all(math.isfinite(v) for v in coord):  # (plain numbers: no tensor made, as per layer in the reference)
+            if not all(math.isfinite(v) for v in coord):
                 raise ValueError(f"coordinate {list(map(float, coord))} is not finite.")
             return [float(v) for v in coord]
         t = torch.as_tensor(coord, dtype=torch.float64).detach().cpu()
