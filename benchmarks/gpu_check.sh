@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_check.sh            # logs and JSON into $OUT (default build/gpu-check)
 #
 # 1. builds the extension with the CUDA kernels against the torch it finds (CMake, in
-#    build/gpu, for this card's architecture only) and puts _C next to the sources;
+#    build/gpu, for this card's architecture only) and puts _C next to the sources and in
+#    $OUT; with GPU_CHECK_PREBUILT=1 and a _C already there (carried), uses it instead;
 # 2. benchmarks/cuda_check.py: every CUDA path against the float64 oracle at random sizes,
 #    gradcheck, the card's copy and GEMM ceilings, and the op sweep;
 # 3. benchmarks/compare.py --device cuda --quick: every workload against the loop.
@@ -42,15 +43,20 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 arch=$("$PY" -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))")
-echo "== build (sm_$arch)"
-rm -f mlifast/_C*.so
-if timeout 300 bash -c "cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DMLIFAST_CUDA=ON \
-      -DCMAKE_CUDA_ARCHITECTURES=$arch -DPython_EXECUTABLE=$(command -v "$PY") \
-    && cmake --build build/gpu -j $(nproc)" >"$OUT/build.log" 2>&1; then
-  cp build/gpu/_C*.so mlifast/
-  grep -E "warning|mlifast:" "$OUT/build.log" | head -20
+if [ "${GPU_CHECK_PREBUILT:-0}" = 1 ] && compgen -G "mlifast/_C*.so" >/dev/null; then
+  # A _C built by an earlier run (it comes back in $OUT; carry it) when csrc/ has not changed.
+  echo "== build skipped: $(ls mlifast/_C*.so)"
 else
-  echo "BUILD FAILED"; tail -60 "$OUT/build.log"; exit 1
+  echo "== build (sm_$arch)"
+  rm -f mlifast/_C*.so
+  if timeout 300 bash -c "cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DMLIFAST_CUDA=ON \
+        -DCMAKE_CUDA_ARCHITECTURES=$arch -DPython_EXECUTABLE=$(command -v "$PY") \
+      && cmake --build build/gpu -j $(nproc)" >"$OUT/build.log" 2>&1; then
+    cp build/gpu/_C*.so mlifast/ "$OUT/"
+    grep -E "warning|mlifast:" "$OUT/build.log" | head -20
+  else
+    echo "BUILD FAILED"; tail -60 "$OUT/build.log"; exit 1
+  fi
 fi
 
 echo "== cuda_check"
