@@ -132,6 +132,67 @@ def test_the_wide_forms_products_run_each_layers_own_forward(hooked, monkeypatch
     assert sum(shape[0] == 3 * 2 for shape in seen) == 2 * hooked  # (the products' rows of all points)
 
 
+class GainConv(torch.nn.Conv2d):  # a subclass's own _conv_forward, reading a parameter of its own
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = torch.nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def _conv_forward(self, input, weight, bias):
+        return super()._conv_forward(input, weight * self.gain, bias)
+
+
+class OwnWeightConv(torch.nn.Conv2d):  # ... or reading its weight itself
+    def _conv_forward(self, input, weight, bias):
+        return torch.nn.functional.conv2d(input, self.weight, self.bias, self.stride, self.padding)
+
+
+class ScaledEmbedding(torch.nn.Module):  # a user's row-wise layer given the embedding's rule (Gemma's scale)
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(10, 4))
+
+    def forward(self, tokens):
+        return torch.nn.functional.embedding(tokens, self.weight) * 2.0
+
+
+@pytest.mark.parametrize("side", [8, 48])  # (48: each point's rows through the layer on the CPU)
+@pytest.mark.parametrize("conv", [GainConv, OwnWeightConv])
+def test_a_convolution_overriding_its_conv_forward_runs_it_at_each_point(form, conv, side):
+    a, b = test_interpolate.pair(lambda: torch.nn.Sequential(conv(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                                             conv(4, 2, 3, padding=1)), torch.float64)
+    x = torch.randn(2, 3, side, side, dtype=torch.float64)
+    fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.4, 1.0]), x,
+                                         dtype=torch.float64)
+    assert not fast.per_point_fallback
+
+
+def test_products_run_hooks_on_every_module_and_a_users_layer_given_the_embeddings_rule(form, monkeypatch):
+    from mlifast.multipoint import registry
+    monkeypatch.setitem(registry.RULES, ScaledEmbedding, layers.EmbeddingRule)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.conv = ScaledEmbedding(), torch.nn.Conv1d(4, 3, 3, padding=1)
+
+        def forward(self, tokens):
+            return self.conv(self.emb(tokens).transpose(1, 2))
+
+    a, b = test_interpolate.pair(Net, torch.float64)
+    tokens = torch.randint(0, 10, (2, 6), generator=torch.Generator().manual_seed(0))
+    # (in the per-point form a convolution is no module call: a hook on it falls back, as documented)
+    def doubled(module, args, out):
+        return out * 2 if isinstance(module, torch.nn.Conv1d) and form == "wide" else None
+
+    handle = torch.nn.modules.module.register_module_forward_hook(doubled)
+    try:
+        fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.4, 1.0]), tokens,
+                                             dtype=torch.float64)
+    finally:
+        handle.remove()
+    assert not fast.per_point_fallback
+
+
 @pytest.mark.parametrize("side, channels, per_point", [(8, 8, False), (32, 8, True), (16, 8, False), (16, 64, True),
                                                       (8, 64, False)])
 def test_convolutions_take_the_per_point_form_from_enough_positions(side, channels, per_point):

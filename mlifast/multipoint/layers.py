@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.modules import module as module_globals
 
 from mlifast.multipoint.combination import PendingCombination, SharedProducts
 from mlifast.multipoint.context import fold, rows_for_every_example, unfold
 from mlifast.multipoint.pending import (Pending, PendingAffine, PendingConvolution, _channels_last, _output_shape,
                                        winograd_takes)
 from mlifast.multipoint.relu_line import PendingLine
-from mlifast.multipoint.rule import MultiPointRule
+from mlifast.multipoint.rule import MultiPointRule, forward_is_inherited
 from mlifast.multipoint.shared import SharedRows
 from mlifast.ops import channel_moments, multipoint_combine
 from mlifast.ops._checks import carries_derivatives
@@ -36,6 +37,12 @@ from mlifast.ops.channels import in_kernel_layout
 # the CPU (W2's statistics pass 1.95 → 1.83 s, BENCHMARKS.md). On CUDA the kernels are
 # right but W2 was 0.79× as fast with them as with cuDNN's (an H200, gpu_candidates.py).
 CHANNEL_PASSES_DEVICES = {"cpu"}
+
+
+# torch's hooks on every module (register_module_forward_hook, …), which a layer's products
+# run only when called as modules.
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
 
 
 def one_point_per_call(x: Tensor) -> bool:
@@ -186,13 +193,15 @@ class AffineInParamsRule(MultiPointRule):
         """The layer's output with `state` for its own tensors."""
         return functional_call(self.inner, state, call, kwargs)
 
-    def _called_plainly(self, call: tuple, kwargs: dict) -> bool:
-        """Whether `product` may run the layer's forward as a function of its tensors: one
-        input, and no hook on the layer (the probe of activation sizes counts the products
-        by hooks; a user's hooks run as before)."""
+    def _called_plainly(self, call: tuple, kwargs: dict, *classes: type) -> bool:
+        """Whether `product` may run the layer's forward as a function of its tensors: a
+        layer of one of torch's `classes` with its forward (not a user's class given this
+        rule), one input, and no hook on it or on every module (the probe of activation
+        sizes counts the products by hooks; a user's hooks run as before)."""
         m = self.inner
-        return (len(call) == 1 and not kwargs and not (m._forward_hooks or m._forward_pre_hooks
-                                                         or m._backward_hooks or m._backward_pre_hooks))
+        return (len(call) == 1 and not kwargs and any(forward_is_inherited(m, cls) for cls in classes)
+                and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                         or any(getattr(module_globals, name, None) for name in _GLOBAL_HOOKS)))
 
     def _combination_applies(self, shared: SharedProducts) -> bool:
         """Whether the output stays a PendingCombination of the products (see
@@ -271,7 +280,7 @@ class ConvRule(AffineInParamsRule):
         """The convolution's own forward with `state`'s weight and bias, without
         functional_call's swapping of the module's tensors (on a GPU twice the time of
         cuDNN's launch: W2's 19 convolutions, twice a pass, three passes a call)."""
-        if not self._called_plainly(call, kwargs):
+        if not self._called_plainly(call, kwargs, nn.Conv1d, nn.Conv2d, nn.Conv3d):
             return super().product(state, call, kwargs)
         return self.inner._conv_forward(call[0], state["weight"], state.get("bias"))
 
@@ -293,7 +302,7 @@ class EmbeddingRule(AffineInParamsRule):
 
     def product(self, state: dict[str, Tensor], call: tuple, kwargs: dict) -> Tensor:
         """nn.Embedding's forward with `state`'s weight (max_norm is refused: check_supported)."""
-        if not self._called_plainly(call, kwargs):
+        if not self._called_plainly(call, kwargs, nn.Embedding):
             return super().product(state, call, kwargs)
         e = self.inner
         return F.embedding(call[0], state["weight"], e.padding_idx, e.max_norm, e.norm_type,

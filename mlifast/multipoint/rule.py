@@ -125,5 +125,9 @@ class MultiPointRule(nn.Module):
 
 
 def forward_is_inherited(module: nn.Module, base: type) -> bool:
-    """True when `module` is a `base` whose forward is base's own (safe for base's rule)."""
-    return isinstance(module, base) and type(module).forward is base.forward
+    """True when `module` is a `base` whose forward is base's own (safe for base's rule),
+    and so is a convolution's `_conv_forward`, the part of its forward that subclasses
+    override (weight standardisation, a gain of their own)."""
+    cls = type(module)
+    return (isinstance(module, base) and cls.forward is base.forward
+            and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None))
