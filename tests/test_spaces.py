@@ -165,9 +165,11 @@ def test_state_at_rejects_wrong_coord_shape(nets):
         line.state_at([0.1, 0.2])
     with pytest.raises(ValueError, match="not finite"):
         line.state_at(float("nan"))
-    for plain in ([float("inf")], (0.5, float("nan"))):  # (lists of plain numbers: checked without a tensor)
+    for plain in ([float("inf")], (0.5, float("nan"))):  # (lists of floats: checked without a tensor)
         with pytest.raises(ValueError, match="not finite"):
             (line if len(plain) == 1 else plane).state_at(plain)
+    with pytest.raises(ValueError, match="beyond float64's range"):
+        line.state_at([10 ** 400])
     assert torch.equal(plane.state_at((1, 0.5))["3.weight"], plane.state_at(torch.tensor([1.0, 0.5]))["3.weight"])
 
 

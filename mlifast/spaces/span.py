@@ -323,12 +323,15 @@ class Span:
 
     def _coord_list(self, coord: Any) -> list[float]:
         J = self.num_directions
-        # Plain numbers (as the reference forms each layer's weights): checked without a tensor.
-        if type(coord) in (list, tuple) and len(coord) == J and all(type(v) in (float, int) for v in coord):
+        # Python floats (as the reference forms each layer's weights): checked without a tensor.
+        if type(coord) in (list, tuple) and len(coord) == J and all(type(v) is float for v in coord):
             if not all(math.isfinite(v) for v in coord):
-                raise ValueError(f"coordinate {list(map(float, coord))} is not finite.")
-            return [float(v) for v in coord]
-        t = torch.as_tensor(coord, dtype=torch.float64).detach().cpu()
+                raise ValueError(f"coordinate {list(coord)} is not finite.")
+            return list(coord)
+        try:
+            t = torch.as_tensor(coord, dtype=torch.float64).detach().cpu()
+        except OverflowError:
+            raise ValueError(f"coordinate {coord!r} is beyond float64's range.") from None
         if t.dim() == 0 and J == 1:
             t = t.reshape(1)
         if t.dim() != 1 or t.numel() != J:
