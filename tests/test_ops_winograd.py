@@ -460,7 +460,8 @@ class StandardisedNet(nn.Module):
 
 
 def test_a_conv2d_subclass_with_its_own_conv_forward_keeps_it(monkeypatch):
-    """Not Winograd's plain convolution: the model stays fused and channels-last."""
+    """Not Winograd's plain convolution: the generic rule runs its own `_conv_forward` at
+    each point; the rest of the model stays fused and channels-last."""
     calls = []
     monkeypatch.setattr(pending, "_WINOGRAD_OUT", lambda *args, **kwargs: calls.append(1) or WINOGRAD_OUT(*args, **kwargs))
     torch.manual_seed(0)
