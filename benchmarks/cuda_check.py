@@ -7,8 +7,9 @@
    every dtype (float64, float32, float32 with TF32 allowed, float16, bfloat16), shared and
    per-point inputs, with and without bias and bias directions, non-contiguous inputs,
    empty sizes, and every dispatch path (stacked, shared, per-point weights, fused), and the
-   fused kernels alone (mlifast::_multipoint_linear_fused: tensor cores, SIMT) at every
-   size; the error is max |y - y_ref| / max |y_ref|. Then gradcheck on CUDA in float64.
+   fused kernels alone (mlifast::_multipoint_linear_fused: tensor cores, SIMT) and each
+   cuBLAS form alone (mlifast::_multipoint_linear_gemm_form) at every size; the error is
+   max |y - y_ref| / max |y_ref|. Then gradcheck on CUDA in float64.
    Then a batch norm's passes (channel_moments, channel_affine) against a float64 loop,
    and timed against ATen's batch norm on W2's shapes.
    Exits non-zero on any failure, after printing every case.
@@ -62,11 +63,16 @@ def random_case(g: torch.Generator, dtype: torch.dtype, k: int, r: int, i: int, 
 
 
 def check_case(name: str, args: tuple) -> float:
-    """The worse relative error of the dispatched op and of the fused kernels alone."""
+    """The worst relative error of the dispatched op, of the fused kernels alone and of
+    each GEMM form alone (stacked; per-point weights, 3 points a GEMM)."""
     f64 = [t.double() if t is not None else None for t in args]
     ref = multipoint_linear_reference(*f64)
     err = 0.0
-    for op in (mlifast.ops.multipoint_linear, torch.ops.mlifast._multipoint_linear_fused):
+    gemm_form = torch.ops.mlifast._multipoint_linear_gemm_form
+    ops = [mlifast.ops.multipoint_linear, torch.ops.mlifast._multipoint_linear_fused, lambda *a: gemm_form(*a, 0)]
+    if args[0].dim() == 3:  # (per-point weights: each point's own rows)
+        ops.append(lambda *a: gemm_form(*a, 3))
+    for op in ops:
         y = op(*args)
         assert y.shape == ref.shape and y.dtype == args[0].dtype, (name, y.shape, ref.shape, y.dtype)
         if ref.numel():

@@ -11,6 +11,12 @@ TORCH_LIBRARY(mlifast, m) {
   m.def(
       "multipoint_linear(Tensor input, Tensor weight, Tensor? bias, Tensor weight_dirs, "
       "Tensor? bias_dirs, Tensor coeffs, bool relu=False) -> Tensor");
+  // multipoint_linear by one of the GEMM forms a GPU dispatches between
+  // (csrc/multipoint_linear_gemm_forms.h): points_per_gemm 0, the stacked form; n > 0, each
+  // point's weight formed, n points to a batched GEMM. Private: for the tests and cuda_check.
+  m.def(
+      "_multipoint_linear_gemm_form(Tensor input, Tensor weight, Tensor? bias, Tensor weight_dirs, "
+      "Tensor? bias_dirs, Tensor coeffs, int points_per_gemm) -> Tensor");
   // y[k] = base + (bias + Σ_j coeffs[k, j] · bias_dirs[j]) + Σ_j coeffs[k, j] · along[:, j]
   // base: (R, O) = x·weightᵀ; along: (R, J, O) = x·weight_dirs[j]ᵀ; bias: (O,);
   // bias_dirs: (J, O); coeffs: (K, J) -> (K, R, O). multipoint_linear of a shared input x

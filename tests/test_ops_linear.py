@@ -276,3 +276,31 @@ def test_gradcheck_through_relu(shared, R):
     args = tuple(a.requires_grad_() for a in args)
     assert torch.autograd.gradcheck(lambda *a: multipoint_linear(*a, relu=True), args)
     torch.library.opcheck(torch.ops.mlifast.multipoint_linear.default, (*args, True))
+
+
+GEMM_FORMS = {"stacked": 0, "per-point weights, 1 a GEMM": 1, "per-point weights, 2 a GEMM": 2,
+              "per-point weights, all in one GEMM": 64}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("J", [1, 3])
+@pytest.mark.parametrize("bias", ["none", "fixed", "moving"])
+@pytest.mark.parametrize("form, shared", [(form, shared) for form in GEMM_FORMS for shared in (False, True)
+                                          if not (shared and GEMM_FORMS[form])])  # (per point: its own rows)
+def test_the_gpus_gemm_forms_match_the_loop(form, shared, bias, J, dtype):
+    """The forms a GPU dispatches between (csrc/multipoint_linear_gemm_forms.h), built for the
+    CPU too: on a machine without a GPU, the only check of their arithmetic."""
+    group = GEMM_FORMS[form]
+    args = make_args(5, 6, 11, 7, J, shared, bias, dtype, noncontiguous=dtype == torch.float32)
+    expected = per_point_loop(*(a.double() if a is not None else None for a in args))
+    y = torch.ops.mlifast._multipoint_linear_gemm_form(*args, group)
+    assert y.shape == (5, 6, 7) and y.dtype == dtype
+    assert rel_err(y.double(), expected) < {torch.bfloat16: 2e-2}.get(dtype, RTOL.get(dtype))
+
+
+def test_the_gemm_forms_refuse_per_point_weights_of_shared_rows_and_give_empty_outputs():
+    x, w, b, d, db, c = make_args(3, 4, 5, 2, 1, True, "moving", torch.float64)
+    with pytest.raises(RuntimeError, match="per-point weights need an input of shape"):
+        torch.ops.mlifast._multipoint_linear_gemm_form(x, w, b, d, db, c, 2)
+    x, w, b, d, db, c = make_args(3, 0, 5, 2, 1, False, "moving", torch.float64)
+    assert torch.ops.mlifast._multipoint_linear_gemm_form(x, w, b, d, db, c, 0).shape == (3, 0, 2)

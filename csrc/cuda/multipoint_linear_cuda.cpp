@@ -9,8 +9,9 @@
 // H100 (benchmarks/cuda_check.py; BENCHMARKS.md, "GPU"):
 //  * shared input (a first layer): x·Wᵀ and x·Dᵀ once for the R rows on cuBLAS, then the
 //    per-point combine: (J+1)·R rows of GEMM instead of K·R.
-//  * stacked: two cuBLAS GEMMs over all K·R rows (against W and against the J directions),
-//    then the combine. (J+1)× the FLOPs, W and D read once.
+//  * stacked: two cuBLAS GEMMs over all K·R rows (against W and against the J directions,
+//    each with its bias in the epilogue), then the combine in place. (J+1)× the FLOPs, W and
+//    D read once, three launches for J = 1.
 //  * per-point weights: W_k = W + Σ_j c_kj·D_j for a group of points in one reused buffer,
 //    then one batched cuBLAS GEMM of the group's rows against them (points_per_gemm). 1× the
 //    FLOPs, (J+2) weight-sized passes per point. It wins over stacked when the saved GEMM
@@ -27,7 +28,9 @@
 // at every measured size (BENCHMARKS.md). They stay reachable as the private op
 // mlifast::_multipoint_linear_fused, which benchmarks/cuda_check.py checks against the
 // oracle and times against the cuBLAS forms on every GPU run.
-// Compiled only against a CUDA build of torch.
+// Both cuBLAS forms are ATen code in csrc/multipoint_linear_gemm_forms.h, which the CPU build
+// compiles too: the tests check them there (the private op mlifast::_multipoint_linear_gemm_form).
+// This file is compiled only against a CUDA build of torch.
 #include <algorithm>
 #include <optional>
 
@@ -38,6 +41,7 @@
 #include <torch/library.h>
 
 #include "multipoint_linear_checks.h"
+#include "multipoint_linear_gemm_forms.h"
 #include "multipoint_linear_kernel.h"
 
 namespace mlifast {
@@ -80,34 +84,6 @@ bool tensor_cores_for(const at::Tensor& x) {
   return dtype_ok && at::cuda::getDeviceProperties(x.get_device())->major >= 8;
 }
 
-// (K, O): b + Σ_j c_kj·db_j, or an undefined tensor without bias.
-at::Tensor point_biases(const at::Tensor& b, const at::Tensor& db, const at::Tensor& c) {
-  if (!b.defined()) return at::Tensor();
-  const at::Tensor expanded = b.unsqueeze(0).expand({c.size(0), b.size(0)});
-  return db.defined() ? at::addmm(expanded, c, db) : expanded.contiguous();
-}
-
-// y (K, R, O) = base + b_k + Σ_j c_kj·along_j, base (K or 1, R, O), along (K or 1, R, J, O).
-at::Tensor combine(const at::Tensor& base, const at::Tensor& along, const at::Tensor& bias_k,
-                   const at::Tensor& c, const LinearSizes& s) {
-  at::Tensor y = bias_k.defined() ? at::add(base, bias_k.unsqueeze(1))
-                                  : base.expand({s.points, s.rows, s.out_features}).contiguous();
-  for (int64_t j = 0; j < s.directions; ++j) {
-    y.addcmul_(along.select(2, j), c.select(1, j).view({s.points, 1, 1}));
-  }
-  return y;
-}
-
-at::Tensor stacked(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d,
-                   const at::Tensor& bias_k, const at::Tensor& c, const LinearSizes& s) {
-  const int64_t points = s.shared_input ? 1 : s.points;
-  const at::Tensor rows = x.view({points * s.rows, s.in_features});
-  const at::Tensor base = at::mm(rows, w.t()).view({points, s.rows, s.out_features});
-  const at::Tensor along = at::mm(rows, d.view({s.directions * s.out_features, s.in_features}).t())
-                               .view({points, s.rows, s.directions, s.out_features});
-  return combine(base, along, bias_k, c, s);
-}
-
 // Points per batched GEMM of the per-point form. One point's GEMM has ceil(R/128)·ceil(O/128)
 // output tiles; W1's 1000 × 1024 gives 64 and a transformer's 256 × 1024 gives 16, far too few
 // blocks for 132 multiprocessors. So points go to cuBLAS in groups of enough tiles for
@@ -121,32 +97,6 @@ int64_t points_per_gemm(const at::Tensor& x, const LinearSizes& s) {
   const int64_t weight_bytes = s.out_features * s.in_features * x.element_size();
   const int64_t group = std::min((blocks + tiles - 1) / tiles, WEIGHT_GROUP_BYTES / std::max<int64_t>(weight_bytes, 1));
   return std::clamp<int64_t>(group, 1, s.points);
-}
-
-at::Tensor per_point_weights(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d,
-                             const at::Tensor& bias_k, const at::Tensor& c, const LinearSizes& s) {
-  const int64_t group = points_per_gemm(x, s);
-  const at::Tensor w_group = at::empty({group, s.out_features, s.in_features}, w.options());
-  at::Tensor y = at::empty({s.points, s.rows, s.out_features}, x.options());
-  for (int64_t first = 0; first < s.points; first += group) {
-    const int64_t n = std::min(group, s.points - first);
-    // W_k = W + Σ_j c_kj·D_j for the group's points, element-wise with the coefficients read
-    // on the device (no host sync).
-    const at::Tensor c_n = c.narrow(0, first, n);
-    at::Tensor w_n = w_group.narrow(0, 0, n);
-    at::addcmul_out(w_n, w.unsqueeze(0), d.select(0, 0).unsqueeze(0), c_n.select(1, 0).view({n, 1, 1}));
-    for (int64_t j = 1; j < s.directions; ++j) {
-      w_n.addcmul_(d.select(0, j).unsqueeze(0), c_n.select(1, j).view({n, 1, 1}));
-    }
-    at::Tensor y_n = y.narrow(0, first, n);
-    const at::Tensor x_n = x.narrow(0, first, n);
-    if (bias_k.defined()) {
-      at::baddbmm_out(y_n, bias_k.narrow(0, first, n).unsqueeze(1), x_n, w_n.transpose(1, 2));
-    } else {
-      at::bmm_out(y_n, x_n, w_n.transpose(1, 2));
-    }
-  }
-  return y;
 }
 
 // The fused kernels: tensor cores (split over the input dimension) where the dtype and card
@@ -175,50 +125,56 @@ at::Tensor fused(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, 
   return y;
 }
 
-struct Operands {
-  LinearSizes s;
-  at::Tensor x, w, b, d, db;
-};
+using gemm_forms::Operands;
 
 Operands prepare(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                  const at::Tensor& weight_dirs, const std::optional<at::Tensor>& bias_dirs,
                  const at::Tensor& coeffs) {
   // Shapes, dtypes and devices: the same contract as every other backend.
-  const LinearSizes s = check_multipoint_linear(input, weight, bias, weight_dirs, bias_dirs, coeffs);
+  Operands o = gemm_forms::operands(input, weight, bias, weight_dirs, bias_dirs, coeffs);
   TORCH_CHECK(input.is_cuda(), "mlifast::multipoint_linear: expected tensors on a CUDA device, got ",
               input.device());
   to_dtype(input.scalar_type());
-  return {s, input.contiguous(), weight.contiguous(), bias.has_value() ? bias->contiguous() : at::Tensor(),
-          weight_dirs.contiguous(), bias_dirs.has_value() ? bias_dirs->contiguous() : at::Tensor()};
+  return o;
 }
 
 // The cost model's choice among the cuBLAS forms.
-at::Tensor dispatched(const Operands& o, const at::Tensor& coeffs) {
-  // The cuBLAS forms compute in the input's dtype, coefficients included.
-  const at::Tensor c = coeffs.to(o.x.scalar_type()).contiguous();
-  const at::Tensor bias_k = point_biases(o.b, o.db, c);
+at::Tensor dispatched(const Operands& o, const at::Tensor& /*coeffs*/, int64_t /*group*/) {
   if (!o.s.shared_input && use_per_point_weights(o.x, o.s)) {
-    return per_point_weights(o.x, o.w, o.d, bias_k, c, o.s);
+    return gemm_forms::per_point_weights(o.x, o.w, o.b, o.d, o.db, o.c, o.s, points_per_gemm(o.x, o.s));
   }
-  return stacked(o.x, o.w, o.d, bias_k, c, o.s);
+  return gemm_forms::stacked(o.x, o.w, o.b, o.d, o.db, o.c, o.s);
 }
 
-at::Tensor fused_only(const Operands& o, const at::Tensor& coeffs) {
+at::Tensor fused_only(const Operands& o, const at::Tensor& coeffs, int64_t /*group*/) {
   return fused(o.x, o.w, o.b, o.d, o.db, coeffs, o.s);
 }
 
-// One CUDA operator: checks, the device guard and empty outputs, then `algorithm`, then
-// the ReLU if asked (a separate in-place pass here; on the CPU it joins the bias pass).
-template <at::Tensor (*algorithm)(const Operands&, const at::Tensor&)>
-at::Tensor cuda_op(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                   const at::Tensor& weight_dirs, const std::optional<at::Tensor>& bias_dirs,
-                   const at::Tensor& coeffs, bool relu) {
+// One GEMM form, as the caller names it (as on the CPU: csrc/cpu/gemm_forms.cpp).
+at::Tensor gemm_form_only(const Operands& o, const at::Tensor& /*coeffs*/, int64_t group) {
+  return gemm_forms::named_form(o, group);
+}
+
+// One CUDA operator: checks, the device guard and empty outputs, then `algorithm`.
+template <at::Tensor (*algorithm)(const Operands&, const at::Tensor&, int64_t)>
+at::Tensor run(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+               const at::Tensor& weight_dirs, const std::optional<at::Tensor>& bias_dirs, const at::Tensor& coeffs,
+               int64_t group) {
   const c10::cuda::CUDAGuard guard(input.device());
   const Operands o = prepare(input, weight, bias, weight_dirs, bias_dirs, coeffs);
   if (o.s.points * o.s.rows * o.s.out_features == 0) {
     return at::empty({o.s.points, o.s.rows, o.s.out_features}, input.options());
   }
-  at::Tensor y = algorithm(o, coeffs);
+  return algorithm(o, coeffs, group);
+}
+
+// multipoint_linear's face: then the ReLU if asked (a separate in-place pass here; on the
+// CPU it joins the bias pass).
+template <at::Tensor (*algorithm)(const Operands&, const at::Tensor&, int64_t)>
+at::Tensor cuda_op(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   const at::Tensor& weight_dirs, const std::optional<at::Tensor>& bias_dirs,
+                   const at::Tensor& coeffs, bool relu) {
+  at::Tensor y = run<algorithm>(input, weight, bias, weight_dirs, bias_dirs, coeffs, 0);
   return relu ? y.relu_() : y;
 }
 
@@ -234,4 +190,5 @@ TORCH_LIBRARY_FRAGMENT(mlifast, m) {
 TORCH_LIBRARY_IMPL(mlifast, CUDA, m) {
   m.impl("multipoint_linear", &mlifast::cuda_op<mlifast::dispatched>);
   m.impl("_multipoint_linear_fused", &mlifast::cuda_op<mlifast::fused_only>);
+  m.impl("_multipoint_linear_gemm_form", &mlifast::run<mlifast::gemm_form_only>);
 }
