@@ -96,6 +96,8 @@ inline at::Tensor per_point_weights(const at::Tensor& x, const at::Tensor& w, co
 // The form `points_per_gemm` names (0: stacked; n > 0: per-point weights, n points a GEMM):
 // mlifast::_multipoint_linear_gemm_form on either device.
 inline at::Tensor named_form(const Operands& o, int64_t points_per_gemm) {
+  TORCH_CHECK(points_per_gemm >= 0, "mlifast::_multipoint_linear_gemm_form: points_per_gemm must be 0 (the "
+              "stacked form) or positive (per-point weights), got ", points_per_gemm);
   TORCH_CHECK(points_per_gemm == 0 || !o.s.shared_input,
               "mlifast::_multipoint_linear_gemm_form: per-point weights need an input of shape (K, R, I)");
   return points_per_gemm > 0 ? per_point_weights(o.x, o.w, o.b, o.d, o.db, o.c, o.s, points_per_gemm)

@@ -105,6 +105,27 @@ def test_logit_linearity_matches_loop():
     assert math.isclose(logit_linearity(a, line, [(x, None)], alphas=alphas), expected, rel_tol=1e-9)
 
 
+def test_a_model_falling_back_to_one_point_at_a_time_refuses_derivatives_along_alpha():
+    """The fallback runs each point at its coordinates as numbers: no derivative along α
+    reaches it (gauss_length would measure a path at rest). logit_linearity, which reads
+    the outputs alone, takes it and agrees with the loop."""
+    torch.manual_seed(0)
+    a, b = mlp().double().eval(), mlp().double().eval()
+    for m in (a, b):  # (a hook on a layer: the multi-point rules do not follow it, the check falls back)
+        m[1].register_forward_hook(lambda module, args, out: out * 2)
+    line, x = mlifast.Line(a, b), torch.randn(4, 3, 4, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="disagrees with the model"), \
+            pytest.raises(NotImplementedError, match="cannot carry derivatives along the coordinates"):
+        gauss_length(a, line, [(x, None)], alphas=5)
+    alphas = torch.linspace(0, 1, 5, dtype=torch.float64)
+    z = torch.stack([load_point(a, line, t)(x) for t in alphas.tolist()])
+    chord = (z[-1] - z[0]) / (z[-1] - z[0]).norm(dim=-1, keepdim=True)
+    r = (z - z[0]) - chord * ((z - z[0]) * chord).sum(-1, keepdim=True)
+    expected = torch.trapezoid(r.pow(2).sum(-1).mean(1), alphas).item()
+    with pytest.warns(RuntimeWarning, match="disagrees with the model"):
+        assert math.isclose(logit_linearity(a, line, [(x, None)], alphas=alphas), expected, rel_tol=1e-9)
+
+
 def test_needs_a_line():
     torch.manual_seed(0)
     models = [mlp() for _ in range(3)]

@@ -302,5 +302,7 @@ def test_the_gemm_forms_refuse_per_point_weights_of_shared_rows_and_give_empty_o
     x, w, b, d, db, c = make_args(3, 4, 5, 2, 1, True, "moving", torch.float64)
     with pytest.raises(RuntimeError, match="per-point weights need an input of shape"):
         torch.ops.mlifast._multipoint_linear_gemm_form(x, w, b, d, db, c, 2)
+    with pytest.raises(RuntimeError, match="must be 0 .* or positive"):
+        torch.ops.mlifast._multipoint_linear_gemm_form(x, w, b, d, db, c, -1)
     x, w, b, d, db, c = make_args(3, 0, 5, 2, 1, False, "moving", torch.float64)
     assert torch.ops.mlifast._multipoint_linear_gemm_form(x, w, b, d, db, c, 0).shape == (3, 0, 2)

@@ -146,6 +146,31 @@ class OwnWeightConv(torch.nn.Conv2d):  # ... or reading its weight itself
         return torch.nn.functional.conv2d(input, self.weight, self.bias, self.stride, self.padding)
 
 
+class MaskedConv(torch.nn.Conv2d):  # PixelCNN's: a fixed mask of its own, affine in the weight: given ConvRule
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        mask = torch.ones_like(self.weight)
+        mask[:, :, 2] = 0
+        self.register_buffer("mask", mask)
+
+    def _conv_forward(self, input, weight, bias):
+        return super()._conv_forward(input, weight * self.mask, bias)
+
+
+@pytest.mark.parametrize("side", [8, 40])  # (40: float32 per point, where Winograd would take a plain Conv2d)
+def test_a_convolution_given_the_rule_keeps_its_own_conv_forward(form, side, monkeypatch):
+    from mlifast.multipoint import registry
+    monkeypatch.setitem(registry.RULES, MaskedConv, layers.ConvRule)
+    a, b = test_interpolate.pair(lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                                             MaskedConv(16, 16, 3, padding=1)), torch.float32)
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fast = test_interpolate.check_parity(a, mlifast.Line(a, b), torch.tensor([0.0, 0.5, 1.0]), x,
+                                             dtype=torch.float32)
+    assert isinstance(fast.model[2], layers.ConvRule) and not fast.per_point_fallback
+    assert fast.images_channels_last  # (a wrong convolution would have the check drop the layout)
+
+
 class ScaledEmbedding(torch.nn.Module):  # a user's row-wise layer given the embedding's rule (Gemma's scale)
     def __init__(self):
         super().__init__()

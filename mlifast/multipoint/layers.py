@@ -26,7 +26,7 @@ from mlifast.multipoint.context import fold, rows_for_every_example, unfold
 from mlifast.multipoint.pending import (Pending, PendingAffine, PendingConvolution, _channels_last, _output_shape,
                                        winograd_takes)
 from mlifast.multipoint.relu_line import PendingLine
-from mlifast.multipoint.rule import MultiPointRule, forward_is_inherited
+from mlifast.multipoint.rule import MultiPointRule
 from mlifast.multipoint.shared import SharedRows
 from mlifast.ops import channel_moments, multipoint_combine
 from mlifast.ops._checks import carries_derivatives
@@ -194,12 +194,12 @@ class AffineInParamsRule(MultiPointRule):
         return functional_call(self.inner, state, call, kwargs)
 
     def _called_plainly(self, call: tuple, kwargs: dict, *classes: type) -> bool:
-        """Whether `product` may run the layer's forward as a function of its tensors: a
-        layer of one of torch's `classes` with its forward (not a user's class given this
-        rule), one input, and no hook on it or on every module (the probe of activation
-        sizes counts the products by hooks; a user's hooks run as before)."""
+        """Whether `product` may run the layer's forward as a function of its tensors: its
+        forward that of one of torch's `classes` (not a user's class given this rule), one
+        input, and no hook on it or on every module (the probe of activation sizes counts
+        the products by hooks; a user's hooks run as before)."""
         m = self.inner
-        return (len(call) == 1 and not kwargs and any(forward_is_inherited(m, cls) for cls in classes)
+        return (len(call) == 1 and not kwargs and any(type(m).forward is cls.forward for cls in classes)
                 and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                          or any(getattr(module_globals, name, None) for name in _GLOBAL_HOOKS)))
 
@@ -279,7 +279,8 @@ class ConvRule(AffineInParamsRule):
     def product(self, state: dict[str, Tensor], call: tuple, kwargs: dict) -> Tensor:
         """The convolution's own forward with `state`'s weight and bias, without
         functional_call's swapping of the module's tensors (on a GPU twice the time of
-        cuDNN's launch: W2's 19 convolutions, twice a pass, three passes a call)."""
+        cuDNN's launch: W2's 19 convolutions, twice a pass, three passes a call). Its
+        `_conv_forward` may be a subclass's given this rule (a fixed mask of its own)."""
         if not self._called_plainly(call, kwargs, nn.Conv1d, nn.Conv2d, nn.Conv3d):
             return super().product(state, call, kwargs)
         return self.inner._conv_forward(call[0], state["weight"], state.get("bias"))

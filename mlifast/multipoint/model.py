@@ -254,7 +254,16 @@ class MultiPointModel(nn.Module):
 
     def _check_reference_follows_policy(self) -> None:
         """The one-point-at-a-time fallback runs the model as it is (batch norm from its
-        running statistics); it cannot stand in for per-point batch or recomputed ones."""
+        running statistics) at each point's coordinates as numbers: it cannot stand in for
+        per-point batch or recomputed statistics, nor carry derivatives along the
+        coordinates (the output path's geometry: they would all be 0)."""
+        if transformed(self.context.coeffs):
+            raise NotImplementedError(
+                "mlifast: this model needs the one-point-at-a-time fallback (see the warning), which cannot "
+                "carry derivatives along the coordinates (gauss_length, the output path's curvature); remove "
+                "what the warning names from the model, or difference the outputs of mlifast.interpolate at "
+                "nearby points instead"
+            )
         if self.norms and (self.context.bn_mode != "running" or any(m.recomputed is not None for m in self.norms)):
             raise NotImplementedError(
                 "mlifast: this model needs the one-point-at-a-time fallback (see the warning), which "

@@ -469,9 +469,9 @@ def _output_tiles(conv: nn.Module, rows: Tensor) -> int:
 
 
 def _plain_conv2d(conv: nn.Module) -> bool:
-    """A Conv2d (computing what nn.Conv2d does: a subclass overriding `_conv_forward`,
-    weight standardisation, takes the generic rule, see rule.forward_is_inherited)."""
-    return isinstance(conv, nn.Conv2d)
+    """A Conv2d computing what nn.Conv2d does (a subclass given ConvRule may override
+    `_conv_forward`: a fixed mask of its own)."""
+    return isinstance(conv, nn.Conv2d) and type(conv)._conv_forward is nn.Conv2d._conv_forward
 
 
 # oneDNN's convolution with post-ops, as Inductor calls it (absent from builds without oneDNN).
