@@ -126,6 +126,18 @@ def test_a_model_falling_back_to_one_point_at_a_time_refuses_derivatives_along_a
         assert math.isclose(logit_linearity(a, line, [(x, None)], alphas=alphas), expected, rel_tol=1e-9)
 
 
+@pytest.mark.parametrize("measure", [gauss_length, logit_linearity])
+def test_sequence_first_outputs_average_over_their_examples(measure):
+    """batch_dim=1: the same examples as batch-first give the same mean over examples."""
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 4)).double()  # noqa: E731
+    a, b = make(), make()
+    line, x = mlifast.Line(a, b), torch.randn(2, 5, 3, dtype=torch.float64)  # (T, B, 3)
+    seq_first = measure(a, line, [(x, None)], alphas=11, batch_dim=1)
+    batch_first = measure(a, line, [(x.transpose(0, 1).contiguous(), None)], alphas=11)
+    assert math.isclose(seq_first, batch_first, rel_tol=1e-12)
+
+
 def test_needs_a_line():
     torch.manual_seed(0)
     models = [mlp() for _ in range(3)]

@@ -90,7 +90,9 @@ def _prepare(model, line, alphas, bn, bn_data, forward, device, dtype, batch_dim
 
 def _outputs(fast: MultiPointModel, batch, forward: Forward) -> Tensor:
     device = fast.context.coeffs.device
-    out = forward(fast, to_device(batch, device))[0]
+    out = forward(fast, to_device(batch, device))[0]  # (K, …, B, …): each point's batch where the call found it
+    dim = (fast.output_batch_dims or (fast.batch_dim,))[0]
+    out = out.movedim(1 + dim, 1) if out.dim() > 1 + dim else out
     return out.reshape(out.shape[0], out.shape[1], -1)
 
 
