@@ -83,3 +83,18 @@ def test_report_files(tmp_path):
     write_report(records, CONFIG, tmp_path)
     assert "SGD-BN" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "scatter.png").stat().st_size > 0
+
+
+def test_a_path_with_a_non_finite_loss_counts_as_non_monotonic_in_the_table_and_report(tmp_path):
+    """Δ_min is inf (stored None) where the loss is inf inside the path and finite at θT:
+    non-monotonic, out of the mean Δ_min, off the scatter."""
+    def run(delta, lr):
+        return {"optimizer": "sgd", "batch_norm": False, "lr": lr, "final_loss": 0.05, "delta_min": delta,
+                "normalized_distance": 0.5, "diverged": False, "seconds": 1.0}
+
+    config = dataclasses.replace(CONFIG, optimizers=("sgd",), batch_norm=(False,))
+    records = [run(None, 0.1), run(0.0, 0.1), run(0.2, 0.01), run(None, 0.01)]
+    text = table(records, config)
+    assert "| SGD-NoBN | 0.50 (2) | 1.00 (2) | 0.2 |" in text, text
+    write_report(records, config, tmp_path)
+    assert (tmp_path / "scatter.png").stat().st_size > 0

@@ -152,7 +152,9 @@ def included(record: dict, config: GridConfig) -> bool:
 def table(records: list[dict], config: GridConfig) -> str:
     """Markdown: rows optimizer-BN, columns learning rates, cells "fraction (N)" of
     non-monotonic runs (Δ_min > threshold) among included runs, data sets pooled; then the
-    mean Δ_min over non-monotonic runs per row."""
+    mean Δ_min over non-monotonic runs per row. A Δ_min that is not finite (stored None: a
+    loss of inf or NaN inside the path, finite at its end) counts as non-monotonic and
+    stays out of the mean."""
     lrs = sorted(config.lrs, reverse=True)
     lines = ["| | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | mean Δ_min (non-monotonic) |",
              "|---" * (len(lrs) + 2) + "|"]
@@ -163,8 +165,8 @@ def table(records: list[dict], config: GridConfig) -> str:
         for lr in lrs:
             cell = [r for r in records if r["optimizer"] == optimizer and r["batch_norm"] == bn and r["lr"] == lr
                     and included(r, config)]
-            flagged = [r["delta_min"] for r in cell if r["delta_min"] > config.threshold]
-            bumps += flagged
+            flagged = [r["delta_min"] for r in cell if r["delta_min"] is None or r["delta_min"] > config.threshold]
+            bumps += [b for b in flagged if b is not None]
             cells.append(f"{len(flagged) / len(cell):.2f} ({len(cell)})" if cell else "– (0)")
         mean = f"{sum(bumps) / len(bumps):.3g}" if bumps else "–"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean} |")
@@ -182,7 +184,8 @@ def scatter(records: list[dict], config: GridConfig, path: Path) -> None:
     for optimizer, color in (("sgd", "tab:blue"), ("adam", "tab:orange")):
         for bn, marker in ((False, "o"), (True, "^")):
             pts = [(math.log10(r["normalized_distance"]), r["delta_min"]) for r in records
-                   if r["optimizer"] == optimizer and r["batch_norm"] == bn and included(r, config)]
+                   if r["optimizer"] == optimizer and r["batch_norm"] == bn and included(r, config)
+                   and r["delta_min"] is not None]  # (a non-finite Δ_min has no place on the axis)
             if pts:
                 ax.scatter(*zip(*pts), c=color, marker=marker, label=f"{optimizer.upper()}{' BN' if bn else ''}")
     ax.axhline(config.threshold, color="gray", lw=0.8, ls=":")
