@@ -1,5 +1,6 @@
 """evaluate(): per-point means over a data set against the one-point-at-a-time loop."""
 import copy
+import functools
 import json
 import math
 import os
@@ -353,3 +354,45 @@ def test_memory_budget_sets_the_points_per_pass(monkeypatch):
     assert passes[-3:] == [2, 2, 1]  # 5 points, 2 per pass
     losses, _ = loop_evaluate(a, line, data, res.alphas.tolist(), "interpolate")
     torch.testing.assert_close(res["loss"], losses, rtol=1e-9, atol=0)
+
+
+class TokenClassifier(torch.nn.Module):  # (B, T, 4) tokens -> (B, 5, T) logits, class dim 1 as cross entropy takes
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(x).transpose(1, 2)
+
+
+@pytest.mark.parametrize("ignore_index", [None, 0])
+def test_ignored_targets_are_left_out_of_the_loss_and_accuracy(ignore_index):
+    """Targets equal to cross entropy's ignore_index (padding, masked labels) count neither
+    as a loss of 0 nor as a miss: the loss is cross entropy's own mean over the targets it
+    counts, over the whole data set, at every point."""
+    torch.manual_seed(0)
+    a, b = TokenClassifier().double(), TokenClassifier().double()
+    line, skip = mlifast.Line(a, b), -100 if ignore_index is None else ignore_index
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, generator=g)
+    y = torch.randint(1, 5, (5, 3), generator=g)
+    y[0, 1:], y[2, :], y[4, 0] = skip, skip, skip  # (one example with no target counted at all)
+    data = [(x[:3], y[:3]), (x[3:], y[3:])]
+    loss = None if ignore_index is None else functools.partial(F.cross_entropy, ignore_index=ignore_index)
+    res = mlifast.evaluate(a, line, data, coords=4, loss=loss, metrics="accuracy", progress=False)
+    counted = y != skip
+    for k, alpha in enumerate(res.alphas.tolist()):
+        logits = load_point(a, line, alpha)(x)
+        expected = F.cross_entropy(logits, y, ignore_index=skip)
+        assert math.isclose(res["loss"][k].item(), expected.item(), rel_tol=1e-12)
+        hits = (logits.argmax(1) == y)[counted].double().mean() if ignore_index is None else \
+            (logits.argmax(1) == y).double().mean()  # (accuracy skips -100 only)
+        assert math.isclose(res["accuracy"][k].item(), hits.item(), rel_tol=1e-12)
+
+
+def test_a_data_set_of_ignored_targets_alone_is_refused():
+    torch.manual_seed(0)
+    a, b = TokenClassifier(), TokenClassifier()
+    data = [(torch.randn(2, 3, 4), torch.full((2, 3), -100))]
+    with pytest.raises(ValueError, match="every target of the data set is one that loss and accuracy skip"):
+        mlifast.evaluate(a, mlifast.Line(a, b), data, coords=2, metrics="accuracy", progress=False)

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 from mlifast.engine.allocator import freed_memory_kept
 from mlifast.engine.batches import Forward, default_forward, inputs_and_target, to_device
 from mlifast.engine.chunking import plan
-from mlifast.engine.metrics import Metric, per_example_loss, per_example_values, resolve_metrics
+from mlifast.engine.metrics import (IGNORE_INDEX, Metric, ignored_target, per_example_loss, per_example_values,
+                                    resolve_metrics)
 from mlifast.engine.results import Results
 from mlifast.multipoint import MultiPointModel
 from mlifast.spaces import Span
@@ -49,6 +50,10 @@ def evaluate(
             reduction="none" where it takes it; default cross entropy.
         metrics: "accuracy" and/or callables f(output, target) -> (N,) per-example values
             (averaged over any further dims), or a dict naming each, {"name": fn}.
+            Class-index targets equal to cross entropy's (or nll_loss's) ignore_index
+            (-100 unless a functools.partial sets it) are left out of that loss's mean,
+            and targets of -100 out of "accuracy"'s: the loss is then cross entropy's own
+            mean over the targets it counts (padded tokens, masked labels).
         bn: "interpolate" (eval mode, running statistics interpolated), "recompute"
             (each point's statistics recomputed on bn_data as update_bn would, then eval
             mode) or "batch" (each point's own batch statistics).
@@ -66,7 +71,8 @@ def evaluate(
             come as (K·B, T, …) each; a (B, C) output and (B,) target as they are.
 
     Returns:
-        Results with (K,) "loss" and one (K,) entry per metric: means over examples.
+        Results with (K,) "loss" and one (K,) entry per metric: means over examples (over
+        the targets counted, where some are ignored; see `metrics`).
     """
     if bn not in BN_POLICIES:
         raise ValueError(f"mlifast: bn must be one of {BN_POLICIES}, got {bn!r}")
@@ -90,7 +96,8 @@ def evaluate(
         chunk, fast.points_per_group = plan(fast, data, forward or default_forward, device, dtype,
                                             max_points_per_pass)
 
-        sums = {name: torch.zeros(all_coords.shape[0], dtype=torch.float64) for name in per_example}
+        # (2, K) per name: the sum of the values over the data set and their count, at each point
+        sums = {name: torch.zeros(2, all_coords.shape[0], dtype=torch.float64) for name in per_example}
         examples = 0
         total = _length(data) + (_length(bn_data) if bn == "recompute" and norms else 0)
         n_chunks = -(-all_coords.shape[0] // chunk)
@@ -111,7 +118,13 @@ def evaluate(
         _remember_indices_shared(model, fast.context.flat_indices_shared)
     if examples == 0:
         raise ValueError("mlifast: the data set is empty; evaluate needs at least one batch with one example")
-    values = {name: s / examples for name, s in sums.items()}
+    uncounted = [name for name, s in sums.items() if not s[1].all()]
+    if uncounted:
+        raise ValueError(
+            f"mlifast: every target of the data set is one that {' and '.join(uncounted)} skip (ignore_index, "
+            f"{IGNORE_INDEX} unless the loss says otherwise), so they have no value; give the data set a target "
+            "to count")
+    values = {name: s[0] / s[1] for name, s in sums.items()}
     _warn_non_finite(values["loss"], all_coords)
     meta = {
         "space": space.describe(),
@@ -187,8 +200,8 @@ def _add_sums(sums: dict, first: int, output: Any, target: Tensor, per_example: 
         examples = flat_target.shape[0] // n
         for name, fn in per_example.items() if examples else ():  # (an empty batch)
             values = per_example_values(name, _called(fn, flat_output, flat_target, part, target, batch_dim),
-                                        flat_output.shape[0], n)
-            sums[name][first + start:first + start + n] += values.reshape(n, -1).sum(1).cpu()
+                                        flat_output.shape[0], n, flat_target, ignored_target(fn))
+            sums[name][:, first + start:first + start + n] += values.reshape(2, n, -1).sum(2).cpu()
     return examples
 
 
