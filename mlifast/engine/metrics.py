@@ -93,8 +93,8 @@ def per_example_values(name: str, values: Any, rows: int, points: int, target: T
     values = values.reshape(rows, -1).to(torch.float64)
     if ignored is None or target.is_floating_point() or target.numel() != values.numel():
         return torch.stack([values.mean(1), torch.ones_like(values[:, 0])])
-    counted = (target.reshape(rows, -1) != ignored).to(torch.float64)
-    return torch.stack([(values * counted).sum(1), counted.sum(1)])
+    counted = target.reshape(rows, -1) != ignored
+    return torch.stack([torch.where(counted, values, 0.0).sum(1), counted.sum(1, dtype=torch.float64)])
 
 
 def _parameters(fn) -> set:
