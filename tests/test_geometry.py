@@ -138,6 +138,21 @@ def test_sequence_first_outputs_average_over_their_examples(measure):
     assert math.isclose(seq_first, batch_first, rel_tol=1e-12)
 
 
+def test_logit_linearity_reads_a_float32_grids_ends_and_an_output_that_does_not_move():
+    """A float32 grid's 0 is −3e-8 (as on_segment reads it); an output whose chord is 0 is
+    off it all along (here it does not move at all: 0, not 0/0)."""
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()  # noqa: E731
+    a, b = make(), make()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    grid32 = torch.linspace(-0.3, 1.3, 17)
+    assert 0.0 not in grid32.tolist()
+    got = logit_linearity(a, mlifast.Line(a, b), [(x, None)], alphas=grid32)
+    exact = logit_linearity(a, mlifast.Line(a, b), [(x, None)], alphas=grid32.double().round(decimals=6))
+    assert math.isclose(got, exact, rel_tol=1e-6) and got > 1e-3
+    assert logit_linearity(a, mlifast.Line(a, a), [(x, None)], alphas=5) == 0.0
+
+
 def test_needs_a_line():
     torch.manual_seed(0)
     models = [mlp() for _ in range(3)]

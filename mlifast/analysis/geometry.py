@@ -50,10 +50,12 @@ def logit_linearity(model: nn.Module, line: Span, data: Iterable, alphas: Any = 
                     forward: Optional[Forward] = None, bn: str = "interpolate", bn_data: Optional[Iterable] = None,
                     device=None, dtype=None, batch_dim: int = 0) -> float:
     """∫ mean_x ‖r_x(α)‖² dα, r_x(α) the part of z_x(α) − z_x(0) orthogonal to the chord
-    z_x(1) − z_x(0) (squared output units; 0 for straight output paths). Trapezoid rule
-    on the α grid, which must contain 0 and 1."""
+    z_x(1) − z_x(0) (squared output units; 0 for straight output paths; all of the path
+    where the chord is 0). Trapezoid rule on the α grid, which must contain 0 and 1 (as
+    `on_segment` reads them: a float32 grid's −3e-8 is 0)."""
     fast, grid = _prepare(model, line, alphas, bn, bn_data or data, forward, device, dtype, batch_dim)
-    ends = [(grid == a).nonzero() for a in (0.0, 1.0)]
+    slack = 1e-3 * grid.diff().min().item() if len(grid) > 1 else 0.0
+    ends = [((grid - a).abs() <= slack).nonzero() for a in (0.0, 1.0)]
     if any(e.numel() == 0 for e in ends):
         raise ValueError("logit_linearity: the α grid must contain 0 and 1")
     total, examples = torch.zeros((), dtype=torch.float64), 0
@@ -61,7 +63,8 @@ def logit_linearity(model: nn.Module, line: Span, data: Iterable, alphas: Any = 
         for batch in data:
             z = _outputs(fast, batch, forward or default_forward).double()  # (K, B, D)
             start, chord = z[ends[0][0, 0]], z[ends[1][0, 0]] - z[ends[0][0, 0]]
-            unit = chord / chord.norm(dim=-1, keepdim=True)
+            length = chord.norm(dim=-1, keepdim=True)
+            unit = torch.where(length > 0, chord / length, 0.0)  # (no chord: the whole path is off it)
             moved = z - start
             r = moved - unit * (moved * unit).sum(-1, keepdim=True)
             total += torch.trapezoid(r.pow(2).sum(-1), grid, dim=0).sum()
