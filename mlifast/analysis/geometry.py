@@ -15,6 +15,7 @@ from mlifast.engine.batches import Forward, default_forward, to_device
 from mlifast.engine.evaluate import recompute_statistics
 from mlifast.multipoint import MultiPointModel
 from mlifast.spaces import Span
+from mlifast.spaces.span import grid_slack
 
 
 def gauss_length(model: nn.Module, line: Span, data: Iterable, alphas: Any = 50, *,
@@ -52,10 +53,9 @@ def logit_linearity(model: nn.Module, line: Span, data: Iterable, alphas: Any = 
     """∫ mean_x ‖r_x(α)‖² dα, r_x(α) the part of z_x(α) − z_x(0) orthogonal to the chord
     z_x(1) − z_x(0) (squared output units; 0 for straight output paths; all of the path
     where the chord is 0). Trapezoid rule on the α grid, which must contain 0 and 1 (as
-    `on_segment` reads them: a float32 grid's −3e-8 is 0)."""
+    `on_segment` reads them, `grid_slack`: a float32 grid's −3e-8 is 0)."""
     fast, grid = _prepare(model, line, alphas, bn, bn_data or data, forward, device, dtype, batch_dim)
-    slack = 1e-3 * grid.diff().min().item() if len(grid) > 1 else 0.0
-    ends = [((grid - a).abs() <= slack).nonzero() for a in (0.0, 1.0)]
+    ends = [((grid - a).abs() <= grid_slack(grid)).nonzero() for a in (0.0, 1.0)]
     if any(e.numel() == 0 for e in ends):
         raise ValueError("logit_linearity: the α grid must contain 0 and 1")
     total, examples = torch.zeros((), dtype=torch.float64), 0

@@ -632,8 +632,14 @@ class Plane(Span):
 
 def on_segment(alphas: Any) -> Tensor:
     """(K,) bool: the points of an increasing α grid in [0, 1], the segment θ0 → θT,
-    give or take a thousandth of the grid's smallest step (the rounding of a grid made in
-    float32: linspace(−0.3, 1.3, 17) puts its zero at −3e-8)."""
+    give or take `grid_slack` (the rounding of a grid made in float32: linspace(−0.3,
+    1.3, 17) puts its zero at −3e-8)."""
     a = torch.as_tensor(alphas, dtype=torch.float64).reshape(-1)
-    slack = 1e-3 * a.diff().min().item() if len(a) > 1 else 0.0
+    slack = grid_slack(a)
     return (a >= -slack) & (a <= 1 + slack)
+
+
+def grid_slack(alphas: Tensor) -> float:
+    """How far from a value an increasing (K,) α grid's point may lie and still be read as
+    it: a thousandth of the grid's smallest step (0 for one point)."""
+    return 1e-3 * alphas.diff().min().item() if len(alphas) > 1 else 0.0
